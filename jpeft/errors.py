@@ -1,0 +1,26 @@
+"""The jpeft error hierarchy.
+
+Every error says what was wrong, where (file, key, field) and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class JpeftError(Exception):
+    """Base class for every error jpeft raises on purpose."""
+
+
+class ConfigError(JpeftError, ValueError):
+    """A configuration value is invalid (names the field and the allowed values)."""
+
+
+class CheckpointError(JpeftError, ValueError):
+    """A checkpoint file or folder is missing, malformed or incompatible (names the file/key)."""
+
+
+class DataError(JpeftError, ValueError):
+    """A data file is malformed (names the file, the line and the field)."""
+
+
+class QuantizationError(JpeftError, ValueError):
+    """A quantized tensor or its statistics are invalid (names the key or field)."""
