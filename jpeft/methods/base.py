@@ -1,0 +1,53 @@
+"""The site protocol between the model and PEFT methods.
+
+The decoder is pure architecture. At a few *sites* it asks every active method whether it wants to
+change what flows there. Each method owns one sub-tree of the adapter pytree, `adapters[method.name]`,
+whose `"layers"` entry is stacked on a leading layer axis and sliced per layer by the decoder's scan.
+
+Sites:
+- `linear(site, x, y, base, tree, ctx)`: a projection `y = x @ W (+ b)` named by `site`, e.g.
+  `("self_attn", "q_proj")`; `tree` is the method's per-layer sub-tree at that site (never None here).
+- `block_out(site, h, tree, ctx)`: the output of the attention (`("self_attn",)`) or MLP (`("mlp",)`)
+  sub-block, before the residual add.
+- `kv_prefix(tree, batch, ctx)`: extra (key, value) pairs `[B, P, Hkv, hd]` prepended in every layer.
+- `embed(tree, h, ctx)`: the token embeddings `[B, T, D]`, before the first layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteContext:
+    """Per-call facts a site function may need. `rng` is None when no randomness is wanted."""
+
+    train: bool = False
+    rng: jax.Array | None = None
+    layer: jax.Array | int | None = None
+
+
+class Method:
+    """Base class for PEFT methods: every hook is the identity. Subclasses are frozen dataclasses."""
+
+    name: str = "method"
+
+    def linear(self, site: tuple[str, ...], x: jax.Array, y: jax.Array, base: Any, tree: Any,
+               ctx: SiteContext) -> jax.Array:
+        """x `[..., in]`, y `[..., out]` (the base output) -> new y `[..., out]`."""
+        return y
+
+    def block_out(self, site: tuple[str, ...], h: jax.Array, tree: Any, ctx: SiteContext) -> jax.Array:
+        """h `[B, T, D]` -> h `[B, T, D]`."""
+        return h
+
+    def kv_prefix(self, tree: Any, batch: int, ctx: SiteContext) -> tuple[jax.Array, jax.Array] | None:
+        """Prefix keys and values `[B, P, Hkv, hd]` for this layer, or None."""
+        return None
+
+    def embed(self, tree: Any, h: jax.Array, ctx: SiteContext) -> jax.Array:
+        """h `[B, T, D]` -> h `[B, T', D]`."""
+        return h

@@ -1,0 +1,225 @@
+"""`ModelConfig`: everything the decoder needs to know, and the mapping from HF configs.
+
+One frozen, hashable dataclass drives one decoder implementation for the HF families llama, mistral,
+qwen2, qwen3, gemma and gemma2. The mapping reads a `transformers` config object (so HF's own defaults
+for missing keys apply) and never needs torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jpeft.errors import ConfigError
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only LM (static: used as a jit static argument).
+
+    `layer_windows[i]` is the sliding-window size of layer i (0 = global attention). `rope_inv_freq` is
+    the per-frequency inverse wavelength `[head_dim // 2]` (already scaled for linear/llama3/yarn).
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    norm_offset: float = 0.0  # gemma stores w and applies (1 + w)
+    activation: str = "silu"  # silu | gelu_tanh | gelu
+    attention_bias: bool = False  # q/k/v biases
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # qwen3: RMSNorm over head_dim of q and k before RoPE
+    sandwich_norm: bool = False  # gemma2: post-attention and pre/post feed-forward norms
+    embed_scale: float | None = None  # gemma: sqrt(hidden_size), rounded to the param dtype
+    query_scale: float = 1.0  # multiplier of q·k (head_dim**-0.5 or query_pre_attn_scalar**-0.5)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    layer_windows: tuple[int, ...] = ()
+    rope_inv_freq: tuple[float, ...] = ()
+    rope_attention_scaling: float = 1.0
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def validate(self) -> ModelConfig:
+        """Check internal consistency; returns self."""
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads="
+                f"{self.num_kv_heads}; fix the config.json"
+            )
+        if len(self.layer_windows) != self.num_layers:
+            raise ConfigError(f"layer_windows has {len(self.layer_windows)} entries, expected {self.num_layers}")
+        if len(self.rope_inv_freq) * 2 != self.head_dim:
+            raise ConfigError(f"RoPE frequencies {len(self.rope_inv_freq)} do not cover head_dim={self.head_dim}")
+        return self
+
+
+def _rope_default_inv_freq(theta: float, dim: int) -> np.ndarray:
+    # Same float32 arithmetic as transformers: base ** (arange(0, dim, 2) / dim) in fp32.
+    exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (np.float32(1.0) / (np.float32(theta) ** exps)).astype(np.float32)
+
+
+def _rope_llama3(inv: np.ndarray, p: Mapping[str, Any]) -> np.ndarray:
+    factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+    old = float(p["original_max_position_embeddings"])
+    low_wl, high_wl = old / low, old / high
+    wavelen = (2 * math.pi / inv).astype(np.float32)
+    out = np.where(wavelen > low_wl, inv / factor, inv).astype(np.float32)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    return np.where(medium, smoothed, out).astype(np.float32)
+
+
+def _rope_yarn(theta: float, dim: int, p: Mapping[str, Any], max_pos: int) -> tuple[np.ndarray, float]:
+    factor = p.get("factor")
+    orig = p.get("original_max_position_embeddings") or max_pos
+    if factor is None:
+        factor = max_pos / orig
+    factor = float(factor)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = p.get("attention_factor")
+    if attn is None:
+        ms, msa = p.get("mscale"), p.get("mscale_all_dim")
+        attn = mscale(factor, ms) / mscale(factor, msa) if (ms and msa) else mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(theta))
+
+    lo, hi = corr_dim(beta_fast), corr_dim(beta_slow)
+    if p.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - lo) / (hi - lo), 0, 1).astype(np.float32)
+    pos_freqs = np.float32(theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    extra, inter = 1.0 / pos_freqs, 1.0 / (np.float32(factor) * pos_freqs)
+    keep = 1 - ramp
+    return (inter * (1 - keep) + extra * keep).astype(np.float32), float(attn)
+
+
+def rope_frequencies(params: Mapping[str, Any], head_dim: int, max_pos: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies `[head_dim // 2]` and the cos/sin scaling for an HF `rope_parameters` dict."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", 10000.0))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("rope_parameters.partial_rotary_factor != 1 is not supported; use a full-rotary model")
+    inv = _rope_default_inv_freq(theta, head_dim)
+    if rope_type == "default":
+        return inv, 1.0
+    if rope_type == "linear":
+        return (inv / np.float32(params["factor"])).astype(np.float32), 1.0
+    if rope_type == "llama3":
+        return _rope_llama3(inv, params), 1.0
+    if rope_type == "yarn":
+        return _rope_yarn(theta, head_dim, params, max_pos)
+    raise ConfigError(
+        f"rope_parameters.rope_type={rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE)}"
+    )
+
+
+def _eos_ids(hf: Any) -> tuple[int, ...]:
+    eos = getattr(hf, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]))
+
+
+def _layer_windows(hf: Any, family: str, n: int) -> tuple[int, ...]:
+    window = getattr(hf, "sliding_window", None) or 0
+    types = getattr(hf, "layer_types", None)
+    if family == "mistral" or types is None:
+        return tuple([int(window)] * n)
+    return tuple(int(window) if t == "sliding_attention" else 0 for t in types[:n])
+
+
+def from_hf_config(hf: Any) -> ModelConfig:
+    """Map a `transformers.PretrainedConfig` of a supported family to a `ModelConfig`."""
+    family = getattr(hf, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ConfigError(
+            f"config.json model_type={family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    heads = hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    rope = dict(hf.rope_parameters or {})
+    if rope and all(isinstance(v, Mapping) for v in rope.values()):
+        raise ConfigError("config.json has per-layer-type rope_parameters, which this family does not use")
+    inv, attn_scale = rope_frequencies(rope, head_dim, hf.max_position_embeddings)
+    act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
+    if family == "gemma" and act == "gelu":
+        act = "gelu_pytorch_tanh"  # transformers rewrites this legacy value the same way
+    if act not in _ACTIVATIONS:
+        raise ConfigError(f"config.json hidden_act={act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+    gemma = family in ("gemma", "gemma2")
+    qscale = (hf.query_pre_attn_scalar ** -0.5) if family == "gemma2" else head_dim**-0.5
+    bias = bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(
+        model_type=family,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(hf.rms_norm_eps),
+        norm_offset=1.0 if gemma else 0.0,
+        activation=_ACTIVATIONS[act],
+        attention_bias=True if family == "qwen2" else bias,
+        o_bias=False if family == "qwen2" else bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        qk_norm=family == "qwen3",
+        sandwich_norm=family == "gemma2",
+        embed_scale=float(hf.hidden_size**0.5) if gemma else None,
+        query_scale=float(qscale),
+        attn_softcap=getattr(hf, "attn_logit_softcapping", None) if family == "gemma2" else None,
+        final_softcap=getattr(hf, "final_logit_softcapping", None) if family == "gemma2" else None,
+        layer_windows=_layer_windows(hf, family, hf.num_hidden_layers),
+        rope_inv_freq=tuple(float(x) for x in inv),
+        rope_attention_scaling=attn_scale,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        max_position_embeddings=int(hf.max_position_embeddings),
+        bos_token_id=getattr(hf, "bos_token_id", None),
+        eos_token_ids=_eos_ids(hf),
+        pad_token_id=getattr(hf, "pad_token_id", None),
+    ).validate()

@@ -1,0 +1,159 @@
+"""One decoder-only transformer for llama, mistral, qwen2, qwen3, gemma and gemma2.
+
+Parameters are a plain pytree (see `jpeft.models.params`); layers are stacked on a leading axis and
+run under `jax.lax.scan`, so compile time does not grow with depth. Per-layer differences (sliding vs
+global attention) are scanned arrays. PEFT methods plug in at sites (`jpeft.methods.base`).
+
+Shapes: B batch, T query length, S key length (cache slots), D hidden, H query heads, K kv heads,
+G = H // K, hd head_dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jpeft.methods.base import Method, SiteContext
+from jpeft.models.config import ModelConfig
+
+F32 = jnp.float32
+REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
+    """RMSNorm over the last axis in fp32; gemma's `(1 + w)` via `offset=1`. x `[..., D]`, w `[D]`."""
+    xf = x.astype(F32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * (offset + w.astype(F32))).astype(x.dtype)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=name == "gelu_tanh")
+
+
+def dense(x: jax.Array, p: Any) -> jax.Array:
+    """x `[..., in]` @ kernel `[in, out]` (+ bias `[out]`) in x's dtype.
+
+    A kernel may be a quantized weight object exposing `matmul(x)` (QLoRA); it is dequantized inside.
+    """
+    k = p["kernel"]
+    y = k.matmul(x) if hasattr(k, "matmul") else jnp.matmul(x, k.astype(x.dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(y.dtype)
+    return y
+
+
+def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotate-half RoPE. x `[B, T, N, hd]`, positions `[B, T]` (angles in fp32)."""
+    inv = jnp.asarray(cfg.rope_inv_freq, F32)
+    ang = positions.astype(F32)[..., None] * inv  # [B, T, hd/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]
+    cos = (jnp.cos(ang) * cfg.rope_attention_scaling).astype(x.dtype)
+    sin = (jnp.sin(ang) * cfg.rope_attention_scaling).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _site_tree(adapters: dict | None, method: Method, site: tuple[str, ...]) -> Any:
+    t = None if adapters is None else adapters.get(method.name)
+    for key in site:
+        if not isinstance(t, dict) or key not in t:
+            return None
+        t = t[key]
+    return t
+
+
+def _linear(site: tuple[str, ...], x: jax.Array, base: Any, ad: dict | None,
+            methods: Sequence[Method], ctx: SiteContext) -> jax.Array:
+    y = dense(x, base)
+    for m in methods:
+        tree = _site_tree(ad, m, site)
+        if tree is not None:
+            y = m.linear(site, x, y, base, tree, ctx)
+    return y
+
+
+def _block_out(site: tuple[str, ...], h: jax.Array, ad: dict | None, methods: Sequence[Method],
+               ctx: SiteContext) -> jax.Array:
+    for m in methods:
+        tree = _site_tree(ad, m, ("block",) + site)
+        if tree is not None:
+            h = m.block_out(site, h, tree, ctx)
+    return h
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Grouped-query attention with fp32 scores/softmax.
+
+    q `[B, T, H, hd]`, k/v `[B, S, K, hd]`, allowed `[B, T, S]` bool -> `[B, T, H*hd]`.
+    """
+    b, t, h, hd = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, h // kh, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * cfg.query_scale
+    if cfg.attn_softcap:
+        s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
+    s = jnp.where(allowed[:, None, None], s, jnp.finfo(F32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v)
+    return o.reshape(b, t, h * hd)
+
+
+def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
+    """Self-attention of one layer. Returns (output `[B, T, D]`, new (k, v) cache slices or None)."""
+    b, t, _ = x.shape
+    site = ("self_attn",)
+    ap = lp["self_attn"]
+    q = _linear(site + ("q_proj",), x, ap["q_proj"], ad, methods, ctx).reshape(b, t, cfg.num_heads, -1)
+    k = _linear(site + ("k_proj",), x, ap["k_proj"], ad, methods, ctx).reshape(b, t, cfg.num_kv_heads, -1)
+    v = _linear(site + ("v_proj",), x, ap["v_proj"], ad, methods, ctx).reshape(b, t, cfg.num_kv_heads, -1)
+    if cfg.qk_norm:
+        q = rms_norm(q, ap["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+        k = rms_norm(k, ap["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+    positions, q_slot, k_slot, base_allowed, index = mask_info
+    q, k = rope(q, positions, cfg), rope(k, positions, cfg)
+    new_cache = None
+    if cache_kv is not None:
+        ck, cv = cache_kv
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+        new_cache, k, v = (ck, cv), ck.astype(q.dtype), cv.astype(q.dtype)
+    in_window = (q_slot[:, :, None] - k_slot[:, None, :]) < window
+    allowed = base_allowed & ((window <= 0) | in_window)
+    for m in methods:
+        tree = _site_tree(ad, m, ("prefix",))
+        pre = None if tree is None else m.kv_prefix(tree, b, ctx)
+        if pre is not None:  # prefix tuning: extra keys/values every query may attend to
+            pk, pv = pre
+            k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+            allowed = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), allowed], axis=2)
+    o = attend(q, k, v, allowed, cfg)
+    return _linear(site + ("o_proj",), o, ap["o_proj"], ad, methods, ctx), new_cache
+
+
+def _mlp(x, lp, ad, cfg, methods, ctx):
+    mp, site = lp["mlp"], ("mlp",)
+    g = _linear(site + ("gate_proj",), x, mp["gate_proj"], ad, methods, ctx)
+    u = _linear(site + ("up_proj",), x, mp["up_proj"], ad, methods, ctx)
+    return _linear(site + ("down_proj",), activation(cfg.activation, g) * u, mp["down_proj"], ad, methods, ctx)
+
+
+def decoder_layer(h, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
+    """One pre-norm block (gemma2: sandwich norms). h `[B, T, D]` -> (h, new cache slices)."""
+    eps, off = cfg.rms_norm_eps, cfg.norm_offset
+    x = rms_norm(h, lp["input_layernorm"], eps, off)
+    a, new_cache = _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx)
+    if cfg.sandwich_norm:
+        a = rms_norm(a, lp["post_attention_layernorm"], eps, off)
+    h = h + _block_out(("self_attn",), a, ad, methods, ctx)
+    norm2 = lp["pre_feedforward_layernorm"] if cfg.sandwich_norm else lp["post_attention_layernorm"]
+    m = _mlp(rms_norm(h, norm2, eps, off), lp, ad, cfg, methods, ctx)
+    if cfg.sandwich_norm:
+        m = rms_norm(m, lp["post_feedforward_layernorm"], eps, off)
+    return h + _block_out(("mlp",), m, ad, methods, ctx), new_cache

@@ -1,0 +1,136 @@
+"""The whole-model forward: embeddings, scanned decoder layers, final norm, logits.
+
+`forward(params, cfg, input_ids, ...)` is the one public call that returns logits. It is a pure
+function of pytrees; jit it with `cfg`, `methods`, `train` and `remat` static (see `jpeft.api`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jpeft.errors import ConfigError
+from jpeft.methods.base import Method, SiteContext
+from jpeft.models.config import ModelConfig
+from jpeft.models.decoder import REMAT_POLICIES, decoder_layer, rms_norm
+
+F32 = jnp.float32
+
+
+def _remat(fn, remat: str):
+    if remat == "none":
+        return fn
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    }
+    if remat not in policies:
+        raise ConfigError(f"remat={remat!r} is not a known policy; use one of {', '.join(REMAT_POLICIES)}")
+    return jax.checkpoint(fn, policy=policies[remat], prevent_cse=False)
+
+
+def embed(params: dict, cfg: ModelConfig, input_ids: jax.Array, dtype: Any) -> jax.Array:
+    """Token embeddings `[B, T, D]` (gemma: times sqrt(D) rounded to the embedding dtype)."""
+    table = params["embed_tokens"]
+    h = jnp.take(table, input_ids, axis=0)
+    if cfg.embed_scale is not None:
+        h = h * jnp.asarray(cfg.embed_scale, table.dtype)
+    return h.astype(dtype)
+
+
+def _mask_info(b: int, t: int, attention_mask, positions, segment_ids, cache):
+    """Slots, positions and the layer-independent part of the attention mask `[B, T, S]`."""
+    q_idx = jnp.arange(t, dtype=jnp.int32)[None, :]
+    mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+    if cache is None:
+        index = jnp.int32(0)
+        q_slot = jnp.broadcast_to(q_idx, (b, t))
+        k_slot, key_valid, start = q_slot, mask, jnp.zeros((b,), jnp.int32)
+    else:
+        index = cache["index"]
+        q_slot = jnp.broadcast_to(q_idx + index, (b, t))
+        key_valid = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, index, axis=1)
+        s = key_valid.shape[1]
+        k_slot = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
+        start = cache["next_pos"]
+    if positions is None:  # count real tokens so that left padding does not shift positions
+        positions = jnp.maximum(start[:, None] + jnp.cumsum(mask, axis=1) - 1, 0)
+    allowed = (k_slot[:, None, :] <= q_slot[:, :, None]) & (key_valid[:, None, :] > 0)
+    if segment_ids is not None:
+        if cache is not None:
+            raise ConfigError("segment_ids (packed sequences) cannot be combined with a KV cache")
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return (positions, q_slot, k_slot, allowed, index), key_valid, start + jnp.sum(mask, axis=1)
+
+
+def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapters: dict | None = None,
+                  methods: Sequence[Method] = (), attention_mask: jax.Array | None = None,
+                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  cache: dict | None = None, rng: jax.Array | None = None, train: bool = False,
+                  remat: str = "none", dtype: Any = F32) -> tuple[jax.Array, dict | None]:
+    """Final-norm hidden states `[B, T, D]` and the updated cache (or None).
+
+    input_ids `[B, T]` int; attention_mask `[B, T]` (1 = real token); positions `[B, T]` (default: count
+    of real tokens before each one); segment_ids `[B, T]` (packed rows: no attention across segments).
+    """
+    b, t = input_ids.shape
+    adapters = adapters or {}
+    ctx0 = SiteContext(train=train)
+    h = embed(params, cfg, input_ids, dtype)
+    for m in methods:
+        if m.name in adapters:
+            h = m.embed(adapters[m.name], h, ctx0)
+    mask_info, key_valid, next_pos = _mask_info(b, t, attention_mask, positions, segment_ids, cache)
+    layer_ad = {k: v["layers"] for k, v in adapters.items() if isinstance(v, dict) and "layers" in v}
+    windows = jnp.asarray(cfg.layer_windows, jnp.int32)
+    kv = None if cache is None else (cache["k"], cache["v"])
+
+    def body(h, xs):
+        lp, ad, window, idx, ckv = xs
+        r = None if rng is None else jax.random.fold_in(rng, idx)
+        ctx = SiteContext(train=train, rng=r, layer=idx)
+        h, new = decoder_layer(h, lp, ad, window, mask_info, ckv, cfg, tuple(methods), ctx)
+        return h, new
+
+    xs = (params["layers"], layer_ad, windows, jnp.arange(cfg.num_layers), kv)
+    h, new_kv = jax.lax.scan(_remat(body, remat), h, xs)
+    h = rms_norm(h, params["norm"], cfg.rms_norm_eps, cfg.norm_offset)
+    new_cache = None
+    if cache is not None:
+        new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": key_valid, "index": cache["index"] + t,
+                     "next_pos": next_pos}
+    return h, new_cache
+
+
+def lm_head_weight(params: dict, cfg: ModelConfig) -> jax.Array:
+    """The output projection `[D, V]` (the transposed embedding when tied)."""
+    if cfg.tie_word_embeddings or "lm_head" not in params:
+        return params["embed_tokens"].T
+    return params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """h `[..., D]` -> fp32 logits `[..., V]` (gemma2: final soft-capping)."""
+    w = lm_head_weight(params, cfg)
+    logits = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=F32)
+    if cfg.final_softcap:
+        logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+    return logits
+
+
+def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, **kwargs: Any) -> tuple[jax.Array, dict | None]:
+    """Logits `[B, T, V]` (fp32) and the updated cache. Keyword arguments as `hidden_states`."""
+    h, cache = hidden_states(params, cfg, input_ids, **kwargs)
+    return logits_from_hidden(params, cfg, h), cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = F32) -> dict:
+    """An empty KV cache: k/v `[L, B, S, K, hd]`, key-valid mask `[B, S]`, write index, next position `[B]`."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "mask": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.int32(0),
+            "next_pos": jnp.zeros((batch,), jnp.int32)}

@@ -1,0 +1,69 @@
+"""Tiny random HF checkpoints built from transformers config classes (the peers' own code)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+# (family, name) -> config kwargs; several option combinations per family.
+VARIANTS: dict[tuple[str, str], dict] = {
+    ("llama", "gqa_untied"): dict(),
+    ("llama", "mqa_headdim_bias_tied"): dict(num_key_value_heads=1, head_dim=24, attention_bias=True, mlp_bias=True,
+                                            tie_word_embeddings=True),
+    ("llama", "llama3_rope"): dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                        low_freq_factor=1.0, high_freq_factor=4.0,
+                                                        original_max_position_embeddings=64)),
+    ("llama", "linear_rope"): dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0)),
+    ("mistral", "window"): dict(sliding_window=5),
+    ("mistral", "headdim_tied"): dict(head_dim=32, sliding_window=None, tie_word_embeddings=True),
+    ("qwen2", "bias_tied"): dict(tie_word_embeddings=True),
+    ("qwen2", "window_yarn"): dict(use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                                   rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                        original_max_position_embeddings=64)),
+    ("qwen3", "qknorm_headdim"): dict(head_dim=24),
+    ("qwen3", "bias_tied"): dict(attention_bias=True, tie_word_embeddings=True),
+    ("gemma", "mqa"): dict(num_key_value_heads=1, head_dim=16),
+    ("gemma", "gqa_headdim"): dict(head_dim=32),
+    ("gemma2", "softcap_window"): dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                       attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    ("gemma2", "untied"): dict(head_dim=16, sliding_window=6, tie_word_embeddings=False, query_pre_attn_scalar=16),
+}
+
+
+def hf_classes(family: str):
+    import transformers as tf
+
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
+             "gemma2": "Gemma2"}[family]
+    return getattr(tf, names + "Config"), getattr(tf, names + "ForCausalLM")
+
+
+def make_checkpoint(family: str, variant: str, folder, seed: int = 0):
+    """Build a random tiny model of `family`, perturb its norms/biases, save it to `folder`; returns the model."""
+    import torch
+
+    cfg_cls, model_cls = hf_classes(family)
+    kwargs = {**BASE, **VARIANTS[(family, variant)]}
+    cfg = cfg_cls(**kwargs)
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases so their handling is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+def batch_with_padding(vocab: int, rng: np.random.Generator, lengths=(12, 9, 5), side="left"):
+    """input_ids and attention_mask `[3, max(lengths)]` with left or right padding."""
+    t = max(lengths)
+    ids = np.zeros((len(lengths), t), np.int64)
+    mask = np.zeros((len(lengths), t), np.int64)
+    for i, n in enumerate(lengths):
+        row = rng.integers(3, vocab, size=n)
+        sl = slice(t - n, t) if side == "left" else slice(0, n)
+        ids[i, sl], mask[i, sl] = row, 1
+    return ids, mask

@@ -1,0 +1,141 @@
+"""HF checkpoint folder (or GGUF file) -> (`ModelConfig`, base params pytree).
+
+The only place that knows HF parameter names and the `[out, in]` -> `[in, out]` transpose. Each
+stacked parameter is assembled from memory-mapped tensors one leaf at a time, cast to the target
+dtype and handed to JAX before the next one, so host memory peaks near 1x the loaded parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.errors import CheckpointError, ConfigError
+from jpeft.models.config import ModelConfig, from_hf_config
+
+Getter = Callable[[str], np.ndarray]
+
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def layer_norm_names(cfg: ModelConfig) -> list[str]:
+    names = ["input_layernorm", "post_attention_layernorm"]
+    if cfg.sandwich_norm:
+        names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    return names
+
+
+def linear_sites(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(block, projection, has_bias) for every linear layer of a decoder block."""
+    sites = [("self_attn", p, cfg.o_bias if p == "o_proj" else cfg.attention_bias) for p in ATTN_PROJ]
+    return sites + [("mlp", p, cfg.mlp_bias) for p in MLP_PROJ]
+
+
+def hf_linear_name(layer: int, block: str, proj: str) -> str:
+    """The HF module path of a linear site, e.g. `model.layers.0.self_attn.q_proj`."""
+    return f"model.layers.{layer}.{block}.{proj}"
+
+
+def load_hf_config(folder: Path) -> Any:
+    """The transformers config object of a checkpoint folder (no remote code, no torch)."""
+    from transformers import AutoConfig
+
+    path = folder / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{folder}: no config.json; point --model at an HF checkpoint folder or a .gguf file")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if "model_type" not in raw:
+        raise CheckpointError(f"{path}: field 'model_type' is missing; add e.g. \"model_type\": \"llama\"")
+    return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+
+
+def _stack(get: Getter, names: list[str], transpose: bool, dtype: Any) -> jax.Array:
+    first = get(names[0])
+    shape = first.shape[::-1] if transpose else first.shape
+    out = np.empty((len(names),) + tuple(shape), dtype=dtype)
+    for i, n in enumerate(names):
+        a = get(n)
+        out[i] = a.T if transpose else a
+    arr = jnp.asarray(out)
+    del out
+    return arr
+
+
+def build_params(cfg: ModelConfig, get: Getter, dtype: Any) -> dict:
+    """Assemble the base pytree from HF-named tensors (`get(name)` -> torch-layout array)."""
+    np_dtype = jnp.dtype(dtype)
+    L = cfg.num_layers
+    layers: dict = {n: _stack(get, [f"model.layers.{i}.{n}.weight" for i in range(L)], False, np_dtype)
+                    for n in layer_norm_names(cfg)}
+    for block, proj, bias in linear_sites(cfg):
+        names = [hf_linear_name(i, block, proj) for i in range(L)]
+        site = {"kernel": _stack(get, [n + ".weight" for n in names], True, np_dtype)}
+        if bias:
+            site["bias"] = _stack(get, [n + ".bias" for n in names], False, np_dtype)
+        layers.setdefault(block, {})[proj] = site
+    if cfg.qk_norm:
+        for n in ("q_norm", "k_norm"):
+            layers["self_attn"][n] = _stack(get, [f"model.layers.{i}.self_attn.{n}.weight" for i in range(L)],
+                                            False, np_dtype)
+    params = {
+        "embed_tokens": jnp.asarray(np.asarray(get("model.embed_tokens.weight"), np_dtype)),
+        "layers": layers,
+        "norm": jnp.asarray(np.asarray(get("model.norm.weight"), np_dtype)),
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": jnp.asarray(np.asarray(get("lm_head.weight"), np_dtype).T)}
+    return params
+
+
+def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], where: Path) -> Getter:
+    def get(name: str) -> np.ndarray:
+        if not has(name):
+            raise CheckpointError(f"{where}: tensor {name!r} is missing from the checkpoint; "
+                                  "is the config.json from the same model?")
+        return read(name)
+
+    return get
+
+
+def load_pretrained(path: str | Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, dict]:
+    """Load an HF checkpoint folder (safetensors, single or sharded) or a llama-family `.gguf` file.
+
+    Returns `(cfg, params)`; params are cast to `dtype` (default fp32).
+    """
+    from jpeft.torch_bridge.safetensors_io import open_checkpoint
+
+    path = Path(path)
+    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+        return _load_gguf(path, dtype)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    hf = load_hf_config(path)
+    if getattr(hf, "quantization_config", None):
+        raise ConfigError(f"{path}/config.json has a quantization_config; load it with the QLoRA loader "
+                          "(--method qlora) instead")
+    cfg = from_hf_config(hf)
+    index = open_checkpoint(path)
+    get = _getter(lambda n: index[n].get(n), index.__contains__, path)
+    return cfg, build_params(cfg, get, dtype)
+
+
+def _load_gguf(path: Path, dtype: Any) -> tuple[ModelConfig, dict]:
+    from transformers import AutoConfig
+
+    from jpeft.torch_bridge.gguf import iter_gguf_tensors, read_gguf_config
+
+    raw = dict(read_gguf_config(path))
+    model_type = raw.pop("model_type")
+    cfg = from_hf_config(AutoConfig.for_model(model_type, **raw))
+    tensors = dict(iter_gguf_tensors(path))
+    return cfg, build_params(cfg, _getter(tensors.__getitem__, tensors.__contains__, path), dtype)

@@ -1,0 +1,129 @@
+"""Minimal safetensors reading (memory-mapped, any dtype incl. bf16) and atomic writing, without torch.
+
+The format is an 8-byte little-endian header length, a JSON header `{name: {dtype, shape,
+data_offsets}}`, then the raw bytes. Reading maps the file and returns zero-copy numpy views, so a
+loader can cast and place one tensor at a time without a second whole-model copy in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from jpeft.errors import CheckpointError
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file: `keys()`, `metadata`, and `get(name) -> np.ndarray` views."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: file not found") from None
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+            raise CheckpointError(f"{self.path}: not a valid safetensors file ({e}); re-save it") from None
+        self.metadata: dict = header.pop("__metadata__", None) or {}
+        self._header = header
+        self._base = 8 + n
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r") if self.path.stat().st_size else None
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._header
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor `name` as a read-only numpy view in its stored dtype and shape."""
+        if name not in self._header:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        info = self._header[name]
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        raw = self._map[self._base + start:self._base + end] if end > start else np.zeros(0, np.uint8)
+        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
+              metadata: Mapping[str, str] | None = None) -> None:
+    """Write `tensors` to `path` atomically (temp file in the same folder, fsync, rename)."""
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset, arrays = 0, []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        if a.dtype not in _NAMES:
+            raise CheckpointError(f"cannot write tensor {name!r} of dtype {a.dtype} to safetensors")
+        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes())
+
+
+class atomic_write:  # noqa: N801 - used like open()
+    """Context manager: a binary file written to a temp name and renamed into place on success."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        self.f = os.fdopen(fd, "wb")
+        return self.f
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        else:
+            self.f.close()
+            os.unlink(self.tmp)
+        return False
+
+
+def open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:
+    """Map tensor name -> open file for `model.safetensors` or a sharded `model.safetensors.index.json`."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e}); it needs a 'weight_map' object") from None
+        files = {fn: SafetensorsFile(folder / fn) for fn in sorted(set(weight_map.values()))}
+        return {name: files[fn] for name, fn in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.exists():
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        hint = " (PyTorch .bin checkpoints are not read: they need unpickling; re-save with safetensors)" \
+            if any(n.endswith(".bin") for n in found) else ""
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+    f = SafetensorsFile(single)
+    return {name: f for name in f.keys()}
