@@ -16,9 +16,10 @@ assistant message ``i`` the prefix ``messages[:i]`` is rendered *with* the gener
 common token prefix with ``full``. The loss therefore covers the assistant content plus whatever
 the template emits after it up to the next turn (end-of-turn markup such as ``<|im_end|>\\n``),
 and never the role header (templates that ignore ``add_generation_prompt`` fall back to the plain
-``messages[:i]`` render, and then the header is trained too). Templates that rewrite earlier
-turns when later ones are appended are handled by the ``lcp`` (only the stable part is trained);
-an empty span is a :class:`DataError`.
+``messages[:i]`` render, and then the header is trained too). Each prefix render must be a token
+prefix of ``full`` (its last token may differ, as BPE can merge it with the next turn); templates
+that rewrite earlier turns when later ones are appended (e.g. ones dropping past reasoning) are
+not prefix-stable and raise :class:`DataError`.
 
 **Label convention.** :class:`Example` stores ``input_ids[T]`` and ``loss_mask[T]`` where
 ``loss_mask[t]`` is True when *token* ``input_ids[t]`` is a target. Batches carry
@@ -168,20 +169,27 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
+def _prefix_len(prefix: list[int], full: list[int]) -> int | None:
+    """``len(prefix)`` if ``prefix`` starts ``full`` (the last token may differ: BPE can merge it
+    with the next turn, then ``len - 1``), else None."""
+    n = _lcp(prefix, full)
+    return n if n >= len(prefix) - 1 else None
+
+
 def _tokenize_chat(messages: list[dict], tokenizer: Any, where: str) -> tuple[list[int], list[bool]]:
     full = _chat(tokenizer, messages, gen=False)
     mask = [False] * len(full)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        end = _lcp(_chat(tokenizer, messages[: i + 1], gen=False), full)
-        start = _lcp(_chat(tokenizer, messages[:i], gen=True), full)
-        if start >= end:  # template without a generation prompt: fall back to the plain prefix
-            start = _lcp(_chat(tokenizer, messages[:i], gen=False), full)
-        if start >= end:
+        end = _prefix_len(_chat(tokenizer, messages[: i + 1], gen=False), full)
+        start = _prefix_len(_chat(tokenizer, messages[:i], gen=True), full)
+        if start is None or end is None or start >= end:  # no usable generation prompt: plain prefix
+            start = _prefix_len(_chat(tokenizer, messages[:i], gen=False), full)
+        if start is None or end is None or start >= end:
             raise _err(where, f"messages[{i}]", "cannot locate this assistant turn in the rendered chat "
                        "(template is not prefix-stable)",
-                       "use a chat template whose renders extend each other")
+                       "use a chat template whose renders of messages[:k] extend each other")
         mask[start:end] = [True] * (end - start)
     return full, mask
 
