@@ -251,16 +251,9 @@ def tokenize_examples(examples: Sequence[dict], tokenizer: Any, max_len: int, *,
 
 
 # ----------------------------------------------------------------------------- packing / padding
-def _empty_rows(n: int, seq_len: int, pad_id: int) -> Rows:
-    return {"input_ids": np.full((n, seq_len), pad_id, np.int32),
-            "labels": np.full((n, seq_len), IGNORE, np.int32),
-            "segment_ids": np.zeros((n, seq_len), np.int32),
-            "positions": np.zeros((n, seq_len), np.int32),
-            "attention_mask": np.zeros((n, seq_len), np.int32)}
-
-
 def _fill_rows(bins: list[list[int]], examples: Sequence[Example], seq_len: int, pad_id: int) -> Rows:
-    rows = _empty_rows(len(bins), seq_len, pad_id)
+    fills = {"input_ids": pad_id, "labels": IGNORE, "segment_ids": 0, "positions": 0, "attention_mask": 0}
+    rows = {k: np.full((len(bins), seq_len), v, np.int32) for k, v in fills.items()}
     for r, members in enumerate(bins):
         off = 0
         for seg, k in enumerate(members, start=1):
