@@ -83,7 +83,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30), initial=0.0))
 
 
-def test_allocator_matches_peft_every_step():
+@pytest.mark.parametrize("jit", [True, False])
+def test_allocator_matches_peft_every_step(jit: bool):
     model = _peft_model()
     alloc = model.base_model.rankallocator
     lcfg = model.peft_config["default"]
@@ -91,7 +92,7 @@ def test_allocator_matches_peft_every_step():
     params = jax.tree_util.tree_map(jnp.asarray, _our_tree(model, rng))
     tx = adalora_rank_allocator(INIT_R, TARGET_R, TINIT, TFINAL, DELTA_T, TOTAL)
     state = tx.init(params)
-    update = jax.jit(tx.update)
+    update = jax.jit(tx.update) if jit else tx.update
     named = {n: p for n, p in model.named_parameters() if "lora_" in n}
     max_rel, masked_steps, compared = 0.0, 0, 0
     for step in range(N_STEPS):
@@ -131,12 +132,13 @@ def test_allocator_matches_peft_every_step():
                 stacked = mod in ("q_proj", "v_proj")
                 ours = pattern[f"attn.{mod}"][layer] if stacked else pattern[f"mlp.{layer}.{mod}"]
                 assert ours == list(keep), (step, n)
-    assert max_rel <= 1e-6, max_rel
+    # Eager is bit-exact; under jit XLA:CPU contracts β·Ī + (1-β)·I into an FMA (1-ulp differences).
+    assert max_rel <= (1e-6 if jit else 0.0), max_rel
     assert masked_steps >= 30
     assert compared == 2 * len(named) * (TOTAL - TFINAL)  # steps 0..31 carry EMAs in PEFT
     kept = sum(sum(v) for v in lcfg.rank_pattern.values())
     assert kept <= TARGET_R * 4 * LAYERS  # final budget (ties may mask more)
-    print(f"max relative EMA diff vs peft: {max_rel:.3g}; rank patterns compared on {masked_steps} steps")
+    print(f"jit={jit}: max rel EMA diff vs peft {max_rel:.3g}; rank patterns equal on {masked_steps} steps")
 
 
 def _our_emas(state, model):
