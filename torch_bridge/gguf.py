@@ -1,5 +1,7 @@
 """Read llama-family GGUF files (llama.cpp's format) into Hugging Face-named numpy tensors.
 
+Architectures: ``llama`` (Llama, SmolLM2, TinyLlama, ...) and ``qwen2``.
+
 Three entry points, each matching what ``transformers`` derives when it loads the same file with
 ``from_pretrained(folder, gguf_file=name)``:
 
@@ -27,8 +29,9 @@ from jpeft.errors import CheckpointError, JpeftError
 
 __all__ = ["read_gguf_config", "iter_gguf_tensors", "load_gguf_tokenizer", "SUPPORTED_ARCHITECTURES"]
 
-#: ``general.architecture`` values this reader handles (checked against transformers' loader).
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
+#: ``general.architecture`` -> HF class; each is checked tensor-for-tensor against transformers' loader.
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_HF_CLASSES)
 
 #: ggml tensor types that are dequantized (by ``gguf.quants.dequantize``); anything else is refused.
 SUPPORTED_TENSOR_TYPES: tuple[str, ...] = (
@@ -121,7 +124,7 @@ def _check_architecture(path: Path, reader: Any) -> str:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
             f"'{path}' holds a model of GGUF architecture {arch!r}; jpeft reads only "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (llama-family decoders, e.g. Llama, SmolLM2, TinyLlama). "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (llama-family decoders: Llama, SmolLM2, Qwen2). "
             "Use a llama-architecture GGUF or load the model's safetensors checkpoint instead."
         )
     return arch
@@ -176,7 +179,7 @@ def read_gguf_config(path: str | os.PathLike) -> dict:
     a = f"{arch}."
     config: dict[str, Any] = {
         "model_type": arch,
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [_HF_CLASSES[arch]],
         "hidden_size": int(_field(reader, a + "embedding_length")),
         "intermediate_size": int(_field(reader, a + "feed_forward_length")),
         "num_hidden_layers": int(_field(reader, a + "block_count")),
@@ -185,17 +188,12 @@ def read_gguf_config(path: str | os.PathLike) -> dict:
         "max_position_embeddings": int(_field(reader, a + "context_length")),
         "rope_parameters": _rope_parameters(path, reader, arch),
         "hidden_act": "silu",
-        "attention_bias": any(re.fullmatch(r"blk\.\d+\.attn_\w+\.bias", n) for n in names),
-        "mlp_bias": any(re.fullmatch(r"blk\.\d+\.ffn_\w+\.bias", n) for n in names),
         "tie_word_embeddings": "output.weight" not in names,
     }
     n_head = config["num_attention_heads"]
     config["num_key_value_heads"] = int(_field(reader, a + "attention.head_count_kv", n_head))
-    head_dim = _field(reader, a + "rope.dimension_count", None)
-    if head_dim is None:
-        head_dim = _field(reader, a + "attention.key_length", None)
-    if head_dim is not None:
-        config["head_dim"] = int(head_dim)
+    if arch == "llama":  # Qwen2 has fixed q/k/v biases and derives head_dim; transformers sets neither
+        config.update(_llama_extras(reader, names))
     vocab = _field(reader, a + "vocab_size", None)
     if vocab is None and "tokenizer.ggml.tokens" in reader.fields:
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
@@ -203,6 +201,20 @@ def read_gguf_config(path: str | os.PathLike) -> dict:
         config["vocab_size"] = int(vocab)
     config.update(_token_ids(reader))
     return config
+
+
+def _llama_extras(reader: Any, names: set[str]) -> dict[str, Any]:
+    """``head_dim`` (rope dimension count, as transformers reads it) and the optional bias flags."""
+    extras: dict[str, Any] = {
+        "attention_bias": any(re.fullmatch(r"blk\.\d+\.attn_\w+\.bias", n) for n in names),
+        "mlp_bias": any(re.fullmatch(r"blk\.\d+\.ffn_\w+\.bias", n) for n in names),
+    }
+    head_dim = _field(reader, "llama.rope.dimension_count", None)
+    if head_dim is None:
+        head_dim = _field(reader, "llama.attention.key_length", None)
+    if head_dim is not None:
+        extras["head_dim"] = int(head_dim)
+    return extras
 
 
 def _token_ids(reader: Any) -> dict[str, int]:
@@ -254,9 +266,9 @@ def iter_gguf_tensors(path: str | os.PathLike, dtype: Any = np.float32) -> Itera
 
     Arrays are dequantized with ``gguf.quants.dequantize`` from a memory map of the file, cast to
     ``dtype`` and laid out as in the HF torch state dict (linear weights ``[out, in]``), with the
-    q/k head permutation llama.cpp applies undone. When the embedding is tied (no ``output.weight``)
-    no ``lm_head.weight`` is yielded, as in an HF safetensors checkpoint. Every yielded array is a
-    fresh writable array, not a view into the file.
+    q/k head permutation llama.cpp applies to llama models undone (qwen2 files are not permuted).
+    When the embedding is tied (no ``output.weight``) no ``lm_head.weight`` is yielded, as in an HF
+    safetensors checkpoint. Every yielded array is a fresh writable array, not a view into the file.
 
     Raises:
         CheckpointError: the file is missing, not GGUF, of an unsupported architecture, holds an
@@ -273,9 +285,9 @@ def iter_gguf_tensors(path: str | os.PathLike, dtype: Any = np.float32) -> Itera
         if name is None:
             continue
         weights = dequantize(tensor.data, tensor.tensor_type)
-        if ".attn_q." in tensor.name:
+        if arch == "llama" and ".attn_q." in tensor.name:  # llama.cpp permutes only llama's q/k
             weights = _unpermute(weights, n_head)
-        elif ".attn_k." in tensor.name:
+        elif arch == "llama" and ".attn_k." in tensor.name:
             weights = _unpermute(weights, n_kv_head)
         out = weights.astype(dtype, copy=False)
         if isinstance(out, np.memmap) or np.shares_memory(out, tensor.data) or not out.flags.writeable:

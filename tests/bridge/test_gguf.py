@@ -56,8 +56,10 @@ def _assert_config_matches(ours: dict, folder: Path, name: str) -> None:
     for field in CONFIG_FIELDS:
         if field in ours:
             assert getattr(theirs, field) == ours[field], field
-    assert set(CONFIG_FIELDS) - set(ours) <= {"head_dim", "bos_token_id", "eos_token_id", "pad_token_id",
-                                             "unk_token_id"}
+    optional = {"head_dim", "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"}
+    if ours["model_type"] == "qwen2":  # fixed q/k/v biases in Qwen2Config, no such fields
+        optional |= {"attention_bias", "mlp_bias"}
+    assert set(CONFIG_FIELDS) - set(ours) <= optional
     # building the config class from our dict gives transformers' config, field for field
     rebuilt = transformers.AutoConfig.for_model(**ours).to_dict()
     drop = {"architectures", "_name_or_path", "_model_name_or_path", "transformers_version"}
@@ -91,15 +93,6 @@ def test_smollm2_tensors_equal_transformers_state_dict(smol_path, hf_state_dict)
     print(f"\njpeft iter_gguf_tensors: {time.perf_counter() - start:.1f} s for {len(ours)} tensors")
     _assert_tensors_match(ours, hf_state_dict, tied=True)
     assert ours["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)  # torch [out, in]
-
-
-def test_iter_yields_one_fresh_array_at_a_time(smol_path):
-    it = iter_gguf_tensors(smol_path, dtype=np.float16)
-    name, first = next(it)
-    assert name == "model.embed_tokens.weight" and first.dtype == np.float16 and first.flags.writeable
-    _, norm = next(it)  # an F32 tensor in the file: must be a copy, not a view of the memory map
-    assert norm.flags.writeable and not isinstance(norm, np.memmap) and norm.base is None
-    it.close()
 
 
 def test_smollm2_tokenizer_matches_transformers(smol_path):
@@ -146,11 +139,11 @@ def _encode(rng, w: np.ndarray, qtype) -> tuple[np.ndarray, object]:
     return gguf.quants.quantize(w, qtype), qtype
 
 
-def _write_llama(path: Path) -> dict[str, np.ndarray]:
-    """Tiny 2-layer GQA llama with one quant type per tensor; returns the F32 originals of F32 q/k."""
+def _write_llama(path: Path, arch: str = "llama") -> dict[str, np.ndarray]:
+    """Tiny 2-layer GQA llama/qwen2 with one quant type per tensor; returns the HF originals of F32 q/k."""
     rng = np.random.default_rng(0)
     hidden, ffn, heads, kv_heads, vocab = 256, 512, 4, 2, 320
-    writer = gguf.GGUFWriter(path, "llama")
+    writer = gguf.GGUFWriter(path, arch)
     for add, value in (("block_count", 2), ("context_length", 2048), ("embedding_length", hidden),
                        ("feed_forward_length", ffn), ("head_count", heads), ("head_count_kv", kv_heads),
                        ("layer_norm_rms_eps", 1e-6), ("rope_freq_base", 500000.0), ("vocab_size", vocab),
@@ -162,7 +155,7 @@ def _write_llama(path: Path) -> dict[str, np.ndarray]:
         w = rng.standard_normal(shape).astype(np.float32) * 0.05
         if n_perm:
             originals[name] = w
-            w = _permute(w, n_perm)
+            w = _permute(w, n_perm) if arch == "llama" else w
         data, raw = _encode(rng, w, qtype)
         writer.add_tensor(name, data, raw_dtype=raw)
 
@@ -181,6 +174,9 @@ def _write_llama(path: Path) -> dict[str, np.ndarray]:
         add(f"blk.{i}.ffn_gate.weight", (ffn, hidden), tg)
         add(f"blk.{i}.ffn_up.weight", (ffn, hidden), tu)
         add(f"blk.{i}.ffn_down.weight", (hidden, ffn), td)
+        if arch == "qwen2":
+            for part, rows in (("q", hidden), ("k", kv_heads * 64), ("v", kv_heads * 64)):
+                add(f"blk.{i}.attn_{part}.bias", (rows,), QT.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -188,13 +184,15 @@ def _write_llama(path: Path) -> dict[str, np.ndarray]:
     return originals
 
 
-def test_synthetic_llama_all_types_match_transformers(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_synthetic_all_types_match_transformers(tmp_path, arch):
     path = tmp_path / "tiny.gguf"
-    originals = _write_llama(path)
+    originals = _write_llama(path, arch)
     types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"} <= types
     config = read_gguf_config(path)
     assert config["tie_word_embeddings"] is False and config["num_key_value_heads"] == 2
+    assert config["model_type"] == arch
     _assert_config_matches(config, tmp_path, path.name)
 
     auto = transformers.AutoModelForCausalLM
@@ -205,6 +203,46 @@ def test_synthetic_llama_all_types_match_transformers(tmp_path):
     # the permutation is undone exactly: F32 q/k come back as the HF originals
     assert np.array_equal(ours["model.layers.1.self_attn.q_proj.weight"], originals["blk.1.attn_q.weight"])
     assert np.array_equal(ours["model.layers.1.self_attn.k_proj.weight"], originals["blk.1.attn_k.weight"])
+
+
+def _write_meta(path: Path, arch: str = "llama", **rope) -> None:
+    """A tensor-free file with just the llama hyper-parameters (plus the given rope scaling keys)."""
+    writer = gguf.GGUFWriter(path, arch)
+    for add, value in (("block_count", 1), ("context_length", 8192), ("embedding_length", 64),
+                       ("feed_forward_length", 128), ("head_count", 2), ("layer_norm_rms_eps", 1e-5),
+                       ("rope_freq_base", 10000.0), *rope.items()):
+        getattr(writer, f"add_{add}")(value)
+    writer.add_tensor("rope_freqs.weight", np.ones(16, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_rope_scaling_metadata(tmp_path):
+    """transformers ignores llama rope-scaling metadata; jpeft maps linear/yarn into rope_parameters."""
+    _write_meta(tmp_path / "yarn.gguf", rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=4.0,
+                rope_scaling_orig_ctx_len=2048)
+    with pytest.warns(UserWarning, match="rope_freqs.weight"):
+        config = read_gguf_config(tmp_path / "yarn.gguf")
+    assert config["rope_parameters"] == {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0,
+                                         "original_max_position_embeddings": 2048}
+    assert config["num_key_value_heads"] == 2 and "vocab_size" not in config and "bos_token_id" not in config
+    _write_meta(tmp_path / "lin.gguf", rope_scaling_type=gguf.RopeScalingType.LINEAR, rope_scaling_factor=2.0)
+    with pytest.warns(UserWarning):
+        assert read_gguf_config(tmp_path / "lin.gguf")["rope_parameters"]["rope_type"] == "linear"
+    assert list(iter_gguf_tensors(tmp_path / "lin.gguf")) == []  # rope_freqs has no HF parameter
+
+
+def test_iter_yields_one_fresh_array_at_a_time(tmp_path):
+    _write_llama(tmp_path / "tiny.gguf")
+    it = iter_gguf_tensors(tmp_path / "tiny.gguf", dtype=np.float16)
+    name, first = next(it)
+    assert name == "model.embed_tokens.weight" and first.dtype == np.float16 and first.flags.writeable
+    name, norm = next(it)  # an F32 tensor in the file: must be a copy, not a view of the memory map
+    assert name == "model.norm.weight" and norm.dtype == np.float16
+    assert norm.flags.writeable and not isinstance(norm, np.memmap) and norm.base is None
+    it.close()
 
 
 # ------------------------------------------------------------------------------------------------ errors
