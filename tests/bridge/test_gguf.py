@@ -7,6 +7,7 @@ grouped-query attention and an untied ``output.weight``.
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -243,6 +244,8 @@ def test_iter_yields_one_fresh_array_at_a_time(tmp_path):
     assert name == "model.norm.weight" and norm.dtype == np.float16
     assert norm.flags.writeable and not isinstance(norm, np.memmap) and norm.base is None
     it.close()
+    _, norm32 = list(itertools.islice(iter_gguf_tensors(tmp_path / "tiny.gguf"), 2))[1]
+    assert norm32.dtype == np.float32 and norm32.flags.writeable and norm32.base is None
 
 
 # ------------------------------------------------------------------------------------------------ errors
