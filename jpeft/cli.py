@@ -1,0 +1,126 @@
+"""The `jpeft` command line: `generate`, `info` (and the training commands as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from jpeft.errors import JpeftError
+
+MODEL_HELP = "HF checkpoint folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)"
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a model (greedy by default)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--input-ids", help="comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--json", action="store_true", help='print {"input_ids", "output_ids", "text"}')
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise JpeftError(f"--input-ids {text!r}: expected comma-separated integers like 1,2,3") from None
+    if not ids:
+        raise JpeftError("--input-ids is empty: give at least one token id, e.g. 1,2,3")
+    return ids
+
+
+def _prompt_ids(args, tok, vocab: int) -> list[int]:
+    if args.input_ids is not None:
+        ids = _parse_ids(args.input_ids)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise JpeftError(f"--input-ids: ids {bad} are outside the vocabulary [0, {vocab})")
+        return ids
+    if tok is None:
+        raise JpeftError(f"{args.model}: no tokenizer found; use --input-ids instead of --prompt")
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise JpeftError(f"{args.model}: the tokenizer has no chat template; drop --chat")
+        return list(tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False))
+    return list(tok(args.prompt)["input_ids"])
+
+
+def cmd_generate(args) -> int:
+    import numpy as np
+
+    from jpeft.api import load
+    from jpeft.generate import SamplingConfig, generate
+
+    model = load(args.model, args.dtype)
+    tok = model.tokenizer
+    ids = _prompt_ids(args, tok, model.cfg.vocab_size)
+    s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k)
+    eos = list(model.cfg.eos_token_ids)
+    if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
+    out = generate(model.params, model.cfg, np.asarray([ids]), sampling=s, eos_token_ids=eos, seed=args.seed)[0]
+    text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
+    if args.json:
+        print(json.dumps({"input_ids": ids, "output_ids": out, "text": text}))
+    else:
+        print(text if text is not None else " ".join(map(str, out)))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from jpeft.api import load
+
+    model = load(args.model, args.dtype, tokenizer=False)
+    c = model.cfg
+    dtypes = sorted({str(x.dtype) for x in __import__("jax").tree_util.tree_leaves(model.params)})
+    info = {
+        "path": str(model.path), "family": c.model_type, "layers": c.num_layers, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
+        "head_dim": c.head_dim, "vocab_size": c.vocab_size, "tied_embeddings": c.tie_word_embeddings,
+        "sliding_windows": sorted(set(c.layer_windows) - {0}), "parameters": model.num_parameters,
+        "dtype": ",".join(dtypes),
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k:18s} {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jpeft", description="Parameter-efficient fine-tuning in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    p = sub.add_parser("info", help="describe a model: family, sizes, parameter count, dtype")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except JpeftError as e:
+        print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
