@@ -42,6 +42,19 @@ def embed(params: dict, cfg: ModelConfig, input_ids: jax.Array, dtype: Any) -> j
     return h.astype(dtype)
 
 
+def with_overrides(params: dict, adapters: dict | None) -> dict:
+    """Base params with whole modules replaced by trained copies (`adapters[m]["modules_to_save"]`).
+
+    A method tree may hold `{"modules_to_save": {"lm_head": {...}, "embed_tokens": ...}}` (top-level
+    param keys); the base itself is never modified.
+    """
+    out = params
+    for tree in (adapters or {}).values():
+        if isinstance(tree, dict) and tree.get("modules_to_save"):
+            out = {**out, **tree["modules_to_save"]}
+    return out
+
+
 def _mask_info(b: int, t: int, attention_mask, positions, segment_ids, cache):
     """Slots, positions and the layer-independent part of the attention mask `[B, T, S]`."""
     q_idx = jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -79,6 +92,7 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapt
     """
     b, t = input_ids.shape
     adapters = adapters or {}
+    params = with_overrides(params, adapters)
     ctx0 = SiteContext(train=train)
     h = embed(params, cfg, input_ids, dtype)
     for m in methods:
@@ -125,7 +139,7 @@ def logits_from_hidden(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Arra
 def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, **kwargs: Any) -> tuple[jax.Array, dict | None]:
     """Logits `[B, T, V]` (fp32) and the updated cache. Keyword arguments as `hidden_states`."""
     h, cache = hidden_states(params, cfg, input_ids, **kwargs)
-    return logits_from_hidden(params, cfg, h), cache
+    return logits_from_hidden(with_overrides(params, kwargs.get("adapters")), cfg, h), cache
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = F32) -> dict:
