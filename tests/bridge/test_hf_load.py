@@ -1,0 +1,116 @@
+"""Checkpoint loading: sharded files, dtype casting, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from tiny import make_checkpoint
+
+from jpeft.errors import CheckpointError, ConfigError
+from jpeft.models.model import forward
+from jpeft.torch_bridge.hf_load import load_pretrained
+
+
+def test_sharded_checkpoint_equals_single_file(tiny_checkpoint, tmp_path):
+    folder, hf = tiny_checkpoint("llama", "gqa_untied")
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    cfg1, p1 = load_pretrained(folder)
+    cfg2, p2 = load_pretrained(tmp_path)
+    assert cfg1 == cfg2
+    ids = jnp.asarray(np.arange(10)[None])
+    np.testing.assert_array_equal(np.asarray(forward(p1, cfg1, ids)[0]), np.asarray(forward(p2, cfg2, ids)[0]))
+
+
+def test_bf16_checkpoint_cast_on_load(tmp_path):
+    model = make_checkpoint("qwen2", "bias_tied", tmp_path / "fp32")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    cfg, p32 = load_pretrained(tmp_path / "bf16", jnp.float32)
+    _, p16 = load_pretrained(tmp_path / "bf16", jnp.bfloat16)
+    assert p32["embed_tokens"].dtype == jnp.float32 and p16["embed_tokens"].dtype == jnp.bfloat16
+    # bf16 -> fp32 is exact: the fp32 load equals transformers running the bf16 weights in fp32.
+    hf = model.to(torch.bfloat16).to(torch.float32)
+    ids = np.arange(3, 19)[None]
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(forward(p32, cfg, jnp.asarray(ids))[0])
+    assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_missing_config(tmp_path):
+    tmp_path.joinpath("model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_pretrained(tmp_path)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_pretrained(tmp_path / "nope")
+
+
+def test_missing_weights_file(tiny_checkpoint, tmp_path):
+    dst = _copy(tiny_checkpoint("llama", "gqa_untied")[0], tmp_path)
+    (dst / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_pretrained(dst)
+
+
+def test_pytorch_bin_is_refused_with_hint(tiny_checkpoint, tmp_path):
+    dst = _copy(tiny_checkpoint("llama", "gqa_untied")[0], tmp_path)
+    (dst / "model.safetensors").rename(dst / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="unpickling"):
+        load_pretrained(dst)
+
+
+def test_missing_tensor_names_key_and_file(tiny_checkpoint, tmp_path):
+    folder, hf = tiny_checkpoint("llama", "gqa_untied")
+    sd = {k: v for k, v in hf.state_dict().items() if k != "model.layers.1.mlp.up_proj.weight"}
+    from safetensors.torch import save_file
+
+    dst = _copy(folder, tmp_path)
+    save_file({k: v.contiguous() for k, v in sd.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_pretrained(dst)
+
+
+def test_corrupt_safetensors(tiny_checkpoint, tmp_path):
+    dst = _copy(tiny_checkpoint("llama", "gqa_untied")[0], tmp_path)
+    (dst / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        load_pretrained(dst)
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"model_type": "gpt2"}, "model_type='gpt2' is not supported"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+     "rope_type='dynamic' is not supported"),
+    ({"hidden_act": "relu2"}, "hidden_act='relu2' is not supported"),
+])
+def test_unsupported_config_values(tiny_checkpoint, tmp_path, edit, match):
+    dst = _copy(tiny_checkpoint("llama", "gqa_untied")[0], tmp_path)
+    raw = json.loads((dst / "config.json").read_text())
+    raw.update(edit)
+    (dst / "config.json").write_text(json.dumps(raw))
+    with pytest.raises((ConfigError, CheckpointError, ValueError), match=match):
+        load_pretrained(dst)
+
+
+def test_config_without_model_type(tiny_checkpoint, tmp_path):
+    dst = _copy(tiny_checkpoint("llama", "gqa_untied")[0], tmp_path)
+    raw = json.loads((dst / "config.json").read_text())
+    del raw["model_type"]
+    (dst / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="'model_type' is missing"):
+        load_pretrained(dst)
