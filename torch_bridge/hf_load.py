@@ -7,6 +7,7 @@ dtype and handed to JAX before the next one, so host memory peaks near 1x the lo
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -59,16 +60,29 @@ def load_hf_config(folder: Path) -> Any:
     return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
 
 
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _put(buf: jax.Array, i: jax.Array, x: jax.Array, axis: int = 0) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(buf, x, i, axis)
+
+
+def _transposed(a: np.ndarray, dtype: Any, rows: int = 4096) -> jax.Array:
+    """`a.T` as a JAX array, filled in column blocks so no full-size host copy is made. a `[V, D]`."""
+    buf = jnp.zeros(a.shape[::-1], dtype)
+    for r in range(0, a.shape[0], rows):
+        buf = _put(buf, r, np.ascontiguousarray(a[r:r + rows].T, dtype=dtype), 1)
+    return buf
+
+
 def _stack(get: Getter, names: list[str], transpose: bool, dtype: Any) -> jax.Array:
+    """Stack per-layer tensors into one `[L, ...]` array, writing layer by layer into a donated buffer
+    so that only one layer's slice exists on the host besides the result."""
     first = get(names[0])
     shape = first.shape[::-1] if transpose else first.shape
-    out = np.empty((len(names),) + tuple(shape), dtype=dtype)
+    buf = jnp.zeros((len(names),) + tuple(shape), dtype)
     for i, n in enumerate(names):
         a = get(n)
-        out[i] = a.T if transpose else a
-    arr = jnp.asarray(out)
-    del out
-    return arr
+        buf = _put(buf, i, np.ascontiguousarray(a.T if transpose else a, dtype=dtype)[None])
+    return buf
 
 
 def build_params(cfg: ModelConfig, get: Getter, dtype: Any) -> dict:
@@ -93,7 +107,7 @@ def build_params(cfg: ModelConfig, get: Getter, dtype: Any) -> dict:
         "norm": jnp.asarray(np.asarray(get("model.norm.weight"), np_dtype)),
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": jnp.asarray(np.asarray(get("lm_head.weight"), np_dtype).T)}
+        params["lm_head"] = {"kernel": _transposed(get("lm_head.weight"), np_dtype)}
     return params
 
 
