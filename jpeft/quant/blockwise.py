@@ -23,7 +23,7 @@ from jpeft.errors import QuantizationError
 from jpeft.quant.codes import (
     ALLOWED_BLOCKSIZES,
     DYNAMIC_MAP,
-    FOUR_BIT_CODES,
+    FOUR_BIT_DECODE,
     FP4_LITERALS,
     NESTED_BLOCKSIZE,
     NF4_THRESHOLDS,
@@ -131,10 +131,14 @@ def _fp4_index(scaled: jax.Array) -> jax.Array:
     lit = {k: jnp.float32(v) for k, v in FP4_LITERALS.items()}
     a = jnp.abs(scaled)
     upper = jnp.where(
-        a > lit["upper"], jnp.where(a > lit["top"], 0b011, 0b010), jnp.where(a > lit["upper_mid"], 0b101, 0b100)
+        a > lit["upper"],
+        jnp.where(a > lit["top"], 0b011, 0b010),
+        jnp.where(a > lit["upper_mid"], 0b101, 0b100),
     )
     lower = jnp.where(
-        a > lit["lower"], jnp.where(a > lit["lower_mid"], 0b111, 0b110), jnp.where(a > lit["zero"], 0b001, 0b000)
+        a > lit["lower"],
+        jnp.where(a > lit["lower_mid"], 0b111, 0b110),
+        jnp.where(a > lit["zero"], 0b001, 0b000),
     )
     sign = jnp.where(scaled < 0, 0b1000, 0)
     return (jnp.where(a > lit["root"], upper, lower) + sign).astype(jnp.uint8)
@@ -178,7 +182,11 @@ def double_quantize(
     """
     absmax = absmax.astype(jnp.float32)
     if offset is None:
-        offset = jnp.sum(absmax) / jnp.float32(absmax.shape[0])
+        # XLA rewrites x / constant into x * (1/constant) and may fuse that into the subtraction
+        # below as an FMA, so the subtracted offset would differ from the stored one by an ulp.
+        # Hiding the count behind a barrier keeps an IEEE division whose rounded result is used.
+        count = jax.lax.optimization_barrier(jnp.float32(absmax.shape[0]))
+        offset = jnp.sum(absmax) / count
     offset = jnp.asarray(offset, jnp.float32)
     blocks = _blocks(absmax - offset, NESTED_BLOCKSIZE)
     nested = _block_absmax(blocks)
@@ -244,6 +252,6 @@ def dequantize_4bit(qw: QuantizedWeight, dtype: jnp.dtype | str | None = None) -
     out_dtype = jnp.dtype(qw.dtype if dtype is None else dtype)
     n, bs = qw.numel, qw.blocksize
     nibbles = jnp.stack([qw.packed >> 4, qw.packed & 0xF], axis=-1).reshape(-1)[:n]
-    values = jnp.asarray(FOUR_BIT_CODES[qw.quant_type])[nibbles.astype(jnp.int32)]
+    values = jnp.asarray(FOUR_BIT_DECODE[qw.quant_type])[nibbles.astype(jnp.int32)]
     scaled = (_blocks(values, bs) * block_scales(qw)[:, None]).reshape(-1)
     return scaled[:n].astype(out_dtype).reshape(qw.shape)

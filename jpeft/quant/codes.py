@@ -27,7 +27,7 @@ NF4_CODE: np.ndarray = _from_hex([
 NF4_THRESHOLDS: np.ndarray = ((NF4_CODE[:-1] + NF4_CODE[1:]) / _f32(2)).astype(np.float32)
 
 # bnb FP4 (not OCP e2m1): bit 3 is the sign, bits 0-2 index a scrambled magnitude table, all / 12.
-# Index 8 ("-0") is stored by bnb as +0.0, so dequantized zeros are +0 (CUDA's tree gives -0.0; equal).
+# Index 8 ("-0") is stored by bnb as +0.0 in quant_map; see FP4_DECODE for what kernels output.
 FP4_CODE: np.ndarray = (
     np.asarray([0, 0.0625, 8, 12, 4, 6, 2, 3, 0.0, -0.0625, -8, -12, -4, -6, -2, -3], np.float32)
     / _f32(12)
@@ -45,7 +45,12 @@ FP4_LITERALS: dict[str, np.float32] = {
     "zero": _f32("0.00260417"),
 }
 
-FOUR_BIT_CODES: dict[str, np.ndarray] = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+# Decoding follows CUDA's dDequantizeFP4Tree (and bnb's native CPU kernel): nibble 8 is -0.0.
+FP4_DECODE: np.ndarray = FP4_CODE.copy()
+FP4_DECODE[8] = -0.0
+
+FOUR_BIT_CODES: dict[str, np.ndarray] = {"nf4": NF4_CODE, "fp4": FP4_CODE}  # as stored in quant_map
+FOUR_BIT_DECODE: dict[str, np.ndarray] = {"nf4": NF4_CODE, "fp4": FP4_DECODE}
 
 
 def _fma_f32(a: np.float32, b: np.float32, c: np.float32) -> np.float32:

@@ -55,6 +55,8 @@ def qmatmul(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype | str | 
     holding QuantizedWeights works with ``allow_int=True``, or when the base is simply not differentiated.
     """
     if len(qw.shape) != 2 or x.shape[-1] != qw.shape[1]:
-        raise ValueError(f"qmatmul: x [..., {x.shape[-1]}] does not contract with W {list(qw.shape)} [out, in].")
+        raise ValueError(
+            f"qmatmul: x [..., {x.shape[-1]}] does not contract with W {list(qw.shape)} [out, in]."
+        )
     cd = jnp.dtype(x.dtype if compute_dtype is None else compute_dtype)
     return _qmatmul(x, qw, cd)
