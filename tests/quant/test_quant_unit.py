@@ -43,7 +43,8 @@ def test_cuda_edge_cases_all_zero_nan_odd(qt):
         assert np.asarray(qw.packed)[75] >> 4 == 0b1000
     assert (np.asarray(qw.packed)[-1] & 15) == (7 if qt == "nf4" else 0)  # odd n: pad nibble is code(0.0)
     deq = np.asarray(dequantize_4bit(qw))
-    assert np.all(deq[64:128] == 0) and np.all(np.signbit(deq[64:128]))  # -1.0 * 0 = -0.0, as CUDA
+    assert np.all(deq[64:128] == 0)
+    assert np.all(np.signbit(deq[64:128]) == (qt == "nf4"))  # NF4 code 0 is -1.0: -1.0 * 0 = -0.0, as CUDA
 
 
 def test_nf4_exact_midpoints_go_to_lower_code():
