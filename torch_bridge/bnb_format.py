@@ -42,8 +42,8 @@ def _read_quant_state(tensors: Mapping[str, np.ndarray], prefix: str, file: str)
     keys = [k for k in tensors if k.startswith(f"{prefix}.weight.quant_state.")]
     if len(keys) != 1:
         raise CheckpointError(
-            f"{file}: expected exactly one '{prefix}.weight.{_QS_PREFIX}nf4|fp4' tensor, found {keys or 'none'}; "
-            "the checkpoint is not a bitsandbytes 4-bit save."
+            f"{file}: expected exactly one '{prefix}.weight.{_QS_PREFIX}nf4|fp4' tensor, "
+            f"found {keys or 'none'}; the checkpoint is not a bitsandbytes 4-bit save."
         )
     key = keys[0]
     suffix = key.split(".")[-1]
@@ -71,11 +71,15 @@ def _check_table(actual: np.ndarray, table: np.ndarray, key: str, file: str) -> 
 
 def _state_field(state: dict, field: str, key: str, file: str):
     if field not in state:
-        raise CheckpointError(f"{file}: {key!r} lacks field {field!r}; re-save with transformers + bitsandbytes.")
+        raise CheckpointError(
+            f"{file}: {key!r} lacks field {field!r}; re-save with transformers + bitsandbytes."
+        )
     return state[field]
 
 
-def from_hf_tensors(tensors: Mapping[str, np.ndarray], prefix: str, file: str = "<tensors>") -> QuantizedWeight:
+def from_hf_tensors(
+    tensors: Mapping[str, np.ndarray], prefix: str, file: str = "<tensors>"
+) -> QuantizedWeight:
     """Read the bnb 4-bit Linear ``<prefix>.weight*`` from ``tensors`` into a QuantizedWeight.
 
     ``file`` is only used in error messages. Raises CheckpointError naming the key and file.
@@ -83,7 +87,7 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray], prefix: str, file: str = 
     state = _read_quant_state(tensors, prefix, file)
     qs_key = f"{prefix}.weight.{_QS_PREFIX}{state['quant_type']}"
     try:
-        quant_type = check_quant_type(_state_field(state, "quant_type", qs_key, file), f"{qs_key}: quant_type")
+        quant_type = check_quant_type(state["quant_type"], f"{qs_key}: quant_type")
         blocksize = check_blocksize(_state_field(state, "blocksize", qs_key, file), f"{qs_key}: blocksize")
     except QuantizationError as e:
         raise CheckpointError(f"{file}: {e}") from e
@@ -112,7 +116,9 @@ def from_hf_tensors(tensors: Mapping[str, np.ndarray], prefix: str, file: str = 
 
 def _expect_size(arr: np.ndarray, size: int, key: str, file: str) -> None:
     if arr.size != size:
-        raise CheckpointError(f"{file}: {key!r} has {arr.size} elements, the quant_state shape implies {size}.")
+        raise CheckpointError(
+            f"{file}: {key!r} has {arr.size} elements, but its quant_state shape implies {size}."
+        )
 
 
 def _read_nested(tensors, prefix, file, state, qs_key, nblocks):
@@ -163,7 +169,9 @@ def parse_quantization_config(qc: Mapping, file: str = "config.json") -> BnbQuan
     """Validate a ``quantization_config`` dict and return a BnbQuantConfig. Raises CheckpointError."""
     where = f"{file}: quantization_config"
     if qc.get("quant_method", "bitsandbytes") != "bitsandbytes":
-        raise CheckpointError(f"{where}.quant_method={qc['quant_method']!r}; only 'bitsandbytes' is supported.")
+        raise CheckpointError(
+            f"{where}.quant_method={qc['quant_method']!r}; only 'bitsandbytes' is supported."
+        )
     if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
         raise CheckpointError(f"{where}.load_in_4bit is not true; only bitsandbytes 4-bit checkpoints are "
                               "supported (8-bit LLM.int8 is not).")
