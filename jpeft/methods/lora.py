@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 import zlib
 from typing import Any, ClassVar
 
@@ -122,7 +123,7 @@ class LoRA(Method):
         lora = jnp.matmul(jnp.matmul(xd, a.astype(x.dtype)), b.astype(x.dtype)) * s.astype(x.dtype)
         if not self.use_dora:
             return y + lora.astype(y.dtype)
-        w = dense_kernel(base["kernel"])
+        w = jax.lax.stop_gradient(dense_kernel(base["kernel"]))  # frozen: never differentiated
         delta = jax.lax.stop_gradient(jnp.matmul(a.astype(F32), b.astype(F32)))
         n = jax.lax.stop_gradient(jnp.linalg.norm(w + s * delta, axis=0))  # [out], norm over inputs
         active = jnp.asarray([r > 0 for r in info.ranks])[ctx.layer]
@@ -272,6 +273,10 @@ def resolve(cfg: ModelConfig, lc: LoraConfig) -> LoRA:
             alphas.append(pattern_value(lc.alpha_pattern, n, lc.lora_alpha) if on else 0)
         if any(ranks):
             sites.append(LoraSite(block, proj, tuple(ranks), tuple(alphas)))
+    for field in ("rank_pattern", "alpha_pattern"):  # like peft >= 0.21: a typo must not pass silently
+        unused = [k for k in getattr(lc, field) or {} if not any(re.match(rf"(.*\.)?({k})$", n) for n in chosen)]
+        if unused:
+            warnings.warn(f"LoraConfig.{field} keys {unused} did not match any targeted module", stacklevel=2)
     return LoRA(sites=tuple(sites), r=lc.r, lora_alpha=lc.lora_alpha, use_rslora=lc.use_rslora,
                 use_dora=lc.use_dora, lora_dropout=lc.lora_dropout,
                 modules_to_save=tuple(lc.modules_to_save or ()), init_lora_weights=lc.init_lora_weights)

@@ -42,11 +42,12 @@ def _train(params, adapters, ids, rng, *, cfg, method):
         logits = forward(params, cfg, ids, adapters=ad, methods=(method,), train=True, rng=key)[0]
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
-    state = opt.init(adapters)
-    for step in range(3):
-        upd, state = opt.update(jax.grad(loss)(adapters, jax.random.fold_in(rng, step)), state, adapters)
-        adapters = optax.apply_updates(adapters, upd)
-    return adapters
+    def step(i, carry):  # a loop, not unrolled: one compiled gradient
+        ad, state = carry
+        upd, state = opt.update(jax.grad(loss)(ad, jax.random.fold_in(rng, i)), state, ad)
+        return optax.apply_updates(ad, upd), state
+
+    return jax.lax.fori_loop(0, 3, step, (adapters, opt.init(adapters)))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "methods"))
@@ -89,7 +90,8 @@ def _config(kind: str, cfg, tied: bool, seed: int) -> LoraConfig:
         kw = dict(target_modules=["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"], use_dora=True,
                   lora_dropout=0.1, modules_to_save=None if tied else ["embed_tokens"])
     names = targeted_module_names(cfg, LoraConfig(**kw))
-    rank_pattern = {**_random_patterns(names, rng, 1, 8), "v_proj": 3}  # generic key last: first match wins
+    generic = kw["target_modules"][1]  # a generic key last: the specific keys before it win (first match)
+    rank_pattern = {**_random_patterns(names, rng, 1, 8), generic: 3}
     alpha_pattern = {**_random_patterns(names, rng, 1, 17), "down_proj": 2.5}
     return LoraConfig(r=4, lora_alpha=8, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, **kw)
 
@@ -301,3 +303,30 @@ def test_missing_config_and_atomic_overwrite(valid_adapter, monkeypatch):
 def test_zz_report_measured():
     for key, err in sorted(MEASURED.items()):
         print("max rel logit diff", *key, f"{err:.2e}")
+
+
+@pytest.mark.slow
+def test_merged_from_gguf_source(tmp_path):
+    """SmolLM2 GGUF + LoRA -> merged HF folder with config and tokenizer built from the GGUF."""
+    from transformers import AutoTokenizer
+
+    import jpeft
+    from jpeft.assets import default_model_path
+    from jpeft.errors import JpeftError
+
+    try:
+        gguf = default_model_path()
+    except JpeftError as err:
+        pytest.skip(str(err))
+    model = jpeft.load(gguf)
+    method, ad = init_lora(model.cfg, model.params, LoraConfig(r=4, init_lora_weights=False), jax.random.PRNGKey(0))
+    out = save_merged(tmp_path / "merged", model.cfg, model.params, method, ad, gguf, "float32")
+    hf, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True, dtype=torch.float32)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    text = "Paris is the capital of France, and Berlin is the capital of Germany."
+    ids = model.tokenizer(text)["input_ids"]
+    assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == ids
+    with torch.no_grad():
+        ref = hf.eval()(torch.tensor([ids])).logits.float().numpy()
+    ours = jpeft.logits(model, [ids], adapters=ad, methods=(method,))
+    assert rel_err(ours, ref) <= 1e-5

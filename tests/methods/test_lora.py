@@ -110,12 +110,14 @@ def _adam_steps(params, adapters, ids, *, cfg, method):
         logits = forward(params, cfg, ids, adapters=ad, methods=(method,))[0]
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
-    state, grads = opt.init(adapters), None
-    for _ in range(4):
-        grads = jax.grad(loss)(adapters)
-        upd, state = opt.update(grads, state, adapters)
-        adapters = optax.apply_updates(adapters, upd)
-    return adapters, grads
+    def step(_, carry):
+        ad, state, _ = carry
+        grads = jax.grad(loss)(ad)
+        upd, state = opt.update(grads, state, ad)
+        return optax.apply_updates(ad, upd), state, grads
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, adapters)
+    return jax.lax.fori_loop(0, 4, step, (adapters, opt.init(adapters), zeros))[::2]
 
 
 def test_padding_and_untransformed_layers_stay_zero_under_adam(llama):
@@ -198,3 +200,9 @@ def test_method_is_static_and_hashable(llama):
     b = resolve(cfg, LoraConfig(rank_pattern={"q_proj": 2}))
     assert a == b and hash(a) == hash(b) and a.name == "lora"
     assert a.site("self_attn", "q_proj").ranks == (2, 2, 2)
+
+
+def test_unmatched_pattern_keys_warn(llama):
+    cfg, _, _ = llama
+    with pytest.warns(UserWarning, match=r"rank_pattern keys \['q_prj'\] did not match"):
+        resolve(cfg, LoraConfig(rank_pattern={"q_prj": 2, "v_proj": 3}))
