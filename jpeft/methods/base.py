@@ -11,6 +11,8 @@ Sites:
   sub-block, before the residual add.
 - `kv_prefix(tree, batch, ctx)`: extra (key, value) pairs `[B, P, Hkv, hd]` prepended in every layer.
 - `embed(tree, h, ctx)`: the token embeddings `[B, T, D]`, before the first layer.
+
+Besides sites, a method may add a loss term (`loss(tree)`) and optax stages (`optimizer_stages()`).
 """
 
 from __future__ import annotations
@@ -51,3 +53,11 @@ class Method:
     def embed(self, tree: Any, h: jax.Array, ctx: SiteContext) -> jax.Array:
         """h `[B, T, D]` -> h `[B, T', D]`."""
         return h
+
+    def loss(self, tree: Any) -> jax.Array | float:
+        """An extra loss term of the method (AdaLoRA's orthogonality, SoRA's L1); 0 by default."""
+        return 0.0
+
+    def optimizer_stages(self) -> tuple:
+        """optax transforms the method appends after the base optimizer (SoRA's proximal step)."""
+        return ()

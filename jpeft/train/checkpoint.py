@@ -1,0 +1,63 @@
+"""Train-state checkpoints with orbax: `checkpoints/step_<N>/`, written atomically, newest kept.
+
+A checkpoint holds the whole train state pytree (step, adapters, optimizer state, RNG key). Together
+with the deterministic batch schedule (`BatchSchedule.batch_at(step)`), restoring it continues a run
+exactly where it stopped: same data order, same RNG.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jpeft.errors import CheckpointError
+
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints in `folder`, oldest first (orbax finalizes by rename)."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def save_checkpoint(folder: Path, state: Any, keep: int = 2) -> Path:
+    """Save `state` as `folder/step_<step>` and delete all but the newest `keep` checkpoints."""
+    step = int(np.asarray(state["step"]))
+    path = (folder / f"step_{step}").absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        shutil.rmtree(path)
+    ckpt = _checkpointer()
+    ckpt.save(path, jax.device_get(state))
+    ckpt.wait_until_finished()
+    for _, old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def restore_latest(folder: Path, like: Any) -> Any | None:
+    """The newest checkpoint in `folder` restored into the structure of `like`, or None if none."""
+    found = list_checkpoints(folder)
+    if not found:
+        return None
+    path = found[-1][1].absolute()
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
+    try:
+        return _checkpointer().restore(path, abstract)
+    except Exception as e:  # orbax raises many types; name the folder and the likely cause
+        raise CheckpointError(f"{path}: cannot restore the train state ({type(e).__name__}: {e}); was it written "
+                              "with the same method and hyperparameters? Delete it or drop --resume") from None

@@ -1,0 +1,189 @@
+"""The training loop: batches, jitted steps, progress, metrics, periodic eval, checkpoints, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.api import Model, resolve_dtype
+from jpeft.errors import ConfigError
+from jpeft.methods.base import Method
+from jpeft.train.checkpoint import restore_latest, save_checkpoint
+from jpeft.train.data import BatchSchedule, pack_examples, pad_examples, tokenize_examples
+from jpeft.train.evaluate import classification_eval, label_set, mean_loss
+from jpeft.train.step import (
+    OptimConfig,
+    build_optimizer,
+    init_state,
+    learning_rate_schedule,
+    target_bound,
+    train_step,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What to run. Exactly one of `steps` / `epochs` sets the length (default: 1 epoch)."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_len: int = 512
+    pack: bool = True
+    seed: int = 0
+    eval_every: int = 0  # 0: evaluate at the end only
+    save_every: int = 0  # 0: checkpoint at the end only
+    remat: str = "none"
+    dtype: str = "float32"
+    optim: OptimConfig = OptimConfig()
+
+    def validate(self) -> TrainConfig:
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("give either --steps or --epochs, not both")
+        for name in ("batch_size", "grad_accum", "max_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps={self.steps} must be >= 1")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"epochs={self.epochs} must be > 0")
+        return self
+
+
+@dataclasses.dataclass
+class TrainResult:
+    adapters: dict
+    steps: int
+    history: list[dict]
+    eval: dict
+
+
+def make_rows(model: Model, examples: Sequence[dict], tc: TrainConfig) -> dict[str, np.ndarray]:
+    exs = tokenize_examples(examples, model.tokenizer, tc.max_len)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    return pack_examples(exs, tc.max_len, pad) if tc.pack else pad_examples(exs, tc.max_len, pad)
+
+
+def evaluate(model: Model, method: Method, adapters: dict, eval_examples: Sequence[dict], tc: TrainConfig,
+             eval_rows: dict | None = None) -> dict:
+    """Eval loss, and for label-style data precision/recall/macro-F1 and accuracy."""
+    kw = dict(adapters=adapters, methods=(method,), dtype=resolve_dtype(tc.dtype))
+    out: dict = {}
+    if eval_rows is not None:
+        out["eval_loss"] = mean_loss(model.params, model.cfg, eval_rows, batch_size=tc.batch_size, **kw)
+    labels = label_set(eval_examples)
+    if labels:
+        rep = classification_eval(model.params, model.cfg, model.tokenizer, eval_examples, labels,
+                                  max_len=tc.max_len, **kw)
+        out.update({"precision": rep["macro"]["precision"], "recall": rep["macro"]["recall"],
+                    "macro_f1": rep["macro"]["f1"], "accuracy": rep["accuracy"], "report": rep})
+    return out
+
+
+class _Log:
+    """metrics.jsonl writer; on resume, records after the restored step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        keep = []
+        if resume_step and path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(ln + "\n" for ln in keep))
+        self.history = [json.loads(ln) for ln in keep]
+
+    def write(self, rec: dict) -> None:
+        self.history.append(rec)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def train(model: Model, method: Method, adapters: dict, train_examples: Sequence[dict],
+          eval_examples: Sequence[dict], tc: TrainConfig, out_dir: str | Path, *, resume: bool = False,
+          progress: bool = True, on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Fine-tune `adapters` of `method` on `train_examples`; writes metrics.jsonl, checkpoints/, loss.png."""
+    tc, out = tc.validate(), Path(out_dir)
+    rows = make_rows(model, train_examples, tc)
+    eval_rows = make_rows(model, eval_examples, tc) if eval_examples else None
+    sched = BatchSchedule(rows, tc.batch_size * tc.grad_accum, tc.seed)
+    total = tc.steps or max(1, math.ceil((tc.epochs or 1.0) * sched.steps_per_epoch))
+    tx = build_optimizer(tc.optim, total, (method,))
+    state = init_state(adapters, tx, tc.seed)
+    if resume and (restored := restore_latest(out / "checkpoints", state)) is not None:
+        state = jax.tree_util.tree_map(jnp.asarray, restored)
+    start = int(state["step"])
+    log = _Log(out / "metrics.jsonl", start)
+    lr = learning_rate_schedule(tc.optim, total)
+    dtype = resolve_dtype(tc.dtype)
+    kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=tc.remat, dtype=dtype)
+    bar = _progress(start, total, progress)
+    t0, tokens = time.perf_counter(), 0.0
+    for step in range(start, total):
+        host = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in sched.batch_at(step).items()}
+        batch = {k: jnp.asarray(v) for k, v in host.items()}
+        state, m = train_step(state, model.params, batch, max_targets=target_bound(host["labels"]), **kw)
+        loss = float(m["loss"])
+        tokens += float(m["tokens"])
+        tps = tokens / max(time.perf_counter() - t0, 1e-9)
+        rec = {"step": step + 1, "loss": loss, "lr": float(lr(step)), "grad_norm": float(m["grad_norm"]),
+               "tokens_per_s": tps}
+        if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < total:
+            rec.update(_eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, step + 1))
+        log.write(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+        if tc.save_every and (step + 1) % tc.save_every == 0:
+            save_checkpoint(out / "checkpoints", state)
+    bar.close()
+    save_checkpoint(out / "checkpoints", state)
+    final = _eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, total) if eval_examples else {}
+    if final:
+        log.write({"step": total, **final})
+    plot_loss(log.history, out / "loss.png")
+    return TrainResult(adapters=state["adapters"], steps=total, history=log.history, eval=final)
+
+
+def _eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, step) -> dict:
+    res = evaluate(model, method, state["adapters"], eval_examples, tc, eval_rows)
+    if on_eval:
+        on_eval(step, res)
+    return {k: v for k, v in res.items() if k != "report"}
+
+
+def _progress(start: int, total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def plot_loss(history: Sequence[dict], path: Path) -> None:
+    """Training loss (and eval loss where present) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    tr = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    if tr:
+        ax.plot(*zip(*tr), label="train loss")
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

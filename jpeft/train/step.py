@@ -1,0 +1,180 @@
+"""The jitted train step: loss, gradient w.r.t. the adapter pytree only, accumulation, optax update.
+
+The base params are an argument of the step but never differentiated: `jax.value_and_grad` is taken
+w.r.t. the adapters alone, so no gradient (and no optimizer state) ever exists for frozen weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jpeft.errors import ConfigError
+from jpeft.methods.base import Method
+from jpeft.models.config import ModelConfig
+from jpeft.models.model import hidden_states, logits_from_hidden, with_overrides
+
+F32 = jnp.float32
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup + decay, global-norm clipping. Weight decay is off for adapters by default."""
+
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def validate(self) -> OptimConfig:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        return self
+
+
+def learning_rate_schedule(oc: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup to `lr`, then cosine/linear decay to 0 at `total_steps` (or constant)."""
+    warm = min(oc.warmup_steps, max(total_steps - 1, 0))
+    decay = max(total_steps - warm, 1)
+    if oc.schedule == "cosine":
+        after = optax.cosine_decay_schedule(oc.lr, decay)
+    elif oc.schedule == "linear":
+        after = optax.linear_schedule(oc.lr, 0.0, decay)
+    else:
+        after = optax.constant_schedule(oc.lr)
+    if warm == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, oc.lr, warm), after], [warm])
+
+
+def build_optimizer(oc: OptimConfig, total_steps: int, methods: Sequence[Method] = ()) -> optax.GradientTransformation:
+    """clip -> AdamW(schedule) -> each method's own stages (e.g. SoRA's proximal step)."""
+    oc = oc.validate()
+    stages = [optax.clip_by_global_norm(oc.max_grad_norm)] if oc.max_grad_norm else []
+    stages.append(optax.adamw(learning_rate_schedule(oc, total_steps), b1=oc.b1, b2=oc.b2, eps=oc.eps,
+                              weight_decay=oc.weight_decay))
+    for m in methods:
+        stages.extend(m.optimizer_stages())
+    return optax.chain(*stages)
+
+
+def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood `[B, T]` and the target mask; labels -100 are ignored."""
+    valid = labels >= 0
+    safe = jnp.where(valid, labels, 0)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, lse - tgt, 0.0), valid
+
+
+def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, methods: Sequence[Method],
+              rng: jax.Array | None, train: bool, remat: str, dtype: Any,
+              max_targets: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Summed NLL over target tokens and their count, for one batch of `[B, T]` arrays.
+
+    With `max_targets` (a static bound on the number of targets in the batch), logits are computed only
+    at target positions: completion-only data then skip most of the `[B, T, V]` lm_head work.
+    """
+    h, _ = hidden_states(base, cfg, batch["input_ids"], adapters=adapters, methods=methods,
+                         attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
+                         segment_ids=batch.get("segment_ids"), rng=rng, train=train, remat=remat, dtype=dtype)
+    labels = batch["labels"]
+    if max_targets is not None:
+        flat = labels.reshape(-1)
+        (idx,) = jnp.nonzero(flat >= 0, size=max_targets, fill_value=0)
+        keep = jnp.arange(max_targets) < jnp.sum(flat >= 0)
+        h = h.reshape(-1, h.shape[-1])[idx]
+        labels = jnp.where(keep, flat[idx], -100)
+    logits = logits_from_hidden(with_overrides(base, adapters), cfg, h)
+    nll, valid = token_nll(logits, labels)
+    return jnp.sum(nll), jnp.sum(valid).astype(F32)
+
+
+def target_bound(labels: Any, minimum: int = 64) -> int | None:
+    """A static bound (power of two) on targets per micro-batch, or None when most tokens are targets."""
+    import numpy as np
+
+    lab = np.asarray(labels)
+    per = lab.reshape(lab.shape[0], -1) if lab.ndim == 3 else lab.reshape(1, -1)
+    n = int((per >= 0).sum(axis=1).max())
+    bound = max(minimum, 1 << max(n - 1, 0).bit_length())
+    return None if bound * 2 > per.shape[1] else bound
+
+
+def method_loss(adapters: dict, methods: Sequence[Method]) -> jax.Array:
+    return sum((jnp.asarray(m.loss(adapters[m.name]), F32) for m in methods if m.name in adapters),
+               jnp.zeros((), F32))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "methods", "tx", "remat", "dtype", "max_targets"),
+                   donate_argnums=(0,))
+def train_step(state: dict, base: dict, batch: dict, *, cfg: ModelConfig, methods: tuple[Method, ...],
+               tx: optax.GradientTransformation, remat: str = "none", dtype: Any = F32,
+               max_targets: int | None = None) -> tuple[dict, dict]:
+    """One optimizer step over `batch` arrays shaped `[accum, B, T]` (gradient accumulation).
+
+    state: `{"step", "adapters", "opt_state", "rng"}`. The loss is the token-mean NLL over the whole
+    accumulated batch plus each method's loss term.
+    """
+    rng, sub = jax.random.split(state["rng"])
+    accum = batch["input_ids"].shape[0]
+    total_tokens = jnp.maximum(jnp.sum(batch["labels"] >= 0).astype(F32), 1.0)
+
+    def micro(carry, xs):
+        grads, nll_sum = carry
+        mb, i = xs
+
+        def loss(ad):
+            s, _ = batch_nll(ad, base, mb, cfg=cfg, methods=methods, rng=jax.random.fold_in(sub, i), train=True,
+                             remat=remat, dtype=dtype, max_targets=max_targets)
+            return s / total_tokens + method_loss(ad, methods) / accum, s
+
+        (_, s), g = jax.value_and_grad(loss, has_aux=True)(state["adapters"])
+        return (jax.tree_util.tree_map(jnp.add, grads, g), nll_sum + s), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state["adapters"])
+    (grads, nll_sum), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), F32)), (batch, jnp.arange(accum)))
+    updates, opt_state = tx.update(grads, state["opt_state"], state["adapters"])
+    adapters = optax.apply_updates(state["adapters"], updates)
+    seen = jnp.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size
+    metrics = {"loss": nll_sum / total_tokens, "grad_norm": optax.global_norm(grads), "targets": total_tokens,
+               "tokens": jnp.asarray(seen, F32)}
+    return {"step": state["step"] + 1, "adapters": adapters, "opt_state": opt_state, "rng": rng}, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype", "max_targets"))
+def eval_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, methods: tuple[Method, ...],
+             dtype: Any = F32, max_targets: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Summed NLL and target count of one `[B, T]` batch (no dropout)."""
+    return batch_nll(adapters, base, batch, cfg=cfg, methods=methods, rng=None, train=False, remat="none",
+                     dtype=dtype, max_targets=max_targets)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype"))
+def sequence_logprob(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, methods: tuple[Method, ...],
+                     dtype: Any = F32) -> jax.Array:
+    """Summed log-probability of each row's target tokens `[B]` (for scoring label candidates)."""
+    h, _ = hidden_states(base, cfg, batch["input_ids"], adapters=adapters, methods=methods,
+                         attention_mask=batch["attention_mask"], dtype=dtype)
+    nll, _ = token_nll(logits_from_hidden(with_overrides(base, adapters), cfg, h), batch["labels"])
+    return -jnp.sum(nll, axis=-1)
+
+
+def init_state(adapters: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+    return {"step": jnp.int32(0), "adapters": adapters, "opt_state": tx.init(adapters),
+            "rng": jax.random.PRNGKey(seed)}
