@@ -144,8 +144,9 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32) -> tuple[ModelCo
 
 
 def _load_gguf(path: Path, dtype: Any) -> tuple[ModelConfig, dict]:
-    from jpeft.torch_bridge.gguf import iter_gguf_tensors, read_gguf_config
     from transformers import AutoConfig
+
+    from jpeft.torch_bridge.gguf import iter_gguf_tensors, read_gguf_config
 
     raw = dict(read_gguf_config(path))
     model_type = raw.pop("model_type")

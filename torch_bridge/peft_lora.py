@@ -24,8 +24,6 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from jpeft.torch_bridge.hf_load import hf_linear_name, layer_norm_names, linear_sites
-from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
 
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.methods.lora import (
@@ -39,6 +37,8 @@ from jpeft.methods.lora import (
     resolve,
 )
 from jpeft.models.config import ModelConfig
+from jpeft.torch_bridge.hf_load import hf_linear_name, layer_norm_names, linear_sites
+from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
 
 PREFIX = "base_model.model."
 REFUSED_INIT = ("pissa", "olora", "loftq", "corda")
@@ -301,8 +301,9 @@ def save_merged(folder: str | os.PathLike, cfg: ModelConfig, params: dict, metho
     dtype_name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[jdt.name]
     with atomic_folder(folder) as tmp:
         if src.is_file():
-            from jpeft.torch_bridge.gguf import read_gguf_config
             from transformers import AutoConfig
+
+            from jpeft.torch_bridge.gguf import read_gguf_config
 
             raw = dict(read_gguf_config(src))
             AutoConfig.for_model(raw.pop("model_type"), **raw).save_pretrained(str(tmp))

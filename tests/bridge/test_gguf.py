@@ -18,9 +18,8 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jpeft.torch_bridge.gguf import iter_gguf_tensors, load_gguf_tokenizer, read_gguf_config  # noqa: E402
-
 from jpeft.errors import CheckpointError, JpeftError  # noqa: E402
+from jpeft.torch_bridge.gguf import iter_gguf_tensors, load_gguf_tokenizer, read_gguf_config  # noqa: E402
 
 QT = gguf.GGMLQuantizationType
 CONFIG_FIELDS = (

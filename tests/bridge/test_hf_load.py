@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tiny import make_checkpoint
 
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.models.model import forward
 from jpeft.torch_bridge.hf_load import load_pretrained
+
+from tiny import make_checkpoint
 
 
 def test_sharded_checkpoint_equals_single_file(tiny_checkpoint, tmp_path):

@@ -14,15 +14,16 @@ import optax
 import peft
 import pytest
 import torch
-from jpeft.torch_bridge.hf_load import load_pretrained
-from jpeft.torch_bridge.peft_lora import load_peft_adapter, save_merged, save_peft_adapter
-from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
-from tiny import batch_with_padding
 from transformers import AutoModelForCausalLM
 
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.methods.lora import LoraConfig, init_lora, targeted_module_names
 from jpeft.models.model import forward
+from jpeft.torch_bridge.hf_load import load_pretrained
+from jpeft.torch_bridge.peft_lora import load_peft_adapter, save_merged, save_peft_adapter
+from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
+
+from tiny import batch_with_padding
 
 FAMILIES = [("llama", "gqa_untied"), ("qwen2", "bias_tied"), ("gemma", "gqa_headdim")]
 KINDS = ["patterns", "rslora", "dora"]

@@ -12,11 +12,11 @@ import numpy as np
 import optax
 import peft
 import pytest
-from jpeft.torch_bridge.hf_load import load_pretrained
 
 from jpeft.errors import ConfigError
 from jpeft.methods.lora import LoraConfig, count_trainable, init_lora, merge_lora, resolve, targeted_module_names
 from jpeft.models.model import forward
+from jpeft.torch_bridge.hf_load import load_pretrained
 
 LLAMA = ("llama", "gqa_untied")
 

@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tiny import VARIANTS, batch_with_padding
 
 from jpeft.generate import SamplingConfig, generate
 from jpeft.models.model import forward
 from jpeft.torch_bridge.hf_load import load_pretrained
+
+from tiny import VARIANTS, batch_with_padding
 
 CASES = sorted(VARIANTS)
 

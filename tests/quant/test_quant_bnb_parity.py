@@ -21,11 +21,12 @@ import bitsandbytes.functional as F
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import quant_cuda_ref as ref
 import torch
 
 from jpeft.quant.blockwise import QuantizedWeight, dequantize_4bit, double_quantize, quantize_4bit
 from jpeft.quant.codes import DYNAMIC_MAP, FP4_CODE, FP4_LITERALS
+
+import quant_cuda_ref as ref
 
 CASES = [  # (distribution, shape, dtype, blocksize, seed)
     ("normal", (64, 128), "float32", 64, 1),

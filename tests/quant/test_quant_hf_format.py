@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from jpeft.torch_bridge.bnb_format import from_hf_tensors, parse_quantization_config, to_hf_tensors
-from test_quant_bnb_parity import classify_diffs
 
 from jpeft.errors import CheckpointError
 from jpeft.quant.blockwise import dequantize_4bit, quantize_4bit
+from jpeft.torch_bridge.bnb_format import from_hf_tensors, parse_quantization_config, to_hf_tensors
+
+from test_quant_bnb_parity import classify_diffs
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import quant_cuda_ref as ref
 
 from jpeft.errors import QuantizationError
 from jpeft.quant.blockwise import dequantize_4bit, nearest_dynamic_code, quantize_4bit
 from jpeft.quant.codes import DYNAMIC_MAP, FP4_CODE, NF4_CODE, NF4_THRESHOLDS, derive_dynamic_map
 from jpeft.quant.matmul import qmatmul
+
+import quant_cuda_ref as ref
 
 
 def test_tables_match_bnb_bit_for_bit():
