@@ -1,4 +1,4 @@
-"""The `jpeft` command line: `generate`, `info` (and the training commands as they land)."""
+"""The `jpeft` command line: `train`, `eval`, `export`, `generate`, `info`, `demo`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--adapter", default=None, help="adapter folder (peft format) to apply")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -62,6 +63,7 @@ def cmd_generate(args) -> int:
     from jpeft.generate import SamplingConfig, generate
 
     model = load(args.model, args.dtype)
+    methods, adapters = _maybe_adapter(args.adapter, model)
     tok = model.tokenizer
     ids = _prompt_ids(args, tok, model.cfg.vocab_size)
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -69,13 +71,23 @@ def cmd_generate(args) -> int:
     eos = list(model.cfg.eos_token_ids)
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
-    out = generate(model.params, model.cfg, np.asarray([ids]), sampling=s, eos_token_ids=eos, seed=args.seed)[0]
+    out = generate(model.params, model.cfg, np.asarray([ids]), sampling=s, eos_token_ids=eos, seed=args.seed,
+                   adapters=adapters, methods=methods)[0]
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
     if args.json:
         print(json.dumps({"input_ids": ids, "output_ids": out, "text": text}))
     else:
         print(text if text is not None else " ".join(map(str, out)))
     return 0
+
+
+def _maybe_adapter(folder, model) -> tuple[tuple, dict | None]:
+    if folder is None:
+        return (), None
+    from jpeft.methods.registry import load_adapter
+
+    method, adapters = load_adapter(folder, model)
+    return (method,), adapters
 
 
 def cmd_info(args) -> int:
@@ -100,8 +112,11 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jpeft.cli_train import add_train_commands
+
     parser = argparse.ArgumentParser(prog="jpeft", description="Parameter-efficient fine-tuning in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_train_commands(sub)
     _add_generate(sub)
     p = sub.add_parser("info", help="describe a model: family, sizes, parameter count, dtype")
     p.add_argument("--model", default=None, help=MODEL_HELP)
@@ -110,13 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from jpeft.cli_train import TRAIN_COMMANDS
+
+    commands = {"generate": cmd_generate, "info": cmd_info, **TRAIN_COMMANDS}
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return commands[args.command](args)
     except JpeftError as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
         return 2

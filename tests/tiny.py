@@ -67,3 +67,52 @@ def batch_with_padding(vocab: int, rng: np.random.Generator, lengths=(12, 9, 5),
         sl = slice(t - n, t) if side == "left" else slice(0, n)
         ids[i, sl], mask[i, sl] = row, 1
     return ids, mask
+
+
+CHATML = ("{% for message in messages %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_tokenizer(vocab_size: int = 256):
+    """A tiny byte-level BPE trained in-process, as a HF fast tokenizer (BOS <s>, EOS </s>, ChatML)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(["classify the query: yes no apple banana", "is it a fruit? answer yes or no"] * 5,
+                            trainer)
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def make_trainable_checkpoint(folder, family: str = "llama", variant: str = "gqa_untied", seed: int = 0):
+    """A tiny checkpoint with a tokenizer saved beside it (vocab sized to the tokenizer)."""
+    tok = make_tokenizer()
+    kw = dict(VARIANTS[(family, variant)])
+    VARIANTS[(family, variant + "_tok")] = {**kw, "vocab_size": len(tok)}
+    model = make_checkpoint(family, variant + "_tok", folder, seed)
+    tok.save_pretrained(folder)
+    return model, tok
+
+
+FRUITS = ["apple", "banana", "cherry", "grape", "mango", "pear", "plum", "kiwi"]
+THINGS = ["car", "table", "phone", "house", "chair", "road", "pen", "lamp"]
+
+
+def label_examples(n: int, seed: int = 0) -> list[dict]:
+    """Label-style prompt/completion data: 'is X a fruit?' -> yes/no."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        fruit = bool(rng.integers(2))
+        word = rng.choice(FRUITS if fruit else THINGS)
+        out.append({"prompt": f"is {word} a fruit? answer:", "completion": "yes" if fruit else "no"})
+    return out

@@ -176,5 +176,7 @@ def sequence_logprob(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfi
 
 
 def init_state(adapters: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+    """A fresh train state. The adapters are copied: `train_step` donates the state's buffers."""
+    adapters = jax.tree_util.tree_map(jnp.copy, adapters)
     return {"step": jnp.int32(0), "adapters": adapters, "opt_state": tx.init(adapters),
             "rng": jax.random.PRNGKey(seed)}

@@ -1,0 +1,111 @@
+"""Method registry for the CLI: `--method NAME` -> its arguments, its init, and its adapter I/O.
+
+Each entry knows how to add its hyperparameters to an argparse parser, how to build `(method, adapters,
+base)` for a loaded model, and how to save/load its adapter folder. Library users call the method
+modules directly; this file only wires them to the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jpeft.errors import CheckpointError, ConfigError
+
+
+@dataclasses.dataclass
+class Built:
+    """What a method's init returns for training: the method, its adapters, the base to train on and the
+    extra keyword arguments its exporter needs (e.g. PiSSA's initial adapters)."""
+
+    method: Any
+    adapters: dict
+    base: dict
+    export_kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+def _lora_args(p) -> None:
+    g = p.add_argument_group("LoRA (peft names)")
+    g.add_argument("--r", type=int, default=16, help="rank")
+    g.add_argument("--alpha", type=float, default=32.0, help="lora_alpha")
+    g.add_argument("--dropout", type=float, default=0.0, help="lora_dropout")
+    g.add_argument("--target-modules", default="all-linear",
+                   help="'all-linear', a comma list of names (q_proj,v_proj) or a regex")
+    g.add_argument("--use-dora", action="store_true")
+    g.add_argument("--use-rslora", action="store_true")
+    g.add_argument("--init-lora-weights", default="true", choices=["true", "gaussian", "pissa"])
+    g.add_argument("--modules-to-save", default=None, help="comma list, e.g. lm_head")
+
+
+def _targets(spec: str) -> list[str] | str:
+    if spec == "all-linear":
+        return spec
+    if any(c in spec for c in "^$*()[]|\\+?"):
+        return spec  # a regex, matched with re.fullmatch against full module names (peft semantics)
+    return [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def lora_config_from_args(args) -> Any:
+    from jpeft.methods.lora import LoraConfig
+
+    init: Any = True if args.init_lora_weights == "true" else args.init_lora_weights
+    mts = [s for s in args.modules_to_save.split(",") if s] if args.modules_to_save else None
+    return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                      target_modules=_targets(args.target_modules), use_dora=args.use_dora,
+                      use_rslora=args.use_rslora, init_lora_weights=init, modules_to_save=mts)
+
+
+def _lora_build(model, args, rng: jax.Array) -> Built:
+    from jpeft.methods.lora import init_lora
+
+    out = init_lora(model.cfg, model.params, lora_config_from_args(args), rng)
+    if len(out) == 3:  # PiSSA: train on the residual base, export against the original one
+        method, adapters, base = out
+        return Built(method, adapters, base, {"initial_adapters": adapters})
+    method, adapters = out
+    return Built(method, adapters, model.params)
+
+
+def _lora_save(folder: Path, model, built: Built, adapters: dict) -> None:
+    from jpeft.torch_bridge.peft_lora import save_peft_adapter
+
+    save_peft_adapter(folder, model.cfg, built.method, adapters, base_model_name_or_path=None,
+                      **built.export_kwargs)
+
+
+METHODS: dict[str, dict[str, Callable]] = {
+    "lora": {"args": _lora_args, "build": _lora_build, "save": _lora_save},
+}
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def get(name: str) -> dict[str, Callable]:
+    if name not in METHODS:
+        raise ConfigError(f"--method {name!r} is not available; choose one of {', '.join(method_names())}")
+    return METHODS[name]
+
+
+def load_adapter(folder: str | Path, model) -> tuple[Any, dict]:
+    """Read a saved adapter folder (peft format) for `model`: `(method, adapters)`."""
+    folder = Path(folder)
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{folder}: no adapter_config.json; point --adapter at the folder `jpeft train` "
+                              "wrote (OUT/adapter) or a peft adapter folder")
+    try:
+        peft_type = json.loads(cfg_path.read_text()).get("peft_type")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    if peft_type == "LORA":
+        from jpeft.torch_bridge.peft_lora import load_peft_adapter
+
+        return load_peft_adapter(folder, model.cfg, model.params)
+    raise CheckpointError(f"{cfg_path}: peft_type={peft_type!r} cannot be loaded yet; supported: LORA")
