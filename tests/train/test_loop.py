@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tiny import label_examples, make_trainable_checkpoint
 
 import jpeft
 from jpeft.cli import main
@@ -18,6 +17,8 @@ from jpeft.train import loop as loop_mod
 from jpeft.train.data import load_jsonl
 from jpeft.train.loop import TrainConfig, train
 from jpeft.train.step import OptimConfig, batch_nll, build_optimizer, init_state, train_step
+
+from tiny import label_examples, make_trainable_checkpoint
 
 
 @pytest.fixture(scope="module")
