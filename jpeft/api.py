@@ -70,12 +70,16 @@ def load_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
-def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer: bool = True) -> Model:
-    """Load an HF checkpoint folder (safetensors) or a llama-family `.gguf` file into a `Model`."""
+def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer: bool = True, *,
+         allow_torch_bin: bool = False) -> Model:
+    """Load an HF checkpoint folder (safetensors) or a llama-family `.gguf` file into a `Model`.
+
+    `allow_torch_bin=True` also reads pickle-based `pytorch_model.bin` via `torch.load(weights_only=True)`.
+    """
     from jpeft.torch_bridge.hf_load import load_pretrained
 
     path = resolve_model_path(path)
-    cfg, params = load_pretrained(path, resolve_dtype(dtype))
+    cfg, params = load_pretrained(path, resolve_dtype(dtype), allow_torch_bin=allow_torch_bin)
     return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path) if tokenizer else None, path=path)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
-from jpeft.models.config import ModelConfig, from_hf_config
+from jpeft.models.config import SUPPORTED_FAMILIES, ModelConfig, from_hf_config
 
 Getter = Callable[[str], np.ndarray]
 
@@ -57,7 +58,18 @@ def load_hf_config(folder: Path) -> Any:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
     if "model_type" not in raw:
         raise CheckpointError(f"{path}: field 'model_type' is missing; add e.g. \"model_type\": \"llama\"")
-    return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    if raw["model_type"] not in SUPPORTED_FAMILIES:
+        custom = (f" and asks for custom code (auto_map {sorted(raw['auto_map'])}); jpeft never runs code from a "
+                  "checkpoint") if raw.get("auto_map") else ""
+        raise ConfigError(f"{path}: model_type={raw['model_type']!r} is not supported{custom}; supported: "
+                          f"{', '.join(SUPPORTED_FAMILIES)}")
+    if raw.get("auto_map"):
+        warnings.warn(f"{path}: auto_map (custom code) is ignored; using jpeft's own {raw['model_type']} "
+                      "implementation", stacklevel=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "auto_map"})
+    return hf
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
@@ -111,25 +123,52 @@ def build_params(cfg: ModelConfig, get: Getter, dtype: Any) -> dict:
     return params
 
 
-def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], where: Path) -> Getter:
+def expected_hf_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
+    """The torch-layout shape an HF tensor of this config must have (None for names we do not know)."""
+    d, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    outs = {"q_proj": (cfg.q_size, d), "k_proj": (cfg.kv_size, d), "v_proj": (cfg.kv_size, d),
+            "o_proj": (d, cfg.q_size), "gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i)}
+    parts = name.split(".")
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (v, d)
+    if name == "model.norm.weight" or (parts[-1] == "weight" and parts[-2].endswith("layernorm")):
+        return (d,)
+    if parts[-2] in ("q_norm", "k_norm"):
+        return (cfg.head_dim,)
+    if parts[-2] in outs:
+        shape = outs[parts[-2]]
+        return shape if parts[-1] == "weight" else shape[:1]
+    return None
+
+
+def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], where: Path,
+            cfg: ModelConfig | None = None) -> Getter:
     def get(name: str) -> np.ndarray:
         if not has(name):
             raise CheckpointError(f"{where}: tensor {name!r} is missing from the checkpoint; "
                                   "is the config.json from the same model?")
-        return read(name)
+        a = read(name)
+        want = None if cfg is None else expected_hf_shape(cfg, name)
+        if want is not None and tuple(a.shape) != want:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {list(a.shape)} but config.json implies "
+                                  f"{list(want)}; the weights and config.json are from different models")
+        return a
 
     return get
 
 
-def load_pretrained(path: str | Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, dict]:
+def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
+                    allow_torch_bin: bool = False) -> tuple[ModelConfig, dict]:
     """Load an HF checkpoint folder (safetensors, single or sharded) or a llama-family `.gguf` file.
 
-    Returns `(cfg, params)`; params are cast to `dtype` (default fp32).
+    Returns `(cfg, params)`; params are cast to `dtype` (default fp32). Pickle-based `pytorch_model.bin`
+    checkpoints are refused unless `allow_torch_bin=True`, which reads them with
+    `torch.load(weights_only=True)` (needs torch; no arbitrary code is unpickled).
     """
     from jpeft.torch_bridge.safetensors_io import open_checkpoint
 
     path = Path(path)
-    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+    if path.suffix == ".gguf" or _is_gguf(path):
         return _load_gguf(path, dtype)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -138,9 +177,25 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32) -> tuple[ModelCo
         raise ConfigError(f"{path}/config.json has a quantization_config; load it with the QLoRA loader "
                           "(--method qlora) instead")
     cfg = from_hf_config(hf)
+    if allow_torch_bin and not _has_safetensors(path):
+        from jpeft.torch_bridge.torch_bin import open_torch_bin
+
+        tensors = open_torch_bin(path)
+        return cfg, build_params(cfg, _getter(tensors.__getitem__, tensors.__contains__, path, cfg), dtype)
     index = open_checkpoint(path)
-    get = _getter(lambda n: index[n].get(n), index.__contains__, path)
+    get = _getter(lambda n: index[n].get(n), index.__contains__, path, cfg)
     return cfg, build_params(cfg, get, dtype)
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
 
 
 def _load_gguf(path: Path, dtype: Any) -> tuple[ModelConfig, dict]:

@@ -60,6 +60,9 @@ class SafetensorsFile:
         if info["dtype"] not in _DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
+        if self._map is None or self._base + end > self._map.shape[0]:
+            raise CheckpointError(f"{self.path}: tensor {name!r} ends past the end of the file; the file is "
+                                  "truncated (an interrupted download or copy?): fetch it again")
         raw = self._map[self._base + start:self._base + end] if end > start else np.zeros(0, np.uint8)
         return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
@@ -122,8 +125,9 @@ def open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:
     single = folder / "model.safetensors"
     if not single.exists():
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        hint = " (PyTorch .bin checkpoints are not read: they need unpickling; re-save with safetensors)" \
-            if any(n.endswith(".bin") for n in found) else ""
+        hint = (" (pytorch_model.bin is pickle-based and not read by default: pass allow_torch_bin=True / "
+                "--allow-torch-bin to read it with torch.load(weights_only=True), or re-save with safetensors)"
+                if any(n.endswith(".bin") for n in found) else "")
         raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
     f = SafetensorsFile(single)
     return {name: f for name in f.keys()}

@@ -71,7 +71,58 @@ def test_missing_weights_file(tiny_checkpoint, tmp_path):
 def test_pytorch_bin_is_refused_with_hint(tiny_checkpoint, tmp_path):
     dst = _copy(tiny_checkpoint("llama", "gqa_untied")[0], tmp_path)
     (dst / "model.safetensors").rename(dst / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="unpickling"):
+    with pytest.raises(CheckpointError, match="pickle-based"):
+        load_pretrained(dst)
+
+
+def test_torch_bin_loads_only_on_request_with_weights_only(tiny_checkpoint, tmp_path):
+    folder, hf = tiny_checkpoint("qwen2", "bias_tied")
+    dst = _copy(folder, tmp_path)
+    (dst / "model.safetensors").unlink()
+    torch.save({k: v.clone() for k, v in hf.state_dict().items()}, dst / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="allow_torch_bin"):
+        load_pretrained(dst)
+    cfg, params = load_pretrained(dst, allow_torch_bin=True)
+    ids = np.arange(3, 15)[None]
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(forward(params, cfg, jnp.asarray(ids))[0])
+    assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-5
+    # A pickle that carries code is refused by weights_only=True.
+    torch.save({"x": torch.zeros(1), "evil": print}, dst / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_pretrained(dst, allow_torch_bin=True)
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(tiny_checkpoint, tmp_path):
+    folder, hf = tiny_checkpoint("llama", "gqa_untied")
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    sd["model.layers.2.self_attn.k_proj.weight"] = torch.zeros(48, 64)
+    from safetensors.torch import save_file
+
+    dst = _copy(folder, tmp_path)
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"k_proj\.weight.*\[48, 64\].*\[32, 64\]"):
+        load_pretrained(dst)
+
+
+def test_truncated_safetensors(tiny_checkpoint, tmp_path):
+    dst = _copy(tiny_checkpoint("llama", "gqa_untied")[0], tmp_path)
+    data = (dst / "model.safetensors").read_bytes()
+    (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_pretrained(dst)
+
+
+def test_custom_code_checkpoints(tiny_checkpoint, tmp_path):
+    dst = _copy(tiny_checkpoint("llama", "gqa_untied")[0], tmp_path)
+    raw = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**raw, "auto_map": {"AutoModelForCausalLM": "modeling_x.XModel"}}))
+    with pytest.warns(UserWarning, match="auto_map"):
+        load_pretrained(dst)  # a supported family: our own implementation is used, the custom code never runs
+    (dst / "config.json").write_text(json.dumps({**raw, "model_type": "xmodel",
+                                                 "auto_map": {"AutoModelForCausalLM": "modeling_x.XModel"}}))
+    with pytest.raises(ConfigError, match="never runs code from a checkpoint"):
         load_pretrained(dst)
 
 
