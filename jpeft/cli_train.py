@@ -123,6 +123,9 @@ def run_training(args, model, train_ex, eval_ex, out: Path, *, resume: bool) -> 
     from jpeft.methods.registry import get
     from jpeft.train.loop import train
 
+    from jpeft.train.loop import check_writable
+
+    check_writable(out)
     spec = get(args.method)
     built = spec["build"](model, args, jax.random.PRNGKey(args.seed))
     _write_run(out, args, model, built)

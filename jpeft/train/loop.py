@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.api import Model, resolve_dtype
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, JpeftError
 from jpeft.methods.base import Method
 from jpeft.train.checkpoint import restore_latest, save_checkpoint
 from jpeft.train.data import BatchSchedule, pack_examples, pad_examples, tokenize_examples
@@ -28,6 +28,10 @@ from jpeft.train.step import (
     target_bound,
     train_step,
 )
+
+
+class TrainingError(JpeftError):
+    """Training cannot go on (e.g. the loss is no longer finite)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +117,7 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
           progress: bool = True, on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Fine-tune `adapters` of `method` on `train_examples`; writes metrics.jsonl, checkpoints/, loss.png."""
     tc, out = tc.validate(), Path(out_dir)
+    check_writable(out)
     rows = make_rows(model, train_examples, tc)
     eval_rows = make_rows(model, eval_examples, tc) if eval_examples else None
     sched = BatchSchedule(rows, tc.batch_size * tc.grad_accum, tc.seed)
@@ -133,6 +138,11 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
         batch = {k: jnp.asarray(v) for k, v in host.items()}
         state, m = train_step(state, model.params, batch, max_targets=target_bound(host["labels"]), **kw)
         loss = float(m["loss"])
+        if not math.isfinite(loss):
+            bar.close()
+            raise TrainingError(f"the training loss became {loss} at step {step + 1}; training stopped and nothing "
+                                f"was written for this step (the last good checkpoint in {out / 'checkpoints'} and "
+                                "any saved adapter are untouched). Lower --lr, check the data, or use float32")
         tokens += float(m["tokens"])
         tps = tokens / max(time.perf_counter() - t0, 1e-9)
         rec = {"step": step + 1, "loss": loss, "lr": float(lr(step)), "grad_norm": float(m["grad_norm"]),
@@ -151,6 +161,17 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
         log.write({"step": total, **final})
     plot_loss(log.history, out / "loss.png")
     return TrainResult(adapters=state["adapters"], steps=total, history=log.history, eval=final)
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work if `out` cannot be created or written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".jpeft-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise JpeftError(f"--out {out} is not writable ({e.strerror}); choose another folder") from None
 
 
 def _eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, step) -> dict:

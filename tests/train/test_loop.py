@@ -168,3 +168,100 @@ def test_cli_train_errors(ckpt, data, tmp_path, capsys, argv, match):
 def test_cli_bad_adapter_folder(ckpt, tmp_path, capsys):
     assert main(["generate", "--model", str(ckpt[0]), "--adapter", str(tmp_path), "--input-ids", "1,2"]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_unwritable_out_fails_before_work(ckpt, data, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = main(["train", "--model", str(ckpt[0]), "--data", str(data / "train.jsonl"), "--out", str(blocker / "o"),
+               "--steps", "1", "--no-progress"])
+    assert rc == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(ckpt, data, tmp_path, monkeypatch):
+    model = jpeft.load(ckpt[0])
+    method, ad = _lora(model)
+    real = loop_mod.train_step
+    calls = {"n": 0}
+
+    def nan_at_3(*a, **k):
+        state, m = real(*a, **k)
+        calls["n"] += 1
+        return state, ({**m, "loss": jnp.float32(np.nan)} if calls["n"] == 3 else m)
+
+    monkeypatch.setattr(loop_mod, "train_step", nan_at_3)
+    tc = TrainConfig(steps=6, batch_size=2, max_len=32, save_every=2)
+    with pytest.raises(loop_mod.TrainingError, match="became nan at step 3"):
+        train(model, method, ad, load_jsonl(data / "train.jsonl"), [], tc, tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_2"]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_only_adapters_get_gradients_and_lora_runs_unmerged(ckpt):
+    """The train step's jaxpr: gradients exist for adapter leaves only, and no base-sized W + sBA is formed."""
+    model = jpeft.load(ckpt[0])
+    method, ad = _lora(model)
+    tx = build_optimizer(OptimConfig(), 10, (method,))
+    rows = _rows(model)
+    batch = {k: jnp.asarray(v[None, :2]) for k, v in rows.items()}
+    state = init_state(ad, tx, 0)
+    fn = train_step.__wrapped__ if hasattr(train_step, "__wrapped__") else train_step
+    jaxpr = jax.make_jaxpr(lambda s, b, x: fn(s, b, x, cfg=model.cfg, methods=(method,), tx=tx))(
+        state, model.params, batch)
+    new_state = jax.eval_shape(lambda s, b, x: fn(s, b, x, cfg=model.cfg, methods=(method,), tx=tx), state,
+                               model.params, batch)[0]
+    assert jax.tree_util.tree_structure(new_state["adapters"]) == jax.tree_util.tree_structure(ad)
+    kernel_shapes = {tuple(k["kernel"].shape[1:]) for blk in ("self_attn", "mlp")
+                     for k in model.params["layers"][blk].values()}
+    kernel_shapes |= {(s[1], s[0]) for s in kernel_shapes}  # transposed too
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                yield from walk(sub)
+            yield eqn
+
+    formed = [(e.primitive.name, tuple(v.aval.shape)) for e in walk(jaxpr.jaxpr) for v in e.outvars
+              if tuple(getattr(v.aval, "shape", ())) in kernel_shapes and e.primitive.name not in ("transpose",)]
+    assert formed == [], f"base-sized weight arrays formed in the train step: {formed[:5]}"
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(ckpt, data, tmp_path):
+    """A `jpeft train` process killed with SIGKILL mid-run, then resumed, ends where an uninterrupted run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from jpeft.torch_bridge.safetensors_io import SafetensorsFile
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "jpeft.cli", "train", "--model", str(ckpt[0]), "--data",
+                str(data / "train.jsonl"), "--out", str(out), "--steps", "40", "--batch-size", "2", "--max-len", "32",
+                "--lr", "3e-3", "--r", "4", "--dropout", "0.1", "--save-every", "3", "--eval-fraction", "0",
+                "--no-progress", *extra]
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run(cmd(tmp_path / "full"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 10 <= done < 40
+    subprocess.run(cmd(tmp_path / "killed", "--resume"), check=True, env=env, capture_output=True)
+    a = SafetensorsFile(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = SafetensorsFile(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a.keys():
+        np.testing.assert_allclose(b.get(k), a.get(k), rtol=0, atol=1e-6)
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 41))
