@@ -37,7 +37,8 @@ class Model:
 
     @property
     def num_parameters(self) -> int:
-        return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(self.params)))
+        leaves = jax.tree_util.tree_leaves(self.params, is_leaf=lambda x: hasattr(x, "dequantize"))
+        return int(sum(np.prod(x.shape) for x in leaves))  # a 4-bit kernel counts its dense shape
 
 
 def resolve_dtype(dtype: str | Any) -> Any:
@@ -71,15 +72,29 @@ def load_tokenizer(path: Path) -> Any:
 
 
 def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer: bool = True, *,
-         allow_torch_bin: bool = False) -> Model:
+         allow_torch_bin: bool = False, quantize: str | None = None, double_quant: bool = True,
+         blocksize: int = 64, compute_dtype: str | Any = None) -> Model:
     """Load an HF checkpoint folder (safetensors) or a llama-family `.gguf` file into a `Model`.
 
     `allow_torch_bin=True` also reads pickle-based `pytorch_model.bin` via `torch.load(weights_only=True)`.
+    `quantize="nf4"|"fp4"` stores every decoder linear weight 4-bit (bitsandbytes format, `blocksize`
+    elements per scale, `double_quant` to 8-bit-quantize the scales); embeddings, norms and lm_head stay
+    in `dtype`. The 4-bit weights are dequantized to `compute_dtype` (default: `dtype`) for each matmul.
+    Checkpoints saved 4-bit by transformers + bitsandbytes load 4-bit as stored, without `quantize`.
     """
     from jpeft.torch_bridge.hf_load import load_pretrained
 
+    quant = None
+    if quantize is not None:
+        from jpeft.torch_bridge.bnb_checkpoint import QuantSpec
+
+        quant = QuantSpec(quantize, double_quant, blocksize).validate()
     path = resolve_model_path(path)
-    cfg, params = load_pretrained(path, resolve_dtype(dtype), allow_torch_bin=allow_torch_bin)
+    cfg, params = load_pretrained(path, resolve_dtype(dtype), allow_torch_bin=allow_torch_bin, quant=quant)
+    if compute_dtype is not None:
+        from jpeft.quant.kernel import with_compute_dtype
+
+        params = with_compute_dtype(params, resolve_dtype(compute_dtype))
     return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path) if tokenizer else None, path=path)
 
 

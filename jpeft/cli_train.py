@@ -47,6 +47,8 @@ def _add_train_args(p, *, demo: bool = False) -> None:
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_saveable"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--offload-optimizer", action="store_true",
+                   help="keep optimizer state in pinned host memory between steps (where the backend has it)")
     p.add_argument("--no-progress", action="store_true")
     for name in method_names():
         METHODS[name]["args"](p)
@@ -80,7 +82,8 @@ def _train_config(args):
                      weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None)
     return TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        max_len=args.max_len, pack=not args.no_pack, seed=args.seed, eval_every=args.eval_every,
-                       save_every=args.save_every, remat=args.remat, dtype=args.dtype, optim=oc).validate()
+                       save_every=args.save_every, remat=args.remat, dtype=args.dtype, optim=oc,
+                       offload_optimizer=getattr(args, "offload_optimizer", False)).validate()
 
 
 def _split(args, examples):
@@ -149,8 +152,9 @@ def cmd_train(args) -> int:
 
 def _load_for_training(args):
     from jpeft.api import load
+    from jpeft.methods.registry import quant_load_kwargs
 
-    model = load(args.model, args.dtype)
+    model = load(args.model, args.dtype, **quant_load_kwargs(args))
     if model.tokenizer is None:
         raise JpeftError(f"{model.path}: no tokenizer files; training needs the checkpoint's tokenizer")
     return model

@@ -97,15 +97,21 @@ def _stack(get: Getter, names: list[str], transpose: bool, dtype: Any) -> jax.Ar
     return buf
 
 
-def build_params(cfg: ModelConfig, get: Getter, dtype: Any) -> dict:
-    """Assemble the base pytree from HF-named tensors (`get(name)` -> torch-layout array)."""
+def build_params(cfg: ModelConfig, get: Getter, dtype: Any,
+                 kernel: Callable[[list[str]], Any] | None = None) -> dict:
+    """Assemble the base pytree from HF-named tensors (`get(name)` -> torch-layout array).
+
+    `kernel(module_names)` builds one projection's stacked kernel from its per-layer HF module names
+    (default: the dense `[L, in, out]` stack; QLoRA passes a 4-bit one, see `bnb_checkpoint`).
+    """
     np_dtype = jnp.dtype(dtype)
     L = cfg.num_layers
+    kernel = kernel or functools.partial(_dense_kernel, get, np_dtype)
     layers: dict = {n: _stack(get, [f"model.layers.{i}.{n}.weight" for i in range(L)], False, np_dtype)
                     for n in layer_norm_names(cfg)}
     for block, proj, bias in linear_sites(cfg):
         names = [hf_linear_name(i, block, proj) for i in range(L)]
-        site = {"kernel": _stack(get, [n + ".weight" for n in names], True, np_dtype)}
+        site = {"kernel": kernel(names)}
         if bias:
             site["bias"] = _stack(get, [n + ".bias" for n in names], False, np_dtype)
         layers.setdefault(block, {})[proj] = site
@@ -157,25 +163,28 @@ def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], where
     return get
 
 
-def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
-                    allow_torch_bin: bool = False) -> tuple[ModelConfig, dict]:
+def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_bin: bool = False,
+                    quant: Any = None) -> tuple[ModelConfig, dict]:
     """Load an HF checkpoint folder (safetensors, single or sharded) or a llama-family `.gguf` file.
 
     Returns `(cfg, params)`; params are cast to `dtype` (default fp32). Pickle-based `pytorch_model.bin`
     checkpoints are refused unless `allow_torch_bin=True`, which reads them with
     `torch.load(weights_only=True)` (needs torch; no arbitrary code is unpickled).
+
+    `quant` (a `bnb_checkpoint.QuantSpec`) quantizes every decoder linear to 4 bits while loading. A folder
+    whose config.json has a bitsandbytes `quantization_config` is always loaded 4-bit, as stored.
     """
     from jpeft.torch_bridge.safetensors_io import open_checkpoint
 
     path = Path(path)
     if path.suffix == ".gguf" or _is_gguf(path):
-        return _load_gguf(path, dtype)
+        return _load_gguf(path, dtype, quant)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
+    from jpeft.torch_bridge import bnb_checkpoint as bnb
+
     hf = load_hf_config(path)
-    if getattr(hf, "quantization_config", None):
-        raise ConfigError(f"{path}/config.json has a quantization_config; load it with the QLoRA loader "
-                          "(--method qlora) instead")
+    raw_qc = bnb.read_quantization_config(path)
     cfg = from_hf_config(hf)
     if allow_torch_bin and not _has_safetensors(path):
         from jpeft.torch_bridge.torch_bin import open_torch_bin
@@ -184,7 +193,15 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *,
         return cfg, build_params(cfg, _getter(tensors.__getitem__, tensors.__contains__, path, cfg), dtype)
     index = open_checkpoint(path)
     get = _getter(lambda n: index[n].get(n), index.__contains__, path, cfg)
-    return cfg, build_params(cfg, get, dtype)
+    kernel = None if quant is None else bnb.quantizing_kernel(get, quant, dtype)
+    if raw_qc is not None:
+        dense = functools.partial(_dense_kernel, get, jnp.dtype(dtype))
+        kernel = bnb.prequantized_kernel(path, bnb.LazyTensors(index), raw_qc, dense, dtype, quant)
+    return cfg, build_params(cfg, get, dtype, kernel)
+
+
+def _dense_kernel(get: Getter, dtype: Any, names: list[str]) -> jax.Array:
+    return _stack(get, [n + ".weight" for n in names], True, dtype)
 
 
 def _is_gguf(path: Path) -> bool:
@@ -198,7 +215,7 @@ def _has_safetensors(folder: Path) -> bool:
     return (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
 
 
-def _load_gguf(path: Path, dtype: Any) -> tuple[ModelConfig, dict]:
+def _load_gguf(path: Path, dtype: Any, quant: Any = None) -> tuple[ModelConfig, dict]:
     from transformers import AutoConfig
 
     from jpeft.torch_bridge.gguf import iter_gguf_tensors, read_gguf_config
@@ -207,4 +224,10 @@ def _load_gguf(path: Path, dtype: Any) -> tuple[ModelConfig, dict]:
     model_type = raw.pop("model_type")
     cfg = from_hf_config(AutoConfig.for_model(model_type, **raw))
     tensors = dict(iter_gguf_tensors(path))
-    return cfg, build_params(cfg, _getter(tensors.__getitem__, tensors.__contains__, path), dtype)
+    get = _getter(tensors.__getitem__, tensors.__contains__, path)
+    kernel = None
+    if quant is not None:
+        from jpeft.torch_bridge.bnb_checkpoint import quantizing_kernel
+
+        kernel = quantizing_kernel(get, quant, dtype)
+    return cfg, build_params(cfg, get, dtype, kernel)

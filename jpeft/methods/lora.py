@@ -138,10 +138,8 @@ class LoRA(Method):
 
 def dense_kernel(k: Any) -> jax.Array:
     """The `[in, out]` kernel as a dense fp32 array (quantized weights are dequantized)."""
-    if hasattr(k, "matmul"):
-        from jpeft.quant.blockwise import dequantize_4bit
-
-        return dequantize_4bit(k, F32)
+    if hasattr(k, "dequantize"):  # jpeft.quant.kernel.QuantizedKernel: `[L, in, out]` or `[in, out]`
+        return k.dequantize(F32)
     return k.astype(F32)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from jpeft.api import Model, resolve_dtype
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.methods.base import Method
+from jpeft.train import offload
 from jpeft.train.checkpoint import restore_latest, save_checkpoint
 from jpeft.train.data import BatchSchedule, pack_examples, pad_examples, tokenize_examples
 from jpeft.train.evaluate import classification_eval, label_set, mean_loss
@@ -26,7 +27,6 @@ from jpeft.train.step import (
     init_state,
     learning_rate_schedule,
     target_bound,
-    train_step,
 )
 
 
@@ -50,6 +50,7 @@ class TrainConfig:
     remat: str = "none"
     dtype: str = "float32"
     optim: OptimConfig = OptimConfig()
+    offload_optimizer: bool = False  # optimizer state in pinned host memory (jpeft.train.offload)
 
     def validate(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
@@ -127,6 +128,7 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
     if resume and (restored := restore_latest(out / "checkpoints", state)) is not None:
         state = jax.tree_util.tree_map(jnp.asarray, restored)
     start = int(state["step"])
+    state, step_fn = offload.prepare(state, tc.offload_optimizer)
     log = _Log(out / "metrics.jsonl", start)
     lr = learning_rate_schedule(tc.optim, total)
     dtype = resolve_dtype(tc.dtype)
@@ -136,7 +138,7 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
     for step in range(start, total):
         host = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in sched.batch_at(step).items()}
         batch = {k: jnp.asarray(v) for k, v in host.items()}
-        state, m = train_step(state, model.params, batch, max_targets=target_bound(host["labels"]), **kw)
+        state, m = step_fn(state, model.params, batch, max_targets=target_bound(host["labels"]), **kw)
         loss = float(m["loss"])
         if not math.isfinite(loss):
             bar.close()

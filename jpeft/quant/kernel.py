@@ -1,0 +1,133 @@
+"""A frozen 4-bit linear kernel that stands where a dense `[L, in, out]` (or `[in, out]`) kernel would.
+
+The decoder keeps each projection's kernels stacked over layers and slices them per layer under
+`jax.lax.scan`. `QuantizedKernel` wraps a bnb-compatible `QuantizedWeight` whose array leaves carry
+that same leading `L` axis (packed codes `[L, n/2]`, absmax `[L, nblocks]`, nested absmax
+`[L, nblocks/256]`, offset `[L]`), so scan's per-layer slice is again a valid `QuantizedKernel` over a
+plain per-layer `QuantizedWeight` (torch layout `[out, in]`, as bitsandbytes stores it).
+
+`dense()` in the decoder calls `kernel.matmul(x)`; here that is `qmatmul`, which dequantizes inside the
+step and recomputes the dequantization in the backward pass. The weight never receives a gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jpeft.errors import QuantizationError
+from jpeft.quant.blockwise import QuantizedWeight, dequantize_4bit, quantize_4bit
+from jpeft.quant.matmul import qmatmul
+
+
+@struct.dataclass
+class QuantizedKernel:
+    """A 4-bit kernel, stacked over layers (`weight` leaves `[L, ...]`) or for one layer.
+
+    Attributes:
+      weight: the bnb 4-bit weight; `weight.shape` is the per-layer torch shape `[out, in]`.
+      compute_dtype: dtype name the weight is dequantized to for the matmul ("float32", "bfloat16").
+    """
+
+    weight: QuantizedWeight
+    compute_dtype: str = struct.field(pytree_node=False, default="float32")
+
+    @property
+    def stacked(self) -> bool:
+        return self.weight.packed.ndim == 2
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the dense kernel this replaces: `[L, in, out]` stacked, else `[in, out]`."""
+        out_f, in_f = self.weight.shape
+        lead = (self.weight.packed.shape[0],) if self.stacked else ()
+        return lead + (in_f, out_f)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The compute dtype (what a merged dense replacement should be stored as)."""
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all array leaves (packed codes and statistics)."""
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self))
+
+    def __getitem__(self, i: int) -> QuantizedKernel:
+        """Layer `i` of a stacked kernel (a per-layer `QuantizedKernel`)."""
+        if not self.stacked:
+            raise QuantizationError("indexing a per-layer QuantizedKernel; only stacked kernels have layers")
+        return self.replace(weight=jax.tree_util.tree_map(lambda a: a[i], self.weight))
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        """`x [..., in] @ W [in, out] -> [..., out]` in `compute_dtype`, returned in x's dtype."""
+        if self.stacked:
+            raise QuantizationError("matmul on a stacked QuantizedKernel; slice a layer first (the decoder's "
+                                    "scan does this)")
+        return qmatmul(x, self.weight, self.compute_dtype).astype(x.dtype)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The dense kernel `[L, in, out]` (or `[in, out]`) in `dtype` (default: compute dtype).
+
+        Decodes to the weight's original dtype first and then casts, as bitsandbytes'
+        `dequantize_4bit(...).to(dtype)` does.
+        """
+        dt = jnp.dtype(self.compute_dtype if dtype is None else dtype)
+
+        def one(w: QuantizedWeight) -> jax.Array:
+            return dequantize_4bit(w).astype(dt).T
+
+        return jax.vmap(one)(self.weight) if self.stacked else one(self.weight)
+
+
+def stack_weights(weights: Sequence[QuantizedWeight]) -> QuantizedWeight:
+    """Stack per-layer QuantizedWeights (same format and shape) into one with `[L, ...]` leaves."""
+    first = weights[0]
+    meta = (first.quant_type, first.blocksize, first.shape, first.dtype, first.double_quant)
+    for i, w in enumerate(weights):
+        if (w.quant_type, w.blocksize, w.shape, w.dtype, w.double_quant) != meta:
+            raise QuantizationError(
+                f"layer {i}: 4-bit format {w.quant_type}/{w.blocksize}/{list(w.shape)}/{w.dtype}/dq={w.double_quant}"
+                f" differs from layer 0 ({meta}); all layers of one projection must share a format")
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *weights)
+
+
+def quantize_layers(get_layer: Callable[[int], Any], num_layers: int, *, quant_type: str = "nf4",
+                    blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: Any = jnp.float32) -> QuantizedKernel:
+    """Quantize `num_layers` torch-layout `[out, in]` weights (`get_layer(i)`, one at a time) into a
+    stacked kernel, so at most one layer exists in full precision at once."""
+    ws = [quantize_4bit(jnp.asarray(get_layer(i)), quant_type, blocksize, double_quant) for i in range(num_layers)]
+    return QuantizedKernel(stack_weights(ws), jnp.dtype(compute_dtype).name)
+
+
+def quantize_kernel(kernel: jax.Array, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: Any = None) -> QuantizedKernel:
+    """Quantize a dense JAX-layout kernel `[L, in, out]` (or `[in, out]`) as bitsandbytes would the
+    corresponding `nn.Linear` weights `[out, in]`."""
+    cd = kernel.dtype if compute_dtype is None else compute_dtype
+    if kernel.ndim == 2:
+        w = quantize_4bit(kernel.T, quant_type, blocksize, double_quant)
+        return QuantizedKernel(w, jnp.dtype(cd).name)
+    return quantize_layers(lambda i: kernel[i].T, kernel.shape[0], quant_type=quant_type, blocksize=blocksize,
+                           double_quant=double_quant, compute_dtype=cd)
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedKernel)
+
+
+def with_compute_dtype(params: Any, compute_dtype: Any) -> Any:
+    """`params` with every QuantizedKernel's matmul compute dtype set to `compute_dtype` (arrays shared)."""
+    name = jnp.dtype(compute_dtype).name
+    return jax.tree_util.tree_map(lambda x: x.replace(compute_dtype=name) if is_quantized(x) else x, params,
+                                  is_leaf=is_quantized)
