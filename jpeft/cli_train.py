@@ -111,7 +111,7 @@ def _write_run(out: Path, args, model, built) -> None:
 def _count(built, count_trainable) -> int:
     try:
         return int(count_trainable(built.adapters, built.method))
-    except (TypeError, KeyError):
+    except (TypeError, KeyError, AttributeError):  # not a LoRA method: count every leaf
         import jax
         import numpy as np
 

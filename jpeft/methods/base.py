@@ -10,7 +10,13 @@ Sites:
 - `block_out(site, h, tree, ctx)`: the output of the attention (`("self_attn",)`) or MLP (`("mlp",)`)
   sub-block, before the residual add.
 - `kv_prefix(tree, batch, ctx)`: extra (key, value) pairs `[B, P, Hkv, hd]` prepended in every layer.
-- `embed(tree, h, ctx)`: the token embeddings `[B, T, D]`, before the first layer.
+- `embed(tree, h, ctx)`: the token embeddings `[B, T, D]`, before the first layer. A method may return
+  `[B, P + T, D]` (prompt tuning): the model then treats the P new leading entries as real tokens (mask
+  ones, positions 0..P-1, visible to every packed segment) and drops their outputs again. With a KV cache
+  this happens only on the first call (`ctx.decode` is False); later calls must return h unchanged.
+- `prepare(tree, ctx)`: maps the method's trainable tree to the tree the sites read, once per forward
+  (prefix tuning: the flat peft table or its reparameterisation MLP -> per-layer keys/values).
+- `position_offset(tree)`: a static shift of every real token's position (prefix tuning: P).
 
 Besides sites, a method may add a loss term (`loss(tree)`) and optax stages (`optimizer_stages()`).
 """
@@ -30,6 +36,7 @@ class SiteContext:
     train: bool = False
     rng: jax.Array | None = None
     layer: jax.Array | int | None = None
+    decode: bool = False  # a KV cache already holds earlier tokens (and any prepended virtual tokens)
 
 
 class Method:
@@ -53,6 +60,14 @@ class Method:
     def embed(self, tree: Any, h: jax.Array, ctx: SiteContext) -> jax.Array:
         """h `[B, T, D]` -> h `[B, T', D]`."""
         return h
+
+    def prepare(self, tree: Any, ctx: SiteContext) -> Any:
+        """The trainable tree -> the tree the site functions read (identity by default)."""
+        return tree
+
+    def position_offset(self, tree: Any) -> int:
+        """Static shift added to the position of every real token (0 by default)."""
+        return 0
 
     def loss(self, tree: Any) -> jax.Array | float:
         """An extra loss term of the method (AdaLoRA's orthogonality, SoRA's L1); 0 by default."""

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from jpeft.errors import CheckpointError, ConfigError
+from jpeft.methods.registry_small import SMALL_METHODS, load_small_adapter
 
 
 @dataclasses.dataclass
@@ -111,6 +112,7 @@ def _qlora_build(model, args, rng: jax.Array) -> Built:
 METHODS: dict[str, dict[str, Callable]] = {
     "lora": {"args": _lora_args, "build": _lora_build, "save": _lora_save},
     "qlora": {"args": _qlora_args, "build": _qlora_build, "save": _lora_save},
+    **SMALL_METHODS,  # adapter (bottleneck), prefix, prompt, ia3
 }
 
 
@@ -139,4 +141,8 @@ def load_adapter(folder: str | Path, model) -> tuple[Any, dict]:
         from jpeft.torch_bridge.peft_lora import load_peft_adapter
 
         return load_peft_adapter(folder, model.cfg, model.params)
-    raise CheckpointError(f"{cfg_path}: peft_type={peft_type!r} cannot be loaded yet; supported: LORA")
+    loaded = load_small_adapter(folder, json.loads(cfg_path.read_text()), model)
+    if loaded is not None:
+        return loaded
+    raise CheckpointError(f"{cfg_path}: peft_type={peft_type!r} cannot be loaded yet; supported: LORA, "
+                          "PREFIX_TUNING, PROMPT_TUNING, IA3 and jpeft bottleneck-adapter folders")

@@ -55,8 +55,12 @@ def with_overrides(params: dict, adapters: dict | None) -> dict:
     return out
 
 
-def _mask_info(b: int, t: int, attention_mask, positions, segment_ids, cache):
-    """Slots, positions and the layer-independent part of the attention mask `[B, T, S]`."""
+def _mask_info(b: int, t: int, attention_mask, positions, segment_ids, cache, offset: int = 0):
+    """Slots, positions and the layer-independent part of the attention mask `[B, T, S]`.
+
+    `offset` shifts every position (prefix tuning places real tokens after its P virtual ones). A
+    negative segment id marks a key every segment may see (prompt tuning's virtual tokens).
+    """
     q_idx = jnp.arange(t, dtype=jnp.int32)[None, :]
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
     if cache is None:
@@ -72,12 +76,52 @@ def _mask_info(b: int, t: int, attention_mask, positions, segment_ids, cache):
         start = cache["next_pos"]
     if positions is None:  # count real tokens so that left padding does not shift positions
         positions = jnp.maximum(start[:, None] + jnp.cumsum(mask, axis=1) - 1, 0)
+    positions = positions + offset
     allowed = (k_slot[:, None, :] <= q_slot[:, :, None]) & (key_valid[:, None, :] > 0)
     if segment_ids is not None:
         if cache is not None:
             raise ConfigError("segment_ids (packed sequences) cannot be combined with a KV cache")
-        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        allowed = allowed & (same | (segment_ids[:, None, :] < 0))
     return (positions, q_slot, k_slot, allowed, index), key_valid, start + jnp.sum(mask, axis=1)
+
+
+def _extend_for_virtual(n: int, attention_mask: jax.Array, positions, segment_ids, cache):
+    """Make room for `n` virtual tokens prepended by an `embed` hook (prompt tuning).
+
+    They get mask ones, positions 0..n-1 (real positions shift by n), segment id -1 (every packed
+    segment sees them) and n more cache slots. Returns the new (mask, positions, segment_ids, cache).
+    """
+    b = attention_mask.shape[0]
+    attention_mask = jnp.concatenate([jnp.ones((b, n), attention_mask.dtype), attention_mask], axis=1)
+    if positions is not None:
+        virt = jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (b, n))
+        positions = jnp.concatenate([virt, positions + n], axis=1)
+    if segment_ids is not None:
+        segment_ids = jnp.concatenate([jnp.full((b, n), -1, segment_ids.dtype), segment_ids], axis=1)
+    if cache is not None:
+        def grow(x, axis):
+            pad = [(0, 0)] * x.ndim
+            pad[axis] = (0, n)
+            return jnp.pad(x, pad)
+        cache = {**cache, "k": grow(cache["k"], 2), "v": grow(cache["v"], 2), "mask": grow(cache["mask"], 1)}
+    return attention_mask, positions, segment_ids, cache
+
+
+def _embed_inputs(params, cfg, input_ids, adapters, methods, cache, train, dtype):
+    """Embeddings after every method's `embed` hook, the prepared adapter trees and the position offset."""
+    ctx = SiteContext(train=train, decode=cache is not None and "prefilled" in cache)
+    adapters = {**adapters}
+    for m in methods:
+        if m.name in adapters:
+            adapters[m.name] = m.prepare(adapters[m.name], ctx)
+    h = embed(params, cfg, input_ids, dtype)
+    offset = 0
+    for m in methods:
+        if m.name in adapters:
+            h = m.embed(adapters[m.name], h, ctx)
+            offset += m.position_offset(adapters[m.name])
+    return h, adapters, offset
 
 
 def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapters: dict | None = None,
@@ -89,16 +133,19 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapt
 
     input_ids `[B, T]` int; attention_mask `[B, T]` (1 = real token); positions `[B, T]` (default: count
     of real tokens before each one); segment_ids `[B, T]` (packed rows: no attention across segments).
+    Virtual tokens a method prepends (prompt tuning) are run but not returned: the output stays `[B, T, D]`.
     """
     b, t = input_ids.shape
-    adapters = adapters or {}
     params = with_overrides(params, adapters)
-    ctx0 = SiteContext(train=train)
-    h = embed(params, cfg, input_ids, dtype)
-    for m in methods:
-        if m.name in adapters:
-            h = m.embed(adapters[m.name], h, ctx0)
-    mask_info, key_valid, next_pos = _mask_info(b, t, attention_mask, positions, segment_ids, cache)
+    h, adapters, offset = _embed_inputs(params, cfg, input_ids, adapters or {}, methods, cache, train, dtype)
+    extra = h.shape[1] - t
+    if extra:
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        attention_mask, positions, segment_ids, cache = _extend_for_virtual(extra, attention_mask, positions,
+                                                                            segment_ids, cache)
+    mask_info, key_valid, next_pos = _mask_info(b, t + extra, attention_mask, positions, segment_ids, cache,
+                                                offset)
     layer_ad = {k: v["layers"] for k, v in adapters.items() if isinstance(v, dict) and "layers" in v}
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
     kv = None if cache is None else (cache["k"], cache["v"])
@@ -112,11 +159,11 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapt
 
     xs = (params["layers"], layer_ad, windows, jnp.arange(cfg.num_layers), kv)
     h, new_kv = jax.lax.scan(_remat(body, remat), h, xs)
-    h = rms_norm(h, params["norm"], cfg.rms_norm_eps, cfg.norm_offset)
+    h = rms_norm(h[:, extra:], params["norm"], cfg.rms_norm_eps, cfg.norm_offset)
     new_cache = None
     if cache is not None:
-        new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": key_valid, "index": cache["index"] + t,
-                     "next_pos": next_pos}
+        new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": key_valid, "index": cache["index"] + t + extra,
+                     "next_pos": next_pos, "prefilled": jnp.bool_(True)}
     return h, new_cache
 
 

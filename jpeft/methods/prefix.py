@@ -1,0 +1,151 @@
+"""Prefix tuning (Li & Liang 2021, arXiv:2101.00190), peft-compatible (`PREFIX_TUNING`, `CAUSAL_LM`).
+
+Every attention layer gets P trainable keys and values that every query may attend to. They are used
+as already-rotated keys (no RoPE), and real tokens are positioned after them at P, P+1, ... exactly as
+peft does. Under GQA the prefix has the KV heads' width: `token_dim = num_kv_heads · head_dim`.
+
+The trainable tree `adapters["prefix"]` is either peft's flat table
+
+    {"prompt_embeddings": [P, L·2·token_dim]}        rows laid out [L0.K | L0.V | L1.K | ...], (kv_head, hd)
+
+or, with `prefix_projection=True` (the reparameterisation MLP, training only),
+
+    {"embedding": [P, token_dim], "transform_0": {"kernel": [token_dim, E], "bias": [E]},
+     "transform_2": {"kernel": [E, L·2·token_dim], "bias": [L·2·token_dim]}}
+
+`PrefixTuning.prepare` turns either into per-layer `{"layers": {"prefix": {"key", "value": [L, P, K, hd]}}}`
+for the decoder's scan. Export always writes the (projected) flat table, as peft does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jpeft.errors import ConfigError
+from jpeft.methods.base import Method, SiteContext
+from jpeft.models.config import ModelConfig
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTuningConfig:
+    """peft's `PrefixTuningConfig` fields that matter for a decoder LM (`token_dim` etc. follow the model)."""
+
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None  # the MLP's hidden width (peft: None means token_dim)
+    init_weights: str | None = None  # None: N(0, 1) like torch's Embedding; "zero": all zeros
+
+
+def check_num_virtual_tokens(n: Any, where: str = "num_virtual_tokens") -> int:
+    """`n` as a positive int, or a ConfigError naming `where`."""
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"{where}={n!r}: the number of virtual tokens must be a positive integer, e.g. 20")
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTuning(Method):
+    """The prefix site function. Static: P, the model's L / KV heads / head_dim, and the MLP flag."""
+
+    name: ClassVar[str] = "prefix"
+    num_virtual_tokens: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+
+    @property
+    def token_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def width(self) -> int:
+        """Columns of peft's `prompt_embeddings`: `L · 2 · token_dim`."""
+        return self.num_layers * 2 * self.token_dim
+
+    def table(self, tree: dict) -> jax.Array:
+        """peft's flat prefix `[P, L·2·token_dim]` (the MLP run when reparameterised)."""
+        if "prompt_embeddings" in tree:
+            return tree["prompt_embeddings"]
+        x = tree["embedding"].astype(F32)
+        t0, t2 = tree["transform_0"], tree["transform_2"]
+        hidden = jnp.tanh(x @ t0["kernel"].astype(F32) + t0["bias"].astype(F32))
+        return hidden @ t2["kernel"].astype(F32) + t2["bias"].astype(F32)
+
+    def prepare(self, tree: dict, ctx: SiteContext) -> dict:
+        """`[P, L·2·K·hd]` -> per-layer keys and values `[L, P, K, hd]` (peft's `view` + `permute`)."""
+        kv = self.table(tree).reshape(self.num_virtual_tokens, self.num_layers, 2, self.num_kv_heads, self.head_dim)
+        kv = jnp.moveaxis(kv, 1, 0)  # [L, P, 2, K, hd]
+        return {"layers": {"prefix": {"key": kv[:, :, 0], "value": kv[:, :, 1]}}}
+
+    def kv_prefix(self, tree: dict, batch: int, ctx: SiteContext) -> tuple[jax.Array, jax.Array]:
+        """This layer's prefix keys and values `[B, P, K, hd]` (the same for every row)."""
+        k, v = tree["key"], tree["value"]
+        return jnp.broadcast_to(k, (batch,) + k.shape), jnp.broadcast_to(v, (batch,) + v.shape)
+
+    def position_offset(self, tree: Any) -> int:
+        return self.num_virtual_tokens
+
+
+def resolve(cfg: ModelConfig, pc: PrefixTuningConfig) -> PrefixTuning:
+    """The static method object for `pc` on this model (peft's GQA rule: token_dim = kv_heads · head_dim)."""
+    check_num_virtual_tokens(pc.num_virtual_tokens, "PrefixTuningConfig.num_virtual_tokens")
+    if pc.init_weights not in (None, "zero"):
+        raise ConfigError(f"PrefixTuningConfig.init_weights={pc.init_weights!r}: use None or 'zero'")
+    eh = pc.encoder_hidden_size
+    if pc.prefix_projection and eh is not None and (not isinstance(eh, int) or eh <= 0):
+        raise ConfigError(f"PrefixTuningConfig.encoder_hidden_size={eh!r} must be a positive integer or None")
+    return PrefixTuning(num_virtual_tokens=pc.num_virtual_tokens, num_layers=cfg.num_layers,
+                        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                        prefix_projection=pc.prefix_projection,
+                        encoder_hidden_size=(eh or cfg.num_kv_heads * cfg.head_dim) if pc.prefix_projection else None)
+
+
+def _torch_linear(key: jax.Array, d_in: int, d_out: int, zero: bool = False) -> dict:
+    """nn.Linear's default init (kaiming_uniform(a=√5) == U(±1/√in), bias U(±1/√in)), JAX layout."""
+    if zero:
+        return {"kernel": jnp.zeros((d_in, d_out), F32), "bias": jnp.zeros((d_out,), F32)}
+    kk, kb = jax.random.split(key)
+    bound = 1.0 / math.sqrt(d_in)
+    return {"kernel": jax.random.uniform(kk, (d_in, d_out), F32, -bound, bound),
+            "bias": jax.random.uniform(kb, (d_out,), F32, -bound, bound)}
+
+
+def init_prefix(cfg: ModelConfig, pc: PrefixTuningConfig, rng: jax.Array) -> tuple[PrefixTuning, dict]:
+    """`(method, {"prefix": tree})`, initialised as peft's PrefixEncoder (N(0,1) embeddings, torch Linears)."""
+    method = resolve(cfg, pc)
+    p, zero = method.num_virtual_tokens, pc.init_weights == "zero"
+    ke, k0, k2 = jax.random.split(rng, 3)
+    if not method.prefix_projection:
+        table = jnp.zeros((p, method.width), F32) if zero else jax.random.normal(ke, (p, method.width), F32)
+        return method, {"prefix": {"prompt_embeddings": table}}
+    eh = method.encoder_hidden_size
+    tree = {"embedding": jax.random.normal(ke, (p, method.token_dim), F32),
+            "transform_0": _torch_linear(k0, method.token_dim, eh),
+            "transform_2": _torch_linear(k2, eh, method.width, zero)}
+    return method, {"prefix": tree}
+
+
+def flat_method(method: PrefixTuning) -> PrefixTuning:
+    """The same prefix without the MLP (what an exported, reloaded adapter is)."""
+    return dataclasses.replace(method, prefix_projection=False, encoder_hidden_size=None)
+
+
+def export_tree(method: PrefixTuning, adapters: dict) -> dict:
+    """The flat `{"prompt_embeddings": [P, L·2·token_dim]}` tree of a trained adapter (MLP evaluated)."""
+    tree = adapters.get("prefix", adapters)
+    return {"prompt_embeddings": jnp.asarray(method.table(tree), F32)}
+
+
+def count_trainable(adapters: dict, method: PrefixTuning | None = None) -> int:
+    """Number of trainable values (the MLP's too when reparameterised)."""
+    tree = adapters.get("prefix", adapters)
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
