@@ -135,7 +135,10 @@ def run_training(args, model, train_ex, eval_ex, out: Path, *, resume: bool) -> 
     base_model = Model(cfg=model.cfg, params=built.base, tokenizer=model.tokenizer, path=model.path)
     res = train(base_model, built.method, built.adapters, train_ex, eval_ex, _train_config(args), out, resume=resume,
                 progress=not args.no_progress)
-    spec["save"](out / "adapter", model, built, res.adapters)
+    if "finish" in spec:  # rank-adaptive methods: export from the final state, report the ranks
+        spec["finish"](out, model, built, res)
+    else:
+        spec["save"](out / "adapter", model, built, res.adapters)
     return res.eval
 
 

@@ -18,7 +18,8 @@ Sites:
   (prefix tuning: the flat peft table or its reparameterisation MLP -> per-layer keys/values).
 - `position_offset(tree)`: a static shift of every real token's position (prefix tuning: P).
 
-Besides sites, a method may add a loss term (`loss(tree)`) and optax stages (`optimizer_stages()`).
+Besides sites, a method may add a loss term (`loss(tree)`), optax stages (`optimizer_stages()`) and wrap
+the base optimizer (`wrap_optimizer(tx, learning_rate)`, e.g. AdaLoRA's allocator or SoRA's proximal step).
 """
 
 from __future__ import annotations
@@ -74,5 +75,10 @@ class Method:
         return 0.0
 
     def optimizer_stages(self) -> tuple:
-        """optax transforms the method appends after the base optimizer (SoRA's proximal step)."""
+        """optax transforms the method appends after the base optimizer."""
         return ()
+
+    def wrap_optimizer(self, tx: Any, learning_rate: Any) -> Any:
+        """Wrap the base optimizer `tx` (AdamW, after gradient clipping); `learning_rate` is its schedule.
+        Identity by default; AdaLoRA wraps it with its rank allocator, SoRA chains its proximal step."""
+        return tx

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from jpeft.errors import CheckpointError, ConfigError
+from jpeft.methods.registry_adaptive import ADAPTIVE_METHODS, load_adaptive_adapter
 from jpeft.methods.registry_small import SMALL_METHODS, load_small_adapter
 
 
@@ -113,6 +114,7 @@ METHODS: dict[str, dict[str, Callable]] = {
     "lora": {"args": _lora_args, "build": _lora_build, "save": _lora_save},
     "qlora": {"args": _qlora_args, "build": _qlora_build, "save": _lora_save},
     **SMALL_METHODS,  # adapter (bottleneck), prefix, prompt, ia3
+    **ADAPTIVE_METHODS,  # adalora, sora
 }
 
 
@@ -141,8 +143,9 @@ def load_adapter(folder: str | Path, model) -> tuple[Any, dict]:
         from jpeft.torch_bridge.peft_lora import load_peft_adapter
 
         return load_peft_adapter(folder, model.cfg, model.params)
-    loaded = load_small_adapter(folder, json.loads(cfg_path.read_text()), model)
+    raw = json.loads(cfg_path.read_text())
+    loaded = load_small_adapter(folder, raw, model) or load_adaptive_adapter(folder, raw, model)
     if loaded is not None:
         return loaded
-    raise CheckpointError(f"{cfg_path}: peft_type={peft_type!r} cannot be loaded yet; supported: LORA, "
+    raise CheckpointError(f"{cfg_path}: peft_type={peft_type!r} cannot be loaded yet; supported: LORA, ADALORA, "
                           "PREFIX_TUNING, PROMPT_TUNING, IA3 and jpeft bottleneck-adapter folders")

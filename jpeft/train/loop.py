@@ -71,6 +71,7 @@ class TrainResult:
     steps: int
     history: list[dict]
     eval: dict
+    opt_state: Any = None  # the final optimizer state (AdaLoRA's rank masks live there)
 
 
 def make_rows(model: Model, examples: Sequence[dict], tc: TrainConfig) -> dict[str, np.ndarray]:
@@ -162,7 +163,8 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
     if final:
         log.write({"step": total, **final})
     plot_loss(log.history, out / "loss.png")
-    return TrainResult(adapters=state["adapters"], steps=total, history=log.history, eval=final)
+    return TrainResult(adapters=state["adapters"], steps=total, history=log.history, eval=final,
+                       opt_state=state["opt_state"])
 
 
 def check_writable(out: Path) -> None:

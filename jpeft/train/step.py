@@ -63,11 +63,14 @@ def learning_rate_schedule(oc: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def build_optimizer(oc: OptimConfig, total_steps: int, methods: Sequence[Method] = ()) -> optax.GradientTransformation:
-    """clip -> AdamW(schedule) -> each method's own stages (e.g. SoRA's proximal step)."""
+    """clip -> AdamW(schedule), wrapped by each method (`wrap_optimizer`) -> each method's own stages."""
     oc = oc.validate()
     stages = [optax.clip_by_global_norm(oc.max_grad_norm)] if oc.max_grad_norm else []
-    stages.append(optax.adamw(learning_rate_schedule(oc, total_steps), b1=oc.b1, b2=oc.b2, eps=oc.eps,
-                              weight_decay=oc.weight_decay))
+    lr = learning_rate_schedule(oc, total_steps)
+    opt = optax.adamw(lr, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay)
+    for m in methods:
+        opt = m.wrap_optimizer(opt, lr)
+    stages.append(opt)
     for m in methods:
         stages.extend(m.optimizer_stages())
     return optax.chain(*stages)
