@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -274,16 +274,28 @@ def iter_gguf_tensors(path: str | os.PathLike, dtype: Any = np.float32) -> Itera
         CheckpointError: the file is missing, not GGUF, of an unsupported architecture, holds an
             unsupported tensor type, or a tensor with no HF llama counterpart.
     """
+    get, names = gguf_tensor_getter(path, dtype)
+    for name in names:
+        yield name, get(name)
+
+
+def gguf_tensor_getter(path: str | os.PathLike, dtype: Any = np.float32
+                       ) -> tuple[Callable[[str], np.ndarray], list[str]]:
+    """Random access to the tensors of :func:`iter_gguf_tensors`: ``(get(hf_name) -> array, hf_names)``.
+
+    Each ``get`` dequantizes one tensor from the memory map, so a loader can assemble stacked
+    parameters without holding the whole dequantized model in host memory.
+    """
     path, reader = _open(path)
     arch = _check_architecture(path, reader)
     _check_tensor_types(path, reader)
     n_head = int(_field(reader, f"{arch}.attention.head_count"))
     n_kv_head = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
     dequantize = _gguf_module().quants.dequantize
-    for tensor in reader.tensors:
-        name = _hf_name(path, tensor.name)
-        if name is None:
-            continue
+    by_name = {hf: t for t in reader.tensors if (hf := _hf_name(path, t.name)) is not None}
+
+    def get(name: str) -> np.ndarray:
+        tensor = by_name[name]
         weights = dequantize(tensor.data, tensor.tensor_type)
         if arch == "llama" and ".attn_q." in tensor.name:  # llama.cpp permutes only llama's q/k
             weights = _unpermute(weights, n_head)
@@ -292,7 +304,9 @@ def iter_gguf_tensors(path: str | os.PathLike, dtype: Any = np.float32) -> Itera
         out = weights.astype(dtype, copy=False)
         if isinstance(out, np.memmap) or np.shares_memory(out, tensor.data) or not out.flags.writeable:
             out = np.array(out, copy=True, subok=False)  # F32 tensors come back as views of the map
-        yield name, out
+        return out
+
+    return get, list(by_name)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike) -> Any:
