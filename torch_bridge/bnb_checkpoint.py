@@ -160,10 +160,11 @@ def quantized_hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> dict[str
 
 
 def _first_kernel(params: dict) -> QuantizedKernel:
-    for block in params["layers"].values():
-        for site in block.values():
-            if isinstance(site, dict) and isinstance(site.get("kernel"), QuantizedKernel):
-                return site["kernel"]
+    import jax
+
+    for leaf in jax.tree_util.tree_leaves(params["layers"], is_leaf=lambda x: isinstance(x, QuantizedKernel)):
+        if isinstance(leaf, QuantizedKernel):
+            return leaf
     raise CheckpointError("the base has no 4-bit kernels; load it with quantize='nf4' before saving it 4-bit")
 
 

@@ -314,6 +314,7 @@ def save_merged(folder: str | os.PathLike, cfg: ModelConfig, params: dict, metho
         conf = json.loads((tmp / "config.json").read_text())
         conf["dtype"] = dtype_name
         conf.pop("torch_dtype", None)
+        conf.pop("quantization_config", None)  # the merged weights are dense, even from a 4-bit base
         (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         if src.is_file():
