@@ -45,7 +45,8 @@ def _add_train_args(p, *, demo: bool = False) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_saveable"])
+    p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_saveable"],
+                   help="rematerialisation policy of the layer scan (default full: recompute in backward)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--offload-optimizer", action="store_true",
                    help="keep optimizer state in pinned host memory between steps (where the backend has it)")
@@ -124,9 +125,7 @@ def run_training(args, model, train_ex, eval_ex, out: Path, *, resume: bool) -> 
 
     from jpeft.api import Model
     from jpeft.methods.registry import get
-    from jpeft.train.loop import train
-
-    from jpeft.train.loop import check_writable
+    from jpeft.train.loop import check_writable, train
 
     check_writable(out)
     spec = get(args.method)

@@ -218,13 +218,13 @@ def _has_safetensors(folder: Path) -> bool:
 def _load_gguf(path: Path, dtype: Any, quant: Any = None) -> tuple[ModelConfig, dict]:
     from transformers import AutoConfig
 
-    from jpeft.torch_bridge.gguf import iter_gguf_tensors, read_gguf_config
+    from jpeft.torch_bridge.gguf import gguf_tensor_getter, read_gguf_config
 
     raw = dict(read_gguf_config(path))
     model_type = raw.pop("model_type")
     cfg = from_hf_config(AutoConfig.for_model(model_type, **raw))
-    tensors = dict(iter_gguf_tensors(path))
-    get = _getter(tensors.__getitem__, tensors.__contains__, path)
+    read, names = gguf_tensor_getter(path)  # dequantizes one tensor at a time from the memory map
+    get = _getter(read, set(names).__contains__, path, cfg)
     kernel = None
     if quant is not None:
         from jpeft.torch_bridge.bnb_checkpoint import quantizing_kernel
