@@ -14,6 +14,7 @@ import jpeft
 from jpeft.cli import main
 from jpeft.methods.lora import LoraConfig, init_lora
 from jpeft.train import loop as loop_mod
+from jpeft.train import offload as offload_mod
 from jpeft.train.data import load_jsonl
 from jpeft.train.loop import TrainConfig, train
 from jpeft.train.step import OptimConfig, batch_nll, build_optimizer, init_state, train_step
@@ -88,7 +89,7 @@ def test_resume_continues_exactly(ckpt, data, tmp_path, monkeypatch):
     ref = train(model, method, ad, train_ex, eval_ex, tc, tmp_path / "a", progress=False)
 
     calls = {"n": 0}
-    real = loop_mod.train_step
+    real = offload_mod.train_step  # the step function the loop uses (via offload.prepare)
 
     def crashing(*a, **k):
         calls["n"] += 1
@@ -96,10 +97,10 @@ def test_resume_continues_exactly(ckpt, data, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(loop_mod, "train_step", crashing)
+    monkeypatch.setattr(offload_mod, "train_step", crashing)
     with pytest.raises(KeyboardInterrupt):
         train(model, method, ad, train_ex, eval_ex, tc, tmp_path / "b", progress=False)
-    monkeypatch.setattr(loop_mod, "train_step", real)
+    monkeypatch.setattr(offload_mod, "train_step", real)
     res = train(model, method, ad, train_ex, eval_ex, tc, tmp_path / "b", resume=True, progress=False)
     for a, b in zip(jax.tree_util.tree_leaves(ref.adapters), jax.tree_util.tree_leaves(res.adapters)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -182,7 +183,7 @@ def test_unwritable_out_fails_before_work(ckpt, data, tmp_path, capsys):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(ckpt, data, tmp_path, monkeypatch):
     model = jpeft.load(ckpt[0])
     method, ad = _lora(model)
-    real = loop_mod.train_step
+    real = offload_mod.train_step
     calls = {"n": 0}
 
     def nan_at_3(*a, **k):
@@ -190,7 +191,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(ckpt, data, tmp_path, mon
         calls["n"] += 1
         return state, ({**m, "loss": jnp.float32(np.nan)} if calls["n"] == 3 else m)
 
-    monkeypatch.setattr(loop_mod, "train_step", nan_at_3)
+    monkeypatch.setattr(offload_mod, "train_step", nan_at_3)
     tc = TrainConfig(steps=6, batch_size=2, max_len=32, save_every=2)
     with pytest.raises(loop_mod.TrainingError, match="became nan at step 3"):
         train(model, method, ad, load_jsonl(data / "train.jsonl"), [], tc, tmp_path, progress=False)
