@@ -107,17 +107,12 @@ class AdaLoRA(Method):
     def wrap_optimizer(self, tx, learning_rate=None):
         return with_adalora(tx, self.alloc)
 
-    def count_trainable(self, adapters: dict) -> int:
-        """Trainable parameters: r·(in + out + 1) per module."""
-        return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(adapters.get("adalora", adapters))))
-
 
 def init_adalora(cfg: ModelConfig, params: dict, ac: AdaLoraConfig, rng: jax.Array) -> tuple[AdaLoRA, dict]:
     """`(method, {"adalora": tree})`: peft targeting, E = 0, A and B ~ N(0, 0.02) (see module docstring)."""
     alloc = ac.allocator()
-    if not ac.lora_alpha == ac.lora_alpha or not 0.0 <= ac.lora_dropout < 1.0:
-        raise ConfigError(f"AdaLoraConfig: lora_alpha={ac.lora_alpha!r}, lora_dropout={ac.lora_dropout!r}; "
-                          "alpha must be a number, dropout in [0, 1)")
+    if not 0.0 <= ac.lora_dropout < 1.0:
+        raise ConfigError(f"AdaLoraConfig.lora_dropout={ac.lora_dropout!r}: must be in [0, 1)")
     lc = LoraConfig(r=ac.init_r, lora_alpha=ac.lora_alpha, target_modules=ac.target_modules,
                     exclude_modules=ac.exclude_modules)
     sites = full_layer_sites(cfg, lc, "AdaLoRA")

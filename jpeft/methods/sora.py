@@ -199,8 +199,3 @@ def save_sora_as_lora(folder: str | os.PathLike, cfg: ModelConfig, method: SoRA,
 
     lora, ad = prune(method, adapters)
     return save_peft_adapter(folder, cfg, lora, ad, base_model_name_or_path=base_model_name_or_path)
-
-
-def count_trainable(method: SoRA, adapters: dict) -> int:
-    """Parameters trained: r·(in + out + 1) per module (gates included)."""
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(_tree(adapters))))
