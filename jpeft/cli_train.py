@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from importlib import resources
@@ -73,6 +74,11 @@ def add_train_commands(sub) -> None:
     p.add_argument("--adapter", required=True)
     p.add_argument("--merged", required=True, help="output folder of the merged transformers checkpoint")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quantize", default=None, choices=["nf4", "fp4"],
+                   help="merge into the 4-bit base a QLoRA adapter was trained on (re-quantized as in training, then "
+                        "dequantized); 4-bit checkpoints are always merged dequantized")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--blocksize", type=int, default=64)
 
 
 def _train_config(args):
@@ -194,10 +200,10 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from jpeft.api import load
-    from jpeft.methods.registry import load_adapter
+    from jpeft.methods.registry import load_adapter, quant_load_kwargs
     from jpeft.torch_bridge.peft_lora import save_merged
 
-    model = load(args.model, "float32", tokenizer=False)
+    model = load(args.model, "float32", tokenizer=False, **quant_load_kwargs(args))
     method, adapters = load_adapter(args.adapter, model)
     save_merged(args.merged, model.cfg, model.params, method, adapters, model.path, dtype=args.dtype)
     print(f"merged checkpoint written to {args.merged}")
