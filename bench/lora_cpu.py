@@ -89,7 +89,8 @@ def main() -> None:
     j = run(JPEFT, args.steps)
     t = run(TORCH, args.steps)
     print(f"jpeft        {j['tok_s']:8.1f} tok/s   peak RSS {j['peak_rss_mb']:8.0f} MB")
-    print(f"torch+peft   {t['tok_s']:8.1f} tok/s   peak RSS {t['peak_rss_mb']:8.0f} MB   (torch threads {t['threads']})")
+    print(f"torch+peft   {t['tok_s']:8.1f} tok/s   peak RSS {t['peak_rss_mb']:8.0f} MB   "
+          f"(torch threads {t['threads']})")
     print(f"ratios jpeft/torch+peft: throughput {j['tok_s'] / t['tok_s']:.2f}x, "
           f"peak RSS {j['peak_rss_mb'] / t['peak_rss_mb']:.2f}x")
 

@@ -313,12 +313,8 @@ def test_merged_from_gguf_source(tmp_path):
 
     import jpeft
     from jpeft.assets import default_model_path
-    from jpeft.errors import JpeftError
 
-    try:
-        gguf = default_model_path()
-    except JpeftError as err:
-        pytest.skip(str(err))
+    gguf = default_model_path()
     model = jpeft.load(gguf)
     method, ad = init_lora(model.cfg, model.params, LoraConfig(r=4, init_lora_weights=False), jax.random.PRNGKey(0))
     out = save_merged(tmp_path / "merged", model.cfg, model.params, method, ad, gguf, "float32")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch  # noqa: E402
 
 from jpeft.errors import ConfigError
 from jpeft.optim.adalora import (
@@ -19,10 +20,6 @@ from jpeft.optim.adalora import (
     find_adalora_state,
     with_adalora,
 )
-
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 INIT_R, TARGET_R, TINIT, TFINAL, DELTA_T, TOTAL = 4, 2, 5, 8, 3, 40
 N_STEPS = 42  # warm-up 0..5, cubic 6..31 (mask on multiples of 3), finalize 32, final phase 33..41

