@@ -77,12 +77,14 @@ def _assert_tensors_match(ours: dict, theirs: dict, tied: bool) -> None:
 # ---------------------------------------------------------------------------------------------- real file
 
 
+@pytest.mark.slow  # loads the real 135M model through transformers' GGUF reader
 def test_smollm2_config_matches_transformers(smol_path):
     ours = read_gguf_config(smol_path)
     assert ours["tie_word_embeddings"] is True and ours["rope_parameters"]["rope_theta"] == 100000.0
     _assert_config_matches(ours, smol_path.parent, smol_path.name)
 
 
+@pytest.mark.slow  # loads the real 135M model through transformers' GGUF reader
 def test_smollm2_tensors_equal_transformers_state_dict(smol_path, hf_state_dict):
     start = time.perf_counter()
     ours = dict(iter_gguf_tensors(smol_path))
@@ -91,6 +93,7 @@ def test_smollm2_tensors_equal_transformers_state_dict(smol_path, hf_state_dict)
     assert ours["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)  # torch [out, in]
 
 
+@pytest.mark.slow  # loads the real 135M model through transformers' GGUF reader
 def test_smollm2_tokenizer_matches_transformers(smol_path):
     ours = load_gguf_tokenizer(smol_path)
     theirs = transformers.AutoTokenizer.from_pretrained(smol_path.parent, gguf_file=smol_path.name)

@@ -228,6 +228,7 @@ def test_only_adapters_get_gradients_and_lora_runs_unmerged(ckpt):
     assert formed == [], f"base-sized weight arrays formed in the train step: {formed[:5]}"
 
 
+@pytest.mark.slow  # three jpeft train subprocesses (~1 min); the in-process resume test stays in the default run
 def test_resume_after_sigkill_matches_uninterrupted_run(ckpt, data, tmp_path):
     """A `jpeft train` process killed with SIGKILL mid-run, then resumed, ends where an uninterrupted run ends."""
     import os
