@@ -47,6 +47,18 @@ def _rows(model, n=8, max_len=32):
     return loop_mod.make_rows(model, label_examples(n), tc)
 
 
+def test_training_learns_eval_loss_falls_by_a_clear_margin(tmp_path):
+    folder = tmp_path / "m"
+    make_trainable_checkpoint(folder, initializer_range=0.2)
+    model = jpeft.load(folder)
+    method, ad = _lora(model)
+    train_ex, eval_ex = label_examples(48, 0), label_examples(16, 1)
+    tc = TrainConfig(steps=24, batch_size=2, max_len=32, optim=OptimConfig(lr=3e-2))
+    before = loop_mod.evaluate(model, method, ad, eval_ex, tc, loop_mod.make_rows(model, eval_ex, tc))["eval_loss"]
+    res = train(model, method, ad, train_ex, eval_ex, tc, tmp_path / "out", progress=False)
+    assert res.eval["eval_loss"] < 0.25 * before, (before, res.eval["eval_loss"])
+
+
 def test_gradient_accumulation_equals_one_big_batch(ckpt):
     model = jpeft.load(ckpt[0])
     method, ad = _lora(model)
