@@ -18,7 +18,7 @@ from jpeft.errors import CheckpointError, ConfigError
 from jpeft.methods.ia3 import IA3, IA3Config, resolve, site_width
 from jpeft.models.config import ModelConfig
 from jpeft.torch_bridge.hf_load import hf_linear_name
-from jpeft.torch_bridge.peft_lora import PREFIX, atomic_folder
+from jpeft.torch_bridge.peft_lora import PREFIX, atomic_folder, read_adapter_config
 from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
 
 PEFT_VERSION = "0.21.2"
@@ -52,15 +52,7 @@ def save_peft_ia3(folder: str | os.PathLike, cfg: ModelConfig, method: IA3, adap
 
 
 def _read_config(folder: Path) -> dict:
-    path = folder / "adapter_config.json"
-    if not path.exists():
-        raise CheckpointError(f"{folder}: no adapter_config.json; is this a peft adapter folder?")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-    if raw.get("peft_type") != "IA3":
-        raise CheckpointError(f"{path}: peft_type={raw.get('peft_type')!r}, but this loader reads IA3")
+    path, raw = read_adapter_config(folder, "IA3")
     if raw.get("modules_to_save"):
         raise CheckpointError(f"{path}: modules_to_save={raw['modules_to_save']!r} is not supported with IA3")
     return raw

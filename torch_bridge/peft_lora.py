@@ -161,7 +161,13 @@ def save_peft_adapter(folder: str | os.PathLike, cfg: ModelConfig, method: LoRA,
     return Path(folder)
 
 
-def _read_config(folder: Path) -> dict:
+LOADERS = {"LORA": "the LoRA/DoRA loader", "ADALORA": "the AdaLoRA loader", "PREFIX_TUNING": "the prefix-tuning loader",
+           "PROMPT_TUNING": "the prompt-tuning loader", "IA3": "the IA3 loader"}
+
+
+def read_adapter_config(folder: Path, peft_type: str) -> tuple[Path, dict]:
+    """`(path, config)` of a peft folder's adapter_config.json, checked to be of `peft_type` (one clear error
+    for a missing file, invalid JSON or another peft_type, naming the loader to use instead)."""
     path = folder / "adapter_config.json"
     if not path.exists():
         raise CheckpointError(f"{folder}: no adapter_config.json; is this a peft adapter folder?")
@@ -170,10 +176,14 @@ def _read_config(folder: Path) -> dict:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
     ptype = raw.get("peft_type")
-    if ptype != "LORA":
-        hint = {"ADALORA": "the AdaLoRA loader", "PREFIX_TUNING": "the prefix-tuning loader"}.get(
-            ptype, f"a loader for {ptype}")
-        raise CheckpointError(f"{path}: peft_type={ptype!r}, but this is the LoRA/DoRA loader; use {hint}")
+    if ptype != peft_type:
+        hint = LOADERS.get(ptype, f"a loader for {ptype}")
+        raise CheckpointError(f"{path}: peft_type={ptype!r}, but this is {LOADERS[peft_type]}; use {hint}")
+    return path, raw
+
+
+def _read_config(folder: Path) -> dict:
+    path, raw = read_adapter_config(folder, "LORA")
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.split("_")[0].lower() in REFUSED_INIT:
         raise CheckpointError(

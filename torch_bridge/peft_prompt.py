@@ -22,7 +22,7 @@ from jpeft.errors import CheckpointError, ConfigError
 from jpeft.methods.prefix import PrefixTuning, check_num_virtual_tokens, export_tree, flat_method
 from jpeft.methods.prompt import PromptTuning
 from jpeft.models.config import ModelConfig
-from jpeft.torch_bridge.peft_lora import atomic_folder
+from jpeft.torch_bridge.peft_lora import atomic_folder, read_adapter_config
 from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
 
 KEY = "prompt_embeddings"
@@ -68,15 +68,7 @@ def save_peft_prompt(folder: str | os.PathLike, cfg: ModelConfig, method: Prompt
 
 def read_config(folder: Path, peft_type: str) -> dict:
     """adapter_config.json of a prompt-learning folder, checked; warns when `task_type` is not CAUSAL_LM."""
-    path = folder / "adapter_config.json"
-    if not path.exists():
-        raise CheckpointError(f"{folder}: no adapter_config.json; is this a peft adapter folder?")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-    if raw.get("peft_type") != peft_type:
-        raise CheckpointError(f"{path}: peft_type={raw.get('peft_type')!r}, but this loader reads {peft_type}")
+    path, raw = read_adapter_config(folder, peft_type)
     task = raw.get("task_type")
     if task != "CAUSAL_LM":
         warnings.warn(f"{path}: task_type={task!r}. peft itself would load this {peft_type} adapter as a plain "

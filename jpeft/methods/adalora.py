@@ -235,15 +235,9 @@ def save_adalora_adapter(folder: str | os.PathLike, cfg: ModelConfig, method: Ad
 
 
 def _read_adalora_config(folder: Path) -> tuple[dict, AdaLoraConfig]:
-    path = folder / "adapter_config.json"
-    if not path.exists():
-        raise CheckpointError(f"{folder}: no adapter_config.json; is this a peft adapter folder?")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-    if raw.get("peft_type") != "ADALORA":
-        raise CheckpointError(f"{path}: peft_type={raw.get('peft_type')!r}, but this is the AdaLoRA loader")
+    from jpeft.torch_bridge.peft_lora import read_adapter_config
+
+    path, raw = read_adapter_config(folder, "ADALORA")
     for k in ("use_dora", "use_rslora", "layers_to_transform", "modules_to_save", "alpha_pattern"):
         if raw.get(k) not in (None, False, {}, []):
             raise CheckpointError(f"{path}: {k}={raw[k]!r} is not supported by jpeft's AdaLoRA; re-save without it")
