@@ -7,9 +7,14 @@ import json
 import sys
 from collections.abc import Sequence
 
-from jpeft.errors import JpeftError
+import jax
+import numpy as np
 
-MODEL_HELP = "HF checkpoint folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)"
+from jpeft.cli_args import MODEL_HELP, maybe_adapter, method_in_argv
+from jpeft.cli_train import TRAIN_COMMANDS, add_train_commands
+from jpeft.errors import JpeftError
+from jpeft.generate import SamplingConfig, generate
+from jpeft.loading import load
 
 
 def _add_generate(sub) -> None:
@@ -57,13 +62,8 @@ def _prompt_ids(args, tok, vocab: int) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-    import numpy as np
-
-    from jpeft.api import load
-    from jpeft.generate import SamplingConfig, generate
-
     model = load(args.model, args.dtype)
-    methods, adapters = _maybe_adapter(args.adapter, model)
+    method, adapters = maybe_adapter(args.adapter, model)
     tok = model.tokenizer
     ids = _prompt_ids(args, tok, model.cfg.vocab_size)
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -72,7 +72,7 @@ def cmd_generate(args) -> int:
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
     out = generate(model.params, model.cfg, np.asarray([ids]), sampling=s, eos_token_ids=eos, seed=args.seed,
-                   adapters=adapters, methods=methods)[0]
+                   adapters=adapters, methods=(method,))[0]
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
     if args.json:
         print(json.dumps({"input_ids": ids, "output_ids": out, "text": text}))
@@ -81,21 +81,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _maybe_adapter(folder, model) -> tuple[tuple, dict | None]:
-    if folder is None:
-        return (), None
-    from jpeft.methods.registry import load_adapter
-
-    method, adapters = load_adapter(folder, model)
-    return (method,), adapters
-
-
 def cmd_info(args) -> int:
-    from jpeft.api import load
-
     model = load(args.model, args.dtype, tokenizer=False)
     c = model.cfg
-    dtypes = sorted({str(x.dtype) for x in __import__("jax").tree_util.tree_leaves(model.params)})
+    dtypes = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(model.params)})
     info = {
         "path": str(model.path), "family": c.model_type, "layers": c.num_layers, "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
@@ -111,12 +100,12 @@ def cmd_info(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from jpeft.cli_train import add_train_commands
-
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `jpeft` parser; `train` and `demo` get the flags of the `--method` found in `argv` only."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="jpeft", description="Parameter-efficient fine-tuning in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_train_commands(sub)
+    add_train_commands(sub, method_in_argv(argv))
     _add_generate(sub)
     p = sub.add_parser("info", help="describe a model: family, sizes, parameter count, dtype")
     p.add_argument("--model", default=None, help=MODEL_HELP)
@@ -126,10 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from jpeft.cli_train import TRAIN_COMMANDS
-
     commands = {"generate": cmd_generate, "info": cmd_info, **TRAIN_COMMANDS}
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return commands[args.command](args)
     except JpeftError as e:

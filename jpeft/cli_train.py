@@ -1,16 +1,38 @@
-"""CLI commands that train or use adapters: `train`, `eval`, `export`, `demo`."""
+"""CLI commands that train or use adapters: `train`, `eval`, `export`, `demo`.
+
+Every method-specific piece comes from the method registry (`jpeft.methods.catalog`): the flags (generated
+from the method's config dataclass), init, save or finish, the adapter-folder loader and merge.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from importlib import resources
 from pathlib import Path
 
-from jpeft.errors import ConfigError, JpeftError
+import jax
 
-MODEL_HELP = "HF checkpoint folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)"
+from jpeft.cli_args import (
+    MODEL_HELP,
+    add_config_flags,
+    add_quant_flags,
+    config_from_args,
+    maybe_adapter,
+    quant_load_kwargs,
+)
+from jpeft.errors import ConfigError, JpeftError
+from jpeft.loading import Model, load
+from jpeft.methods import catalog
+from jpeft.methods.registry import MethodSpec, check_mergeable
+from jpeft.torch_bridge.merged import save_merged
+from jpeft.train.data import load_jsonl, train_eval_split
+from jpeft.train.evaluate import classification_eval, label_set
+from jpeft.train.loop import TrainConfig, check_writable, evaluate, make_rows, train
+from jpeft.train.metrics import format_table
+from jpeft.train.step import OptimConfig
 
 
 def bundled_data(name: str) -> Path:
@@ -18,10 +40,7 @@ def bundled_data(name: str) -> Path:
     return Path(str(resources.files("jpeft") / "data" / name))
 
 
-def _add_train_args(p, *, demo: bool = False) -> None:
-    from jpeft.methods.registry import METHODS, method_names
-
-    p.add_argument("--method", default="lora", choices=method_names())
+def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     if not demo:
         p.add_argument("--model", default=None, help=MODEL_HELP)
         p.add_argument("--data", required=True, help="training JSONL: {text} | {prompt,completion} | {messages}")
@@ -42,7 +61,7 @@ def _add_train_args(p, *, demo: bool = False) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-steps", type=int, default=3 if demo else 0)
     p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (LoRA+: of every group)")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
@@ -52,15 +71,29 @@ def _add_train_args(p, *, demo: bool = False) -> None:
     p.add_argument("--offload-optimizer", action="store_true",
                    help="keep optimizer state in pinned host memory between steps (where the backend has it)")
     p.add_argument("--no-progress", action="store_true")
-    for name in method_names():
-        METHODS[name]["args"](p)
 
 
-def add_train_commands(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a model with a PEFT method")
-    _add_train_args(p)
-    p = sub.add_parser("demo", help="fine-tune the bundled SmolLM2-135M on the bundled NLU intent set")
-    _add_train_args(p, demo=True)
+def _add_method_args(p: argparse.ArgumentParser, method: str, *, demo: bool) -> None:
+    """`--method` and the flags of that one method (`jpeft train --method M --help` lists M's only)."""
+    names = catalog.method_names()
+    p.add_argument("--method", default="lora", choices=names,
+                   help="the PEFT method; see `jpeft train --method M --help` for M's flags")
+    if method not in names:
+        return  # argparse reports the invalid --method choice
+    spec = catalog.get_method(method)
+    recipe = spec.demo if demo else None
+    note = " (the demo's recipe)" if recipe else ""
+    add_config_flags(p, spec.config, f"--method {method}: {spec.config.__name__}{note}", spec.summary, recipe)
+    add_quant_flags(p, spec)
+
+
+def add_train_commands(sub, method: str = "lora") -> None:
+    """The `train`, `demo`, `eval` and `export` sub-commands (train/demo with `method`'s flags)."""
+    for name, demo, what in (("train", False, "fine-tune a model with a PEFT method"),
+                             ("demo", True, "fine-tune the bundled SmolLM2-135M on the bundled NLU intent set")):
+        p = sub.add_parser(name, help=what, description=what, allow_abbrev=False)
+        _add_run_args(p, demo=demo)
+        _add_method_args(p, method, demo=demo)
     p = sub.add_parser("eval", help="loss (and P/R/F1 for label data) of a model, optionally with an adapter")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--adapter", default=None)
@@ -74,28 +107,19 @@ def add_train_commands(sub) -> None:
     p.add_argument("--adapter", required=True)
     p.add_argument("--merged", required=True, help="output folder of the merged transformers checkpoint")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--quantize", default=None, choices=["nf4", "fp4"],
-                   help="merge into the 4-bit base a QLoRA adapter was trained on (re-quantized as in training, then "
-                        "dequantized); 4-bit checkpoints are always merged dequantized")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--blocksize", type=int, default=64)
+    add_quant_flags(p, None)
 
 
-def _train_config(args):
-    from jpeft.train.loop import TrainConfig
-    from jpeft.train.step import OptimConfig
-
+def _train_config(args) -> TrainConfig:
     oc = OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule,
                      weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None)
     return TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        max_len=args.max_len, pack=not args.no_pack, seed=args.seed, eval_every=args.eval_every,
                        save_every=args.save_every, remat=args.remat, dtype=args.dtype, optim=oc,
-                       offload_optimizer=getattr(args, "offload_optimizer", False)).validate()
+                       offload_optimizer=args.offload_optimizer).validate()
 
 
 def _split(args, examples):
-    from jpeft.train.data import load_jsonl, train_eval_split
-
     if args.eval_data:
         return examples, load_jsonl(args.eval_data)
     if args.eval_fraction <= 0:
@@ -105,67 +129,46 @@ def _split(args, examples):
     return train_eval_split(examples, args.eval_fraction, args.seed)
 
 
-def _write_run(out: Path, args, model, built) -> None:
-    from jpeft.methods.lora import count_trainable
-
+def _write_run(out: Path, args, model: Model, spec: MethodSpec, config, built) -> None:
     out.mkdir(parents=True, exist_ok=True)
     run = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | type(None))}
-    run.update(model=str(model.path), trainable_parameters=_count(built, count_trainable),
-               base_parameters=model.num_parameters)
-    (out / "run.json").write_text(json.dumps(run, indent=1))
+    tree = built.adapters.get(built.method.name, built.adapters)
+    run.update(model=str(model.path), method=spec.name, method_config=dataclasses.asdict(config),
+               trainable_parameters=built.method.num_trainable(tree), base_parameters=model.num_parameters)
+    (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
 
 
-def _count(built, count_trainable) -> int:
-    try:
-        return int(count_trainable(built.adapters, built.method))
-    except (TypeError, KeyError, AttributeError):  # not a LoRA method: count every leaf
-        import jax
-        import numpy as np
-
-        return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(built.adapters)))
-
-
-def run_training(args, model, train_ex, eval_ex, out: Path, *, resume: bool) -> dict:
-    """Build the method, train, save the adapter; returns the final eval record."""
-    import jax
-
-    from jpeft.api import Model
-    from jpeft.methods.registry import get
-    from jpeft.train.loop import check_writable, train
-
+def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bool) -> dict:
+    """Build the method, train, save the adapter (or the method's `finish`); returns the final eval record."""
     check_writable(out)
-    spec = get(args.method)
-    built = spec["build"](model, args, jax.random.PRNGKey(args.seed))
-    _write_run(out, args, model, built)
+    spec = catalog.get_method(args.method)
+    config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)
+    built = spec.init(model, config, jax.random.PRNGKey(args.seed))
+    _write_run(out, args, model, spec, config, built)
     base_model = Model(cfg=model.cfg, params=built.base, tokenizer=model.tokenizer, path=model.path)
     res = train(base_model, built.method, built.adapters, train_ex, eval_ex, _train_config(args), out, resume=resume,
                 progress=not args.no_progress)
-    if "finish" in spec:  # rank-adaptive methods: export from the final state, report the ranks
-        spec["finish"](out, model, built, res)
+    if spec.finish is not None:  # rank-adaptive methods: export from the final state, report the ranks
+        spec.finish(out, model, built, res)
     else:
-        spec["save"](out / "adapter", model, built, res.adapters)
+        spec.save(out / "adapter", model.cfg, built.method, res.adapters, **built.export_kwargs)
     return res.eval
 
 
-def cmd_train(args) -> int:
-    from jpeft.train.data import load_jsonl
+def _load_for_training(args) -> Model:
+    model = load(args.model, args.dtype, **quant_load_kwargs(args, catalog.get_method(args.method)))
+    if model.tokenizer is None:
+        raise JpeftError(f"{model.path}: no tokenizer files; training needs the checkpoint's tokenizer")
+    return model
 
+
+def cmd_train(args) -> int:
     model = _load_for_training(args)
     train_ex, eval_ex = _split(args, load_jsonl(args.data))
     final = run_training(args, model, train_ex, eval_ex, Path(args.out), resume=args.resume)
     _print_eval("final", final)
     print(f"adapter written to {Path(args.out) / 'adapter'}")
     return 0
-
-
-def _load_for_training(args):
-    from jpeft.api import load
-    from jpeft.methods.registry import quant_load_kwargs
-
-    model = load(args.model, args.dtype, **quant_load_kwargs(args))
-    if model.tokenizer is None:
-        raise JpeftError(f"{model.path}: no tokenizer files; training needs the checkpoint's tokenizer")
-    return model
 
 
 def _print_eval(tag: str, rec: dict) -> None:
@@ -175,53 +178,35 @@ def _print_eval(tag: str, rec: dict) -> None:
 
 
 def cmd_eval(args) -> int:
-    from jpeft.api import load
-    from jpeft.cli import _maybe_adapter
-    from jpeft.train.data import load_jsonl
-    from jpeft.train.evaluate import classification_eval, label_set, mean_loss
-    from jpeft.train.loop import TrainConfig, make_rows
-
+    """`jpeft.train.loop.evaluate` (the training loop's own eval) on a data file, with or without an adapter."""
     model = load(args.model, args.dtype)
-    methods, adapters = _maybe_adapter(args.adapter, model)
+    method, adapters = maybe_adapter(args.adapter, model)
     examples = load_jsonl(args.data)
     tc = TrainConfig(max_len=args.max_len, batch_size=args.batch_size, dtype=args.dtype)
-    kw = dict(adapters=adapters, methods=methods)
-    rec = {"eval_loss": mean_loss(model.params, model.cfg, make_rows(model, examples, tc), batch_size=args.batch_size,
-                                  **kw)}
-    labels = label_set(examples)
-    if labels:
-        rep = classification_eval(model.params, model.cfg, model.tokenizer, examples, labels, max_len=args.max_len,
-                                  **kw)
-        rec.update(precision=rep["macro"]["precision"], recall=rep["macro"]["recall"], macro_f1=rep["macro"]["f1"],
-                   accuracy=rep["accuracy"])
+    rec = evaluate(model, method, adapters, examples, tc, make_rows(model, examples, tc))
+    rec.pop("report", None)
     print(json.dumps(rec) if args.json else "  ".join(f"{k}={v:.4f}" for k, v in rec.items()))
     return 0
 
 
 def cmd_export(args) -> int:
-    from jpeft.api import load
-    from jpeft.methods.registry import load_adapter, quant_load_kwargs
-    from jpeft.torch_bridge.peft_lora import save_merged
-
+    """Merge any mergeable adapter into its base; unmergeable methods are refused before anything is loaded."""
+    spec = catalog.adapter_spec(args.adapter)
+    check_mergeable(spec, f"{args.adapter}: ")
     model = load(args.model, "float32", tokenizer=False, **quant_load_kwargs(args))
-    method, adapters = load_adapter(args.adapter, model)
+    method, adapters = spec.load(Path(args.adapter), model.cfg, model.params)
     save_merged(args.merged, model.cfg, model.params, method, adapters, model.path, dtype=args.dtype)
-    print(f"merged checkpoint written to {args.merged}")
+    print(f"merged checkpoint ({spec.name}) written to {args.merged}")
     return 0
 
 
 def cmd_demo(args) -> int:
     """Fine-tune the bundled SmolLM2-135M-Instruct on the bundled NLU intents; F1 before and after."""
-    from jpeft.methods.registry import load_adapter
-    from jpeft.train.data import load_jsonl
-    from jpeft.train.evaluate import classification_eval, label_set
-    from jpeft.train.metrics import format_table
-
     t0 = time.perf_counter()
     args.model = None
     model = _load_for_training(args)
-    train_ex, test_ex = load_jsonl(bundled_data("nlu_intents_train.jsonl")), load_jsonl(bundled_data(
-        "nlu_intents_test.jsonl"))
+    train_ex = load_jsonl(bundled_data("nlu_intents_train.jsonl"))
+    test_ex = load_jsonl(bundled_data("nlu_intents_test.jsonl"))
     labels = label_set(test_ex)
     print(f"model {model.path.name}: {model.num_parameters / 1e6:.1f}M parameters; data: {len(train_ex)} train, "
           f"{len(test_ex)} held-out examples, labels {labels}")
@@ -231,7 +216,7 @@ def cmd_demo(args) -> int:
         args.epochs = 2.0
     out = Path(args.out)
     run_training(args, model, train_ex, [], out, resume=False)
-    method, adapters = load_adapter(out / "adapter", model)  # evaluate what was exported
+    method, adapters = catalog.load_adapter(out / "adapter", model.cfg, model.params)  # evaluate what was exported
     after = classification_eval(model.params, model.cfg, model.tokenizer, test_ex, labels, adapters=adapters,
                                 methods=(method,), max_len=args.max_len)
     print(format_table({"base model": before, f"+ {args.method}": after}))

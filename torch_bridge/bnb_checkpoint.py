@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,7 +28,9 @@ from jpeft.errors import CheckpointError, ConfigError
 from jpeft.models.config import ModelConfig
 from jpeft.quant.blockwise import check_blocksize, check_quant_type
 from jpeft.quant.kernel import QuantizedKernel, quantize_layers, stack_weights
+from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge.bnb_format import BnbQuantConfig, from_hf_tensors, parse_quantization_config, to_hf_tensors
+from jpeft.torch_bridge.folders import source_config, write_hf_checkpoint
 
 KernelFn = Callable[[list[str]], Any]  # HF module names of one site, layer by layer -> stacked kernel
 
@@ -131,36 +133,28 @@ def _file_of(tensors: Mapping, key: str) -> str:
 
 
 def quantized_hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> dict[str, np.ndarray]:
-    """The jpeft base as transformers+bnb tensors: 4-bit linears in bnb format, the rest dense in `dtype`."""
-    from jpeft.torch_bridge.hf_load import hf_linear_name, layer_norm_names, linear_sites
-
+    """The jpeft base as transformers+bnb tensors: 4-bit linears in bnb format, the rest dense in `dtype`
+    (names from `hf_names.base_params`, the table the loader reads with)."""
     def cast(x):
         return np.ascontiguousarray(np.asarray(jnp.asarray(x).astype(dtype)))
 
-    out = {"model.embed_tokens.weight": cast(params["embed_tokens"]), "model.norm.weight": cast(params["norm"])}
-    lay = params["layers"]
-    for i in range(cfg.num_layers):
-        for n in layer_norm_names(cfg):
-            out[f"model.layers.{i}.{n}.weight"] = cast(lay[n][i])
-        for block, proj, bias in linear_sites(cfg):
-            name, k = hf_linear_name(i, block, proj), lay[block][proj]["kernel"]
-            if isinstance(k, QuantizedKernel):
-                out.update(to_hf_tensors(k[i].weight, name))
+    out = {}
+    for p in hf.base_params(cfg):
+        value = hf.get_path(params, p.path)
+        for i, name in enumerate(p.names(cfg.num_layers)):
+            if p.module is None:
+                x = value[i] if p.layered else value
+                out[name] = cast(x.T if p.transpose else x)
+            elif isinstance(value, QuantizedKernel):
+                out.update(to_hf_tensors(value[i].weight, p.module.format(i=i)))
             else:
-                raise CheckpointError(f"{name}: the kernel is not quantized; load the base with quantize='nf4' "
-                                      "(or save a dense checkpoint with save_merged)")
-            if bias:
-                out[name + ".bias"] = cast(lay[block][proj]["bias"][i])
-        if cfg.qk_norm:
-            for n in ("q_norm", "k_norm"):
-                out[f"model.layers.{i}.self_attn.{n}.weight"] = cast(lay["self_attn"][n][i])
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = cast(params["lm_head"]["kernel"].T)
+                raise CheckpointError(f"{p.module.format(i=i)}: the kernel is not quantized; load the base with "
+                                      "quantize='nf4' (or save a dense checkpoint with save_merged)")
     return out
 
 
 def _first_kernel(params: dict) -> QuantizedKernel:
-    import jax
+
 
     for leaf in jax.tree_util.tree_leaves(params["layers"], is_leaf=lambda x: isinstance(x, QuantizedKernel)):
         if isinstance(leaf, QuantizedKernel):
@@ -177,19 +171,6 @@ def bnb_quantization_config(k: QuantizedKernel) -> dict:
             "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes"}
 
 
-def _source_config(src: Path) -> dict:
-    if src.is_file():
-        from transformers import AutoConfig
-
-        from jpeft.torch_bridge.gguf import read_gguf_config
-
-        raw = dict(read_gguf_config(src))
-        return AutoConfig.for_model(raw.pop("model_type"), **raw).to_dict()
-    if (src / "config.json").exists():
-        return json.loads((src / "config.json").read_text())
-    raise CheckpointError(f"{src}: no config.json; pass the HF folder or .gguf file the base came from")
-
-
 def save_quantized(folder: str | Path, cfg: ModelConfig, params: dict, source_folder_or_gguf: str | Path,
                    dtype: Any = None) -> Path:
     """Write the 4-bit base as a transformers + bitsandbytes checkpoint (config, model.safetensors, tokenizer).
@@ -197,34 +178,19 @@ def save_quantized(folder: str | Path, cfg: ModelConfig, params: dict, source_fo
     Dense tensors are stored in `dtype` (default: the quantized weights' original dtype, `quant_state.dtype`).
     The write is atomic (a temp folder renamed into place).
     """
-    from jpeft.api import load_tokenizer
-    from jpeft.torch_bridge.peft_lora import _TOKENIZER_FILES, atomic_folder
-    from jpeft.torch_bridge.safetensors_io import save_file
-
     src = Path(source_folder_or_gguf)
     first = _first_kernel(params)
     dt = jnp.dtype(first.weight.dtype if dtype is None else dtype)
     tensors = quantized_hf_tensors(cfg, params, dt)
-    conf = _source_config(src)
+    conf = source_config(src)
     conf.pop("torch_dtype", None)
     conf.update(dtype=dt.name, quantization_config=bnb_quantization_config(first))
-    with atomic_folder(folder) as tmp:
-        (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        if src.is_file():
-            tok = load_tokenizer(src)
-            if tok is not None:
-                tok.save_pretrained(str(tmp))
-        else:
-            for n in _TOKENIZER_FILES:
-                if (src / n).exists():
-                    shutil.copyfile(src / n, tmp / n)
-    return Path(folder)
+    return write_hf_checkpoint(folder, src, conf, tensors)
 
 
 def quantized_bytes(params: dict) -> dict[str, int]:
     """Bytes of the base by kind: 4-bit linear kernels (codes + statistics) and everything dense."""
-    import jax
+
 
     q = dense = n_q = 0
     for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QuantizedKernel)):

@@ -1,6 +1,6 @@
 """HF checkpoint folder (or GGUF file) -> (`ModelConfig`, base params pytree).
 
-The only place that knows HF parameter names and the `[out, in]` -> `[in, out]` transpose. Each
+Names, shapes and transposes come from `hf_names.base_params`, the table the exporters write with. Each
 stacked parameter is assembled from memory-mapped tensors one leaf at a time, cast to the target
 dtype and handed to JAX before the next one, so host memory peaks near 1x the loaded parameters.
 """
@@ -20,29 +20,11 @@ import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.models.config import SUPPORTED_FAMILIES, ModelConfig, from_hf_config
+from jpeft.torch_bridge import bnb_checkpoint as bnb
+from jpeft.torch_bridge import hf_names as hf
+from jpeft.torch_bridge.safetensors_io import open_checkpoint
 
 Getter = Callable[[str], np.ndarray]
-
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
-
-
-def layer_norm_names(cfg: ModelConfig) -> list[str]:
-    names = ["input_layernorm", "post_attention_layernorm"]
-    if cfg.sandwich_norm:
-        names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
-    return names
-
-
-def linear_sites(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
-    """(block, projection, has_bias) for every linear layer of a decoder block."""
-    sites = [("self_attn", p, cfg.o_bias if p == "o_proj" else cfg.attention_bias) for p in ATTN_PROJ]
-    return sites + [("mlp", p, cfg.mlp_bias) for p in MLP_PROJ]
-
-
-def hf_linear_name(layer: int, block: str, proj: str) -> str:
-    """The HF module path of a linear site, e.g. `model.layers.0.self_attn.q_proj`."""
-    return f"model.layers.{layer}.{block}.{proj}"
 
 
 def load_hf_config(folder: Path) -> Any:
@@ -105,46 +87,24 @@ def build_params(cfg: ModelConfig, get: Getter, dtype: Any,
     (default: the dense `[L, in, out]` stack; QLoRA passes a 4-bit one, see `bnb_checkpoint`).
     """
     np_dtype = jnp.dtype(dtype)
-    L = cfg.num_layers
     kernel = kernel or functools.partial(_dense_kernel, get, np_dtype)
-    layers: dict = {n: _stack(get, [f"model.layers.{i}.{n}.weight" for i in range(L)], False, np_dtype)
-                    for n in layer_norm_names(cfg)}
-    for block, proj, bias in linear_sites(cfg):
-        names = [hf_linear_name(i, block, proj) for i in range(L)]
-        site = {"kernel": kernel(names)}
-        if bias:
-            site["bias"] = _stack(get, [n + ".bias" for n in names], False, np_dtype)
-        layers.setdefault(block, {})[proj] = site
-    if cfg.qk_norm:
-        for n in ("q_norm", "k_norm"):
-            layers["self_attn"][n] = _stack(get, [f"model.layers.{i}.self_attn.{n}.weight" for i in range(L)],
-                                            False, np_dtype)
-    params = {
-        "embed_tokens": jnp.asarray(np.asarray(get("model.embed_tokens.weight"), np_dtype)),
-        "layers": layers,
-        "norm": jnp.asarray(np.asarray(get("model.norm.weight"), np_dtype)),
-    }
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = {"kernel": _transposed(get("lm_head.weight"), np_dtype)}
+    params: dict = {}
+    for p in hf.base_params(cfg):
+        if p.module is not None:
+            value = kernel([p.module.format(i=i) for i in range(cfg.num_layers)])
+        elif p.layered:
+            value = _stack(get, p.names(cfg.num_layers), p.transpose, np_dtype)
+        elif p.transpose:
+            value = _transposed(get(p.name), np_dtype)
+        else:
+            value = jnp.asarray(np.asarray(get(p.name), np_dtype))
+        hf.set_path(params, p.path, value)
     return params
 
 
 def expected_hf_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
     """The torch-layout shape an HF tensor of this config must have (None for names we do not know)."""
-    d, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    outs = {"q_proj": (cfg.q_size, d), "k_proj": (cfg.kv_size, d), "v_proj": (cfg.kv_size, d),
-            "o_proj": (d, cfg.q_size), "gate_proj": (i, d), "up_proj": (i, d), "down_proj": (d, i)}
-    parts = name.split(".")
-    if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return (v, d)
-    if name == "model.norm.weight" or (parts[-1] == "weight" and parts[-2].endswith("layernorm")):
-        return (d,)
-    if parts[-2] in ("q_norm", "k_norm"):
-        return (cfg.head_dim,)
-    if parts[-2] in outs:
-        shape = outs[parts[-2]]
-        return shape if parts[-1] == "weight" else shape[:1]
-    return None
+    return hf.expected_shapes(cfg).get(name)
 
 
 def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], where: Path,
@@ -174,18 +134,13 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_b
     `quant` (a `bnb_checkpoint.QuantSpec`) quantizes every decoder linear to 4 bits while loading. A folder
     whose config.json has a bitsandbytes `quantization_config` is always loaded 4-bit, as stored.
     """
-    from jpeft.torch_bridge.safetensors_io import open_checkpoint
-
     path = Path(path)
     if path.suffix == ".gguf" or _is_gguf(path):
         return _load_gguf(path, dtype, quant)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    from jpeft.torch_bridge import bnb_checkpoint as bnb
-
-    hf = load_hf_config(path)
     raw_qc = bnb.read_quantization_config(path)
-    cfg = from_hf_config(hf)
+    cfg = from_hf_config(load_hf_config(path))
     if allow_torch_bin and not _has_safetensors(path):
         from jpeft.torch_bridge.torch_bin import open_torch_bin
 
@@ -225,9 +180,5 @@ def _load_gguf(path: Path, dtype: Any, quant: Any = None) -> tuple[ModelConfig, 
     cfg = from_hf_config(AutoConfig.for_model(model_type, **raw))
     read, names = gguf_tensor_getter(path)  # dequantizes one tensor at a time from the memory map
     get = _getter(read, set(names).__contains__, path, cfg)
-    kernel = None
-    if quant is not None:
-        from jpeft.torch_bridge.bnb_checkpoint import quantizing_kernel
-
-        kernel = quantizing_kernel(get, quant, dtype)
+    kernel = None if quant is None else bnb.quantizing_kernel(get, quant, dtype)
     return cfg, build_params(cfg, get, dtype, kernel)

@@ -20,9 +20,7 @@ become zero rows with E = 0, an exact no-op, since peft keeps dividing by init_r
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import zlib
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,35 +30,45 @@ import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.methods.base import Method, SiteContext
-from jpeft.methods.lora import LoraConfig
-from jpeft.methods.ranks import Site, diagonal_to_lora, full_layer_sites
+from jpeft.methods.common import check_dropout, dropout, hp, method_tree
+from jpeft.methods.lora import merge_lora, save_peft_adapter
+from jpeft.methods.ranks import diagonal_to_lora, report_ranks
+from jpeft.methods.registry import Built, MethodSpec, register_method
+from jpeft.methods.targeting import Site, full_layer_sites
 from jpeft.models.config import ModelConfig
 from jpeft.optim.adalora import AdaLoraAllocatorConfig, adalora_orth_reg, adalora_rank_pattern, with_adalora
+from jpeft.torch_bridge import hf_names as hf
+from jpeft.torch_bridge import peft_io
 
 F32 = jnp.float32
-PREFIX = "base_model.model."
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaLoraConfig:
-    """peft's `AdaLoraConfig` fields (the subset jpeft implements). `total_step` is required."""
+    """peft's `AdaLoraConfig` fields and defaults (the subset jpeft implements). `total_step` is required."""
 
-    init_r: int = 12
-    target_r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: int | None = None
+    init_r: int = hp(12, "starting rank of every module")
+    target_r: int = hp(8, "average rank at the end of the budget schedule")
+    lora_alpha: float = hp(8, "scale numerator: scale = lora_alpha / init_r (peft keeps dividing by init_r)",
+                           aliases=("--alpha",))
+    lora_dropout: float = hp(0.0, "dropout on the adapter input in training", aliases=("--dropout",))
+    target_modules: list[str] | str | None = hp(
+        None, "'all-linear', names or suffixes (q_proj,v_proj) or a regex; default: peft's per-model list "
+              "(q_proj,v_proj)", parse="targets")
+    exclude_modules: list[str] | str | None = hp(None, "modules never targeted (same rules)", parse="targets")
+    tinit: int = hp(0, "warm-up steps without pruning")
+    tfinal: int = hp(0, "final steps with a fixed rank pattern")
+    deltaT: int = hp(1, "masking interval in the budget phase", flag="--delta-t", aliases=("--deltaT",))
+    beta1: float = hp(0.85, "sensitivity EMA")
+    beta2: float = hp(0.85, "uncertainty EMA")
+    orth_reg_weight: float = hp(0.5, "weight of the orthogonality loss")
+    total_step: int | None = hp(None, "length of the budget schedule (CLI default: --steps)", from_run="steps")
 
     def allocator(self) -> AdaLoraAllocatorConfig:
         """The validated allocator settings (raises ConfigError naming the bad field)."""
+        if self.total_step is None:
+            raise ConfigError("AdaLoraConfig.total_step is required: the budget schedule needs the training length; "
+                              "set total_step (CLI: --steps N or --total-step N)")
         return AdaLoraAllocatorConfig(init_r=self.init_r, target_r=self.target_r, tinit=self.tinit,
                                       tfinal=self.tfinal, deltaT=self.deltaT, beta1=self.beta1, beta2=self.beta2,
                                       total_step=self.total_step, orth_reg_weight=self.orth_reg_weight)
@@ -88,13 +96,7 @@ class AdaLoRA(Method):
 
     def linear(self, site, x, y, base, tree, ctx: SiteContext):
         """`y + dropout(x) @ (A * E) @ B · scale`; x `[..., in]`, A `[in, r]`, E `[r]`, B `[r, out]`."""
-        xd = x
-        if ctx.train and self.lora_dropout > 0.0:
-            if ctx.rng is None:
-                raise ConfigError(f"lora_dropout={self.lora_dropout} in training needs an rng; pass rng=")
-            key = jax.random.fold_in(ctx.rng, zlib.crc32(("adalora/" + "/".join(site)).encode()) & 0x7FFFFFFF)
-            keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x.shape)
-            xd = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+        xd = dropout(x, self.lora_dropout, ctx, "adalora/" + "/".join(site))
         a = (tree["lora_A"] * tree["lora_E"][..., None, :]).astype(x.dtype)
         out = jnp.matmul(jnp.matmul(xd, a), tree["lora_B"].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
         return y + out.astype(y.dtype)
@@ -111,11 +113,8 @@ class AdaLoRA(Method):
 def init_adalora(cfg: ModelConfig, params: dict, ac: AdaLoraConfig, rng: jax.Array) -> tuple[AdaLoRA, dict]:
     """`(method, {"adalora": tree})`: peft targeting, E = 0, A and B ~ N(0, 0.02) (see module docstring)."""
     alloc = ac.allocator()
-    if not 0.0 <= ac.lora_dropout < 1.0:
-        raise ConfigError(f"AdaLoraConfig.lora_dropout={ac.lora_dropout!r}: must be in [0, 1)")
-    lc = LoraConfig(r=ac.init_r, lora_alpha=ac.lora_alpha, target_modules=ac.target_modules,
-                    exclude_modules=ac.exclude_modules)
-    sites = full_layer_sites(cfg, lc, "AdaLoRA")
+    check_dropout(ac.lora_dropout, "AdaLoraConfig.lora_dropout")
+    sites = full_layer_sites(cfg, ac, "AdaLoraConfig")
     layers: dict = {}
     for j, (block, proj) in enumerate(sites):
         n_layers, d_in, d_out = params["layers"][block][proj]["kernel"].shape
@@ -129,7 +128,7 @@ def init_adalora(cfg: ModelConfig, params: dict, ac: AdaLoraConfig, rng: jax.Arr
 
 
 def _tree(adapters: dict) -> dict:
-    return adapters["adalora"] if "adalora" in adapters else adapters
+    return method_tree(adapters, "adalora")
 
 
 def rank_masks(opt_state: Any, adapters: dict) -> dict[Site, np.ndarray]:
@@ -183,8 +182,6 @@ def to_lora(method: AdaLoRA, adapters: dict, masks: dict | None = None):
 def save_adalora_as_lora(folder: str | os.PathLike, cfg: ModelConfig, method: AdaLoRA, adapters: dict,
                          masks: dict | None = None, base_model_name_or_path: str | None = None) -> Path:
     """Write `to_lora(...)` as a peft LoRA folder (rank_pattern/alpha_pattern per module)."""
-    from jpeft.torch_bridge.peft_lora import save_peft_adapter
-
     lora, ad = to_lora(method, adapters, masks)
     return save_peft_adapter(folder, cfg, lora, ad, base_model_name_or_path=base_model_name_or_path)
 
@@ -192,99 +189,116 @@ def save_adalora_as_lora(folder: str | os.PathLike, cfg: ModelConfig, method: Ad
 def adalora_config_json(method: AdaLoRA, names: list[str], rank_pattern: dict | None,
                         base_model_name_or_path: str | None) -> dict:
     """peft's adapter_config.json for AdaLoRA (LoRA fields at their off values, plus AdaLoRA's own)."""
-    from jpeft.torch_bridge.peft_lora import _OFF_FIELDS, _num
-
     a = method.alloc
-    cfg = {**_OFF_FIELDS, "peft_type": "ADALORA", "task_type": "CAUSAL_LM", "inference_mode": True,
-           "base_model_name_or_path": base_model_name_or_path, "r": 8, "lora_alpha": _num(method.lora_alpha),
-           "lora_dropout": method.lora_dropout, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-           "bias": "none", "target_modules": names, "exclude_modules": None, "layers_to_transform": None,
-           "layers_pattern": None, "rank_pattern": rank_pattern, "alpha_pattern": {}, "modules_to_save": None,
-           "init_r": a.init_r, "target_r": a.target_r, "tinit": a.tinit, "tfinal": a.tfinal, "deltaT": a.deltaT,
-           "beta1": a.beta1, "beta2": a.beta2, "orth_reg_weight": a.orth_reg_weight, "total_step": a.total_step}
-    return dict(sorted(cfg.items()))
+    return {**peft_io.LORA_OFF_FIELDS, "peft_type": "ADALORA", "task_type": "CAUSAL_LM", "inference_mode": True,
+            "peft_version": peft_io.PEFT_VERSION, "base_model_name_or_path": base_model_name_or_path, "r": 8,
+            "lora_alpha": peft_io.json_number(method.lora_alpha), "lora_dropout": method.lora_dropout,
+            "use_rslora": False, "use_dora": False, "init_lora_weights": True, "bias": "none", "target_modules": names,
+            "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
+            "rank_pattern": rank_pattern, "alpha_pattern": {}, "modules_to_save": None, "init_r": a.init_r,
+            "target_r": a.target_r, "tinit": a.tinit, "tfinal": a.tfinal, "deltaT": a.deltaT, "beta1": a.beta1,
+            "beta2": a.beta2, "orth_reg_weight": a.orth_reg_weight, "total_step": a.total_step}
 
 
 def save_adalora_adapter(folder: str | os.PathLike, cfg: ModelConfig, method: AdaLoRA, adapters: dict,
                          masks: dict | None = None, base_model_name_or_path: str | None = None) -> Path:
     """Write a peft AdaLoRA folder: with `masks`, tensors sliced to the kept ranks plus `rank_pattern`
     (peft_formats §3.6 b); without, full init_r tensors and `rank_pattern: null` (§3.6 a)."""
-    from jpeft.torch_bridge.hf_load import hf_linear_name
-    from jpeft.torch_bridge.peft_lora import atomic_folder
-    from jpeft.torch_bridge.safetensors_io import save_file
-
     tree = _tree(adapters)
     full = _masks_or_all(method, tree, masks)
     tensors, names, pattern = {}, [], {}
     for block, proj in method.sites:
         t = {k: np.asarray(v, np.float32) for k, v in tree["layers"][block][proj].items()}
         for i in range(t["lora_E"].shape[0]):
-            name = hf_linear_name(i, block, proj)
+            name = hf.linear_module(i, block, proj)
             idx = np.flatnonzero(full[(block, proj)][i])
             names.append(name)
             pattern[f"{name}.lora_E"] = full[(block, proj)][i].tolist()
-            tensors[f"{PREFIX}{name}.lora_A"] = np.ascontiguousarray(t["lora_A"][i][:, idx].T)  # [k, in]
-            tensors[f"{PREFIX}{name}.lora_E"] = np.ascontiguousarray(t["lora_E"][i][idx][:, None])  # [k, 1]
-            tensors[f"{PREFIX}{name}.lora_B"] = np.ascontiguousarray(t["lora_B"][i][idx, :].T)  # [out, k]
+            tensors[hf.peft_key(name, "lora_A")] = t["lora_A"][i][:, idx].T  # [k, in]
+            tensors[hf.peft_key(name, "lora_E")] = t["lora_E"][i][idx][:, None]  # [k, 1]
+            tensors[hf.peft_key(name, "lora_B")] = t["lora_B"][i][idx, :].T  # [out, k]
     config = adalora_config_json(method, sorted(names), pattern if masks is not None else None,
                                  base_model_name_or_path)
-    with atomic_folder(folder) as tmp:
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    return Path(folder)
+    return peft_io.write_adapter(folder, config, tensors)
 
 
-def _read_adalora_config(folder: Path) -> tuple[dict, AdaLoraConfig]:
-    from jpeft.torch_bridge.peft_lora import read_adapter_config
-
-    path, raw = read_adapter_config(folder, "ADALORA")
+def _read_adalora_config(folder: Path) -> tuple[Path, dict, AdaLoraConfig]:
+    path, raw = peft_io.read_adapter_config(folder, "ADALORA")
     for k in ("use_dora", "use_rslora", "layers_to_transform", "modules_to_save", "alpha_pattern"):
         if raw.get(k) not in (None, False, {}, []):
             raise CheckpointError(f"{path}: {k}={raw[k]!r} is not supported by jpeft's AdaLoRA; re-save without it")
-    fields = [f.name for f in dataclasses.fields(AdaLoraConfig)]
+    ac = peft_io.config_from_json(AdaLoraConfig, raw, path)
     try:
-        ac = AdaLoraConfig(**{k: raw[k] for k in fields if raw.get(k) is not None})
         ac.allocator()
-    except (ConfigError, TypeError) as e:
+    except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return raw, ac
+    return path, raw, ac
 
 
 def load_adalora_adapter(folder: str | os.PathLike, cfg: ModelConfig, params: dict) -> tuple[AdaLoRA, dict]:
-    """Read a peft AdaLoRA folder (pruned via `rank_pattern` or full) into `(method, {"adalora": tree})`."""
-    from jpeft.torch_bridge.hf_load import hf_linear_name
-    from jpeft.torch_bridge.safetensors_io import SafetensorsFile
-
+    """Read a peft AdaLoRA folder (pruned via `rank_pattern` or full) into `(method, {"adalora": tree})`.
+    Pruned ranks become zero rows with E = 0, an exact no-op (peft keeps dividing by init_r)."""
     folder = Path(folder)
-    raw, ac = _read_adalora_config(folder)
+    path, raw, ac = _read_adalora_config(folder)
     try:
         method, _ = init_adalora(cfg, params, ac, jax.random.PRNGKey(0))
     except ConfigError as e:
-        raise CheckpointError(f"{folder / 'adapter_config.json'}: {e}") from None
-    path = folder / "adapter_model.safetensors"
-    if not path.exists():
-        raise CheckpointError(f"{folder}: no adapter_model.safetensors (.bin adapters are not read)")
-    f, pattern, r = SafetensorsFile(path), raw.get("rank_pattern") or {}, ac.init_r
+        raise CheckpointError(f"{path}: {e}") from None
+    f, pattern, r = peft_io.AdapterTensors(folder), raw.get("rank_pattern") or {}, ac.init_r
     layers: dict = {}
     for block, proj in method.sites:
         n_layers, d_in, d_out = params["layers"][block][proj]["kernel"].shape
         a, e, b = (np.zeros(s, np.float32) for s in ((n_layers, d_in, r), (n_layers, r), (n_layers, r, d_out)))
         for i in range(n_layers):
-            name = hf_linear_name(i, block, proj)
+            name = hf.linear_module(i, block, proj)
             mask = np.asarray(pattern.get(f"{name}.lora_E", [True] * r), bool)
             if mask.shape != (r,):
                 raise CheckpointError(f"{path}: rank_pattern[{name}.lora_E] has {mask.size} entries, init_r={r}")
-            idx, k = np.flatnonzero(mask), int(mask.sum())
-            for what, want in (("lora_A", (k, d_in)), ("lora_E", (k, 1)), ("lora_B", (d_out, k))):
-                key = f"{PREFIX}{name}.{what}"
-                if key not in f.keys():
-                    raise CheckpointError(f"{path}: tensor {key!r} is missing (adapter_config.json targets {name})")
-                if tuple(f.get(key).shape) != want:
-                    raise CheckpointError(f"{path}: tensor {key!r} has shape {list(f.get(key).shape)}, but "
-                                          f"this model and rank_pattern need {list(want)}")
-            a[i][:, idx] = f.get(f"{PREFIX}{name}.lora_A").astype(np.float32).T
-            e[i][idx] = f.get(f"{PREFIX}{name}.lora_E").astype(np.float32)[:, 0]
-            b[i][idx, :] = f.get(f"{PREFIX}{name}.lora_B").astype(np.float32).T
+            idx, k, why = np.flatnonzero(mask), int(mask.sum()), f"adapter_config.json targets {name}"
+            a[i][:, idx] = f.take(hf.peft_key(name, "lora_A"), (k, d_in), why).T
+            e[i][idx] = f.take(hf.peft_key(name, "lora_E"), (k, 1), why)[:, 0]
+            b[i][idx, :] = f.take(hf.peft_key(name, "lora_B"), (d_out, k), why).T
         layers.setdefault(block, {})[proj] = {"lora_A": jnp.asarray(a), "lora_E": jnp.asarray(e),
                                               "lora_B": jnp.asarray(b)}
+    f.check_all_used(hf.model_modules(cfg))
     return method, {"adalora": {"layers": layers}}
+
+
+def merge_adalora(params: dict, method: AdaLoRA, adapters: dict) -> dict:
+    """`W + B·diag(E)·A · scale` per module: the plain-LoRA form (`to_lora`), merged."""
+    if not any(np.any(np.asarray(t["lora_E"])) for b in _tree(adapters)["layers"].values() for t in b.values()):
+        return params  # every singular value is zero: the adapter is the identity
+    lora, ad = to_lora(method, adapters)
+    return merge_lora(params, lora, ad)
+
+
+def build_adalora(model: Any, ac: AdaLoraConfig, rng: jax.Array) -> Built:
+    method, adapters = init_adalora(model.cfg, model.params, ac, rng)
+    return Built(method, adapters, model.params)
+
+
+def save_adalora(folder: str | os.PathLike, cfg: ModelConfig, method: AdaLoRA, adapters: dict,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """An unpruned peft AdaLoRA folder (`rank_pattern: null`, masked E entries already 0)."""
+    return save_adalora_adapter(folder, cfg, method, adapters, None, base_model_name_or_path)
+
+
+def finish_adalora(out: Path, model: Any, built: Built, res: Any) -> None:
+    """After training: OUT/adapter (peft AdaLoRA, pruned by the final masks), OUT/adapter_lora (plain LoRA),
+    the rank table, OUT/ranks.png and OUT/ranks.json."""
+    method: AdaLoRA = built.method
+    masks = rank_masks(res.opt_state, res.adapters)
+    save_adalora_adapter(out / "adapter", model.cfg, method, res.adapters, masks)
+    lora = None
+    if any(m.any() for m in masks.values()):
+        save_adalora_as_lora(out / "adapter_lora", model.cfg, method, res.adapters, masks)
+        lora = to_lora(method, res.adapters, masks)
+    ranks = final_ranks(method, masks)
+    report_ranks(out, ranks, method.init_r * sum(len(v) for v in ranks.values()), lora, "AdaLoRA")
+
+
+register_method(MethodSpec(
+    name="adalora", config=AdaLoraConfig, method=AdaLoRA, init=build_adalora, save=save_adalora,
+    load=load_adalora_adapter, peft_type="ADALORA", merge=merge_adalora, finish=finish_adalora,
+    demo={"lora_alpha": 32, "target_modules": "all-linear"},
+    summary="AdaLoRA: SVD-form LoRA with importance-based rank allocation (optax wrapper)"))

@@ -17,14 +17,20 @@ Sites:
 - `prepare(tree, ctx)`: maps the method's trainable tree to the tree the sites read, once per forward
   (prefix tuning: the flat peft table or its reparameterisation MLP -> per-layer keys/values).
 - `position_offset(tree)`: a static shift of every real token's position (prefix tuning: P).
+- `virtual_tokens(tree, ctx)`: how many leading tokens `embed` prepends in this call (prompt tuning: P, 0
+  while decoding); the model extends the mask, positions, segments and cache by that many.
+- `override_params(tree, params)`: the base params this method's forward runs on (LoRA's `modules_to_save`
+  swaps whole modules for trained copies; identity by default). Never modifies `params`.
 
-Besides sites, a method may add a loss term (`loss(tree)`), optax stages (`optimizer_stages()`) and wrap
-the base optimizer (`wrap_optimizer(tx, learning_rate)`, e.g. AdaLoRA's allocator or SoRA's proximal step).
+Besides sites, a method may add a loss term (`loss(tree)`), wrap the base optimizer
+(`wrap_optimizer(tx, learning_rate)`, e.g. AdaLoRA's allocator, SoRA's proximal step, LoRA+ learning rates,
+VeRA's frozen projections) and say how many of its values are trained (`num_trainable(tree)`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -70,15 +76,34 @@ class Method:
         """Static shift added to the position of every real token (0 by default)."""
         return 0
 
+    def virtual_tokens(self, tree: Any, ctx: SiteContext) -> int:
+        """Static number of tokens `embed` prepends in this call (0 by default)."""
+        return 0
+
+    def override_params(self, tree: Any, params: dict) -> dict:
+        """The base params the forward uses with this method: `params` itself by default (never modified)."""
+        return params
+
+    def num_trainable(self, tree: Any) -> int:
+        """Trained values in `tree` (every leaf by default; methods leave out padding and frozen leaves)."""
+        return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
     def loss(self, tree: Any) -> jax.Array | float:
         """An extra loss term of the method (AdaLoRA's orthogonality, SoRA's L1); 0 by default."""
         return 0.0
 
     def optimizer_stages(self) -> tuple:
-        """optax transforms the method appends after the base optimizer."""
+        """Deprecated: no method uses it (use `wrap_optimizer`). Kept only because `jpeft.train.step`
+        still calls it; remove together with that call."""
         return ()
 
     def wrap_optimizer(self, tx: Any, learning_rate: Any) -> Any:
         """Wrap the base optimizer `tx` (AdamW, after gradient clipping); `learning_rate` is its schedule.
         Identity by default; AdaLoRA wraps it with its rank allocator, SoRA chains its proximal step."""
         return tx
+
+
+def count_trainable(adapters: dict, method: Method) -> int:
+    """Trained values of `method` in `adapters` (`{method.name: tree}` or the tree itself)."""
+    tree = adapters[method.name] if isinstance(adapters, dict) and method.name in adapters else adapters
+    return method.num_trainable(tree)

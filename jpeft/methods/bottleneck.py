@@ -15,22 +15,42 @@ Trainable tree, stacked over layers (`D` hidden, `r` bottleneck):
         "adapter_norm_before" / "adapter_norm_after": {"weight": [L, D], "bias": [L, D]}  (optional)}}}}
 
 Extra inference cost: two small matmuls per adapted sub-block on the critical path (the "extra depth"
-the Houlsby paper notes); `bench/adapter_latency.py` measures it. Folder format: see
-`jpeft.torch_bridge.adapter_bottleneck`.
+the Houlsby paper notes); `bench/adapter_latency.py` measures it. It cannot be merged: the adapter is a
+non-linear function of the activations, not a weight update.
+
+Folder (peft has no bottleneck adapters; an AdapterHub-style layout):
+
+    adapter_config.json   {"config": {"architecture": "bottleneck", "mh_adapter", "output_adapter",
+                           "reduction_factor", "non_linearity", "ln_before", "ln_after", "scaling", ...},
+                           "preset": "houlsby" | "pfeiffer", "hidden_size", "model_type", "model_class",
+                           "model_name", "name", "version"}
+    adapter.safetensors   fp32, torch layout ([out, in] weights):
+        model.layers.{i}.attention_adapters.adapters.{name}.adapter_down.0.weight   [r, D]   (+ .bias [r])
+        model.layers.{i}.attention_adapters.adapters.{name}.adapter_up.weight       [D, r]   (+ .bias [D])
+        model.layers.{i}.attention_adapters.adapters.{name}.adapter_norm_before.{weight,bias}  [D]  (ln_before)
+        model.layers.{i}.output_adapters.adapters.{name}...                         (after the MLP)
+
+`attention_adapters` is AdapterHub's `mh_adapter` (after self-attention), `output_adapters` its
+`output_adapter` (after the MLP). The key names follow AdapterHub (`adapter_down.0`, `adapter_up`); the
+folder is jpeft's own and is not claimed to load in the `adapters` library.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jpeft.errors import ConfigError
+from jpeft.errors import CheckpointError, ConfigError
 from jpeft.methods.base import Method, SiteContext
+from jpeft.methods.common import hp, method_tree
+from jpeft.methods.registry import Built, MethodSpec, register_method
 from jpeft.models.config import ModelConfig
+from jpeft.torch_bridge import peft_io
 
 F32 = jnp.float32
 PRESETS = {"houlsby": dict(mh_adapter=True, output_adapter=True, non_linearity="swish"),
@@ -44,15 +64,16 @@ class BottleneckConfig:
     """AdapterHub `BnConfig` fields jpeft implements. `mh_adapter`/`output_adapter`/`non_linearity` default
     to the preset's values when None."""
 
-    preset: str = "houlsby"
-    reduction_factor: float = 16
-    non_linearity: str | None = None
-    mh_adapter: bool | None = None
-    output_adapter: bool | None = None
-    ln_before: bool = False
-    ln_after: bool = False
-    scaling: float = 1.0
-    init_std: float = 0.02  # N(0, init_std) down-projection ("bert" init); up-projection and biases zero
+    preset: str = hp("houlsby", "houlsby: after attention and MLP (swish); pfeiffer: after the MLP only (relu)",
+                     choices=("houlsby", "pfeiffer"), aliases=("--adapter-preset",))
+    reduction_factor: float = hp(16, "bottleneck r = hidden_size / this")
+    non_linearity: str | None = hp(None, "activation (default: the preset's)", choices=NON_LINEARITIES)
+    mh_adapter: bool | None = hp(None, "adapter after self-attention (default: the preset's)")
+    output_adapter: bool | None = hp(None, "adapter after the MLP (default: the preset's)")
+    ln_before: bool = hp(False, "trainable LayerNorm before the down-projection", aliases=("--adapter-ln-before",))
+    ln_after: bool = hp(False, "trainable LayerNorm after the up-projection", aliases=("--adapter-ln-after",))
+    scaling: float = hp(1.0, "output scale of the adapter", aliases=("--adapter-scaling",))
+    init_std: float = hp(0.02, "N(0, init_std) down-projection ('bert' init); up-projection and biases zero")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +169,106 @@ def init_bottleneck(cfg: ModelConfig, bc: BottleneckConfig, rng: jax.Array) -> t
     return method, {"bottleneck": {"layers": {"block": blocks}}}
 
 
-def count_trainable(adapters: dict, method: Bottleneck | None = None) -> int:
-    tree = adapters.get("bottleneck", adapters)
-    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+LOCATION = {"self_attn": "attention_adapters", "mlp": "output_adapters"}
+WEIGHTS = "adapter.safetensors"
+FAMILY_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+
+
+def _parts(method: Bottleneck) -> list[tuple[str, str, bool]]:
+    """(file name, tree name, is a Linear) for every module of one adapter."""
+    out = [("adapter_down.0", "adapter_down", True), ("adapter_up", "adapter_up", True)]
+    if method.ln_before:
+        out.append(("adapter_norm_before", "adapter_norm_before", False))
+    if method.ln_after:
+        out.append(("adapter_norm_after", "adapter_norm_after", False))
+    return out
+
+
+def _prefix(i: int, block: str, name: str) -> str:
+    return f"model.layers.{i}.{LOCATION[block]}.adapters.{name}."
+
+
+def save_bottleneck(folder: str | Path, cfg: ModelConfig, method: Bottleneck, adapters: dict,
+                    name: str = "bottleneck", model_name: str | None = None,
+                    base_model_name_or_path: str | None = None) -> Path:
+    """Write the folder described in the module docstring (atomically)."""
+    blocks = method_tree(adapters, "bottleneck")["layers"]["block"]
+    tensors = {}
+    for block in method.blocks:
+        for fname, tname, linear in _parts(method):
+            p = blocks[block][tname]
+            for i in range(cfg.num_layers):
+                key = _prefix(i, block, name) + fname
+                w = np.asarray(p["kernel"][i]).T if linear else np.asarray(p["weight"][i])
+                tensors[key + ".weight"], tensors[key + ".bias"] = w, np.asarray(p["bias"][i])
+    conf = {"architecture": "bottleneck", "mh_adapter": "self_attn" in method.blocks,
+            "output_adapter": "mlp" in method.blocks, "reduction_factor": method.reduction_factor,
+            "non_linearity": method.non_linearity, "ln_before": method.ln_before, "ln_after": method.ln_after,
+            "scaling": method.scaling, "original_ln_before": False, "original_ln_after": False,
+            "residual_before_ln": True, "is_parallel": False, "use_gating": False, "init_weights": "bert"}
+    meta = {"config": conf, "preset": method.preset, "hidden_size": cfg.hidden_size, "model_type": cfg.model_type,
+            "model_class": FAMILY_CLASS.get(cfg.model_type), "model_name": model_name or base_model_name_or_path,
+            "name": name, "version": "jpeft-bottleneck-1"}
+    return peft_io.write_adapter(folder, meta, tensors, weights=WEIGHTS)
+
+
+def is_bottleneck_config(raw: dict) -> bool:
+    return isinstance(raw.get("config"), dict) and raw["config"].get("architecture") == "bottleneck"
+
+
+def _method_from(raw: dict, cfg: ModelConfig, path: Path) -> Bottleneck:
+    if not is_bottleneck_config(raw):
+        raise CheckpointError(f"{path}: not a bottleneck adapter config (config.architecture must be 'bottleneck')")
+    c = raw["config"]
+    for k in ("is_parallel", "use_gating", "original_ln_before", "original_ln_after"):
+        if c.get(k):
+            raise CheckpointError(f"{path}: config.{k}=true is not supported by jpeft's bottleneck adapters")
+    if raw.get("hidden_size") not in (None, cfg.hidden_size):
+        raise CheckpointError(f"{path}: hidden_size={raw['hidden_size']}, but this model's hidden_size is "
+                              f"{cfg.hidden_size}; was the adapter trained on another model?")
+    bc = BottleneckConfig(preset=raw.get("preset", "houlsby"), reduction_factor=c["reduction_factor"],
+                          non_linearity=c["non_linearity"], mh_adapter=c["mh_adapter"],
+                          output_adapter=c["output_adapter"], ln_before=bool(c.get("ln_before")),
+                          ln_after=bool(c.get("ln_after")), scaling=float(c.get("scaling", 1.0)))
+    try:
+        return resolve(cfg, bc)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_bottleneck(folder: str | Path, cfg: ModelConfig, params: dict | None = None) -> tuple[Bottleneck, dict]:
+    """Read a folder written by `save_bottleneck` into `(method, {"bottleneck": tree})`."""
+    folder = Path(folder)
+    path, raw = peft_io.read_json_config(folder)
+    method, name = _method_from(raw, cfg, path), raw.get("name", "bottleneck")
+    f = peft_io.AdapterTensors(folder, WEIGHTS)
+    d, r = cfg.hidden_size, method.bottleneck_size
+    shapes = {"adapter_down.0": ((r, d), (r,)), "adapter_up": ((d, r), (d,)), "adapter_norm_before": ((d,), (d,)),
+              "adapter_norm_after": ((d,), (d,))}
+    blocks = {}
+    for block in method.blocks:
+        t = {}
+        for fname, tname, linear in _parts(method):
+            why = f"the config asks for {LOCATION[block]} with {fname}"
+            ws = np.stack([f.take(_prefix(i, block, name) + fname + ".weight", shapes[fname][0], why)
+                           for i in range(cfg.num_layers)])
+            bs = jnp.asarray(np.stack([f.take(_prefix(i, block, name) + fname + ".bias", shapes[fname][1], why)
+                                       for i in range(cfg.num_layers)]))
+            t[tname] = ({"kernel": jnp.asarray(np.swapaxes(ws, 1, 2)), "bias": bs} if linear
+                        else {"weight": jnp.asarray(ws), "bias": bs})
+        blocks[block] = t
+    f.check_all_used()
+    return method, {"bottleneck": {"layers": {"block": blocks}}}
+
+
+def build_bottleneck(model: Any, bc: BottleneckConfig, rng: jax.Array) -> Built:
+    method, adapters = init_bottleneck(model.cfg, bc, rng)
+    return Built(method, adapters, model.params)
+
+
+register_method(MethodSpec(
+    name="adapter", config=BottleneckConfig, method=Bottleneck, init=build_bottleneck, save=save_bottleneck,
+    load=load_bottleneck, detect=is_bottleneck_config,
+    no_merge="a bottleneck adapter is a small non-linear MLP on the activations; no weight update equals it",
+    summary="bottleneck adapters (Houlsby, Pfeiffer), AdapterHub-style names (peft has no such type)"))

@@ -9,22 +9,33 @@ Trainable tree: `adapters["ia3"] = {"layers": {block: {proj: {"ia3_l": [L, out] 
 a site does not transform keep their vector at one and are masked in the
 forward, so they get no gradient and are never exported.
 (peft 0.21's `IA3Config` has no `layers_to_transform`; `exclude_modules` may still name single layers.)
+
+Folder (peft `IA3`): `base_model.model.model.layers.{i}.{block}.{proj}.ia3_l`, `[out, 1]` for a projection
+whose output is scaled and `[1, in]` for a feed-forward one. Export writes `target_modules` as the exact
+targeted module names, so peft's matching cannot choose differently. Merge: `W ⊙ l` by rows or columns
+(non-feed-forward biases are scaled too), as peft's `merge_and_unload`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jpeft.errors import ConfigError
+from jpeft.errors import CheckpointError, ConfigError
 from jpeft.methods.base import Method
-from jpeft.methods.lora import ATTN_PROJ, MLP_PROJ, _name_matches, linear_module_names
+from jpeft.methods.common import dense_kernel, hp, method_tree, replace_linears
+from jpeft.methods.registry import Built, MethodSpec, register_method
+from jpeft.methods.targeting import name_matches, site_layers
 from jpeft.models.config import ModelConfig
+from jpeft.models.decoder import dense
+from jpeft.torch_bridge import hf_names as hf
+from jpeft.torch_bridge import peft_io
 
 F32 = jnp.float32
 # peft's TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING for the supported families.
@@ -37,11 +48,16 @@ DEFAULT_FEEDFORWARD = ["down_proj"]
 class IA3Config:
     """peft's `IA3Config` fields (target matching as LoRA's: list = name or `.`-suffix, str = fullmatch)."""
 
-    target_modules: list[str] | str | None = None
-    feedforward_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    init_ia3_weights: bool = True
-    fan_in_fan_out: bool = False
+    target_modules: list[str] | str | None = hp(
+        None, "names or suffixes (k_proj,v_proj,down_proj), a regex or 'all-linear'; default: peft's per-model "
+              "list (llama/mistral: k_proj,v_proj,down_proj; gemma/qwen: q_proj,v_proj,down_proj)",
+        parse="targets", aliases=("--ia3-target-modules",))
+    feedforward_modules: list[str] | str | None = hp(
+        None, "targets whose input (not output) is scaled; default: down_proj", parse="targets",
+        aliases=("--ia3-feedforward-modules",))
+    exclude_modules: list[str] | str | None = hp(None, "modules never targeted (same rules)", parse="targets")
+    init_ia3_weights: bool = hp(True, "start from ones (the identity); false: N(0, 1), peft's debug init")
+    fan_in_fan_out: bool = hp(False, "Conv1D layout; these models use nn.Linear", cli=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +79,11 @@ class IA3(Method):
     target_modules: tuple[str, ...] = ()
     feedforward_modules: tuple[str, ...] = ()
 
+    def num_trainable(self, tree: Any) -> int:
+        """Values of the layers a site transforms (peft's trainable count)."""
+        return int(sum(sum(info.active) * tree["layers"][info.block][info.proj]["ia3_l"].shape[1]
+                       for info in self.sites))
+
     def site(self, block: str, proj: str) -> IA3Site:
         for s in self.sites:
             if (s.block, s.proj) == (block, proj):
@@ -71,8 +92,6 @@ class IA3(Method):
 
     def linear(self, site, x, y, base, tree, ctx):
         """Non-feed-forward: `y ⊙ l` (bias scaled too, as peft). Feed-forward: `(x ⊙ l) W + b`."""
-        from jpeft.models.decoder import dense
-
         info = self.site(*site)
         if ctx.layer is None:
             raise ConfigError("IA3.linear needs the layer index (SiteContext.layer)")
@@ -81,10 +100,6 @@ class IA3(Method):
         if info.feedforward:
             return dense(x * scale.astype(x.dtype), base)  # the unused base y is removed by XLA
         return y * scale.astype(y.dtype)
-
-
-def _matches(spec: list[str] | str, name: str) -> bool:
-    return _name_matches(spec if isinstance(spec, str) else list(spec), name)
 
 
 def _is_ff(spec: list[str] | str, name: str) -> bool:
@@ -102,31 +117,28 @@ def _targets(cfg: ModelConfig, ic: IA3Config) -> tuple[list[str] | str, list[str
     if targets is None:
         raise ConfigError(f"IA3Config.target_modules=None: no default for model_type={cfg.model_type!r}")
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = list(ATTN_PROJ + MLP_PROJ)
+        targets = [p for _, p in hf.LINEAR_SITES]
     return targets, ff
 
 
 def resolve(cfg: ModelConfig, ic: IA3Config) -> IA3:
     """The static `IA3` object: targeted sites, per-layer flags, feed-forward flags (peft's rules)."""
     targets, ff = _targets(cfg, ic)
-    names = linear_module_names(cfg)
-    chosen = [n for n in names if _matches(targets, n)
-              and not (ic.exclude_modules and _matches(ic.exclude_modules, n))]
+    names = hf.linear_module_names(cfg)
+    chosen = [n for n in names if name_matches(targets, n)
+              and not (ic.exclude_modules and name_matches(ic.exclude_modules, n))]
     if not chosen:
         raise ConfigError(f"IA3Config.target_modules={ic.target_modules!r} targets no module of this "
                           f"{cfg.model_type} model; available: {names[:7]} (and the same in later layers)")
     if not isinstance(ff, str) and not isinstance(targets, str) and not set(ff) <= set(targets):
         raise ConfigError(f"IA3Config.feedforward_modules={ff!r} must be a subset of target_modules={targets!r}")
     sites = []
-    for block, proj in [("self_attn", p) for p in ATTN_PROJ] + [("mlp", p) for p in MLP_PROJ]:
-        layer_names = [f"model.layers.{i}.{block}.{proj}" for i in range(cfg.num_layers)]
-        active = tuple(n in chosen for n in layer_names)
-        if any(active):
-            kinds = {_is_ff(ff, n) for n, on in zip(layer_names, active) if on}
-            if len(kinds) > 1:
-                raise ConfigError(f"IA3Config.feedforward_modules={ff!r} marks {proj} as feed-forward in some "
-                                  "layers only; jpeft needs the same choice in every layer")
-            sites.append(IA3Site(block, proj, active, kinds.pop()))
+    for (block, proj), active in site_layers(cfg, chosen).items():
+        kinds = {_is_ff(ff, hf.linear_module(i, block, proj)) for i, on in enumerate(active) if on}
+        if len(kinds) > 1:
+            raise ConfigError(f"IA3Config.feedforward_modules={ff!r} marks {proj} as feed-forward in some "
+                              "layers only; jpeft needs the same choice in every layer")
+        sites.append(IA3Site(block, proj, active, kinds.pop()))
     tm = (targets,) if isinstance(targets, str) else tuple(targets)
     return IA3(sites=tuple(sites), target_modules=tm,
                feedforward_modules=(ff,) if isinstance(ff, str) else tuple(ff))
@@ -134,10 +146,7 @@ def resolve(cfg: ModelConfig, ic: IA3Config) -> IA3:
 
 def site_width(cfg: ModelConfig, info: IA3Site) -> int:
     """Length of the site's vector: the projection's input (feed-forward) or output width."""
-    d, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
-    ins = {"q_proj": d, "k_proj": d, "v_proj": d, "o_proj": q, "gate_proj": d, "up_proj": d, "down_proj": i}
-    outs = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": d, "gate_proj": i, "up_proj": i, "down_proj": d}
-    return (ins if info.feedforward else outs)[info.proj]
+    return hf.linear_in_out(cfg, info.proj)[0 if info.feedforward else 1]
 
 
 def init_ia3(cfg: ModelConfig, ic: IA3Config, rng: jax.Array | None = None) -> tuple[IA3, dict]:
@@ -155,10 +164,76 @@ def init_ia3(cfg: ModelConfig, ic: IA3Config, rng: jax.Array | None = None) -> t
     return method, {"ia3": {"layers": layers}}
 
 
-def count_trainable(adapters: dict, method: IA3 | None = None) -> int:
-    """Trainable values; with `method`, only the layers a site transforms."""
-    tree = adapters.get("ia3", adapters)
-    if method is None:
-        return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
-    return int(sum(sum(info.active) * tree["layers"][info.block][info.proj]["ia3_l"].shape[1]
-                   for info in method.sites))
+def _vectors(method: IA3, tree: dict, info: IA3Site) -> np.ndarray:
+    """The site's `[L, width]` vectors with untransformed layers forced to one (what the forward uses)."""
+    v = np.asarray(tree["layers"][info.block][info.proj]["ia3_l"], np.float32)
+    return np.where(np.asarray(info.active)[:, None], v, 1.0)
+
+
+def merge_ia3(params: dict, method: IA3, adapters: dict) -> dict:
+    """peft's merge: output scaling scales W's output columns and the bias; input scaling W's input rows."""
+    tree, new = method_tree(adapters, "ia3"), {}
+    for info in method.sites:
+        base = params["layers"][info.block][info.proj]
+        v = jnp.asarray(_vectors(method, tree, info))
+        k = dense_kernel(base["kernel"])  # [L, in, out]
+        leaves = {"kernel": k * v[:, :, None] if info.feedforward else k * v[:, None, :]}
+        if "bias" in base and not info.feedforward:
+            leaves["bias"] = base["bias"].astype(jnp.float32) * v
+        new.setdefault(info.block, {})[info.proj] = leaves
+    return replace_linears(params, new)
+
+
+def _key(i: int, block: str, proj: str) -> str:
+    return hf.peft_key(hf.linear_module(i, block, proj), "ia3_l")
+
+
+def save_peft_ia3(folder: str | Path, cfg: ModelConfig, method: IA3, adapters: dict,
+                  base_model_name_or_path: str | None = None) -> Path:
+    """Write a peft `IA3` folder that `PeftModel.from_pretrained(hf_model, folder)` loads unchanged."""
+    tree = method_tree(adapters, "ia3")
+    tensors, names, ff = {}, [], []
+    for info in method.sites:
+        v = _vectors(method, tree, info)
+        for i in (i for i, on in enumerate(info.active) if on):
+            names.append(hf.linear_module(i, info.block, info.proj))
+            ff += [names[-1]] if info.feedforward else []
+            tensors[_key(i, info.block, info.proj)] = v[i][None, :] if info.feedforward else v[i][:, None]
+    config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+              "revision": None, "inference_mode": True, "auto_mapping": None, "peft_version": peft_io.PEFT_VERSION,
+              "target_modules": sorted(names), "feedforward_modules": sorted(ff), "exclude_modules": None,
+              "fan_in_fan_out": False, "init_ia3_weights": True, "modules_to_save": None}
+    return peft_io.write_adapter(folder, config, tensors)
+
+
+def load_peft_ia3(folder: str | Path, cfg: ModelConfig, params: dict | None = None) -> tuple[IA3, dict]:
+    """Read a peft IA3 folder into `(method, {"ia3": tree})`; every targeted key must be present."""
+    folder = Path(folder)
+    path, raw = peft_io.read_adapter_config(folder, "IA3")
+    if raw.get("modules_to_save"):
+        raise CheckpointError(f"{path}: modules_to_save={raw['modules_to_save']!r} is not supported with IA3")
+    ic = peft_io.config_from_json(IA3Config, raw, path, fan_in_fan_out=bool(raw.get("fan_in_fan_out")))
+    try:
+        method = resolve(cfg, ic)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    f, layers = peft_io.AdapterTensors(folder), {}
+    for info in method.sites:
+        width = site_width(cfg, info)
+        v = np.ones((cfg.num_layers, width), np.float32)
+        for i in (i for i, on in enumerate(info.active) if on):
+            shape = (1, width) if info.feedforward else (width, 1)
+            v[i] = f.take(_key(i, info.block, info.proj), shape, "adapter_config.json targets it").reshape(-1)
+        layers.setdefault(info.block, {})[info.proj] = {"ia3_l": jnp.asarray(v)}
+    f.check_all_used(hf.model_modules(cfg))
+    return method, {"ia3": {"layers": layers}}
+
+
+def build_ia3(model: Any, ic: IA3Config, rng: jax.Array) -> Built:
+    method, adapters = init_ia3(model.cfg, ic, rng)
+    return Built(method, adapters, model.params)
+
+
+register_method(MethodSpec(
+    name="ia3", config=IA3Config, method=IA3, init=build_ia3, save=save_peft_ia3, load=load_peft_ia3,
+    peft_type="IA3", merge=merge_ia3, summary="IA3: learned scaling vectors on projection outputs/inputs"))

@@ -1,4 +1,4 @@
-"""LoRA and DoRA (Hu et al. 2021, arXiv:2106.09685; Liu et al. 2024, arXiv:2402.09353), peft-compatible.
+"""LoRA and DoRA (Hu et al. 2021, arXiv:2106.09685; Liu et al. 2024, arXiv:2402.09353), peft `LORA`.
 
 `init_lora(cfg, params, LoraConfig(...), rng)` resolves the targeted modules exactly as peft does and
 returns the static method object plus the trainable tree `adapters["lora"]`:
@@ -9,9 +9,14 @@ returns the static method object plus the trainable tree `adapters["lora"]`:
 
 Matrices use the JAX layout `x @ A @ B` and are stacked over layers because the decoder scans them.
 Per-layer ranks (`rank_pattern`) are zero-padded to the site's `r_max`; the padded rows/columns get
-zero gradients, so they stay zero under Adam. A layer a site does not transform has rank 0 and
-scale 0 (and a DoRA factor forced to 1), so it is inert and never exported. Ranks, alphas and scales
-are static data of the `LoRA` object (a hashable frozen dataclass, a jit static argument).
+zero gradients, so they stay zero under Adam. A layer a site does not transform has rank 0 and scale 0
+(and a DoRA factor forced to 1), so it is inert and never exported. Ranks, alphas and scales are static
+data of the `LoRA` object (a hashable frozen dataclass, a jit static argument).
+
+Folder format (peft 0.21): `base_model.model.model.layers.{i}.{block}.{proj}.lora_A.weight [r, in]`,
+`...lora_B.weight [out, r]`, `...lora_magnitude_vector [out]` (DoRA) and whole modules_to_save copies
+(`base_model.model.lm_head.weight`). Export writes `target_modules` as the exact module names and per-module
+`rank_pattern`/`alpha_pattern` keys fully escaped, so peft's first-match rule cannot pick another entry.
 """
 
 from __future__ import annotations
@@ -20,47 +25,82 @@ import dataclasses
 import math
 import re
 import warnings
-import zlib
+from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.errors import ConfigError
-from jpeft.methods.base import Method, SiteContext
+from jpeft.errors import CheckpointError, ConfigError
+from jpeft.methods import modules_to_save, targeting
+from jpeft.methods.base import Method
+from jpeft.methods.common import dense_kernel, dropout, hp, method_tree, replace_linears
+from jpeft.methods.pissa import as_plain_lora, pissa_factors, rank_mask
+from jpeft.methods.registry import Built, MethodSpec, register_method
 from jpeft.models.config import ModelConfig
+from jpeft.optim.loraplus import scale_by_loraplus
+from jpeft.torch_bridge import hf_names as hf
+from jpeft.torch_bridge import peft_io
 
 F32 = jnp.float32
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
-# peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the supported families.
-DEFAULT_TARGETS = {f: ["q_proj", "v_proj"] for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")}
-# modules_to_save entry -> HF module path (top-level base param keys).
-SAVEABLE = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head", "norm": "model.norm"}
 INIT_CHOICES = (True, False, "gaussian", "pissa")
+REFUSED_INIT = ("pissa", "olora", "loftq", "corda")  # peft re-runs these at load and rewrites the base
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """peft's `LoraConfig` fields and semantics (the subset jpeft implements; see the module docstring)."""
+    """peft's `LoraConfig` fields, defaults and semantics (the subset jpeft implements), plus LoRA+."""
 
-    r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    use_rslora: bool = False
-    use_dora: bool = False
-    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
-    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
-    layers_to_transform: int | list[int] | None = None
-    layers_pattern: str | list[str] | None = None
-    init_lora_weights: bool | str = True
-    modules_to_save: list[str] | None = None
-    bias: str = "none"
-    fan_in_fan_out: bool = False
-    lora_bias: bool = False
+    r: int = hp(8, "rank of every targeted module")
+    lora_alpha: float = hp(8, "scale numerator: scale = lora_alpha / r (/ sqrt(r) with --use-rslora)",
+                           aliases=("--alpha",))
+    lora_dropout: float = hp(0.0, "dropout on the adapter input in training", aliases=("--dropout",))
+    target_modules: list[str] | str | None = hp(
+        None, "'all-linear', names or suffixes (q_proj,v_proj) or a regex; default: peft's per-model list "
+              "(q_proj,v_proj)", parse="targets")
+    exclude_modules: list[str] | str | None = hp(None, "modules never targeted (same rules)", parse="targets")
+    use_rslora: bool = hp(False, "rsLoRA scale lora_alpha / sqrt(r) (Kalajdzievski 2023)")
+    use_dora: bool = hp(False, "DoRA: a trained magnitude per output feature")
+    rank_pattern: dict[str, int] = hp({}, "per-module ranks, JSON {regex: r} (peft's first-match rule)",
+                                      parse="json")
+    alpha_pattern: dict[str, float] = hp({}, "per-module alphas, JSON {regex: alpha}", parse="json")
+    layers_to_transform: int | list[int] | None = hp(None, "only these layer indices (comma list)", parse="ints")
+    layers_pattern: str | list[str] | None = hp(None, "name of the layer list for layers_to_transform")
+    init_lora_weights: bool | str = hp(True, "A kaiming-uniform and B = 0 (true), gaussian, pissa (SVD of W; "
+                                             "exported as a rank-2r LoRA of the original base) or false",
+                                       choices=INIT_CHOICES, parse="bool_or_name")
+    modules_to_save: list[str] | None = hp(None, "whole modules trained and saved: lm_head, embed_tokens, norm",
+                                           parse="names")
+    bias: str = hp("none", "peft's bias option; only 'none'", cli=False)
+    fan_in_fan_out: bool = hp(False, "Conv1D layout; these models use nn.Linear", cli=False)
+    lora_bias: bool = hp(False, "trainable lora_B bias; not supported", cli=False)
+    loraplus_lr_ratio: float | None = hp(None, "LoRA+ (Hayou et al. 2024): lora_B and 1-D leaves learn at lr × this "
+                                               "(peft's create_loraplus_optimizer), e.g. 16")
+
+    def validate(self) -> LoraConfig:
+        def bad(field: str, why: str):
+            raise ConfigError(f"{type(self).__name__}.{field}={getattr(self, field)!r}: {why}")
+
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            bad("r", "the rank must be a positive integer")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            bad("lora_dropout", "must be in [0, 1)")
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights in ("gaussian", "pissa")):
+            bad("init_lora_weights", f"supported values are {INIT_CHOICES}")
+        for field, why in (("bias", "only 'none' is supported (biases stay frozen)"), ("fan_in_fan_out", "these "
+                           "models use nn.Linear ([out, in] weights); set it to False"),
+                           ("lora_bias", "LoRA biases are not supported; set it to False")):
+            if getattr(self, field) not in ("none", False):
+                bad(field, why)
+        if self.use_dora and self.init_lora_weights == "pissa":
+            bad("use_dora", "DoRA with init_lora_weights='pissa' is not supported; choose one of them")
+        for k, v in (self.rank_pattern or {}).items():
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                bad("rank_pattern", f"rank for {k!r} must be a positive integer, got {v!r}")
+        if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
+            bad("loraplus_lr_ratio", "must be > 0 (LoRA+ suggests 2..16), or None to turn LoRA+ off")
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +132,7 @@ class LoRA(Method):
     lora_dropout: float = 0.0
     modules_to_save: tuple[str, ...] = ()
     init_lora_weights: bool | str = True
+    loraplus_lr_ratio: float | None = None
 
     def site(self, block: str, proj: str) -> LoraSite:
         for s in self.sites:
@@ -102,23 +143,13 @@ class LoRA(Method):
     def scales(self, s: LoraSite) -> tuple[float, ...]:
         return tuple(_scale(r, a, self.use_rslora) for r, a in zip(s.ranks, s.alphas))
 
-    def _dropout(self, site: tuple[str, ...], x: jax.Array, ctx: SiteContext) -> jax.Array:
-        p = self.lora_dropout
-        if not ctx.train or p == 0.0:
-            return x
-        if ctx.rng is None:
-            raise ConfigError(f"lora_dropout={p} in training needs an rng; pass rng= to the forward")
-        key = jax.random.fold_in(ctx.rng, zlib.crc32(("lora/" + "/".join(site)).encode()) & 0x7FFFFFFF)
-        keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
-        return jnp.where(keep, x / (1.0 - p), 0).astype(x.dtype)
-
     def linear(self, site, x, y, base, tree, ctx):
         """`y + s·(dropout(x) @ A @ B)`; DoRA: `y + (k−1)·(x W) + k·s·(dropout(x) @ A @ B)`, `k = m/‖W+sAB‖`."""
         info = self.site(*site)
         if ctx.layer is None:
             raise ConfigError("LoRA.linear needs the layer index (SiteContext.layer)")
         s = jnp.asarray(self.scales(info), F32)[ctx.layer]
-        xd = self._dropout(site, x, ctx)
+        xd = dropout(x, self.lora_dropout, ctx, "lora/" + "/".join(site))
         a, b = tree["lora_A"], tree["lora_B"]
         lora = jnp.matmul(jnp.matmul(xd, a.astype(x.dtype)), b.astype(x.dtype)) * s.astype(x.dtype)
         if not self.use_dora:
@@ -135,177 +166,64 @@ class LoRA(Method):
         k = k.astype(y.dtype)
         return y + (k - 1) * xw + k * lora.astype(y.dtype)
 
+    def override_params(self, tree: Any, params: dict) -> dict:
+        """modules_to_save: the trained copies stand in for the base modules (top-level param keys)."""
+        return modules_to_save.override(tree, params)
 
-def dense_kernel(k: Any) -> jax.Array:
-    """The `[in, out]` kernel as a dense fp32 array (quantized weights are dequantized)."""
-    if hasattr(k, "dequantize"):  # jpeft.quant.kernel.QuantizedKernel: `[L, in, out]` or `[in, out]`
-        return k.dequantize(F32)
-    return k.astype(F32)
+    def num_trainable(self, tree: Any) -> int:
+        """Values peft trains: true ranks only (no padding, no inert layers), plus modules_to_save copies."""
+        total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree.get("modules_to_save", {})))
+        for info in self.sites:
+            t = tree["layers"][info.block][info.proj]
+            d_in, d_out = t["lora_A"].shape[1], t["lora_B"].shape[2]
+            total += sum(r * (d_in + d_out) + (d_out if self.use_dora else 0) for r in info.ranks if r)
+        return int(total)
 
-
-# ----------------------------------------------------------------------------------------------------
-# Targeting: peft's rules, applied to the HF names of the decoder's linear layers.
-
-
-def linear_module_names(cfg: ModelConfig) -> list[str]:
-    """HF names of every LoRA-able linear, e.g. `model.layers.0.self_attn.q_proj`, layer by layer."""
-    sites = [("self_attn", p) for p in ATTN_PROJ] + [("mlp", p) for p in MLP_PROJ]
-    return [f"model.layers.{i}.{b}.{p}" for i in range(cfg.num_layers) for b, p in sites]
-
-
-def _name_matches(spec: list[str] | str, name: str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return name in spec or any(name.endswith("." + k) for k in spec)
-
-
-def _layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
-    if not layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        m = None
-        for pat in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", name)
-            if m:
-                break
-    return int(m.group("idx")) if m else None
-
-
-def _is_target(lc: LoraConfig, targets: list[str] | str, name: str) -> bool:
-    if lc.exclude_modules and _name_matches(lc.exclude_modules, name):
-        return False
-    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in lc.modules_to_save or []):
-        return False
-    if not _name_matches(targets, name):
-        return False
-    lt = lc.layers_to_transform
-    if isinstance(targets, str) or lt is None or lt == []:
-        return True
-    idx = _layer_index(name, lc.layers_pattern)
-    return idx is not None and (idx == lt if isinstance(lt, int) else idx in lt)
-
-
-def _check_config(cfg: ModelConfig, lc: LoraConfig) -> None:
-    def bad(field: str, why: str):
-        raise ConfigError(f"LoraConfig.{field}={getattr(lc, field)!r}: {why}")
-
-    if not isinstance(lc.r, int) or lc.r <= 0:
-        bad("r", "the rank must be a positive integer")
-    if not 0.0 <= lc.lora_dropout < 1.0:
-        bad("lora_dropout", "must be in [0, 1)")
-    if not (isinstance(lc.init_lora_weights, bool) or lc.init_lora_weights in ("gaussian", "pissa")):
-        bad("init_lora_weights", f"supported values are {INIT_CHOICES}")
-    if lc.bias != "none":
-        bad("bias", "only 'none' is supported (biases stay frozen)")
-    if lc.fan_in_fan_out:
-        bad("fan_in_fan_out", "these models use nn.Linear ([out, in] weights); set it to False")
-    if lc.lora_bias:
-        bad("lora_bias", "LoRA biases are not supported; set it to False")
-    if lc.use_dora and lc.init_lora_weights == "pissa":
-        bad("use_dora", "DoRA with init_lora_weights='pissa' is not supported; choose one of them")
-    for field, pat in (("rank_pattern", lc.rank_pattern), ("alpha_pattern", lc.alpha_pattern)):
-        for k, v in (pat or {}).items():
-            if field == "rank_pattern" and (not isinstance(v, int) or v <= 0):
-                bad(field, f"rank for {k!r} must be a positive integer, got {v!r}")
-    lt = lc.layers_to_transform
-    if lt is not None or lc.layers_pattern:
-        if isinstance(lc.target_modules, str):
-            bad("layers_to_transform", "needs target_modules to be a list (peft ignores it for a regex)")
-        if lt is None:
-            bad("layers_pattern", "is only used together with layers_to_transform")
-        for i in [lt] if isinstance(lt, int) else lt:
-            if not isinstance(i, int) or not 0 <= i < cfg.num_layers:
-                bad("layers_to_transform", f"layer {i!r} is out of range for a {cfg.num_layers}-layer model")
-    for m in lc.modules_to_save or []:
-        if m not in SAVEABLE:
-            bad("modules_to_save", f"{m!r} is not supported; use some of {sorted(SAVEABLE)}")
-        if cfg.tie_word_embeddings and m in ("lm_head", "embed_tokens"):
-            bad("modules_to_save", f"{m!r} is tied to the other embedding in this model, which peft "
-                                   "would untie inconsistently; train it with LoRA or untie the model first")
+    def wrap_optimizer(self, tx, learning_rate=None):
+        """LoRA+: lora_B (and 1-D leaves) get `loraplus_lr_ratio` times the learning rate."""
+        if self.loraplus_lr_ratio is None:
+            return tx
+        return scale_by_loraplus(tx, self.loraplus_lr_ratio)
 
 
 def targeted_module_names(cfg: ModelConfig, lc: LoraConfig) -> list[str]:
     """HF names of the modules `lc` targets (peft's matching rules), in layer-major order."""
-    _check_config(cfg, lc)
-    names = linear_module_names(cfg)
-    targets = lc.target_modules
-    if targets is None:
-        targets = DEFAULT_TARGETS.get(cfg.model_type)
-        if targets is None:
-            raise ConfigError(f"LoraConfig.target_modules=None: no default for model_type={cfg.model_type!r}")
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = names  # every linear of the decoder blocks; lm_head is not a LoRA site
-    elif not isinstance(targets, str):
-        targets = list(targets)
-        unknown = [t for t in targets if not any(_name_matches([t], n) for n in names)]
-        if unknown:
-            kinds = sorted({n.split(".", 3)[3] for n in names} | {n.rsplit(".", 1)[1] for n in names})
-            raise ConfigError(f"LoraConfig.target_modules: {unknown} match no linear module of this "
-                              f"{cfg.model_type} model; available names (or suffixes): {kinds}")
-    chosen = [n for n in names if _is_target(lc, targets, n)]
-    if not chosen:
-        raise ConfigError(f"LoraConfig.target_modules={lc.target_modules!r} (with exclude_modules/"
-                          f"layers_to_transform) targets no module; available: {names[:7]} (and the same "
-                          f"in layers 1..{cfg.num_layers - 1})")
-    return chosen
-
-
-def pattern_value(pattern: dict | None, name: str, default: Any) -> Any:
-    """peft's rule: the first key K (dict order) with `re.match(rf"(.*\\.)?({K})$", name)` wins."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+    lc.validate()
+    modules_to_save.check(cfg, lc.modules_to_save, "LoraConfig.modules_to_save")
+    return targeting.targeted_module_names(cfg, lc, type(lc).__name__)
 
 
 def resolve(cfg: ModelConfig, lc: LoraConfig) -> LoRA:
     """The static `LoRA` object for `lc` on this model (targets, per-layer ranks and alphas)."""
-    chosen = set(targeted_module_names(cfg, lc))
+    chosen = targeted_module_names(cfg, lc)
     sites = []
-    for block, proj in [("self_attn", p) for p in ATTN_PROJ] + [("mlp", p) for p in MLP_PROJ]:
-        ranks, alphas = [], []
-        for i in range(cfg.num_layers):
-            n = f"model.layers.{i}.{block}.{proj}"
-            on = n in chosen
-            ranks.append(int(pattern_value(lc.rank_pattern, n, lc.r)) if on else 0)
-            alphas.append(pattern_value(lc.alpha_pattern, n, lc.lora_alpha) if on else 0)
-        if any(ranks):
-            sites.append(LoraSite(block, proj, tuple(ranks), tuple(alphas)))
+    for (block, proj), flags in targeting.site_layers(cfg, chosen).items():
+        names = [hf.linear_module(i, block, proj) for i in range(cfg.num_layers)]
+        ranks = tuple(int(targeting.pattern_value(lc.rank_pattern, n, lc.r)) if on else 0
+                      for n, on in zip(names, flags))
+        alphas = tuple(targeting.pattern_value(lc.alpha_pattern, n, lc.lora_alpha) if on else 0
+                       for n, on in zip(names, flags))
+        sites.append(LoraSite(block, proj, ranks, alphas))
     for field in ("rank_pattern", "alpha_pattern"):  # like peft >= 0.21: a typo must not pass silently
-        unused = [k for k in getattr(lc, field) or {} if not any(re.match(rf"(.*\.)?({k})$", n) for n in chosen)]
+        unused = targeting.unused_pattern_keys(getattr(lc, field), chosen)
         if unused:
             warnings.warn(f"LoraConfig.{field} keys {unused} did not match any targeted module", stacklevel=2)
     return LoRA(sites=tuple(sites), r=lc.r, lora_alpha=lc.lora_alpha, use_rslora=lc.use_rslora,
-                use_dora=lc.use_dora, lora_dropout=lc.lora_dropout,
-                modules_to_save=tuple(lc.modules_to_save or ()), init_lora_weights=lc.init_lora_weights)
+                use_dora=lc.use_dora, lora_dropout=lc.lora_dropout, modules_to_save=tuple(lc.modules_to_save or ()),
+                init_lora_weights=lc.init_lora_weights, loraplus_lr_ratio=lc.loraplus_lr_ratio)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Init, merge, counting.
-
-
-def _rank_mask(ranks: tuple[int, ...], r_max: int) -> jax.Array:
-    return jnp.arange(r_max)[None, :] < jnp.asarray(ranks)[:, None]  # [L, r_max]
-
-
-def _pissa(w: jax.Array, ranks, scales, r_max: int) -> tuple[jax.Array, jax.Array]:
-    """peft's exact-SVD PiSSA on W^T `[out, in]`: A = √(S_r/s)·Uhᵣ, B = Vᵣ·√(S_r/s) (JAX layout)."""
-    v, sv, uh = jnp.linalg.svd(jnp.swapaxes(w, 1, 2), full_matrices=False)  # [L,out,k],[L,k],[L,k,in]
-    s = jnp.asarray([x if x else 1.0 for x in scales], F32)[:, None]
-    mask = _rank_mask(ranks, r_max)
-    root = jnp.where(mask, jnp.sqrt(sv[:, :r_max] / s), 0.0)  # [L, r_max]
-    a = jnp.swapaxes(uh[:, :r_max, :], 1, 2) * root[:, None, :]  # [L, in, r_max]
-    b = jnp.swapaxes(v[:, :, :r_max], 1, 2) * root[:, :, None]  # [L, r_max, out]
-    return a, b
+# Init and merge.
 
 
 def _init_site(key, w: jax.Array, info: LoraSite, method: LoRA, how) -> dict:
     n_layers, d_in, d_out = w.shape
     r_max = max(info.ranks)
-    mask = _rank_mask(info.ranks, r_max)
+    mask = rank_mask(info.ranks, r_max)
     ka, kb = jax.random.split(key)
     if how == "pissa":
-        a, b = _pissa(w, info.ranks, method.scales(info), r_max)
+        a, b = pissa_factors(w, info.ranks, method.scales(info), r_max)
     else:
         bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=√5) on [r, in] == U(±1/√in)
         a = jax.random.uniform(ka, (n_layers, d_in, r_max), F32, -bound, bound)
@@ -326,45 +244,36 @@ def _init_site(key, w: jax.Array, info: LoraSite, method: LoRA, how) -> dict:
 def init_lora(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array):
     """`(method, adapters)` with `adapters = {"lora": tree}`; for `init_lora_weights="pissa"` also a third
     value: the residual base `W − s·B·A` as a *new* params tree (the input base is never modified); train
-    and run with that residual base, and export with `initial_adapters=` (see the bridge)."""
+    and run with that residual base, and export with `initial_adapters=` (see `save_peft_adapter`)."""
     method = resolve(cfg, lcfg)
-    layers, new_layers = {}, {}
+    layers, residual = {}, {}
     for i, info in enumerate(method.sites):
         w = dense_kernel(params["layers"][info.block][info.proj]["kernel"])
         tree = _init_site(jax.random.fold_in(rng, i), w, info, method, lcfg.init_lora_weights)
         layers.setdefault(info.block, {})[info.proj] = tree
         if lcfg.init_lora_weights == "pissa":
             s = jnp.asarray(method.scales(info), F32)[:, None, None]
-            new_layers.setdefault(info.block, {})[info.proj] = w - s * (tree["lora_A"] @ tree["lora_B"])
+            residual.setdefault(info.block, {})[info.proj] = {"kernel": w - s * (tree["lora_A"] @ tree["lora_B"])}
     out: dict = {"layers": layers}
     if method.modules_to_save:
-        out["modules_to_save"] = {m: jax.tree_util.tree_map(jnp.array, params[m]) for m in method.modules_to_save}
+        out["modules_to_save"] = modules_to_save.copies(params, method.modules_to_save)
     if lcfg.init_lora_weights != "pissa":
         return method, {"lora": out}
-    return method, {"lora": out}, _replace_kernels(params, new_layers)
+    return method, {"lora": out}, replace_linears(params, residual)
 
 
-def _replace_kernels(params: dict, kernels: dict) -> dict:
-    """A new params tree with `layers[block][proj]["kernel"]` replaced (everything else shared)."""
-    layers = dict(params["layers"])
-    for block, projs in kernels.items():
-        layers[block] = dict(layers[block])
-        for proj, k in projs.items():
-            layers[block][proj] = {**layers[block][proj], "kernel": k.astype(params["layers"][block][proj]
-                                                                           ["kernel"].dtype)}
-    return {**params, "layers": layers}
+def build_lora(model: Any, lc: LoraConfig, rng: jax.Array) -> Built:
+    """The registry's init: PiSSA trains on the residual base and exports against the original one."""
+    out = init_lora(model.cfg, model.params, lc, rng)
+    if len(out) == 3:
+        return Built(out[0], out[1], out[2], {"initial_adapters": out[1]})
+    return Built(out[0], out[1], model.params)
 
 
-def lora_tree(adapters: dict) -> dict:
-    """`adapters["lora"]` (also accepts the LoRA tree itself)."""
-    return adapters["lora"] if "lora" in adapters else adapters
-
-
-def merged_kernel(w: jax.Array, tree: dict, method: LoRA, info: LoraSite) -> jax.Array:
+def merged_kernel(w: Any, tree: dict, method: LoRA, info: LoraSite) -> jax.Array:
     """`W + s·A@B` stacked `[L, in, out]` in fp32; DoRA: `(m / ‖W + s·A@B‖) ⊙ (W + s·A@B)` per output."""
     s = jnp.asarray(method.scales(info), F32)[:, None, None]
-    w = dense_kernel(w)
-    merged = w + s * (tree["lora_A"].astype(F32) @ tree["lora_B"].astype(F32))
+    merged = dense_kernel(w) + s * (tree["lora_A"].astype(F32) @ tree["lora_B"].astype(F32))
     if method.use_dora:
         active = jnp.asarray([r > 0 for r in info.ranks])[:, None]
         n = jnp.linalg.norm(merged, axis=1)
@@ -375,24 +284,123 @@ def merged_kernel(w: jax.Array, tree: dict, method: LoRA, info: LoraSite) -> jax
 
 def merge_lora(params: dict, method: LoRA, adapters: dict) -> dict:
     """A new base tree with the adapter merged in (and modules_to_save copies swapped in)."""
-    tree = lora_tree(adapters)
+    tree = method_tree(adapters, "lora")
     kernels: dict = {}
     for info in method.sites:
         w = params["layers"][info.block][info.proj]["kernel"]
-        kernels.setdefault(info.block, {})[info.proj] = merged_kernel(
-            w, tree["layers"][info.block][info.proj], method, info)
-    out = _replace_kernels(params, kernels)
-    return {**out, **tree.get("modules_to_save", {})}
+        kernels.setdefault(info.block, {})[info.proj] = {
+            "kernel": merged_kernel(w, tree["layers"][info.block][info.proj], method, info)}
+    return method.override_params(tree, replace_linears(params, kernels))
 
 
-def count_trainable(adapters: dict, method: LoRA | None = None) -> int:
-    """Trainable parameters: every leaf of the tree, or (with `method`) without rank padding and inert layers."""
-    tree = lora_tree(adapters)
-    if method is None:
-        return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
-    total = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree.get("modules_to_save", {})))
+# ----------------------------------------------------------------------------------------------------
+# peft folders.
+
+
+def _lora_tensors(cfg: ModelConfig, method: LoRA, tree: dict, initial: dict | None) -> tuple[dict, dict]:
+    """HF-named fp32 tensors with true ranks, and {module name: (r, alpha)}; PiSSA as a rank-2r LoRA."""
+    tensors, ranks = {}, {}
     for info in method.sites:
         t = tree["layers"][info.block][info.proj]
-        d_in, d_out = t["lora_A"].shape[1], t["lora_B"].shape[2]
-        total += sum(r * (d_in + d_out) + (d_out if method.use_dora else 0) for r in info.ranks if r)
-    return int(total)
+        t0 = None if initial is None else initial["layers"][info.block][info.proj]
+        for i, (r, alpha) in enumerate(zip(info.ranks, info.alphas)):
+            if r == 0:
+                continue
+            name = hf.linear_module(i, info.block, info.proj)
+            a = np.asarray(t["lora_A"][i, :, :r], np.float32).T  # [r, in]
+            b = np.asarray(t["lora_B"][i, :r, :], np.float32).T  # [out, r]
+            if t0 is not None:  # PiSSA: W_res + s·B·A == W + s·[B, −B0]·[A; A0]
+                a0, b0 = np.asarray(t0["lora_A"][i, :, :r], np.float32).T, np.asarray(t0["lora_B"][i, :r], np.float32).T
+                a, b, r, alpha = as_plain_lora(a, b, a0, b0, r, alpha, method.use_rslora)
+            tensors[hf.peft_key(name, "lora_A.weight")] = a
+            tensors[hf.peft_key(name, "lora_B.weight")] = b
+            if method.use_dora:
+                tensors[hf.peft_key(name, "lora_magnitude_vector")] = np.asarray(t["lora_magnitude_vector"][i])
+            ranks[name] = (r, alpha)
+    return {**tensors, **modules_to_save.to_tensors(cfg, tree)}, ranks
+
+
+def adapter_config(method: LoRA, ranks: dict, base_model_name_or_path: str | None, doubled: bool) -> dict:
+    """The peft `adapter_config.json` dict (per-module patterns with escaped names)."""
+    r = method.r * (2 if doubled else 1)
+    alpha = method.lora_alpha * ((math.sqrt(2) if method.use_rslora else 2) if doubled else 1)
+    num = peft_io.json_number
+    return {**peft_io.LORA_OFF_FIELDS, "peft_type": "LORA", "task_type": "CAUSAL_LM",
+            "peft_version": peft_io.PEFT_VERSION, "base_model_name_or_path": base_model_name_or_path,
+            "inference_mode": True, "r": r, "lora_alpha": num(alpha), "lora_dropout": method.lora_dropout,
+            "use_rslora": method.use_rslora,
+            "use_dora": method.use_dora, "init_lora_weights": True, "bias": "none",
+            "target_modules": sorted(ranks), "exclude_modules": None, "layers_to_transform": None,
+            "layers_pattern": None, "rank_pattern": {re.escape(n): ra[0] for n, ra in ranks.items() if ra[0] != r},
+            "alpha_pattern": {re.escape(n): num(ra[1]) for n, ra in ranks.items() if not math.isclose(ra[1], alpha)},
+            "modules_to_save": list(method.modules_to_save) or None}
+
+
+def save_peft_adapter(folder: str | Path, cfg: ModelConfig, method: LoRA, adapters: dict,
+                      base_model_name_or_path: str | None = None, initial_adapters: dict | None = None) -> Path:
+    """Write a peft LoRA/DoRA folder that `PeftModel.from_pretrained(hf_model, folder)` loads unchanged.
+
+    PiSSA (`method.init_lora_weights == "pissa"`): the trained adapter belongs to the residual base, so
+    pass `initial_adapters` (the adapters `init_lora` returned) and the export is peft's documented
+    conversion to a rank-2r LoRA of the ORIGINAL base (`A' = [A; A0]`, `B' = [B, −B0]`, r and alpha
+    doubled, alpha×√2 under rsLoRA).
+    """
+    if method.init_lora_weights == "pissa" and initial_adapters is None:
+        raise ConfigError("this adapter was initialised with init_lora_weights='pissa' and trained on the residual "
+                          "base; pass initial_adapters=<the adapters init_lora returned> to export it as a rank-2r "
+                          "LoRA for the original base (peft's path_initial_model_for_weight_conversion)")
+    initial = None if initial_adapters is None else method_tree(initial_adapters, "lora")
+    tensors, ranks = _lora_tensors(cfg, method, method_tree(adapters, "lora"), initial)
+    config = adapter_config(method, ranks, base_model_name_or_path, doubled=initial is not None)
+    return peft_io.write_adapter(folder, config, tensors)
+
+
+def _read_config(folder: Path) -> tuple[Path, dict, LoraConfig]:
+    path, raw = peft_io.read_adapter_config(folder, "LORA")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.split("_")[0].lower() in REFUSED_INIT:
+        raise CheckpointError(
+            f"{path}: init_lora_weights={init!r}: peft re-runs this init at load time and rewrites the base "
+            "weights, so the adapter only works on a residual base. Re-save it in peft with "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...) (plain LoRA, init true)")
+    peft_io.refuse_fields(raw, path, peft_io.LORA_OFF_FIELDS, "LoRA")
+    return path, raw, peft_io.config_from_json(LoraConfig, raw, path, init_lora_weights=bool(init))
+
+
+def load_peft_adapter(folder: str | Path, cfg: ModelConfig, params: dict) -> tuple[LoRA, dict]:
+    """Read a peft LoRA/DoRA folder (patterns, rsLoRA, layers_to_transform, modules_to_save) into jpeft."""
+    folder = Path(folder)
+    path, raw, lc = _read_config(folder)
+    try:
+        method = resolve(cfg, lc)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    f = peft_io.AdapterTensors(folder)
+    layers = {}
+    for info in method.sites:
+        w = params["layers"][info.block][info.proj]["kernel"]
+        n_layers, d_in, d_out = w.shape
+        a, b = np.zeros((n_layers, d_in, max(info.ranks)), np.float32), np.zeros((n_layers, max(info.ranks), d_out),
+                                                                                  np.float32)
+        m = np.array(jnp.linalg.norm(dense_kernel(w), axis=1)) if method.use_dora else None
+        for i, r in enumerate(info.ranks):
+            if r == 0:
+                continue
+            name = hf.linear_module(i, info.block, info.proj)
+            why = f"adapter_config.json targets {name}"
+            a[i, :, :r] = f.take(hf.peft_key(name, "lora_A.weight"), (r, d_in), why).T
+            b[i, :r, :] = f.take(hf.peft_key(name, "lora_B.weight"), (d_out, r), why).T
+            if m is not None:
+                m[i] = f.take(hf.peft_key(name, "lora_magnitude_vector"), (d_out,), why)
+        layers.setdefault(info.block, {})[info.proj] = {"lora_A": jnp.asarray(a), "lora_B": jnp.asarray(b),
+                                                        **({} if m is None else {"lora_magnitude_vector": m})}
+    out = {"layers": layers, **modules_to_save.from_tensors(cfg, f, method.modules_to_save)}
+    f.check_all_used(hf.model_modules(cfg))
+    return method, {"lora": out}
+
+
+register_method(MethodSpec(
+    name="lora", config=LoraConfig, method=LoRA, init=build_lora, save=save_peft_adapter, load=load_peft_adapter,
+    peft_type="LORA", merge=merge_lora,
+    demo={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+    summary="LoRA (+ rsLoRA, DoRA, PiSSA init, patterns, LoRA+)"))

@@ -14,33 +14,43 @@ or, with `prefix_projection=True` (the reparameterisation MLP, training only),
      "transform_2": {"kernel": [E, L·2·token_dim], "bias": [L·2·token_dim]}}
 
 `PrefixTuning.prepare` turns either into per-layer `{"layers": {"prefix": {"key", "value": [L, P, K, hd]}}}`
-for the decoder's scan. Export always writes the (projected) flat table, as peft does.
+for the decoder's scan. Export always writes the (projected) flat table, as peft does: one tensor,
+`prompt_embeddings`, with no `base_model.model.` prefix. `task_type` must be `CAUSAL_LM`: peft silently
+ignores a prompt-learning adapter without it, so the loader warns about such folders (and still loads them).
+Prefix tuning cannot be merged: its keys and values are extra attention entries, not a weight update.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jpeft.errors import ConfigError
+from jpeft.errors import CheckpointError, ConfigError
 from jpeft.methods.base import Method, SiteContext
+from jpeft.methods.common import hp, method_tree
+from jpeft.methods.registry import Built, MethodSpec, register_method
 from jpeft.models.config import ModelConfig
+from jpeft.torch_bridge import peft_io
 
 F32 = jnp.float32
+KEY = "prompt_embeddings"
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefixTuningConfig:
     """peft's `PrefixTuningConfig` fields that matter for a decoder LM (`token_dim` etc. follow the model)."""
 
-    num_virtual_tokens: int = 20
-    prefix_projection: bool = False
-    encoder_hidden_size: int | None = None  # the MLP's hidden width (peft: None means token_dim)
-    init_weights: str | None = None  # None: N(0, 1) like torch's Embedding; "zero": all zeros
+    num_virtual_tokens: int = hp(20, "P, the trainable keys/values prepended in every attention layer")
+    prefix_projection: bool = hp(False, "train through peft's reparameterisation MLP (exported evaluated)")
+    encoder_hidden_size: int | None = hp(None, "the MLP's hidden width (default: kv_heads · head_dim)")
+    init_weights: str | None = hp(None, "None: N(0, 1) like torch's Embedding; 'zero': all zeros", choices=("zero",))
 
 
 def check_num_virtual_tokens(n: Any, where: str = "num_virtual_tokens") -> int:
@@ -141,11 +151,79 @@ def flat_method(method: PrefixTuning) -> PrefixTuning:
 
 def export_tree(method: PrefixTuning, adapters: dict) -> dict:
     """The flat `{"prompt_embeddings": [P, L·2·token_dim]}` tree of a trained adapter (MLP evaluated)."""
-    tree = adapters.get("prefix", adapters)
-    return {"prompt_embeddings": jnp.asarray(method.table(tree), F32)}
+    return {KEY: jnp.asarray(method.table(method_tree(adapters, "prefix")), F32)}
 
 
-def count_trainable(adapters: dict, method: PrefixTuning | None = None) -> int:
-    """Number of trainable values (the MLP's too when reparameterised)."""
-    tree = adapters.get("prefix", adapters)
-    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+def prompt_config(peft_type: str, p: int, base_model_name_or_path: str | None) -> dict:
+    """The adapter_config.json fields peft's prompt-learning configs share."""
+    return {"peft_type": peft_type, "task_type": "CAUSAL_LM", "num_virtual_tokens": p, "num_transformer_submodules": 1,
+            "inference_mode": True, "base_model_name_or_path": base_model_name_or_path, "revision": None,
+            "auto_mapping": None, "modules_to_save": None, "peft_version": peft_io.PEFT_VERSION}
+
+
+def save_peft_prefix(folder: str | Path, cfg: ModelConfig, method: PrefixTuning, adapters: dict,
+                     base_model_name_or_path: str | None = None) -> Path:
+    """Write a peft `PREFIX_TUNING` folder (`prompt_embeddings [P, L·2·kv_heads·head_dim]`, MLP evaluated)."""
+    config = {**prompt_config("PREFIX_TUNING", method.num_virtual_tokens, base_model_name_or_path),
+              "num_layers": method.num_layers, "token_dim": method.token_dim,
+              "num_attention_heads": method.num_kv_heads, "prefix_projection": method.prefix_projection,
+              "encoder_hidden_size": method.encoder_hidden_size or method.token_dim, "init_weights": None}
+    return peft_io.write_adapter(folder, config, {KEY: np.asarray(export_tree(method, adapters)[KEY])})
+
+
+def read_prompt_config(folder: Path, peft_type: str) -> tuple[Path, dict]:
+    """adapter_config.json of a prompt-learning folder, checked; warns when `task_type` is not CAUSAL_LM."""
+    path, raw = peft_io.read_adapter_config(folder, peft_type)
+    task = raw.get("task_type")
+    if task != "CAUSAL_LM":
+        warnings.warn(f"{path}: task_type={task!r}. peft itself would load this {peft_type} adapter as a plain "
+                      "PeftModel and silently IGNORE it; jpeft applies it as a causal-LM adapter. Set "
+                      '"task_type": "CAUSAL_LM" in adapter_config.json so that peft uses it too', stacklevel=3)
+    try:
+        check_num_virtual_tokens(raw.get("num_virtual_tokens"))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if raw.get("num_transformer_submodules") not in (None, 1):
+        raise CheckpointError(f"{path}: num_transformer_submodules={raw['num_transformer_submodules']} is for "
+                              "encoder-decoder models; jpeft's decoder-only models need 1")
+    return path, raw
+
+
+def read_prompt_table(folder: Path, p: int, width: int, what: str) -> np.ndarray:
+    """The `prompt_embeddings [p, width]` tensor of a prompt-learning folder (errors name file and shape)."""
+    f = peft_io.AdapterTensors(folder)
+    if KEY not in f:
+        raise CheckpointError(f"{f.path}: tensor {KEY!r} is missing; found {sorted(f.keys)[:5]}")
+    shape = f.file.get(KEY).shape
+    if len(shape) != 2 or shape[0] != p:
+        raise CheckpointError(f"{f.path}: {KEY} has shape {list(shape)}, but adapter_config.json says "
+                              f"num_virtual_tokens={p}, so it must be [{p}, {width}]")
+    if shape[1] != width:
+        raise CheckpointError(f"{f.path}: {KEY} is {shape[1]} wide, but this model needs {width} ({what}); "
+                              "was the adapter trained on another model?")
+    table = f.take(KEY, (p, width))
+    f.check_all_used()
+    return table
+
+
+def load_peft_prefix(folder: str | Path, cfg: ModelConfig, params: dict | None = None
+                     ) -> tuple[PrefixTuning, dict]:
+    """Read a peft `PREFIX_TUNING` folder: `(method, {"prefix": {"prompt_embeddings": [P, L·2·token_dim]}})`."""
+    _, raw = read_prompt_config(Path(folder), "PREFIX_TUNING")
+    method = flat_method(PrefixTuning(num_virtual_tokens=raw["num_virtual_tokens"], num_layers=cfg.num_layers,
+                                      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim))
+    what = f"num_layers {cfg.num_layers} · 2 · num_key_value_heads {cfg.num_kv_heads} · head_dim {cfg.head_dim}"
+    table = read_prompt_table(Path(folder), method.num_virtual_tokens, method.width, what)
+    return method, {"prefix": {KEY: jnp.asarray(table)}}
+
+
+def build_prefix(model: Any, pc: PrefixTuningConfig, rng: jax.Array) -> Built:
+    method, adapters = init_prefix(model.cfg, pc, rng)
+    return Built(method, adapters, model.params)
+
+
+register_method(MethodSpec(
+    name="prefix", config=PrefixTuningConfig, method=PrefixTuning, init=build_prefix, save=save_peft_prefix,
+    load=load_peft_prefix, peft_type="PREFIX_TUNING",
+    no_merge="prefix tuning adds trained keys and values to every attention layer; no weight holds them",
+    summary="prefix tuning: P trained keys/values per layer (peft PREFIX_TUNING)"))

@@ -8,6 +8,9 @@ and prepends -100 labels; the real-token logits are the same).
 Trainable tree: `adapters["prompt"] = {"prompt_embeddings": [P, D]}` (D = hidden size, no GQA rule).
 The vectors are used as given (gemma: transformers scales inside its embedding module, so the prompt is
 not scaled; text initialisation takes the *scaled* embeddings of the text's tokens, as peft does).
+
+Folder (peft `PROMPT_TUNING`): one tensor `prompt_embeddings [P, hidden_size]`, `task_type: CAUSAL_LM` (see
+`jpeft.methods.prefix`). Prompt tuning cannot be merged: the soft prompt is extra input, not a weight update.
 """
 
 from __future__ import annotations
@@ -15,15 +18,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft.errors import ConfigError
 from jpeft.methods.base import Method, SiteContext
-from jpeft.methods.prefix import check_num_virtual_tokens
+from jpeft.methods.common import hp, method_tree
+from jpeft.methods.prefix import KEY, check_num_virtual_tokens, prompt_config, read_prompt_config, read_prompt_table
+from jpeft.methods.registry import Built, MethodSpec, register_method
 from jpeft.models.config import ModelConfig
+from jpeft.models.model import embed
+from jpeft.torch_bridge import peft_io
 
 F32 = jnp.float32
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -34,10 +43,12 @@ class PromptTuningConfig:
     """peft's `PromptTuningConfig` fields. `prompt_tuning_init="TEXT"` needs the tokenised text (or a
     tokenizer) at init; `tokenizer_name_or_path` is only written to the config for peft's records."""
 
-    num_virtual_tokens: int = 20
-    prompt_tuning_init: str = "RANDOM"
-    prompt_tuning_init_text: str | None = None
-    tokenizer_name_or_path: str | None = None
+    num_virtual_tokens: int = hp(20, "P, the soft-prompt vectors prepended to every input")
+    prompt_tuning_init: str = hp("RANDOM", "RANDOM: N(0, 1); TEXT: embeddings of --prompt-tuning-init-text; "
+                                           "SAMPLE_VOCAB: embeddings of random vocabulary tokens", choices=INITS)
+    prompt_tuning_init_text: str | None = hp(None, "text whose token embeddings start the prompt (with TEXT)")
+    tokenizer_name_or_path: str | None = hp(None, "written to adapter_config.json for peft (CLI: the model path)",
+                                            cli=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +61,10 @@ class PromptTuning(Method):
     prompt_tuning_init: str = "RANDOM"
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
+
+    def virtual_tokens(self, tree: dict, ctx: SiteContext) -> int:
+        """P on the first call; 0 while decoding from a cache that already holds the prompt."""
+        return 0 if ctx.decode else self.num_virtual_tokens
 
     def embed(self, tree: dict, h: jax.Array, ctx: SiteContext) -> jax.Array:
         """h `[B, T, D]` -> `[B, P + T, D]`; unchanged while decoding from a cache that holds the prompt."""
@@ -86,8 +101,6 @@ def init_prompt(cfg: ModelConfig, params: dict, pc: PromptTuningConfig, rng: jax
     embeddings of the text's token ids (`init_token_ids`, or `tokenizer(prompt_tuning_init_text)` with
     the tokenizer's default special tokens, as peft calls it), cut or repeated to P.
     """
-    from jpeft.models.model import embed
-
     method = resolve(cfg, pc)
     p = method.num_virtual_tokens
     if pc.prompt_tuning_init == "RANDOM":
@@ -104,6 +117,40 @@ def init_prompt(cfg: ModelConfig, params: dict, pc: PromptTuningConfig, rng: jax
     return method, {"prompt": {"prompt_embeddings": table}}
 
 
-def count_trainable(adapters: dict, method: PromptTuning | None = None) -> int:
-    tree = adapters.get("prompt", adapters)
-    return int(math.prod(tree["prompt_embeddings"].shape))
+def save_peft_prompt(folder: str | Path, cfg: ModelConfig, method: PromptTuning, adapters: dict,
+                     base_model_name_or_path: str | None = None) -> Path:
+    """Write a peft `PROMPT_TUNING` folder (`prompt_embeddings [P, hidden_size]`)."""
+    config = {**prompt_config("PROMPT_TUNING", method.num_virtual_tokens, base_model_name_or_path),
+              "num_layers": cfg.num_layers, "token_dim": cfg.hidden_size, "num_attention_heads": cfg.num_heads,
+              "prompt_tuning_init": method.prompt_tuning_init,
+              "prompt_tuning_init_text": method.prompt_tuning_init_text,
+              "tokenizer_name_or_path": method.tokenizer_name_or_path, "tokenizer_kwargs": None}
+    return peft_io.write_adapter(folder, config, {KEY: np.asarray(method_tree(adapters, "prompt")[KEY])})
+
+
+def load_peft_prompt(folder: str | Path, cfg: ModelConfig, params: dict | None = None
+                     ) -> tuple[PromptTuning, dict]:
+    """Read a peft `PROMPT_TUNING` folder: `(method, {"prompt": {"prompt_embeddings": [P, D]}})`."""
+    _, raw = read_prompt_config(Path(folder), "PROMPT_TUNING")
+    method = PromptTuning(num_virtual_tokens=raw["num_virtual_tokens"], token_dim=cfg.hidden_size,
+                          prompt_tuning_init=raw.get("prompt_tuning_init") or "RANDOM",
+                          prompt_tuning_init_text=raw.get("prompt_tuning_init_text"),
+                          tokenizer_name_or_path=raw.get("tokenizer_name_or_path"))
+    what = f"hidden_size {cfg.hidden_size}"
+    table = read_prompt_table(Path(folder), method.num_virtual_tokens, cfg.hidden_size, what)
+    return method, {"prompt": {KEY: jnp.asarray(table)}}
+
+
+def build_prompt(model: Any, pc: PromptTuningConfig, rng: jax.Array) -> Built:
+    """TEXT init tokenises with the model's tokenizer and records the model path for peft."""
+    if pc.prompt_tuning_init == "TEXT" and pc.tokenizer_name_or_path is None:
+        pc = dataclasses.replace(pc, tokenizer_name_or_path=str(model.path))
+    method, adapters = init_prompt(model.cfg, model.params, pc, rng, tokenizer=model.tokenizer)
+    return Built(method, adapters, model.params)
+
+
+register_method(MethodSpec(
+    name="prompt", config=PromptTuningConfig, method=PromptTuning, init=build_prompt, save=save_peft_prompt,
+    load=load_peft_prompt, peft_type="PROMPT_TUNING",
+    no_merge="prompt tuning prepends trained input vectors; no weight holds them",
+    summary="prompt tuning: P trained soft-prompt vectors (peft PROMPT_TUNING)"))

@@ -1,44 +1,26 @@
 """Per-module ranks shared by the rank-adaptive methods (AdaLoRA, SoRA).
 
-* `full_layer_sites`: peft targeting (reused from `jpeft.methods.lora`) reduced to the projection kinds
-  targeted in every layer; adaptive methods share one budget across all stacked modules, so a site that
-  is targeted in only some layers would add inert modules to that budget and is refused.
 * `diagonal_to_lora`: a factorised adapter `x @ A @ diag(d) @ B · s` (A `[L, in, r]`, d `[L, r]`,
   B `[L, r, out]`) with a keep mask `[L, r]` becomes a plain LoRA with per-module ranks: the kept columns
   of A, and `d·s` folded into the kept rows of B, with `lora_alpha = r` so peft's scale is 1.
-* `rank_table` / `plot_ranks`: the final rank per module as a text table and a layer × module heat map.
+* `rank_table` / `plot_ranks` / `report_ranks`: the final rank per module as a text table, a layer × module
+  heat map, and both plus OUT/ranks.json after a training run.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError
-from jpeft.methods.lora import ATTN_PROJ, MLP_PROJ, LoRA, LoraConfig, LoraSite, targeted_module_names
-from jpeft.models.config import ModelConfig
-
-Site = tuple[str, str]
-ALL_SITES: tuple[Site, ...] = tuple([("self_attn", p) for p in ATTN_PROJ] + [("mlp", p) for p in MLP_PROJ])
-
-
-def full_layer_sites(cfg: ModelConfig, lc: LoraConfig, method: str) -> tuple[Site, ...]:
-    """(block, proj) of every projection kind `lc` targets, each required in every layer."""
-    chosen = set(targeted_module_names(cfg, lc))
-    sites = []
-    for block, proj in ALL_SITES:
-        layers = [i for i in range(cfg.num_layers) if f"model.layers.{i}.{block}.{proj}" in chosen]
-        if layers and len(layers) != cfg.num_layers:
-            raise ConfigError(
-                f"{method}: target_modules/layers_to_transform select {block}.{proj} in layers {layers} only; "
-                f"{method} needs each targeted projection in all {cfg.num_layers} layers (one shared rank "
-                "budget over stacked modules). Drop layers_to_transform/exclude_modules for it.")
-        if layers:
-            sites.append((block, proj))
-    return tuple(sites)
+from jpeft.methods.lora import LoRA, LoraSite
+from jpeft.methods.targeting import Site
+from jpeft.torch_bridge.hf_names import LINEAR_SITES as ALL_SITES
 
 
 def diagonal_to_lora(factors: Mapping[Site, tuple], keep: Mapping[Site, np.ndarray], scale: float
@@ -107,3 +89,15 @@ def plot_ranks(ranks: Mapping[Site, list[int]], path: str | Path, title: str = "
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def report_ranks(out: Path, ranks: Mapping[Site, list[int]], budget: int, lora: tuple[LoRA, dict] | None,
+                 title: str) -> dict[str, Any]:
+    """Print the rank table, write OUT/ranks.png and OUT/ranks.json (ranks and the exported LoRA's size)."""
+    print(f"final rank per module ({title}):\n" + rank_table(ranks, budget))
+    plot_ranks(ranks, out / "ranks.png", title=f"{title}: final rank")
+    rec = {"ranks": {f"{b}.{p}": v for (b, p), v in ranks.items()}, "total_rank": sum(map(sum, ranks.values())),
+           "initial_rank": budget,
+           "exported_lora_parameters": lora[0].num_trainable(lora[1]["lora"]) if lora is not None else 0}
+    (out / "ranks.json").write_text(json.dumps(rec, indent=1))
+    return rec

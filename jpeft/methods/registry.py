@@ -1,151 +1,142 @@
-"""Method registry for the CLI: `--method NAME` -> its arguments, its init, and its adapter I/O.
+"""The method registry, in the style of peft's `register_peft_method`: one `MethodSpec` per method.
 
-Each entry knows how to add its hyperparameters to an argparse parser, how to build `(method, adapters,
-base)` for a loaded model, and how to save/load its adapter folder. Library users call the method
-modules directly; this file only wires them to the command line.
+A method module defines its config dataclass, its site `Method`, init, save/load and (where it exists) merge,
+and registers them with one call at import time:
+
+    register_method(MethodSpec(name="vera", config=VeraConfig, method=VeRA, init=build_vera, peft_type="VERA",
+                               save=save_vera, load=load_vera, merge=merge_vera))
+
+Everything outside the method goes through the registry: the CLI (flags are generated from `config`), training,
+eval, generate, export and the adapter-folder loader (`peft_type`, or `detect` for non-peft formats). The
+built-in methods are imported by `jpeft.methods.catalog`; this module imports no method.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import jax
 
 from jpeft.errors import CheckpointError, ConfigError
-from jpeft.methods.registry_adaptive import ADAPTIVE_METHODS, load_adaptive_adapter
-from jpeft.methods.registry_small import SMALL_METHODS, load_small_adapter
+from jpeft.methods.base import Method
 
 
 @dataclasses.dataclass
 class Built:
-    """What a method's init returns for training: the method, its adapters, the base to train on and the
-    extra keyword arguments its exporter needs (e.g. PiSSA's initial adapters)."""
+    """What `MethodSpec.init` returns: the method, its adapters, the base to train on (PiSSA trains on a
+    residual base) and extra keyword arguments its `save` needs (PiSSA's initial adapters)."""
 
-    method: Any
+    method: Method
     adapters: dict
     base: dict
     export_kwargs: dict = dataclasses.field(default_factory=dict)
 
 
-def _lora_args(p) -> None:
-    g = p.add_argument_group("LoRA (peft names)")
-    g.add_argument("--r", type=int, default=None, help="rank (default: 16; qlora: 64)")
-    g.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: 32; qlora: 16)")
-    g.add_argument("--dropout", type=float, default=0.0, help="lora_dropout")
-    g.add_argument("--target-modules", default="all-linear",
-                   help="'all-linear', a comma list of names (q_proj,v_proj) or a regex")
-    g.add_argument("--use-dora", action="store_true")
-    g.add_argument("--use-rslora", action="store_true")
-    g.add_argument("--init-lora-weights", default="true", choices=["true", "gaussian", "pissa"])
-    g.add_argument("--modules-to-save", default=None, help="comma list, e.g. lm_head")
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """Everything jpeft needs to know about one method.
+
+    name: the `--method` value. config: a frozen dataclass; its fields (with `metadata["help"]`) become the
+      method's CLI flags and their defaults are the only defaults. method: the site `Method` class.
+    init(model, config, rng) -> Built, where model has `.cfg`, `.params`, `.tokenizer`, `.path`.
+    save(folder, cfg, method, adapters, *, base_model_name_or_path=None, **export_kwargs) -> Path.
+    load(folder, cfg, params) -> (method, adapters), or None when another spec owns the folder format.
+    peft_type: what `save` writes (`LORA`, `VERA`, ...), None for a non-peft format recognised by `detect(raw)`.
+    merge(params, method, adapters) -> params with the adapter folded in; None with `no_merge` saying why.
+    finish(out, model, built, result): replaces `save` after training (rank-adaptive methods report ranks).
+    quantize: the 4-bit base format this method loads by default (QLoRA: "nf4").
+    demo: hyperparameters of the `jpeft demo` recipe that differ from the config's defaults (the runs the
+      README and bench/RESULTS.md report were made with them).
+    summary: one line for `--help`.
+    """
+
+    name: str
+    config: type
+    method: type
+    init: Callable[..., Built]
+    save: Callable[..., Path]
+    load: Callable[..., tuple[Method, dict]] | None = None
+    peft_type: str | None = None
+    merge: Callable[[dict, Method, dict], dict] | None = None
+    no_merge: str = ""
+    detect: Callable[[dict], bool] | None = None
+    finish: Callable[..., None] | None = None
+    quantize: str | None = None
+    demo: dict = dataclasses.field(default_factory=dict)
+    summary: str = ""
+
+    def check(self) -> MethodSpec:
+        if not self.name or not self.name.replace("_", "").isalnum() or not self.name.islower():
+            raise ConfigError(f"MethodSpec.name={self.name!r}: use a lower-case identifier, e.g. 'vera'")
+        if not dataclasses.is_dataclass(self.config):
+            raise ConfigError(f"MethodSpec({self.name!r}).config must be a dataclass, got {self.config!r}")
+        if self.merge is None and not self.no_merge:
+            raise ConfigError(f"MethodSpec({self.name!r}): merge=None needs no_merge, the reason shown to users")
+        if self.load is not None and self.peft_type is None and self.detect is None:
+            raise ConfigError(f"MethodSpec({self.name!r}): a loader needs peft_type or detect to find its folders")
+        return self
 
 
-def _targets(spec: str) -> list[str] | str:
-    if spec == "all-linear":
-        return spec
-    if any(c in spec for c in "^$*()[]|\\+?"):
-        return spec  # a regex, matched with re.fullmatch against full module names (peft semantics)
-    return [s.strip() for s in spec.split(",") if s.strip()]
+_SPECS: dict[str, MethodSpec] = {}
 
 
-def lora_config_from_args(args, r: int = 16, alpha: float = 32.0) -> Any:
-    """A LoraConfig from the CLI flags; `r`/`alpha` are the defaults when --r/--alpha are not given."""
-    from jpeft.methods.lora import LoraConfig
-
-    init: Any = True if args.init_lora_weights == "true" else args.init_lora_weights
-    mts = [s for s in args.modules_to_save.split(",") if s] if args.modules_to_save else None
-    r = r if getattr(args, "r", None) is None else args.r
-    alpha = alpha if getattr(args, "alpha", None) is None else args.alpha
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=args.dropout,
-                      target_modules=_targets(args.target_modules), use_dora=args.use_dora,
-                      use_rslora=args.use_rslora, init_lora_weights=init, modules_to_save=mts)
-
-
-def _lora_build(model, args, rng: jax.Array, **defaults: Any) -> Built:
-    from jpeft.methods.lora import init_lora
-
-    out = init_lora(model.cfg, model.params, lora_config_from_args(args, **defaults), rng)
-    if len(out) == 3:  # PiSSA: train on the residual base, export against the original one
-        method, adapters, base = out
-        return Built(method, adapters, base, {"initial_adapters": adapters})
-    method, adapters = out
-    return Built(method, adapters, model.params)
-
-
-def _lora_save(folder: Path, model, built: Built, adapters: dict) -> None:
-    from jpeft.torch_bridge.peft_lora import save_peft_adapter
-
-    save_peft_adapter(folder, model.cfg, built.method, adapters, base_model_name_or_path=None,
-                      **built.export_kwargs)
-
-
-def _qlora_args(p) -> None:
-    g = p.add_argument_group("QLoRA (LoRA flags above; r=64, lora_alpha=16 and all linear layers by default)")
-    g.add_argument("--quantize", default=None, choices=["nf4", "fp4"],
-                   help="store the base 4-bit at load time (qlora: nf4 by default; 4-bit checkpoints load as stored)")
-    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
-                   help="8-bit-quantize the 4-bit scales (0.127 instead of 0.5 extra bits per weight)")
-    g.add_argument("--blocksize", type=int, default=64, help="elements per 4-bit scale (power of two, 32..4096)")
-    g.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="dtype the 4-bit weights are dequantized to for the matmul (default: --dtype)")
-
-
-def quant_load_kwargs(args) -> dict:
-    """`jpeft.load` keyword arguments for the quantization flags (qlora quantizes to nf4 unless told)."""
-    quantize = getattr(args, "quantize", None)
-    if quantize is None and getattr(args, "method", None) == "qlora":
-        quantize = "nf4"
-    if quantize is None:
-        return {}
-    return {"quantize": quantize, "double_quant": args.double_quant, "blocksize": args.blocksize,
-            "compute_dtype": getattr(args, "compute_dtype", None)}
-
-
-def _qlora_build(model, args, rng: jax.Array) -> Built:
-    return _lora_build(model, args, rng, r=64, alpha=16.0)  # QLoRA paper / qlora.py defaults
-
-
-METHODS: dict[str, dict[str, Callable]] = {
-    "lora": {"args": _lora_args, "build": _lora_build, "save": _lora_save},
-    "qlora": {"args": _qlora_args, "build": _qlora_build, "save": _lora_save},
-    **SMALL_METHODS,  # adapter (bottleneck), prefix, prompt, ia3
-    **ADAPTIVE_METHODS,  # adalora, sora
-}
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add `spec` (name unique; at most one loader per peft_type). Returns it."""
+    spec.check()
+    if spec.name in _SPECS:
+        raise ConfigError(f"a method named {spec.name!r} is already registered")
+    if spec.load is not None and spec.peft_type is not None:
+        owner = next((s for s in _SPECS.values() if s.load is not None and s.peft_type == spec.peft_type), None)
+        if owner is not None:
+            raise ConfigError(f"method {spec.name!r}: {owner.name!r} already loads peft_type {spec.peft_type}")
+    _SPECS[spec.name] = spec
+    return spec
 
 
 def method_names() -> list[str]:
-    return sorted(METHODS)
+    return sorted(_SPECS)
 
 
-def get(name: str) -> dict[str, Callable]:
-    if name not in METHODS:
+def get_method(name: str) -> MethodSpec:
+    """The spec registered as `name` (a ConfigError listing the choices otherwise)."""
+    if name not in _SPECS:
         raise ConfigError(f"--method {name!r} is not available; choose one of {', '.join(method_names())}")
-    return METHODS[name]
+    return _SPECS[name]
 
 
-def load_adapter(folder: str | Path, model) -> tuple[Any, dict]:
-    """Read a saved adapter folder (peft format) for `model`: `(method, adapters)`."""
-    folder = Path(folder)
-    cfg_path = folder / "adapter_config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"{folder}: no adapter_config.json; point --adapter at the folder `jpeft train` "
-                              "wrote (OUT/adapter) or a peft adapter folder")
-    try:
-        peft_type = json.loads(cfg_path.read_text()).get("peft_type")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-    if peft_type == "LORA":
-        from jpeft.torch_bridge.peft_lora import load_peft_adapter
+def spec_of(method: Method) -> MethodSpec:
+    """The spec that owns `method`'s class: the one that loads its format (else the first registered)."""
+    matches = [s for s in _SPECS.values() if isinstance(method, s.method)]
+    if not matches:
+        raise ConfigError(f"{type(method).__name__} is not a registered method; register it with register_method")
+    return next((s for s in matches if s.load is not None), matches[0])
 
-        return load_peft_adapter(folder, model.cfg, model.params)
-    raw = json.loads(cfg_path.read_text())
-    loaded = load_small_adapter(folder, raw, model) or load_adaptive_adapter(folder, raw, model)
-    if loaded is not None:
-        return loaded
-    raise CheckpointError(f"{cfg_path}: peft_type={peft_type!r} cannot be loaded yet; supported: LORA, ADALORA, "
-                          "PREFIX_TUNING, PROMPT_TUNING, IA3 and jpeft bottleneck-adapter folders")
+
+def spec_for_config(raw: dict, path: Path) -> MethodSpec:
+    """The spec whose loader reads a folder with this adapter_config.json."""
+    ptype = raw.get("peft_type")
+    for s in _SPECS.values():
+        if s.load is None:
+            continue
+        if (ptype is not None and s.peft_type == ptype) or (ptype is None and s.detect is not None and s.detect(raw)):
+            return s
+    known = sorted({s.peft_type for s in _SPECS.values() if s.load is not None and s.peft_type})
+    raise CheckpointError(f"{path}: peft_type={ptype!r} cannot be loaded; jpeft reads {', '.join(known)} and its own "
+                          "bottleneck-adapter folders")
+
+
+def check_mergeable(spec: MethodSpec, where: str = "") -> Callable[[dict, Method, dict], dict]:
+    """`spec.merge`, or a ConfigError naming the method and why it cannot be merged (`where`: e.g. the folder)."""
+    if spec.merge is None:
+        raise ConfigError(f"{where}{spec.name} adapters cannot be merged into the base weights: {spec.no_merge}. "
+                          "Nothing was written; use the adapter folder itself (jpeft --adapter DIR, or peft)")
+    return spec.merge
+
+
+def merge_or_refuse(method: Method) -> Callable[[dict, Method, dict], dict]:
+    """The merge function of `method`'s spec (a ConfigError naming the method and why, when there is none)."""
+    return check_mergeable(spec_of(method))
+
+
+def specs() -> list[MethodSpec]:
+    return [_SPECS[n] for n in method_names()]

@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zlib
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jpeft.errors import ConfigError
 from jpeft.methods.base import Method, SiteContext
-from jpeft.methods.lora import LoraConfig
-from jpeft.methods.ranks import Site, diagonal_to_lora, full_layer_sites
+from jpeft.methods.common import dropout, hp, method_tree
+from jpeft.methods.lora import merge_lora, save_peft_adapter
+from jpeft.methods.ranks import diagonal_to_lora, report_ranks
+from jpeft.methods.registry import Built, MethodSpec, register_method
+from jpeft.methods.targeting import Site, full_layer_sites
 from jpeft.models.config import ModelConfig
 from jpeft.optim.sora import sora_l1, sora_prox, sora_xi_schedule
 
@@ -50,19 +53,25 @@ class SoraConfig:
     scale_by_lr: τ = ξ·lr(step) (default) or τ = ξ (the repo's SparseAdamW).
     """
 
-    r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    sparse_lambda: float = 0.0
-    xi: float = 1e-3
-    xi_schedule: str | None = None
-    xi_max: float | None = None
-    xi_stages: int = 4
-    total_step: int | None = None
-    prox_mode: str = "true"
-    scale_by_lr: bool = True
+    r: int = hp(8, "the maximum rank of every module (SoRA prunes gates to exactly zero)")
+    lora_alpha: float = hp(16, "scale numerator: scale = lora_alpha / r, kept after pruning", aliases=("--alpha",))
+    lora_dropout: float = hp(0.0, "dropout on the adapter input in training", aliases=("--dropout",))
+    target_modules: list[str] | str | None = hp(
+        None, "'all-linear', names or suffixes (q_proj,v_proj) or a regex; default: peft's per-model list "
+              "(q_proj,v_proj)", parse="targets")
+    exclude_modules: list[str] | str | None = hp(None, "modules never targeted (same rules)", parse="targets")
+    sparse_lambda: float = hp(0.0, "L1 loss coefficient on the gates")
+    xi: float = hp(1e-3, "gate threshold ξ; the proximal step shrinks gates by τ = ξ·lr per step (τ = ξ with "
+                         "--no-scale-by-lr), so ξ ≈ |g| / Σ lr zeroes gates of size |g| over a run")
+    xi_schedule: str | None = hp(None, "raise ξ from --xi to --xi-max in --xi-stages equal stages of the run",
+                                 choices=XI_SCHEDULES)
+    xi_max: float | None = hp(None, "the last stage's ξ (with --xi-schedule)")
+    xi_stages: int = hp(4, "number of ξ stages (with --xi-schedule)")
+    total_step: int | None = hp(None, "run length that places the ξ stages (CLI default: --steps)", from_run="steps")
+    prox_mode: str = hp("true", "'true': soft threshold; 'reference': the SoRA repo's operator (2ξ dead zone)",
+                        choices=("true", "reference"))
+    scale_by_lr: bool = hp(True, "τ = ξ·lr(step); --no-scale-by-lr: τ = ξ, as the SoRA repo's SparseAdamW",
+                           negative_aliases=("--xi-not-lr-scaled",))
 
     def validate(self) -> SoraConfig:
         def bad(field: str, why: str):
@@ -118,13 +127,7 @@ class SoRA(Method):
 
     def linear(self, site, x, y, base, tree, ctx: SiteContext):
         """`y + ((dropout(x) @ A) * g) @ B · α/r`; x `[..., in]`, A `[in, r]`, g `[r]`, B `[r, out]`."""
-        xd = x
-        if ctx.train and self.lora_dropout > 0.0:
-            if ctx.rng is None:
-                raise ConfigError(f"lora_dropout={self.lora_dropout} in training needs an rng; pass rng=")
-            key = jax.random.fold_in(ctx.rng, zlib.crc32(("sora/" + "/".join(site)).encode()) & 0x7FFFFFFF)
-            keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x.shape)
-            xd = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+        xd = dropout(x, self.lora_dropout, ctx, "sora/" + "/".join(site))
         h = jnp.matmul(xd, tree["lora_A"].astype(x.dtype)) * tree["gate"].astype(x.dtype)
         out = jnp.matmul(h, tree["lora_B"].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
         return y + out.astype(y.dtype)
@@ -141,8 +144,6 @@ class SoRA(Method):
         return values[stage]
 
     def wrap_optimizer(self, tx, learning_rate=None):
-        import optax
-
         xi = self.xi_values[0] if len(self.xi_values) == 1 else None
         prox = sora_prox(xi=xi, xi_schedule=None if xi is not None else self.xi_at, mode=self.prox_mode,
                          scale_by_lr=self.scale_by_lr, learning_rate=learning_rate if self.scale_by_lr else None)
@@ -152,9 +153,7 @@ class SoRA(Method):
 def init_sora(cfg: ModelConfig, params: dict, sc: SoraConfig, rng: jax.Array) -> tuple[SoRA, dict]:
     """`(method, {"sora": tree})`: peft targeting, A ~ U(±1/√in), B = 0, gate ~ N(0, 1)."""
     sc = sc.validate()
-    lc = LoraConfig(r=sc.r, lora_alpha=sc.lora_alpha, target_modules=sc.target_modules,
-                    exclude_modules=sc.exclude_modules)
-    sites = full_layer_sites(cfg, lc, "SoRA")
+    sites = full_layer_sites(cfg, sc, "SoraConfig")
     layers: dict = {}
     for j, (block, proj) in enumerate(sites):
         n_layers, d_in, d_out = params["layers"][block][proj]["kernel"].shape
@@ -171,7 +170,7 @@ def init_sora(cfg: ModelConfig, params: dict, sc: SoraConfig, rng: jax.Array) ->
 
 
 def _tree(adapters: dict) -> dict:
-    return adapters["sora"] if "sora" in adapters else adapters
+    return method_tree(adapters, "sora")
 
 
 def gate_ranks(method: SoRA, adapters: dict) -> dict[Site, list[int]]:
@@ -195,7 +194,32 @@ def prune(method: SoRA, adapters: dict):
 def save_sora_as_lora(folder: str | os.PathLike, cfg: ModelConfig, method: SoRA, adapters: dict,
                       base_model_name_or_path: str | None = None) -> Path:
     """Prune and write a peft LoRA folder with per-module ranks."""
-    from jpeft.torch_bridge.peft_lora import save_peft_adapter
-
     lora, ad = prune(method, adapters)
     return save_peft_adapter(folder, cfg, lora, ad, base_model_name_or_path=base_model_name_or_path)
+
+
+def merge_sora(params: dict, method: SoRA, adapters: dict) -> dict:
+    """The pruned adapter (exactly the gated function) merged into the base."""
+    if not any(np.any(np.asarray(t["gate"])) for b in _tree(adapters)["layers"].values() for t in b.values()):
+        return params  # every gate is zero: the adapter is the identity
+    return merge_lora(params, *prune(method, adapters))
+
+
+def build_sora(model: Any, sc: SoraConfig, rng: jax.Array) -> Built:
+    method, adapters = init_sora(model.cfg, model.params, sc, rng)
+    return Built(method, adapters, model.params)
+
+
+def finish_sora(out: Path, model: Any, built: Built, res: Any) -> None:
+    """After training: OUT/adapter (the pruned adapter as a plain peft LoRA), the rank table and plots."""
+    method: SoRA = built.method
+    save_sora_as_lora(out / "adapter", model.cfg, method, res.adapters)
+    ranks = gate_ranks(method, res.adapters)
+    report_ranks(out, ranks, method.r * sum(len(v) for v in ranks.values()), prune(method, res.adapters), "SoRA")
+
+
+register_method(MethodSpec(
+    name="sora", config=SoraConfig, method=SoRA, init=build_sora, save=save_sora_as_lora, peft_type="LORA",
+    merge=merge_sora, finish=finish_sora,
+    demo={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+    summary="SoRA: gated LoRA pruned by a proximal step, exported as LoRA"))

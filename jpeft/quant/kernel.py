@@ -110,18 +110,6 @@ def quantize_layers(get_layer: Callable[[int], Any], num_layers: int, *, quant_t
     return QuantizedKernel(stack_weights(ws), jnp.dtype(compute_dtype).name)
 
 
-def quantize_kernel(kernel: jax.Array, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: Any = None) -> QuantizedKernel:
-    """Quantize a dense JAX-layout kernel `[L, in, out]` (or `[in, out]`) as bitsandbytes would the
-    corresponding `nn.Linear` weights `[out, in]`."""
-    cd = kernel.dtype if compute_dtype is None else compute_dtype
-    if kernel.ndim == 2:
-        w = quantize_4bit(kernel.T, quant_type, blocksize, double_quant)
-        return QuantizedKernel(w, jnp.dtype(cd).name)
-    return quantize_layers(lambda i: kernel[i].T, kernel.shape[0], quant_type=quant_type, blocksize=blocksize,
-                           double_quant=double_quant, compute_dtype=cd)
-
-
 def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedKernel)
 

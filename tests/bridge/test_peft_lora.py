@@ -17,10 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from jpeft.errors import CheckpointError, ConfigError
-from jpeft.methods.lora import LoraConfig, init_lora, targeted_module_names
+from jpeft.methods.lora import LoraConfig, init_lora, load_peft_adapter, save_peft_adapter, targeted_module_names
 from jpeft.models.model import forward
 from jpeft.torch_bridge.hf_load import load_pretrained
-from jpeft.torch_bridge.peft_lora import load_peft_adapter, save_merged, save_peft_adapter
+from jpeft.torch_bridge.merged import save_merged
 from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
 
 from tiny import batch_with_padding
@@ -257,7 +257,7 @@ def _edit(folder, config=None, add=None, drop=None):
 
 L0 = "base_model.model.model.layers.0.self_attn."
 LOAD_ERRORS = [
-    (dict(config={"peft_type": "ADALORA"}), "peft_type='ADALORA'.*AdaLoRA loader"),
+    (dict(config={"peft_type": "ADALORA"}), "peft_type='ADALORA'.*jpeft.load_adapter"),
     (dict(config={"init_lora_weights": "pissa"}), "init_lora_weights='pissa'.*rewrites the base"),
     (dict(config={"init_lora_weights": "olora"}), "init_lora_weights='olora'"),
     (dict(config={"r": 3}), r"q_proj\.lora_A\.weight' has shape \[2, 64\].*need \[3, 64\]"),
@@ -287,7 +287,7 @@ def test_missing_config_and_atomic_overwrite(valid_adapter, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    import jpeft.torch_bridge.peft_lora as bridge
+    import jpeft.torch_bridge.peft_io as bridge
 
     monkeypatch.setattr(bridge, "save_file", boom)
     with pytest.raises(OSError):

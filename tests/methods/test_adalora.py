@@ -250,7 +250,8 @@ def test_cli_train_adalora_writes_both_exports_and_rank_report(tmp_path, capsys)
     out = tmp_path / "run"
     argv = ["train", "--model", str(folder), "--data", str(data), "--eval-fraction", "0", "--out", str(out),
             "--method", "adalora", "--steps", "6", "--batch-size", "2", "--max-len", "32", "--lr", "1e-2",
-            "--init-r", "4", "--target-r", "2", "--tinit", "1", "--tfinal", "2", "--no-progress"]
+            "--init-r", "4", "--target-r", "2", "--tinit", "1", "--tfinal", "2", "--target-modules", "all-linear",
+            "--no-progress"]
     assert main(argv) == 0
     log = capsys.readouterr().out
     assert "final rank per module (AdaLoRA)" in log and "q_proj" in log and "of 84 at the start" in log

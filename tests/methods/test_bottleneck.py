@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from jpeft.errors import CheckpointError, ConfigError
-from jpeft.methods.bottleneck import BottleneckConfig, init_bottleneck
+from jpeft.methods.bottleneck import BottleneckConfig, init_bottleneck, load_bottleneck, save_bottleneck
 from jpeft.models.model import forward
-from jpeft.torch_bridge.adapter_bottleneck import load_bottleneck, save_bottleneck
 from jpeft.torch_bridge.hf_load import load_pretrained
 
 from tiny import label_examples, make_trainable_checkpoint

@@ -14,7 +14,8 @@ import peft
 import pytest
 
 from jpeft.errors import ConfigError
-from jpeft.methods.lora import LoraConfig, count_trainable, init_lora, merge_lora, resolve, targeted_module_names
+from jpeft.methods.base import count_trainable
+from jpeft.methods.lora import LoraConfig, init_lora, merge_lora, resolve, targeted_module_names
 from jpeft.models.model import forward
 from jpeft.torch_bridge.hf_load import load_pretrained
 

@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from jpeft.generate import SamplingConfig, generate
-from jpeft.methods.ia3 import IA3Config, init_ia3
-from jpeft.methods.prefix import PrefixTuningConfig, init_prefix
-from jpeft.methods.prompt import PromptTuningConfig, init_prompt
+from jpeft.methods.ia3 import IA3Config, init_ia3, load_peft_ia3, save_peft_ia3
+from jpeft.methods.prefix import PrefixTuningConfig, init_prefix, load_peft_prefix, save_peft_prefix
+from jpeft.methods.prompt import PromptTuningConfig, init_prompt, load_peft_prompt, save_peft_prompt
 from jpeft.models.model import forward
 from jpeft.torch_bridge.hf_load import load_pretrained
-from jpeft.torch_bridge.peft_ia3 import load_peft_ia3, save_peft_ia3
-from jpeft.torch_bridge.peft_prompt import load_peft_prefix, load_peft_prompt, save_peft_prefix, save_peft_prompt
 from jpeft.train.step import OptimConfig, build_optimizer, init_state, train_step
 
 from tiny import hf_classes

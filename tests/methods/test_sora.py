@@ -12,10 +12,10 @@ from test_adalora import _batch, jpeft_logits, peft_load, rel_err, torch_logits,
 
 from jpeft.cli import main
 from jpeft.errors import ConfigError
+from jpeft.methods.lora import load_peft_adapter
 from jpeft.methods.sora import SoraConfig, gate_ranks, init_sora, prune, save_sora_as_lora
 from jpeft.optim.sora import sora_threshold
 from jpeft.torch_bridge.hf_load import load_pretrained
-from jpeft.torch_bridge.peft_lora import load_peft_adapter
 from jpeft.train.step import OptimConfig, build_optimizer
 
 from tiny import label_examples, make_trainable_checkpoint
@@ -172,7 +172,8 @@ def test_cli_train_sora_writes_pruned_lora_and_rank_report(tmp_path, capsys):
     data.write_text("".join(json.dumps(e) + "\n" for e in label_examples(24)))
     out = tmp_path / "run"
     argv = ["train", "--model", str(folder), "--data", str(data), "--eval-fraction", "0", "--out", str(out),
-            "--method", "sora", "--steps", "6", "--batch-size", "2", "--max-len", "32", "--lr", "1e-2", "--r", "4",
+            "--method", "sora", "--target-modules", "all-linear", "--steps", "6", "--batch-size", "2", "--max-len",
+            "32", "--lr", "1e-2", "--r", "4",
             "--xi", "0", "--xi-schedule", "linear", "--xi-max", "60", "--sparse-lambda", "0.01", "--no-progress"]
     assert main(argv) == 0
     log = capsys.readouterr().out

@@ -106,7 +106,8 @@ def test_offload_falls_back_with_one_message(monkeypatch, qmodel):
 def test_merged_export_of_4bit_base_runs_in_transformers(qmodel, tmp_path, use_dora):
     from transformers import AutoModelForCausalLM
 
-    from jpeft.torch_bridge.peft_lora import save_merged, save_peft_adapter
+    from jpeft.methods.lora import save_peft_adapter
+    from jpeft.torch_bridge.merged import save_merged
 
     folder, model = qmodel
     method, adapters = _adapters(model, use_dora=use_dora)
@@ -125,22 +126,30 @@ def test_merged_export_of_4bit_base_runs_in_transformers(qmodel, tmp_path, use_d
 
 
 def test_cli_qlora_defaults_and_flags(qmodel, tmp_path):
-    import argparse
+    """`--method qlora` loads the base NF4 and builds LoRA with QLoraConfig's defaults (r=64, alpha=16,
+    all-linear); `--method lora` uses LoraConfig's (peft's) defaults and a dense base."""
+    from jpeft.cli import build_parser
+    from jpeft.cli_args import config_from_args, quant_load_kwargs
+    from jpeft.methods.catalog import get_method
+    from jpeft.methods.lora import LoraConfig
+    from jpeft.methods.qlora import QLoraConfig
 
-    from jpeft.cli_train import add_train_commands
-    from jpeft.methods.registry import get, quant_load_kwargs
+    def parse(*argv):
+        argv = ["train", *argv, "--data", "x", "--out", "y"]
+        args = build_parser(argv).parse_args(argv)
+        spec = get_method(args.method)
+        return args, spec, spec.init(qmodel[1], config_from_args(spec.config, args), jax.random.PRNGKey(0))
 
-    p = argparse.ArgumentParser()
-    add_train_commands(p.add_subparsers(dest="cmd"))
-    args = p.parse_args(["train", "--method", "qlora", "--data", "x", "--out", "y"])
-    assert quant_load_kwargs(args) == {"quantize": "nf4", "double_quant": True, "blocksize": 64,
-                                       "compute_dtype": None}
-    built = get("qlora")["build"](qmodel[1], args, jax.random.PRNGKey(0))
+    args, spec, built = parse("--method", "qlora")
+    assert quant_load_kwargs(args, spec) == {"quantize": "nf4", "double_quant": True, "blocksize": 64,
+                                             "compute_dtype": None}
     assert (built.method.r, built.method.lora_alpha, len(built.method.sites)) == (64, 16.0, 7)
-    args = p.parse_args(["train", "--method", "qlora", "--data", "x", "--out", "y", "--no-double-quant",
-                         "--quantize", "fp4", "--r", "4", "--compute-dtype", "bfloat16", "--offload-optimizer"])
-    assert quant_load_kwargs(args)["double_quant"] is False and args.offload_optimizer
-    assert get("qlora")["build"](qmodel[1], args, jax.random.PRNGKey(0)).method.r == 4
-    args = p.parse_args(["train", "--method", "lora", "--data", "x", "--out", "y"])
-    assert quant_load_kwargs(args) == {} and get("lora")["build"](qmodel[1], args, jax.random.PRNGKey(0)).method.r == 16
+    assert (QLoraConfig().r, QLoraConfig().lora_alpha) == (64, 16)
+    args, spec, built = parse("--method", "qlora", "--no-double-quant", "--quantize", "fp4", "--r", "4",
+                              "--compute-dtype", "bfloat16", "--offload-optimizer")
+    assert quant_load_kwargs(args, spec)["double_quant"] is False and args.offload_optimizer
+    assert built.method.r == 4
+    args, spec, built = parse("--method", "lora")
+    assert quant_load_kwargs(args, spec) == {}
+    assert (built.method.r, built.method.lora_alpha) == (LoraConfig().r, LoraConfig().lora_alpha) == (8, 8)
     assert re.search("bfloat16", str(jpeft.load(qmodel[0], quantize="nf4", compute_dtype="bfloat16").params))

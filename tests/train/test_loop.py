@@ -149,9 +149,7 @@ def test_cli_train_eval_generate_export(ckpt, data, tmp_path, capsys):
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     model = jpeft.load(folder)
-    from jpeft.methods.registry import load_adapter
-
-    method, adapters = load_adapter(out / "adapter", model)
+    method, adapters = jpeft.load_adapter(out / "adapter", model)
     ids = np.asarray([tok("is kiwi a fruit? answer:")["input_ids"]])
     ours = jpeft.logits(model, ids, adapters=adapters, methods=(method,))
     with torch.no_grad():

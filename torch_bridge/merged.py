@@ -1,0 +1,56 @@
+"""Merged export: fold an adapter into the base and write a transformers checkpoint.
+
+`save_merged` works for every registered method with a `merge` (LoRA, DoRA, rsLoRA, PiSSA, QLoRA, AdaLoRA,
+SoRA, IA3, VeRA, ...) and refuses the others with one message naming the method and why, before anything
+is written. Tensor names come from `hf_names.base_params`, the table the loader reads with.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.dtypes import resolve_dtype
+from jpeft.methods.base import Method
+from jpeft.methods.common import dense_kernel
+from jpeft.methods.registry import merge_or_refuse
+from jpeft.models.config import ModelConfig
+from jpeft.torch_bridge import hf_names as hf
+from jpeft.torch_bridge.folders import source_config, write_hf_checkpoint
+
+
+def hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> dict[str, np.ndarray]:
+    """A jpeft base tree as transformers-named tensors in torch layout (the inverse of `build_params`);
+    4-bit kernels are dequantized."""
+    def cast(x):
+        return np.ascontiguousarray(np.asarray(jnp.asarray(x).astype(dtype)))
+
+    out = {}
+    for p in hf.base_params(cfg):
+        value = hf.get_path(params, p.path)
+        for i, name in enumerate(p.names(cfg.num_layers)):
+            x = value[i] if p.layered else value
+            x = dense_kernel(x) if p.module else x
+            out[name] = cast(x.T if p.transpose else x)
+    return out
+
+
+def save_merged(folder: str | os.PathLike, cfg: ModelConfig, params: dict, method: Method, adapters: dict,
+                source_folder_or_gguf: str | os.PathLike, dtype: Any = "float32") -> Path:
+    """Merge the adapter and write a full transformers checkpoint (config, model.safetensors, tokenizer).
+
+    Raises ConfigError (nothing written) for methods that cannot be merged (prefix, prompt, bottleneck).
+    """
+    merge = merge_or_refuse(method)
+    src = Path(source_folder_or_gguf)
+    conf = source_config(src)
+    jdt = jnp.dtype(resolve_dtype(dtype))
+    tensors = hf_tensors(cfg, merge(params, method, adapters), jdt)
+    conf["dtype"] = jdt.name
+    conf.pop("torch_dtype", None)
+    conf.pop("quantization_config", None)  # the merged weights are dense, even from a 4-bit base
+    return write_hf_checkpoint(folder, src, conf, tensors)
