@@ -4,6 +4,11 @@ The decoder is pure architecture. At a few *sites* it asks every active method w
 change what flows there. Each method owns one sub-tree of the adapter pytree, `adapters[method.name]`,
 whose `"layers"` entry is stacked on a leading layer axis and sliced per layer by the decoder's scan.
 
+One word, one meaning: a *site* is a place where the model asks the methods, named by its path `Site`:
+`("self_attn", "q_proj")` for a linear projection (the same names as the param and adapter trees, and as
+the HF module `model.layers.{i}.self_attn.q_proj`), `("mlp",)` for a block output. A method's `sites`
+attribute lists the linear sites it transforms, each with its static per-layer settings (`LoraSite`, ...).
+
 Sites:
 - `linear(site, x, y, base, tree, ctx)`: a projection `y = x @ W (+ b)` named by `site`, e.g.
   `("self_attn", "q_proj")`; `tree` is the method's per-layer sub-tree at that site (never None here).
@@ -34,6 +39,8 @@ import math
 from typing import Any
 
 import jax
+
+Site = tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,11 +7,10 @@ returns the static method object plus the trainable tree `adapters["lora"]`:
                                "lora_magnitude_vector": [L, out]  (DoRA only)}}},
      "modules_to_save": {"lm_head": {"kernel": [D, V]}, "embed_tokens": [V, D], "norm": [D]}  (optional)}
 
-Matrices use the JAX layout `x @ A @ B` and are stacked over layers because the decoder scans them.
-Per-layer ranks (`rank_pattern`) are zero-padded to the site's `r_max`; the padded rows/columns get
-zero gradients, so they stay zero under Adam. A layer a site does not transform has rank 0 and scale 0
-(and a DoRA factor forced to 1), so it is inert and never exported. Ranks, alphas and scales are static
-data of the `LoRA` object (a hashable frozen dataclass, a jit static argument).
+Matrices use the JAX layout `x @ A @ B`, stacked over layers for the decoder's scan. Per-layer ranks
+(`rank_pattern`) are zero-padded to the site's `r_max`; padded rows/columns get zero gradients, so they stay
+zero under Adam. A layer a site does not transform has rank 0 and scale 0 (DoRA factor 1): inert, never
+exported. Ranks, alphas and scales are static data of the `LoRA` object (hashable, a jit static argument).
 
 Folder format (peft 0.21): `base_model.model.model.layers.{i}.{block}.{proj}.lora_A.weight [r, in]`,
 `...lora_B.weight [out, r]`, `...lora_magnitude_vector [out]` (DoRA) and whole modules_to_save copies
@@ -181,9 +180,7 @@ class LoRA(Method):
 
     def wrap_optimizer(self, tx, learning_rate=None):
         """LoRA+: lora_B (and 1-D leaves) get `loraplus_lr_ratio` times the learning rate."""
-        if self.loraplus_lr_ratio is None:
-            return tx
-        return scale_by_loraplus(tx, self.loraplus_lr_ratio)
+        return tx if self.loraplus_lr_ratio is None else scale_by_loraplus(tx, self.loraplus_lr_ratio)
 
 
 def targeted_module_names(cfg: ModelConfig, lc: LoraConfig) -> list[str]:
@@ -380,20 +377,18 @@ def load_peft_adapter(folder: str | Path, cfg: ModelConfig, params: dict) -> tup
     for info in method.sites:
         w = params["layers"][info.block][info.proj]["kernel"]
         n_layers, d_in, d_out = w.shape
-        a, b = np.zeros((n_layers, d_in, max(info.ranks)), np.float32), np.zeros((n_layers, max(info.ranks), d_out),
-                                                                                  np.float32)
+        r_max = max(info.ranks)
+        a, b = np.zeros((n_layers, d_in, r_max), np.float32), np.zeros((n_layers, r_max, d_out), np.float32)
         m = np.array(jnp.linalg.norm(dense_kernel(w), axis=1)) if method.use_dora else None
-        for i, r in enumerate(info.ranks):
-            if r == 0:
-                continue
+        for i, r in ((i, r) for i, r in enumerate(info.ranks) if r):
             name = hf.linear_module(i, info.block, info.proj)
             why = f"adapter_config.json targets {name}"
             a[i, :, :r] = f.take(hf.peft_key(name, "lora_A.weight"), (r, d_in), why).T
             b[i, :r, :] = f.take(hf.peft_key(name, "lora_B.weight"), (d_out, r), why).T
             if m is not None:
                 m[i] = f.take(hf.peft_key(name, "lora_magnitude_vector"), (d_out,), why)
-        layers.setdefault(info.block, {})[info.proj] = {"lora_A": jnp.asarray(a), "lora_B": jnp.asarray(b),
-                                                        **({} if m is None else {"lora_magnitude_vector": m})}
+        extra = {} if m is None else {"lora_magnitude_vector": jnp.asarray(m)}
+        layers.setdefault(info.block, {})[info.proj] = {"lora_A": jnp.asarray(a), "lora_B": jnp.asarray(b), **extra}
     out = {"layers": layers, **modules_to_save.from_tensors(cfg, f, method.modules_to_save)}
     f.check_all_used(hf.model_modules(cfg))
     return method, {"lora": out}
@@ -401,6 +396,5 @@ def load_peft_adapter(folder: str | Path, cfg: ModelConfig, params: dict) -> tup
 
 register_method(MethodSpec(
     name="lora", config=LoraConfig, method=LoRA, init=build_lora, save=save_peft_adapter, load=load_peft_adapter,
-    peft_type="LORA", merge=merge_lora,
-    demo={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+    peft_type="LORA", merge=merge_lora, demo={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
     summary="LoRA (+ rsLoRA, DoRA, PiSSA init, patterns, LoRA+)"))

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from jpeft.errors import ConfigError
+from jpeft.methods.base import Site
 from jpeft.models.config import ModelConfig
 from jpeft.torch_bridge.hf_names import LINEAR_SITES, linear_module, linear_module_names
 
-Site = tuple[str, str]
 # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (also VeRA's) for the supported families.
 DEFAULT_TARGETS = {f: ["q_proj", "v_proj"] for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")}
 

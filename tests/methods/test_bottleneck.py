@@ -101,6 +101,7 @@ def trainable(tmp_path_factory):
     ("prefix", ["--num-virtual-tokens", "4", "--prefix-projection"]),
     ("prompt", ["--num-virtual-tokens", "4", "--prompt-tuning-init", "TEXT", "--prompt-tuning-init-text", "yes no"]),
     pytest.param("ia3", [], marks=pytest.mark.slow),  # same wiring as the two above; -m slow runs it
+    ("vera", ["--r", "8", "--save-every", "2"]),  # frozen projections in the tree and in the checkpoints
 ])
 def test_cli_train_then_eval_and_generate(trainable, tmp_path, capsys, method, flags):
     from jpeft.cli import main

@@ -1,0 +1,45 @@
+"""The site-protocol hooks that replace the model's method special cases: `override_params` (LoRA's
+modules_to_save) and `virtual_tokens` (prompt tuning). Until `jpeft.models.model` asks the hooks, they must
+agree with what the model does on its own (`with_overrides`, the length `embed` adds)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.methods.base import Method, SiteContext, count_trainable
+from jpeft.methods.lora import LoraConfig, init_lora
+from jpeft.methods.prompt import PromptTuningConfig, init_prompt
+from jpeft.models.model import embed, forward, with_overrides
+from jpeft.torch_bridge.hf_load import load_pretrained
+
+
+def test_override_params_is_the_models_modules_to_save_swap(tiny_checkpoint):
+    cfg, params = load_pretrained(tiny_checkpoint("llama", "gqa_untied")[0])
+    method, ad = init_lora(cfg, params, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head", "norm"]),
+                           jax.random.PRNGKey(0))
+    ad = jax.tree_util.tree_map(lambda x: x + 0.5, ad)  # copies that differ from the base
+    ours = method.override_params(ad["lora"], params)
+    theirs = with_overrides(params, ad)
+    assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert ours["norm"] is ad["lora"]["modules_to_save"]["norm"] and params["norm"] is not ours["norm"]
+    plain, ad2 = init_lora(cfg, params, LoraConfig(r=2, target_modules=["q_proj"]), jax.random.PRNGKey(0))
+    assert plain.override_params(ad2["lora"], params) is params
+    assert Method().override_params({}, params) is params
+
+
+def test_virtual_tokens_is_what_embed_prepends(tiny_checkpoint):
+    cfg, params = load_pretrained(tiny_checkpoint("llama", "gqa_untied")[0])
+    method, ad = init_prompt(cfg, params, PromptTuningConfig(num_virtual_tokens=5), jax.random.PRNGKey(0))
+    ids = jnp.asarray(np.arange(3, 10)[None])
+    h = embed(params, cfg, ids, jnp.float32)
+    for ctx in (SiteContext(), SiteContext(decode=True)):
+        assert method.embed(ad["prompt"], h, ctx).shape[1] - h.shape[1] == method.virtual_tokens(ad["prompt"], ctx)
+    assert method.virtual_tokens(ad["prompt"], SiteContext()) == 5
+    assert Method().virtual_tokens({}, SiteContext()) == 0
+    logits, _ = forward(params, cfg, ids, adapters=ad, methods=(method,))
+    assert logits.shape[1] == ids.shape[1]  # the model drops the virtual tokens' outputs again
+    assert count_trainable(ad, method) == 5 * cfg.hidden_size
