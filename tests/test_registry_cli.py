@@ -12,7 +12,7 @@ from jpeft.cli_args import cli_fields, config_from_args
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.methods import registry
 from jpeft.methods.base import Method
-from jpeft.methods.catalog import get_method, method_names, specs
+from jpeft.methods.catalog import adapter_spec, get_method, method_names, specs
 from jpeft.methods.common import hp
 from jpeft.methods.lora import LoRA, LoraConfig
 
@@ -132,6 +132,12 @@ def test_registering_a_method_adds_it_everywhere(monkeypatch, capsys):
         registry.register_method(_toy(name="toy3", no_merge=""))
     with pytest.raises(ConfigError, match="toy adapters cannot be merged into the base weights: a toy"):
         registry.merge_or_refuse(Toy())
+    with pytest.raises(ConfigError, match="MethodSpec.name='My Method': use a lower-case identifier"):
+        registry.register_method(_toy(name="My Method"))
+    with pytest.raises(ConfigError, match=r"MethodSpec\('toy4'\).config must be a dataclass"):
+        registry.register_method(_toy(name="toy4", config=dict))
+    with pytest.raises(ConfigError, match="a loader needs peft_type or detect"):
+        registry.register_method(_toy(name="toy5", load=lambda *a: None))
 
 
 def test_lookup_errors_name_the_problem(tmp_path):
@@ -140,4 +146,10 @@ def test_lookup_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="peft_type='LOHA' cannot be loaded; jpeft reads ADALORA, IA3, LORA"):
         registry.spec_for_config({"peft_type": "LOHA"}, tmp_path / "adapter_config.json")
     assert registry.spec_for_config({"config": {"architecture": "bottleneck"}}, tmp_path).name == "adapter"
+    (tmp_path / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="adapter_config.json: expected a JSON object, got list"):
+        adapter_spec(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="adapter_config.json: invalid JSON"):
+        adapter_spec(tmp_path)
     assert registry.spec_of(LoRA(sites=())).name == "lora"  # qlora and sora share LoRA; lora owns its folders

@@ -75,6 +75,11 @@ def peft_key(module: str, what: str) -> str:
     return f"{PEFT_PREFIX}{module}.{what}"
 
 
+def peft_shared_key(name: str) -> str:
+    """The key of a tensor a peft tuner shares across modules (VeRA's projections): `base_model.<name>`."""
+    return f"base_model.{name}"
+
+
 def linear_in_out(cfg: ModelConfig, proj: str) -> tuple[int, int]:
     """(in_features, out_features) of a projection."""
     d, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size

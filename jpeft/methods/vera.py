@@ -194,7 +194,7 @@ def save_vera(folder: str | Path, cfg: ModelConfig, method: VeRA, adapters: dict
               base_model_name_or_path: str | None = None) -> Path:
     """Write a peft `VERA` folder (projections included) that `PeftModel.from_pretrained` loads unchanged."""
     tree = method_tree(adapters, "vera")
-    tensors = {f"base_model.{k}": np.asarray(tree[k]) for k in SHARED}
+    tensors = {hf.peft_shared_key(k): np.asarray(tree[k]) for k in SHARED}
     names = []
     for s in method.sites:
         t = tree["layers"][s.block][s.proj]
@@ -239,8 +239,8 @@ def load_vera(folder: str | Path, cfg: ModelConfig, params: dict | None = None) 
         raise CheckpointError(f"{path}: {e}") from None
     f = peft_io.AdapterTensors(folder)
     shapes = {"vera_A": (method.r, method.max_in), "vera_B": (method.max_out, method.r)}
-    if raw.get("save_projection", True) or any(f"base_model.{k}" in f for k in SHARED):
-        tree = {k: jnp.asarray(f.take(f"base_model.{k}", shapes[k], "save_projection is true")) for k in SHARED}
+    if raw.get("save_projection", True) or any(hf.peft_shared_key(k) in f for k in SHARED):
+        tree = {k: jnp.asarray(f.take(hf.peft_shared_key(k), shapes[k], "save_projection is true")) for k in SHARED}
     else:
         tree = _torch_projections(method, path)
     tree["layers"] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import warnings
 
 import jax
@@ -161,6 +162,16 @@ def test_peft_made_vera_imports_and_reexports(llama, tmp_path, save_projection):
         assert all(a.get(k).tobytes() == again.get(k).tobytes() for k in a.keys())
     err2 = rel_err(jpeft_logits(cfg, params, method, ad)[real], torch_logits(peft_load(hf, out))[real])
     assert err2 <= 1e-5
+
+
+def test_projections_not_saved_and_no_torch_is_a_clear_error(llama, tmp_path, monkeypatch):
+    _, hf, cfg, params = llama
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _peft_vera(hf, tmp_path, target_modules=["q_proj"], save_projection=False)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(CheckpointError, match="save_projection=false.*pip install torch, or re-save"):
+        load_vera(tmp_path / "peft", cfg, params)
 
 
 @pytest.mark.parametrize("kw,match", [
