@@ -47,8 +47,8 @@ def logits(model: Model, input_ids: Any, attention_mask: Any = None, *, adapters
 
 
 def load_adapter(folder: str | os.PathLike, model: Model) -> tuple[Method, dict]:
-    """`(method, adapters)` from any adapter folder jpeft reads (peft LORA, ADALORA, IA3, VERA, PREFIX_TUNING,
-    PROMPT_TUNING, jpeft bottleneck folders)."""
+    """`(method, adapters)` from the adapter folder of any registered method (its adapter_config.json says which;
+    see `jpeft.methods.catalog`)."""
     return catalog.load_adapter(folder, model.cfg, model.params)
 
 

@@ -77,7 +77,7 @@ def _graph() -> dict:
 
 def test_no_import_cycles_among_jpeft_modules():
     res = _graph()
-    assert len(res["graph"]) > 40 and "jpeft.methods.vera" in res["graph"]  # the walk found the package
+    assert len(res["graph"]) > 40 and "jpeft.torch_bridge.hf_names" in res["graph"]  # the walk found the package
     assert "jpeft.methods.lora" in res["graph"]["jpeft.methods.catalog"]  # and its edges
     assert res["cycles"] == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in res["cycles"])
 
