@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError
+from jpeft.kernels.lora import lora_delta
 from jpeft.methods.base import Method, SiteContext
 from jpeft.models.config import ModelConfig
 
@@ -120,7 +121,7 @@ class LoRA(Method):
         s = jnp.asarray(self.scales(info), F32)[ctx.layer]
         xd = self._dropout(site, x, ctx)
         a, b = tree["lora_A"], tree["lora_B"]
-        lora = jnp.matmul(jnp.matmul(xd, a.astype(x.dtype)), b.astype(x.dtype)) * s.astype(x.dtype)
+        lora = lora_delta(xd, a, b, s)
         if not self.use_dora:
             return y + lora.astype(y.dtype)
         w = jax.lax.stop_gradient(dense_kernel(base["kernel"]))  # frozen: never differentiated

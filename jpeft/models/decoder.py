@@ -15,12 +15,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from jpeft.kernels.attention import attention
 from jpeft.methods.base import Method, SiteContext
 from jpeft.models.config import ModelConfig
 
 F32 = jnp.float32
-REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")
+REMAT_POLICIES = ("none", "projections", "full", "dots", "dots_saveable")
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
@@ -88,20 +90,11 @@ def _block_out(site: tuple[str, ...], h: jax.Array, ad: dict | None, methods: Se
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Grouped-query attention with fp32 scores/softmax.
+    """Grouped-query attention with fp32 scores/softmax (`jpeft.kernels.attention`, exact custom VJP).
 
     q `[B, T, H, hd]`, k/v `[B, S, K, hd]`, allowed `[B, T, S]` bool -> `[B, T, H*hd]`.
     """
-    b, t, h, hd = q.shape
-    kh = k.shape[2]
-    qg = q.reshape(b, t, kh, h // kh, hd)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * cfg.query_scale
-    if cfg.attn_softcap:
-        s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
-    s = jnp.where(allowed[:, None, None], s, jnp.finfo(F32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v)
-    return o.reshape(b, t, h * hd)
+    return attention(q, k, v, allowed, scale=cfg.query_scale, softcap=cfg.attn_softcap)
 
 
 def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
@@ -109,9 +102,11 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
     b, t, _ = x.shape
     site = ("self_attn",)
     ap = lp["self_attn"]
-    q = _linear(site + ("q_proj",), x, ap["q_proj"], ad, methods, ctx).reshape(b, t, cfg.num_heads, -1)
-    k = _linear(site + ("k_proj",), x, ap["k_proj"], ad, methods, ctx).reshape(b, t, cfg.num_kv_heads, -1)
-    v = _linear(site + ("v_proj",), x, ap["v_proj"], ad, methods, ctx).reshape(b, t, cfg.num_kv_heads, -1)
+    q = checkpoint_name(_linear(site + ("q_proj",), x, ap["q_proj"], ad, methods, ctx), "q")
+    k = checkpoint_name(_linear(site + ("k_proj",), x, ap["k_proj"], ad, methods, ctx), "k")
+    v = checkpoint_name(_linear(site + ("v_proj",), x, ap["v_proj"], ad, methods, ctx), "v")
+    q, k = q.reshape(b, t, cfg.num_heads, -1), k.reshape(b, t, cfg.num_kv_heads, -1)
+    v = v.reshape(b, t, cfg.num_kv_heads, -1)
     if cfg.qk_norm:
         q = rms_norm(q, ap["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         k = rms_norm(k, ap["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
@@ -133,14 +128,14 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
             k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
             v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
             allowed = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), allowed], axis=2)
-    o = attend(q, k, v, allowed, cfg)
+    o = checkpoint_name(attend(q, k, v, allowed, cfg), "attn_out")
     return _linear(site + ("o_proj",), o, ap["o_proj"], ad, methods, ctx), new_cache
 
 
 def _mlp(x, lp, ad, cfg, methods, ctx):
     mp, site = lp["mlp"], ("mlp",)
-    g = _linear(site + ("gate_proj",), x, mp["gate_proj"], ad, methods, ctx)
-    u = _linear(site + ("up_proj",), x, mp["up_proj"], ad, methods, ctx)
+    g = checkpoint_name(_linear(site + ("gate_proj",), x, mp["gate_proj"], ad, methods, ctx), "mlp_gate")
+    u = checkpoint_name(_linear(site + ("up_proj",), x, mp["up_proj"], ad, methods, ctx), "mlp_up")
     return _linear(site + ("down_proj",), activation(cfg.activation, g) * u, mp["down_proj"], ad, methods, ctx)
 
 
@@ -151,7 +146,7 @@ def decoder_layer(h, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
     a, new_cache = _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx)
     if cfg.sandwich_norm:
         a = rms_norm(a, lp["post_attention_layernorm"], eps, off)
-    h = h + _block_out(("self_attn",), a, ad, methods, ctx)
+    h = checkpoint_name(h + _block_out(("self_attn",), a, ad, methods, ctx), "resid_mid")
     norm2 = lp["pre_feedforward_layernorm"] if cfg.sandwich_norm else lp["post_attention_layernorm"]
     m = _mlp(rms_norm(h, norm2, eps, off), lp, ad, cfg, methods, ctx)
     if cfg.sandwich_norm:

@@ -20,11 +20,19 @@ from jpeft.models.decoder import REMAT_POLICIES, decoder_layer, rms_norm
 F32 = jnp.float32
 
 
+# What the backward of a layer reads, named in `decoder.py`: the q/k/v and MLP gate/up projection outputs,
+# the attention output and the residual stream after attention. Saving exactly these means no matmul is
+# recomputed in backward; norms, RoPE, the attention softmax and SwiGLU are recomputed from them.
+SAVED_ACTIVATIONS = ("q", "k", "v", "attn_out", "resid_mid", "mlp_gate", "mlp_up")
+
+
 def _remat(fn, remat: str):
+    """The layer body under `jax.checkpoint` with the named policy (see REMAT_POLICIES)."""
     if remat == "none":
         return fn
     policies = {
         "full": jax.checkpoint_policies.nothing_saveable,
+        "projections": jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS),
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         "dots_saveable": jax.checkpoint_policies.dots_saveable,
     }
