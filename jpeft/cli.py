@@ -127,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from jpeft.cli_train import TRAIN_COMMANDS
+    from jpeft.runtime import configure_host_memory
 
     commands = {"generate": cmd_generate, "info": cmd_info, **TRAIN_COMMANDS}
     args = build_parser().parse_args(argv)
+    configure_host_memory()  # reuse freed buffers instead of page-faulting them in every step
     try:
         return commands[args.command](args)
     except JpeftError as e:

@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 F32 = jnp.float32
 NEG = float(jnp.finfo(F32).min)
@@ -86,6 +87,9 @@ def _attention(q, k, v, allowed, scale, softcap):
 
 def _attention_fwd(q, k, v, allowed, scale, softcap):
     oh, lse, (qh, kh, vh) = _forward(q, k, v, allowed, scale, softcap)
+    # Named for rematerialisation policies: saving these two (plus q, k, v) lets a checkpointed layer's
+    # backward skip re-running this forward (jpeft.models.model.SAVED_ACTIVATIONS).
+    oh, lse = checkpoint_name(oh, "attn_heads_out"), tuple(checkpoint_name(x, "attn_lse") for x in lse)
     return _merge(oh, q.shape), (qh, kh, vh, oh, lse, allowed)
 
 

@@ -57,8 +57,11 @@ def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
     ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]
     cos = (jnp.cos(ang) * cfg.rope_attention_scaling).astype(x.dtype)
     sin = (jnp.sin(ang) * cfg.rope_attention_scaling).astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    # rotate_half(x) = concat(-x2, x1), written as a reversal of the two halves (an index map XLA fuses
+    # into the multiply-add, forward and backward) instead of a slice + concatenate pair
+    halves = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)[..., ::-1, :]
+    rot = (halves * jnp.asarray([-1, 1], x.dtype)[:, None]).reshape(x.shape)
+    return x * cos + rot * sin
 
 
 def _site_tree(adapters: dict | None, method: Method, site: tuple[str, ...]) -> Any:
@@ -102,16 +105,15 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
     b, t, _ = x.shape
     site = ("self_attn",)
     ap = lp["self_attn"]
-    q = checkpoint_name(_linear(site + ("q_proj",), x, ap["q_proj"], ad, methods, ctx), "q")
-    k = checkpoint_name(_linear(site + ("k_proj",), x, ap["k_proj"], ad, methods, ctx), "k")
-    v = checkpoint_name(_linear(site + ("v_proj",), x, ap["v_proj"], ad, methods, ctx), "v")
-    q, k = q.reshape(b, t, cfg.num_heads, -1), k.reshape(b, t, cfg.num_kv_heads, -1)
-    v = v.reshape(b, t, cfg.num_kv_heads, -1)
+    q = _linear(site + ("q_proj",), x, ap["q_proj"], ad, methods, ctx).reshape(b, t, cfg.num_heads, -1)
+    k = _linear(site + ("k_proj",), x, ap["k_proj"], ad, methods, ctx).reshape(b, t, cfg.num_kv_heads, -1)
+    v = _linear(site + ("v_proj",), x, ap["v_proj"], ad, methods, ctx).reshape(b, t, cfg.num_kv_heads, -1)
     if cfg.qk_norm:
         q = rms_norm(q, ap["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         k = rms_norm(k, ap["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
     positions, q_slot, k_slot, base_allowed, index = mask_info
-    q, k = rope(q, positions, cfg), rope(k, positions, cfg)
+    q, k = checkpoint_name(rope(q, positions, cfg), "q"), checkpoint_name(rope(k, positions, cfg), "k")
+    v = checkpoint_name(v, "v")
     new_cache = None
     if cache_kv is not None:
         ck, cv = cache_kv
@@ -128,7 +130,7 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
             k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
             v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
             allowed = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), allowed], axis=2)
-    o = checkpoint_name(attend(q, k, v, allowed, cfg), "attn_out")
+    o = attend(q, k, v, allowed, cfg)
     return _linear(site + ("o_proj",), o, ap["o_proj"], ad, methods, ctx), new_cache
 
 

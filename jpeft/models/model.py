@@ -20,10 +20,11 @@ from jpeft.models.decoder import REMAT_POLICIES, decoder_layer, rms_norm
 F32 = jnp.float32
 
 
-# What the backward of a layer reads, named in `decoder.py`: the q/k/v and MLP gate/up projection outputs,
-# the attention output and the residual stream after attention. Saving exactly these means no matmul is
-# recomputed in backward; norms, RoPE, the attention softmax and SwiGLU are recomputed from them.
-SAVED_ACTIVATIONS = ("q", "k", "v", "attn_out", "resid_mid", "mlp_gate", "mlp_up")
+# What the backward of a layer reads, named in `decoder.py` and `kernels/attention.py`: q and k after RoPE,
+# v, the attention output and its log-sum-exp, the residual stream after attention and the MLP gate/up
+# projections. Saving exactly these means neither a projection nor the attention forward is recomputed in
+# backward; norms, SwiGLU and the LoRA rank-r products are recomputed from them.
+SAVED_ACTIVATIONS = ("q", "k", "v", "attn_heads_out", "attn_lse", "resid_mid", "mlp_gate", "mlp_up")
 
 
 def _remat(fn, remat: str):
