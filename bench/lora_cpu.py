@@ -165,7 +165,8 @@ def measure(name: str, dtype: str, model_dir: Path, data: Path, work: Path, repe
         losses["jpeft"] = ji["losses"]
     med = {k: statistics.median(v) for k, v in res.items()}
     return {"data": name, "dtype": dtype, "jpeft_cli": (med["j6"] - med["j2"]) / 4,
-            "torch_cli": (med["t6"] - med["t2"]) / 4, "jpeft_inproc": med["jin"], "torch_inproc": med["tin"], "jpeft_rss": max(res["jrss"]),
+            "torch_cli": (med["t6"] - med["t2"]) / 4, "jpeft_inproc": med["jin"], "torch_inproc": med["tin"],
+            "jpeft_rss": max(res["jrss"]),
             "torch_rss": max(res["trss"]), "loss_step1": (losses["jpeft"][0], losses["torch"][0]), "raw": res}
 
 
