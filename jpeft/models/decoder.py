@@ -92,12 +92,17 @@ def _block_out(site: tuple[str, ...], h: jax.Array, ad: dict | None, methods: Se
     return h
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, cfg: ModelConfig) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, cfg: ModelConfig,
+           causal: bool = False) -> jax.Array:
     """Grouped-query attention with fp32 scores/softmax (`jpeft.kernels.attention`, exact custom VJP).
 
-    q `[B, T, H, hd]`, k/v `[B, S, K, hd]`, allowed `[B, T, S]` bool -> `[B, T, H*hd]`.
+    q `[B, T, H, hd]`, k/v `[B, S, K, hd]`, allowed `[B, T, S]` bool -> `[B, T, H*hd]`. `causal=True`
+    promises `allowed` is causal with T = S (no cache, no prefix keys): queries then run in blocks of at
+    least 16 that skip the keys after them.
     """
-    return attention(q, k, v, allowed, scale=cfg.query_scale, softcap=cfg.attn_softcap)
+    t = q.shape[1]
+    blocks = next((n for n in (8, 4, 2) if causal and t == k.shape[1] and t % n == 0 and t // n >= 16), 1)
+    return attention(q, k, v, allowed, scale=cfg.query_scale, softcap=cfg.attn_softcap, causal_blocks=blocks)
 
 
 def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
@@ -130,7 +135,7 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
             k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
             v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
             allowed = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), allowed], axis=2)
-    o = attend(q, k, v, allowed, cfg)
+    o = attend(q, k, v, allowed, cfg, causal=cache_kv is None)
     return _linear(site + ("o_proj",), o, ap["o_proj"], ad, methods, ctx), new_cache
 
 

@@ -155,3 +155,20 @@ def test_attention_rows_without_keys_and_check_grads():
         assert rel(g1, g2) < 1e-5
     check_grads(lambda q, k, v: attention(q, k, v, allowed, scale=0.3, softcap=2.0), (q, k, v), order=1,
                 modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("blocks", [2, 4, 8])
+def test_attention_causal_blocks_equal_one_block(blocks):
+    """Causal query blocks that skip later keys give the full computation's values and gradients."""
+    b, tq, h, kv, hd = 2, 32, 6, 2, 8
+    q, k, v, do, _ = rand_attention(blocks, b, tq, tq, h, kv, hd)
+    seg = jnp.cumsum(jax.random.bernoulli(jax.random.PRNGKey(7), 0.15, (b, tq)), axis=1)
+    allowed = jnp.tril(jnp.ones((tq, tq), bool))[None] & (seg[:, :, None] == seg[:, None, :])  # packed rows
+    for cap in (None, 3.0):
+        def f(*a, n, cap=cap):
+            return attention(*a, allowed, scale=hd ** -0.5, softcap=cap, causal_blocks=n)
+        assert rel(f(q, k, v, n=blocks), attention_reference(q, k, v, allowed, scale=hd ** -0.5, softcap=cap)) < 1e-6
+        g_blocks = jax.grad(lambda *a: jnp.sum(f(*a, n=blocks) * do), (0, 1, 2))(q, k, v)
+        g_one = jax.grad(lambda *a: jnp.sum(f(*a, n=1) * do), (0, 1, 2))(q, k, v)
+        for x, y in zip(g_blocks, g_one):
+            assert rel(x, y) < 1e-6
