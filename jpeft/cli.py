@@ -15,6 +15,7 @@ from jpeft.cli_train import TRAIN_COMMANDS, add_train_commands
 from jpeft.errors import JpeftError
 from jpeft.generate import SamplingConfig, generate
 from jpeft.loading import load
+from jpeft.runtime import configure_host_memory
 
 
 def _add_generate(sub) -> None:
@@ -118,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "info": cmd_info, **TRAIN_COMMANDS}
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
+    configure_host_memory()  # reuse freed buffers instead of page-faulting them in every step
     try:
         return commands[args.command](args)
     except JpeftError as e:

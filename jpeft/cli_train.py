@@ -65,8 +65,9 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_saveable"],
-                   help="rematerialisation policy of the layer scan (default full: recompute in backward)")
+    p.add_argument("--remat", default="projections", choices=["none", "projections", "full", "dots", "dots_saveable"],
+                   help="what the backward recomputes: projections (default) saves the q/k/v/gate/up outputs and "
+                        "recomputes only cheap ops; full saves layer inputs only (least memory); none saves all")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--offload-optimizer", action="store_true",
                    help="keep optimizer state in pinned host memory between steps (where the backend has it)")

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
+from jpeft.kernels.lora import lora_delta
 from jpeft.methods import modules_to_save, targeting
 from jpeft.methods.base import Method
 from jpeft.methods.common import dense_kernel, dropout, hp, method_tree, replace_linears
@@ -150,7 +151,7 @@ class LoRA(Method):
         s = jnp.asarray(self.scales(info), F32)[ctx.layer]
         xd = dropout(x, self.lora_dropout, ctx, "lora/" + "/".join(site))
         a, b = tree["lora_A"], tree["lora_B"]
-        lora = jnp.matmul(jnp.matmul(xd, a.astype(x.dtype)), b.astype(x.dtype)) * s.astype(x.dtype)
+        lora = lora_delta(xd, a, b, s)
         if not self.use_dora:
             return y + lora.astype(y.dtype)
         w = jax.lax.stop_gradient(dense_kernel(base["kernel"]))  # frozen: never differentiated

@@ -15,12 +15,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from jpeft.kernels.attention import attention
 from jpeft.methods.base import Method, SiteContext
 from jpeft.models.config import ModelConfig
 
 F32 = jnp.float32
-REMAT_POLICIES = ("none", "full", "dots", "dots_saveable")
+REMAT_POLICIES = ("none", "projections", "full", "dots", "dots_saveable")
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
@@ -55,8 +57,11 @@ def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
     ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]
     cos = (jnp.cos(ang) * cfg.rope_attention_scaling).astype(x.dtype)
     sin = (jnp.sin(ang) * cfg.rope_attention_scaling).astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    # rotate_half(x) = concat(-x2, x1), written as a reversal of the two halves (an index map XLA fuses
+    # into the multiply-add, forward and backward) instead of a slice + concatenate pair
+    halves = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)[..., ::-1, :]
+    rot = (halves * jnp.asarray([-1, 1], x.dtype)[:, None]).reshape(x.shape)
+    return x * cos + rot * sin
 
 
 def _site_tree(adapters: dict | None, method: Method, site: tuple[str, ...]) -> Any:
@@ -87,21 +92,17 @@ def _block_out(site: tuple[str, ...], h: jax.Array, ad: dict | None, methods: Se
     return h
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Grouped-query attention with fp32 scores/softmax.
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, cfg: ModelConfig,
+           causal: bool = False) -> jax.Array:
+    """Grouped-query attention with fp32 scores/softmax (`jpeft.kernels.attention`, exact custom VJP).
 
-    q `[B, T, H, hd]`, k/v `[B, S, K, hd]`, allowed `[B, T, S]` bool -> `[B, T, H*hd]`.
+    q `[B, T, H, hd]`, k/v `[B, S, K, hd]`, allowed `[B, T, S]` bool -> `[B, T, H*hd]`. `causal=True`
+    promises `allowed` is causal with T = S (no cache, no prefix keys): queries then run in blocks of at
+    least 16 that skip the keys after them.
     """
-    b, t, h, hd = q.shape
-    kh = k.shape[2]
-    qg = q.reshape(b, t, kh, h // kh, hd)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * cfg.query_scale
-    if cfg.attn_softcap:
-        s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
-    s = jnp.where(allowed[:, None, None], s, jnp.finfo(F32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v)
-    return o.reshape(b, t, h * hd)
+    t = q.shape[1]
+    blocks = next((n for n in (8, 4, 2) if causal and t == k.shape[1] and t % n == 0 and t // n >= 16), 1)
+    return attention(q, k, v, allowed, scale=cfg.query_scale, softcap=cfg.attn_softcap, causal_blocks=blocks)
 
 
 def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
@@ -116,7 +117,8 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
         q = rms_norm(q, ap["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         k = rms_norm(k, ap["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
     positions, q_slot, k_slot, base_allowed, index = mask_info
-    q, k = rope(q, positions, cfg), rope(k, positions, cfg)
+    q, k = checkpoint_name(rope(q, positions, cfg), "q"), checkpoint_name(rope(k, positions, cfg), "k")
+    v = checkpoint_name(v, "v")
     new_cache = None
     if cache_kv is not None:
         ck, cv = cache_kv
@@ -133,14 +135,14 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
             k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
             v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
             allowed = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), allowed], axis=2)
-    o = attend(q, k, v, allowed, cfg)
+    o = attend(q, k, v, allowed, cfg, causal=cache_kv is None)
     return _linear(site + ("o_proj",), o, ap["o_proj"], ad, methods, ctx), new_cache
 
 
 def _mlp(x, lp, ad, cfg, methods, ctx):
     mp, site = lp["mlp"], ("mlp",)
-    g = _linear(site + ("gate_proj",), x, mp["gate_proj"], ad, methods, ctx)
-    u = _linear(site + ("up_proj",), x, mp["up_proj"], ad, methods, ctx)
+    g = checkpoint_name(_linear(site + ("gate_proj",), x, mp["gate_proj"], ad, methods, ctx), "mlp_gate")
+    u = checkpoint_name(_linear(site + ("up_proj",), x, mp["up_proj"], ad, methods, ctx), "mlp_up")
     return _linear(site + ("down_proj",), activation(cfg.activation, g) * u, mp["down_proj"], ad, methods, ctx)
 
 
@@ -151,7 +153,7 @@ def decoder_layer(h, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
     a, new_cache = _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx)
     if cfg.sandwich_norm:
         a = rms_norm(a, lp["post_attention_layernorm"], eps, off)
-    h = h + _block_out(("self_attn",), a, ad, methods, ctx)
+    h = checkpoint_name(h + _block_out(("self_attn",), a, ad, methods, ctx), "resid_mid")
     norm2 = lp["pre_feedforward_layernorm"] if cfg.sandwich_norm else lp["post_attention_layernorm"]
     m = _mlp(rms_norm(h, norm2, eps, off), lp, ad, cfg, methods, ctx)
     if cfg.sandwich_norm:

@@ -20,11 +20,20 @@ from jpeft.models.decoder import REMAT_POLICIES, decoder_layer, rms_norm
 F32 = jnp.float32
 
 
+# What the backward of a layer reads, named in `decoder.py` and `kernels/attention.py`: q and k after RoPE,
+# v, the attention output and its log-sum-exp, the residual stream after attention and the MLP gate/up
+# projections. Saving exactly these means neither a projection nor the attention forward is recomputed in
+# backward; norms, SwiGLU and the LoRA rank-r products are recomputed from them.
+SAVED_ACTIVATIONS = ("q", "k", "v", "attn_heads_out", "attn_lse", "resid_mid", "mlp_gate", "mlp_up")
+
+
 def _remat(fn, remat: str):
+    """The layer body under `jax.checkpoint` with the named policy (see REMAT_POLICIES)."""
     if remat == "none":
         return fn
     policies = {
         "full": jax.checkpoint_policies.nothing_saveable,
+        "projections": jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS),
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         "dots_saveable": jax.checkpoint_policies.dots_saveable,
     }

@@ -21,7 +21,7 @@ from jpeft.models.config import ModelConfig
 from jpeft.models.model import forward, init_cache
 from jpeft.train.data import IGNORE, tokenize_examples
 from jpeft.train.metrics import classification_report
-from jpeft.train.step import eval_nll, target_bound
+from jpeft.train.step import eval_nll, run_target_bound
 
 MAX_LABELS = 32
 
@@ -111,12 +111,13 @@ def mean_loss(base: dict, cfg: ModelConfig, rows: dict[str, np.ndarray], *, adap
     """Token-mean NLL over packed/padded rows (`[N, L]` arrays)."""
     total, count = 0.0, 0.0
     n = rows["input_ids"].shape[0]
+    bound = run_target_bound(rows["labels"], batch_size)  # one compiled shape for the whole set
     for s in range(0, n, batch_size):
         idx = np.arange(s, s + batch_size) % n  # wrap to keep one shape; wrapped rows are masked below
         batch = {k: jnp.asarray(v[idx]) for k, v in rows.items()}
         keep = jnp.asarray((np.arange(s, s + batch_size) < n)[:, None])
         batch["labels"] = jnp.where(keep, batch["labels"], IGNORE)
         nll, cnt = eval_nll(adapters or {}, base, batch, cfg=cfg, methods=tuple(methods), dtype=dtype,
-                            max_targets=target_bound(np.asarray(batch["labels"])))
+                            max_targets=bound)
         total, count = total + float(nll), count + float(cnt)
     return total / max(count, 1.0)

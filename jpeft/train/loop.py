@@ -26,7 +26,7 @@ from jpeft.train.step import (
     build_optimizer,
     init_state,
     learning_rate_schedule,
-    target_bound,
+    run_target_bound,
 )
 
 
@@ -47,7 +47,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # 0: evaluate at the end only
     save_every: int = 0  # 0: checkpoint at the end only
-    remat: str = "full"  # recompute each layer in backward: ~5x less activation memory, ~same CPU speed
+    remat: str = "projections"  # save projection outputs, recompute cheap ops (jpeft.models.model._remat)
     dtype: str = "float32"
     optim: OptimConfig = OptimConfig()
     offload_optimizer: bool = False  # optimizer state in pinned host memory (jpeft.train.offload)
@@ -131,33 +131,28 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
     start = int(state["step"])
     state, step_fn = offload.prepare(state, tc.offload_optimizer)
     log = _Log(out / "metrics.jsonl", start)
-    lr = learning_rate_schedule(tc.optim, total)
-    dtype = resolve_dtype(tc.dtype)
-    kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=tc.remat, dtype=dtype)
-    bar = _progress(start, total, progress)
-    t0, tokens = time.perf_counter(), 0.0
+    meter = _StepMeter(learning_rate_schedule(tc.optim, total), _progress(start, total, progress), out / "checkpoints")
+    kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=tc.remat, dtype=resolve_dtype(tc.dtype),
+              max_targets=run_target_bound(rows["labels"], tc.batch_size))  # one bound: one compilation
+    pending = None
     for step in range(start, total):
         host = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in sched.batch_at(step).items()}
-        batch = {k: jnp.asarray(v) for k, v in host.items()}
-        state, m = step_fn(state, model.params, batch, max_targets=target_bound(host["labels"]), **kw)
-        loss = float(m["loss"])
-        if not math.isfinite(loss):
-            bar.close()
-            raise TrainingError(f"the training loss became {loss} at step {step + 1}; training stopped and nothing "
-                                f"was written for this step (the last good checkpoint in {out / 'checkpoints'} and "
-                                "any saved adapter are untouched). Lower --lr, check the data, or use float32")
-        tokens += float(m["tokens"])
-        tps = tokens / max(time.perf_counter() - t0, 1e-9)
-        rec = {"step": step + 1, "loss": loss, "lr": float(lr(step)), "grad_norm": float(m["grad_norm"]),
-               "tokens_per_s": tps}
-        if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < total:
-            rec.update(_eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, step + 1))
-        log.write(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
-        if tc.save_every and (step + 1) % tc.save_every == 0:
-            save_checkpoint(out / "checkpoints", state)
-    bar.close()
+        state, m = step_fn(state, model.params, {k: jnp.asarray(v) for k, v in host.items()}, **kw)
+        if pending is not None:  # the previous step's numbers, read while this step runs
+            log.write(meter.record(*pending))
+        pending = (step, m)
+        evaluate_now = bool(tc.eval_every) and (step + 1) % tc.eval_every == 0 and step + 1 < total
+        save_now = bool(tc.save_every) and (step + 1) % tc.save_every == 0
+        if evaluate_now or save_now:  # these need this step's state: wait for it
+            rec, pending = meter.record(*pending), None
+            if evaluate_now:
+                rec.update(_eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, step + 1))
+            log.write(rec)
+            if save_now:
+                save_checkpoint(out / "checkpoints", state)
+    if pending is not None:
+        log.write(meter.record(*pending))
+    meter.bar.close()
     save_checkpoint(out / "checkpoints", state)
     final = _eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, total) if eval_examples else {}
     if final:
@@ -165,6 +160,32 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
     plot_loss(log.history, out / "loss.png")
     return TrainResult(adapters=state["adapters"], steps=total, history=log.history, eval=final,
                        opt_state=state["opt_state"])
+
+
+class _StepMeter:
+    """Turns a step's device metrics into a metrics.jsonl record: loss check, tokens/s, progress bar.
+
+    The loop hands it step k's metrics only after step k+1 has been dispatched, so reading them (a
+    device sync) overlaps with the next step instead of stalling the pipeline.
+    """
+
+    def __init__(self, lr: Callable[[int], Any], bar: Any, checkpoints: Path):
+        self.lr, self.bar, self.checkpoints = lr, bar, checkpoints
+        self.t0, self.tokens = time.perf_counter(), 0.0
+
+    def record(self, step: int, m: dict) -> dict:
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            self.bar.close()
+            raise TrainingError(f"the training loss became {loss} at step {step + 1}; training stopped and nothing "
+                                f"was written for this step (the last good checkpoint in {self.checkpoints} and "
+                                "any saved adapter are untouched). Lower --lr, check the data, or use float32")
+        self.tokens += float(m["tokens"])
+        tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+        return {"step": step + 1, "loss": loss, "lr": float(self.lr(step)), "grad_norm": float(m["grad_norm"]),
+                "tokens_per_s": tps}
 
 
 def check_writable(out: Path) -> None:

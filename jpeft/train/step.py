@@ -13,12 +13,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jpeft.errors import ConfigError
+from jpeft.kernels.cross_entropy import linear_cross_entropy
 from jpeft.methods.base import Method
 from jpeft.models.config import ModelConfig
-from jpeft.models.model import hidden_states, logits_from_hidden, with_overrides
+from jpeft.models.model import hidden_states, lm_head_weight, with_overrides
 
 F32 = jnp.float32
 SCHEDULES = ("cosine", "linear", "constant")
@@ -76,19 +78,14 @@ def build_optimizer(oc: OptimConfig, total_steps: int, methods: Sequence[Method]
     return optax.chain(*stages)
 
 
-def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token negative log-likelihood `[B, T]` and the target mask; labels -100 are ignored."""
-    valid = labels >= 0
-    safe = jnp.where(valid, labels, 0)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    return jnp.where(valid, lse - tgt, 0.0), valid
-
-
 def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, methods: Sequence[Method],
               rng: jax.Array | None, train: bool, remat: str, dtype: Any,
               max_targets: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Summed NLL over target tokens and their count, for one batch of `[B, T]` arrays.
+
+    The lm_head and the loss run fused over token chunks (`jpeft.kernels.cross_entropy`): the
+    `[B·T, V]` logits are never held at once, and with a frozen lm_head the gradient w.r.t. the final
+    hidden states is formed in the same pass.
 
     With `max_targets` (a static bound on the number of targets in the batch), logits are computed only
     at target positions: completion-only data then skip most of the `[B, T, V]` lm_head work.
@@ -103,20 +100,26 @@ def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, meth
         keep = jnp.arange(max_targets) < jnp.sum(flat >= 0)
         h = h.reshape(-1, h.shape[-1])[idx]
         labels = jnp.where(keep, flat[idx], -100)
-    logits = logits_from_hidden(with_overrides(base, adapters), cfg, h)
-    nll, valid = token_nll(logits, labels)
-    return jnp.sum(nll), jnp.sum(valid).astype(F32)
+    w = lm_head_weight(with_overrides(base, adapters), cfg)
+    nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), softcap=cfg.final_softcap)
+    return jnp.sum(nll), jnp.sum(labels >= 0).astype(F32)
 
 
-def target_bound(labels: Any, minimum: int = 64) -> int | None:
-    """A static bound (power of two) on targets per micro-batch, or None when most tokens are targets."""
-    import numpy as np
+def run_target_bound(labels: Any, rows_per_batch: int, minimum: int = 64) -> int | None:
+    """One static target bound for every batch of `rows_per_batch` rows drawn from `labels` `[N, L]`.
 
+    The bound is the sum of the `rows_per_batch` largest per-row target counts (rounded up to a power
+    of two), so any batch fits and the step compiles once per run instead of once per distinct batch.
+    None when the bound would cover most of a batch's tokens (then every position gets logits).
+    """
     lab = np.asarray(labels)
-    per = lab.reshape(lab.shape[0], -1) if lab.ndim == 3 else lab.reshape(1, -1)
-    n = int((per >= 0).sum(axis=1).max())
+    counts = np.sort((lab >= 0).sum(axis=1))[::-1]
+    return _bound(int(counts[:rows_per_batch].sum()), rows_per_batch * lab.shape[1], minimum)
+
+
+def _bound(n: int, tokens: int, minimum: int) -> int | None:
     bound = max(minimum, 1 << max(n - 1, 0).bit_length())
-    return None if bound * 2 > per.shape[1] else bound
+    return None if bound * 2 > tokens else bound
 
 
 def method_loss(adapters: dict, methods: Sequence[Method]) -> jax.Array:
@@ -166,16 +169,6 @@ def eval_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, metho
     """Summed NLL and target count of one `[B, T]` batch (no dropout)."""
     return batch_nll(adapters, base, batch, cfg=cfg, methods=methods, rng=None, train=False, remat="none",
                      dtype=dtype, max_targets=max_targets)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype"))
-def sequence_logprob(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, methods: tuple[Method, ...],
-                     dtype: Any = F32) -> jax.Array:
-    """Summed log-probability of each row's target tokens `[B]` (for scoring label candidates)."""
-    h, _ = hidden_states(base, cfg, batch["input_ids"], adapters=adapters, methods=methods,
-                         attention_mask=batch["attention_mask"], dtype=dtype)
-    nll, _ = token_nll(logits_from_hidden(with_overrides(base, adapters), cfg, h), batch["labels"])
-    return -jnp.sum(nll, axis=-1)
 
 
 def init_state(adapters: dict, tx: optax.GradientTransformation, seed: int) -> dict:

@@ -1,0 +1,152 @@
+"""Fused lm_head + cross-entropy over token chunks: the `[tokens, vocab]` logits never exist at once.
+
+`linear_cross_entropy(h, w, labels)` returns the per-token negative log-likelihood of
+`softmax(softcap(h @ w))` at `labels` (0 where `labels < 0`). Tokens are processed in chunks of
+`chunk_size` rows; each chunk's `[chunk, V]` fp32 logits live only inside one loop iteration.
+
+Backward (Liger-style, arXiv:2410.10989): when `w` is frozen (the usual PEFT case), the gradient with
+respect to `h` is computed in the same pass as the loss, while the chunk's logits are at hand:
+`dnll_n/dh_n = (softmax_n − onehot_n) ∘ softcap'_n @ wᵀ` depends on row n alone, so the backward only
+scales those rows by the incoming cotangent. That is two `N·D·V` products per step instead of the three
+of a recomputing backward, and only `[N, D]` is saved. When `w` is trained (`modules_to_save` of an
+lm_head or a tied embedding), the backward recomputes each chunk's softmax from the saved
+log-sum-exp and accumulates `dw` as well. Which case applies is read from JAX's symbolic zeros
+(`CustomVJPPrimal.perturbed`), so callers never pass a flag.
+
+Shapes: h `[N, D]`, w `[D, V]`, labels `[N]` int -> nll `[N]` fp32. Gemma-2's final soft-capping
+`c·tanh(z/c)` is applied to the logits when `softcap` is given.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+CHUNK_ELEMENTS = 1 << 23  # fp32 logits per chunk: 32 MiB
+
+
+def default_chunk_size(n: int, vocab: int) -> int:
+    """A power of two ≤ max(8, CHUNK_ELEMENTS / vocab), no larger than needed for `n` rows."""
+    c = 8
+    while c * 2 * vocab <= CHUNK_ELEMENTS and c < n:
+        c *= 2
+    return c
+
+
+def _softcapped(z: jax.Array, softcap: float | None) -> tuple[jax.Array, jax.Array | None]:
+    """(capped logits, d capped / d z) for fp32 logits z; the derivative is None without a cap."""
+    if not softcap:
+        return z, None
+    t = jnp.tanh(z / softcap)
+    return t * softcap, 1.0 - t * t
+
+
+def _chunk_stats(hc, w, lab, softcap):
+    """One chunk: capped logits `[C, V]`, their derivative (or None), lse `[C]`, nll `[C]`, valid `[C]`."""
+    z = jnp.matmul(hc, w.astype(hc.dtype), preferred_element_type=F32)
+    logits, dcap = _softcapped(z, softcap)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    valid = lab >= 0
+    tgt = jnp.take_along_axis(logits, jnp.where(valid, lab, 0)[:, None], axis=-1)[:, 0]
+    return logits, dcap, lse, jnp.where(valid, lse - tgt, 0.0), valid
+
+
+def _dlogits(logits, dcap, lse, lab, valid, scale):
+    """d nll / d z for one chunk `[C, V]` fp32, rows multiplied by `scale` `[C]` (0 for ignored rows)."""
+    p = jnp.exp(logits - lse[:, None])
+    hit = jax.lax.broadcasted_iota(jnp.int32, p.shape, 1) == lab[:, None]
+    d = (p - hit.astype(F32)) * jnp.where(valid, scale, 0.0)[:, None]
+    return d if dcap is None else d * dcap
+
+
+def _chunked(h, labels, chunk):
+    """Pad to a multiple of `chunk` rows (ignored labels) and split: `[K, chunk, D]`, `[K, chunk]`."""
+    n = h.shape[0]
+    pad = (-n) % chunk
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    labels = jnp.pad(labels, (0, pad), constant_values=-1)
+    return h.reshape(-1, chunk, h.shape[1]), labels.reshape(-1, chunk)
+
+
+def _nll_only(h, w, labels, softcap, chunk):
+    hs, ls = _chunked(h, labels, chunk)
+    nll = jax.lax.map(lambda xs: _chunk_stats(xs[0], w, xs[1], softcap)[3], (hs, ls))
+    return nll.reshape(-1)[: h.shape[0]]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lce(h, w, labels, softcap, chunk):
+    return _nll_only(h, w, labels, softcap, chunk)
+
+
+def _lce_fwd(h, w, labels, softcap, chunk):
+    h, w, labels = h.value, w, labels.value
+    hs, ls = _chunked(h, labels, chunk)
+    if w.perturbed:  # trained lm_head: keep what the recomputing backward needs
+        w = w.value
+
+        def body(xs):
+            _, _, lse, nll, _ = _chunk_stats(xs[0], w, xs[1], softcap)
+            return nll, lse
+
+        nll, lse = jax.lax.map(body, (hs, ls))
+        return nll.reshape(-1)[: h.shape[0]], (hs, w, ls, lse)
+    w = w.value
+
+    def body_grad(xs):  # frozen lm_head: d nll / d h of every row, in the same pass
+        logits, dcap, lse, nll, valid = _chunk_stats(xs[0], w, xs[1], softcap)
+        d = _dlogits(logits, dcap, lse, xs[1], valid, jnp.ones_like(lse))
+        dh = jax.lax.dot_general(d.astype(w.dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+        return nll, dh.astype(h.dtype)  # [C, D]
+
+    nll, dh = jax.lax.map(body_grad, (hs, ls))
+    return nll.reshape(-1)[: h.shape[0]], (dh.reshape(-1, h.shape[1])[: h.shape[0]],)
+
+
+def _lce_bwd(softcap, chunk, res, g):
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None, None
+    if len(res) == 1:  # frozen w: d nll / d h was computed in the forward
+        (dh,) = res
+        return dh * g[:, None].astype(dh.dtype), None, None
+    hs, w, ls, lse = res
+    n = g.shape[0]
+    gs = jnp.pad(g.astype(F32), (0, hs.shape[0] * chunk - n)).reshape(-1, chunk)
+
+    def body(dw, xs):
+        hc, lab, lse_c, g_c = xs
+        logits, dcap, _, _, valid = _chunk_stats(hc, w, lab, softcap)
+        d = _dlogits(logits, dcap, lse_c, lab, valid, g_c)
+        dh = jax.lax.dot_general(d.astype(w.dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+        dw = dw + jax.lax.dot_general(hc, d.astype(hc.dtype), (((0,), (0,)), ((), ())), preferred_element_type=F32)
+        return dw, dh.astype(hc.dtype)
+
+    dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, F32), (hs, ls, lse, gs))
+    return dh.reshape(-1, hs.shape[-1])[:n], dw.astype(w.dtype), None
+
+
+_lce.defvjp(_lce_fwd, _lce_bwd, symbolic_zeros=True)
+
+
+def linear_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, *, softcap: float | None = None,
+                         chunk_size: int | None = None) -> jax.Array:
+    """Per-token NLL `[N]` (fp32) of `softmax(softcap(h @ w))` at `labels`; rows with `labels < 0` give 0.
+
+    h `[N, D]` (any float dtype; logits accumulate in fp32), w `[D, V]`, labels `[N]` int. Never holds
+    more than `chunk_size × V` logits (default: 32 MiB worth). Differentiable in h and w.
+    """
+    chunk = chunk_size or default_chunk_size(h.shape[0], w.shape[1])
+    return _lce(h, w, labels.astype(jnp.int32), softcap or None, int(chunk))
+
+
+def linear_cross_entropy_reference(h: jax.Array, w: jax.Array, labels: jax.Array, *,
+                                   softcap: float | None = None) -> jax.Array:
+    """The same quantity by plain autodiff over full `[N, V]` fp32 logits (for tests)."""
+    z = jnp.matmul(h, w.astype(h.dtype), preferred_element_type=F32)
+    logits, _ = _softcapped(z, softcap)
+    valid = labels >= 0
+    tgt = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[:, None], axis=-1)[:, 0]
+    return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - tgt, 0.0)

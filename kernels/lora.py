@@ -1,0 +1,54 @@
+"""The LoRA branch `scale · (x @ A) @ B` with a hand-written backward through the rank-r space.
+
+Why a custom VJP: left to autodiff, XLA:CPU computes `dB = (x A)ᵀ dy` by first writing `dy` transposed
+(`[out, tokens]`), fused with whatever elementwise backward produced `dy` (SwiGLU, dropout); that strided
+write cost ~2x the whole matmul work of the site on SmolLM2 (see bench/RESULTS.md, issue 9 profile). Here
+every product is written so that the large operands (`x`, `dy`) are read in their stored layout and only
+rank-r arrays are ever transposed. The frozen base weight is not involved at all: its `x @ W` stays
+with the model, and no gradient for it exists.
+
+Shapes: x `[..., I]`, A `[I, r]`, B `[r, O]`, scale `[]` -> `[..., O]`.
+FLOPs: forward 2·N·r·(I + O), backward 4·N·r·(I + O) (N tokens); all rank-r products.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def lora_delta_reference(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    """Plain-autodiff version: `scale · (x @ A) @ B` in x's dtype. x `[..., I]`, A `[I, r]`, B `[r, O]`."""
+    a, b = a.astype(x.dtype), b.astype(x.dtype)
+    return jnp.matmul(jnp.matmul(x, a), b) * jnp.asarray(scale, x.dtype)
+
+
+@jax.custom_vjp
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    """`scale · (x @ A) @ B` (x's dtype), differentiable in all four inputs. x `[..., I]` -> `[..., O]`."""
+    return lora_delta_reference(x, a, b, scale)
+
+
+def _fwd(x, a, b, scale):
+    xa = jnp.matmul(x, a.astype(x.dtype))  # [..., r]: the only activation saved besides x
+    y = jnp.matmul(xa, b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+    return y, (x, xa, a, b, scale)
+
+
+def _bwd(res, dy):
+    x, xa, a, b, scale = res
+    dt = x.dtype
+    n_in, n_out = x.shape[-1], dy.shape[-1]
+    x2, xa2, dy2 = x.reshape(-1, n_in), xa.reshape(-1, xa.shape[-1]), dy.reshape(-1, n_out).astype(dt)
+    dyb = jax.lax.dot_general(dy2, b.astype(dt), (((1,), (1,)), ((), ())))  # dy Bᵀ [N, r] (unscaled)
+    s = jnp.asarray(scale, dt)
+    g = dyb * s  # cotangent of x A
+    dx = jax.lax.dot_general(g, a.astype(dt), (((1,), (1,)), ((), ())))  # [N, I]
+    da = jax.lax.dot_general(x2, g, (((0,), (0,)), ((), ())))  # xᵀ g [I, r]
+    db = jax.lax.dot_general(xa2, dy2, (((0,), (0,)), ((), ()))) * s  # (x A)ᵀ dy [r, O]
+    dscale = jnp.sum(xa2.astype(jnp.float32) * dyb.astype(jnp.float32))
+    return (dx.reshape(x.shape), da.astype(a.dtype), db.astype(b.dtype),
+            dscale.astype(jnp.result_type(scale)).reshape(jnp.shape(scale)))
+
+
+lora_delta.defvjp(_fwd, _bwd)
