@@ -82,9 +82,7 @@ def test_no_import_cycles_among_jpeft_modules():
     assert res["cycles"] == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in res["cycles"])
 
 
-# train/loop.py is being rewritten in issue 9 and still imports the façade; it should import jpeft.loading
-# and jpeft.dtypes instead (see the issue 10 report). Nothing else may.
-API_IMPORTERS_ALLOWED = {"jpeft", "jpeft.train.loop"}
+API_IMPORTERS_ALLOWED = {"jpeft"}  # the package's own __init__ re-exports the façade; nothing else imports it
 
 
 def test_no_module_inside_the_package_imports_the_facade():

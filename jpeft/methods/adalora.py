@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
+from jpeft.kernels.lora import lora_delta
 from jpeft.methods.base import Method, SiteContext
 from jpeft.methods.common import check_dropout, dropout, hp, method_tree
 from jpeft.methods.lora import merge_lora, save_peft_adapter
@@ -98,7 +99,7 @@ class AdaLoRA(Method):
         """`y + dropout(x) @ (A * E) @ B · scale`; x `[..., in]`, A `[in, r]`, E `[r]`, B `[r, out]`."""
         xd = dropout(x, self.lora_dropout, ctx, "adalora/" + "/".join(site))
         a = (tree["lora_A"] * tree["lora_E"][..., None, :]).astype(x.dtype)
-        out = jnp.matmul(jnp.matmul(xd, a), tree["lora_B"].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+        out = lora_delta(xd, a, tree["lora_B"], jnp.float32(self.scale))
         return y + out.astype(y.dtype)
 
     def loss(self, tree):

@@ -99,11 +99,6 @@ class Method:
         """An extra loss term of the method (AdaLoRA's orthogonality, SoRA's L1); 0 by default."""
         return 0.0
 
-    def optimizer_stages(self) -> tuple:
-        """Deprecated: no method uses it (use `wrap_optimizer`). Kept only because `jpeft.train.step`
-        still calls it; remove together with that call."""
-        return ()
-
     def wrap_optimizer(self, tx: Any, learning_rate: Any) -> Any:
         """Wrap the base optimizer `tx` (AdamW, after gradient clipping); `learning_rate` is its schedule.
         Identity by default; AdaLoRA wraps it with its rank allocator, SoRA chains its proximal step."""

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from jpeft.errors import ConfigError
+from jpeft.kernels.lora import lora_delta
 from jpeft.methods.base import Method, SiteContext
 from jpeft.methods.common import dropout, hp, method_tree
 from jpeft.methods.lora import merge_lora, save_peft_adapter
@@ -128,8 +129,8 @@ class SoRA(Method):
     def linear(self, site, x, y, base, tree, ctx: SiteContext):
         """`y + ((dropout(x) @ A) * g) @ B · α/r`; x `[..., in]`, A `[in, r]`, g `[r]`, B `[r, out]`."""
         xd = dropout(x, self.lora_dropout, ctx, "sora/" + "/".join(site))
-        h = jnp.matmul(xd, tree["lora_A"].astype(x.dtype)) * tree["gate"].astype(x.dtype)
-        out = jnp.matmul(h, tree["lora_B"].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+        a = tree["lora_A"] * tree["gate"][..., None, :]  # x (A diag g) B: the gate folds into A (rank-r work)
+        out = lora_delta(xd, a, tree["lora_B"], jnp.float32(self.scale))
         return y + out.astype(y.dtype)
 
     def loss(self, tree):

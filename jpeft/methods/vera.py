@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from jpeft.errors import CheckpointError, ConfigError
+from jpeft.kernels.lora import lora_delta
 from jpeft.methods.base import Method, SiteContext
 from jpeft.methods.common import check_dropout, dense_kernel, dropout, hp, method_tree, replace_linears
 from jpeft.methods.registry import Built, MethodSpec, register_method
@@ -133,8 +134,9 @@ class VeRA(Method):
             raise ConfigError("VeRA.linear needs the layer index (SiteContext.layer)")
         on = jnp.asarray(self.site(*site).active)[ctx.layer]
         xd = dropout(x, self.vera_dropout, ctx, "vera/" + "/".join(site))
-        h = jnp.matmul(xd, tree["A"].astype(x.dtype)) * tree["vera_lambda_d"].astype(x.dtype)
-        out = jnp.matmul(h, tree["B"].astype(x.dtype)) * tree["vera_lambda_b"].astype(x.dtype)
+        a = tree["A"] * tree["vera_lambda_d"][..., None, :]  # diag scalings fold into the rank-r factors
+        b = tree["B"] * tree["vera_lambda_b"][..., None, :]
+        out = lora_delta(xd, a, b, jnp.float32(1.0))
         return y + jnp.where(on, out, 0).astype(y.dtype)
 
     def num_trainable(self, tree: Any) -> int:

@@ -51,17 +51,13 @@ def embed(params: dict, cfg: ModelConfig, input_ids: jax.Array, dtype: Any) -> j
     return h.astype(dtype)
 
 
-def with_overrides(params: dict, adapters: dict | None) -> dict:
-    """Base params with whole modules replaced by trained copies (`adapters[m]["modules_to_save"]`).
-
-    A method tree may hold `{"modules_to_save": {"lm_head": {...}, "embed_tokens": ...}}` (top-level
-    param keys); the base itself is never modified.
-    """
-    out = params
-    for tree in (adapters or {}).values():
-        if isinstance(tree, dict) and tree.get("modules_to_save"):
-            out = {**out, **tree["modules_to_save"]}
-    return out
+def with_overrides(params: dict, adapters: dict | None, methods: Sequence[Method] = ()) -> dict:
+    """The base params the forward runs on: each active method's `override_params` hook applied in turn
+    (LoRA's `modules_to_save` swaps whole modules for trained copies). The base itself is never modified."""
+    for m in methods:
+        if adapters and m.name in adapters:
+            params = m.override_params(adapters[m.name], params)
+    return params
 
 
 def _mask_info(b: int, t: int, attention_mask, positions, segment_ids, cache, offset: int = 0):
@@ -118,19 +114,26 @@ def _extend_for_virtual(n: int, attention_mask: jax.Array, positions, segment_id
 
 
 def _embed_inputs(params, cfg, input_ids, adapters, methods, cache, train, dtype):
-    """Embeddings after every method's `embed` hook, the prepared adapter trees and the position offset."""
+    """Embeddings after every method's `embed` hook, the prepared adapter trees, the position offset and the
+    number of virtual tokens the hooks prepended (`virtual_tokens`)."""
     ctx = SiteContext(train=train, decode=cache is not None and "prefilled" in cache)
     adapters = {**adapters}
     for m in methods:
         if m.name in adapters:
             adapters[m.name] = m.prepare(adapters[m.name], ctx)
     h = embed(params, cfg, input_ids, dtype)
-    offset = 0
+    offset = extra = 0
     for m in methods:
         if m.name in adapters:
+            n = m.virtual_tokens(adapters[m.name], ctx)
+            width = h.shape[1]
             h = m.embed(adapters[m.name], h, ctx)
+            if h.shape[1] != width + n:
+                raise ConfigError(f"method {m.name!r}: its embed hook prepended {h.shape[1] - width} tokens but "
+                                  f"virtual_tokens() says {n}; make the two agree")
+            extra += n
             offset += m.position_offset(adapters[m.name])
-    return h, adapters, offset
+    return h, adapters, offset, extra
 
 
 def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapters: dict | None = None,
@@ -145,9 +148,9 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapt
     Virtual tokens a method prepends (prompt tuning) are run but not returned: the output stays `[B, T, D]`.
     """
     b, t = input_ids.shape
-    params = with_overrides(params, adapters)
-    h, adapters, offset = _embed_inputs(params, cfg, input_ids, adapters or {}, methods, cache, train, dtype)
-    extra = h.shape[1] - t
+    params = with_overrides(params, adapters, methods)
+    h, adapters, offset, extra = _embed_inputs(params, cfg, input_ids, adapters or {}, methods, cache, train,
+                                               dtype)
     if extra:
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
@@ -195,7 +198,8 @@ def logits_from_hidden(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Arra
 def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, **kwargs: Any) -> tuple[jax.Array, dict | None]:
     """Logits `[B, T, V]` (fp32) and the updated cache. Keyword arguments as `hidden_states`."""
     h, cache = hidden_states(params, cfg, input_ids, **kwargs)
-    return logits_from_hidden(with_overrides(params, kwargs.get("adapters")), cfg, h), cache
+    params = with_overrides(params, kwargs.get("adapters"), kwargs.get("methods", ()))
+    return logits_from_hidden(params, cfg, h), cache
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = F32) -> dict:

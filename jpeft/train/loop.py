@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.api import Model, resolve_dtype
+from jpeft.dtypes import resolve_dtype
 from jpeft.errors import ConfigError, JpeftError
+from jpeft.loading import Model
 from jpeft.methods.base import Method
 from jpeft.train import offload
 from jpeft.train.checkpoint import restore_latest, save_checkpoint

@@ -65,7 +65,7 @@ def learning_rate_schedule(oc: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def build_optimizer(oc: OptimConfig, total_steps: int, methods: Sequence[Method] = ()) -> optax.GradientTransformation:
-    """clip -> AdamW(schedule), wrapped by each method (`wrap_optimizer`) -> each method's own stages."""
+    """clip -> AdamW(schedule), wrapped by each method (`wrap_optimizer`)."""
     oc = oc.validate()
     stages = [optax.clip_by_global_norm(oc.max_grad_norm)] if oc.max_grad_norm else []
     lr = learning_rate_schedule(oc, total_steps)
@@ -73,8 +73,6 @@ def build_optimizer(oc: OptimConfig, total_steps: int, methods: Sequence[Method]
     for m in methods:
         opt = m.wrap_optimizer(opt, lr)
     stages.append(opt)
-    for m in methods:
-        stages.extend(m.optimizer_stages())
     return optax.chain(*stages)
 
 
@@ -100,7 +98,7 @@ def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, meth
         keep = jnp.arange(max_targets) < jnp.sum(flat >= 0)
         h = h.reshape(-1, h.shape[-1])[idx]
         labels = jnp.where(keep, flat[idx], -100)
-    w = lm_head_weight(with_overrides(base, adapters), cfg)
+    w = lm_head_weight(with_overrides(base, adapters, methods), cfg)
     nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), softcap=cfg.final_softcap)
     return jnp.sum(nll), jnp.sum(labels >= 0).astype(F32)
 

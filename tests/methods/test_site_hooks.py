@@ -1,13 +1,16 @@
-"""The site-protocol hooks that replace the model's method special cases: `override_params` (LoRA's
-modules_to_save) and `virtual_tokens` (prompt tuning). Until `jpeft.models.model` asks the hooks, they must
-agree with what the model does on its own (`with_overrides`, the length `embed` adds)."""
+"""The site-protocol hooks the model asks instead of special-casing methods: `override_params` (LoRA's
+modules_to_save) and `virtual_tokens` (prompt tuning)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from jpeft.errors import ConfigError
 from jpeft.methods.base import Method, SiteContext, count_trainable
 from jpeft.methods.lora import LoraConfig, init_lora
 from jpeft.methods.prompt import PromptTuningConfig, init_prompt
@@ -21,7 +24,8 @@ def test_override_params_is_the_models_modules_to_save_swap(tiny_checkpoint):
                            jax.random.PRNGKey(0))
     ad = jax.tree_util.tree_map(lambda x: x + 0.5, ad)  # copies that differ from the base
     ours = method.override_params(ad["lora"], params)
-    theirs = with_overrides(params, ad)
+    assert with_overrides(params, ad, (method,)) is not params  # the model asks the hook
+    theirs = {**params, **ad["lora"]["modules_to_save"]}  # what peft's ModulesToSaveWrapper runs on
     assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -43,3 +47,16 @@ def test_virtual_tokens_is_what_embed_prepends(tiny_checkpoint):
     logits, _ = forward(params, cfg, ids, adapters=ad, methods=(method,))
     assert logits.shape[1] == ids.shape[1]  # the model drops the virtual tokens' outputs again
     assert count_trainable(ad, method) == 5 * cfg.hidden_size
+
+
+def test_an_embed_hook_that_disagrees_with_virtual_tokens_is_refused(tiny_checkpoint):
+    cfg, params = load_pretrained(tiny_checkpoint("llama", "gqa_untied")[0])
+    method, ad = init_prompt(cfg, params, PromptTuningConfig(num_virtual_tokens=5), jax.random.PRNGKey(0))
+
+    class Liar(type(method)):
+        def virtual_tokens(self, tree, ctx):
+            return 3
+
+    liar = Liar(**{f.name: getattr(method, f.name) for f in dataclasses.fields(method)})
+    with pytest.raises(ConfigError, match="prepended 5 tokens but virtual_tokens\\(\\) says 3"):
+        forward(params, cfg, jnp.asarray([[3, 4, 5]]), adapters=ad, methods=(liar,))
