@@ -1,0 +1,83 @@
+"""Which implementation of each fused op runs: its Pallas kernel or its pure-JAX reference.
+
+Every op in `jpeft.kernels` has a reference written in plain JAX (runs everywhere, the numerics we test
+against) and, where one exists, a Pallas kernel. The choice is made at trace time from the *kernel mode*:
+
+- `"off"`: the reference, always.
+- `"auto"` (default): the Pallas kernel on GPU, the reference elsewhere.
+- `"on"`: the Pallas kernel everywhere; on a backend that cannot compile it (CPU) it runs in Pallas'
+  interpreter (`interpret=True`): slow, but the same kernel code, which is how the kernels are tested here.
+
+The mode is set for a block of tracing with `kernel_mode("on")` (a context variable, so threads and nested
+blocks behave); jitted entry points that take `kernels=` as a static argument enter it inside the trace, so
+a cached executable always matches its mode. Each `choose(op)` call records what it picked; `kernels_report()`
+gives `{op: "pallas" | "pallas-interpret" | "reference"}` for `run.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import jax
+
+from jpeft.errors import ConfigError
+
+KERNEL_MODES = ("auto", "on", "off")
+PALLAS, INTERPRET, REFERENCE = "pallas", "pallas-interpret", "reference"
+
+_MODE: contextvars.ContextVar[str] = contextvars.ContextVar("jpeft_kernel_mode", default="auto")
+_REPORT: dict[str, str] = {}
+
+
+def check_mode(mode: object, where: str = "kernels") -> str:
+    """`mode` if it is one of `KERNEL_MODES`, else a ConfigError naming `where`."""
+    if mode not in KERNEL_MODES:
+        raise ConfigError(f"{where}={mode!r} is not a kernel mode; use one of {', '.join(KERNEL_MODES)}")
+    return str(mode)
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str) -> Iterator[str]:
+    """Trace the block with kernel mode `mode` ("auto", "on", "off")."""
+    token = _MODE.set(check_mode(mode))
+    try:
+        yield mode
+    finally:
+        _MODE.reset(token)
+
+
+def current_mode() -> str:
+    return _MODE.get()
+
+
+def backend() -> str:
+    """The platform arrays are placed on by default ("cpu", "gpu", "tpu")."""
+    return jax.default_backend()
+
+
+def choose(op: str, *, has_kernel: bool = True, supported: bool = True) -> str:
+    """What runs for `op` under the current mode: PALLAS, INTERPRET or REFERENCE (recorded for the report).
+
+    `has_kernel=False` for ops without a Pallas kernel yet; `supported=False` when this call's shapes or
+    options fall outside what the kernel handles (the reference then runs, also under "on").
+    """
+    mode = _MODE.get()
+    if mode == "off" or not has_kernel or not supported:
+        impl = REFERENCE
+    elif backend() == "gpu":
+        impl = PALLAS
+    else:
+        impl = INTERPRET if mode == "on" else REFERENCE
+    _REPORT[op] = impl
+    return impl
+
+
+def kernels_report() -> dict[str, str]:
+    """`{op: implementation}` for every op traced since the last `reset_report()`."""
+    return dict(sorted(_REPORT.items()))
+
+
+def reset_report() -> None:
+    _REPORT.clear()
