@@ -10,10 +10,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jpeft.cli_args import MODEL_HELP, maybe_adapter, method_in_argv
+from jpeft.cli_args import KERNELS_HELP, MODEL_HELP, maybe_adapter, method_in_argv
 from jpeft.cli_train import TRAIN_COMMANDS, add_train_commands
 from jpeft.errors import JpeftError
 from jpeft.generate import SamplingConfig, generate
+from jpeft.kernels.dispatch import KERNEL_MODES
 from jpeft.loading import load
 from jpeft.runtime import configure_host_memory
 
@@ -33,6 +34,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--adapter", default=None, help="adapter folder (peft format) to apply")
+    p.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES), help=KERNELS_HELP)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -63,7 +65,7 @@ def _prompt_ids(args, tok, vocab: int) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-    model = load(args.model, args.dtype)
+    model = load(args.model, args.dtype, kernels=args.kernels)
     method, adapters = maybe_adapter(args.adapter, model)
     tok = model.tokenizer
     ids = _prompt_ids(args, tok, model.cfg.vocab_size)

@@ -22,6 +22,8 @@ from jpeft.methods.base import Method
 from jpeft.methods.registry import MethodSpec
 
 MODEL_HELP = "HF checkpoint folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)"
+KERNELS_HELP = ("fused-op implementations: auto = Pallas kernels on GPU, pure-JAX references elsewhere; on = "
+                "Pallas everywhere (interpreted on CPU: slow, for checks); off = references only")
 
 
 def _kind(hint: Any) -> type:

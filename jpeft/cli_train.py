@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 
 from jpeft.cli_args import (
+    KERNELS_HELP,
     MODEL_HELP,
     add_config_flags,
     add_quant_flags,
@@ -24,9 +25,11 @@ from jpeft.cli_args import (
     quant_load_kwargs,
 )
 from jpeft.errors import ConfigError, JpeftError
+from jpeft.kernels.dispatch import KERNEL_MODES, kernels_report
 from jpeft.loading import Model, load
 from jpeft.methods import catalog
 from jpeft.methods.registry import MethodSpec, check_mergeable
+from jpeft.models.decoder import REMAT_POLICIES
 from jpeft.torch_bridge.merged import save_merged
 from jpeft.train.data import load_jsonl, train_eval_split
 from jpeft.train.evaluate import classification_eval, label_set
@@ -65,10 +68,12 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--remat", default="projections", choices=["none", "projections", "full", "dots", "dots_saveable"],
+    p.add_argument("--remat", default="projections", choices=list(REMAT_POLICIES),
                    help="what the backward recomputes: projections (default) saves the q/k/v/gate/up outputs and "
-                        "recomputes only cheap ops; full saves layer inputs only (least memory); none saves all")
+                        "recomputes only cheap ops; full saves layer inputs only (least memory); offload keeps "
+                        "layer inputs in pinned host memory (GPU/TPU); none saves all")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES), help=KERNELS_HELP)
     p.add_argument("--offload-optimizer", action="store_true",
                    help="keep optimizer state in pinned host memory between steps (where the backend has it)")
     p.add_argument("--no-progress", action="store_true")
@@ -102,6 +107,7 @@ def add_train_commands(sub, method: str = "lora") -> None:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES), help=KERNELS_HELP)
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("export", help="merge an adapter into the base and write an HF checkpoint")
     p.add_argument("--model", default=None, help=MODEL_HELP)
@@ -149,6 +155,9 @@ def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bo
     base_model = Model(cfg=model.cfg, params=built.base, tokenizer=model.tokenizer, path=model.path)
     res = train(base_model, built.method, built.adapters, train_ex, eval_ex, _train_config(args), out, resume=resume,
                 progress=not args.no_progress)
+    run = json.loads((out / "run.json").read_text())
+    run["kernels"] = kernels_report(model.cfg.kernels)  # op -> what ran: "pallas", "pallas-interpret" or "reference"
+    (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
     if spec.finish is not None:  # rank-adaptive methods: export from the final state, report the ranks
         spec.finish(out, model, built, res)
     else:
@@ -157,7 +166,8 @@ def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bo
 
 
 def _load_for_training(args) -> Model:
-    model = load(args.model, args.dtype, **quant_load_kwargs(args, catalog.get_method(args.method)))
+    model = load(args.model, args.dtype, kernels=args.kernels,
+                 **quant_load_kwargs(args, catalog.get_method(args.method)))
     if model.tokenizer is None:
         raise JpeftError(f"{model.path}: no tokenizer files; training needs the checkpoint's tokenizer")
     return model
@@ -180,7 +190,7 @@ def _print_eval(tag: str, rec: dict) -> None:
 
 def cmd_eval(args) -> int:
     """`jpeft.train.loop.evaluate` (the training loop's own eval) on a data file, with or without an adapter."""
-    model = load(args.model, args.dtype)
+    model = load(args.model, args.dtype, kernels=args.kernels)
     method, adapters = maybe_adapter(args.adapter, model)
     examples = load_jsonl(args.data)
     tc = TrainConfig(max_len=args.max_len, batch_size=args.batch_size, dtype=args.dtype)

@@ -11,6 +11,7 @@ import numpy as np
 
 from jpeft.assets import default_model_path
 from jpeft.dtypes import resolve_dtype
+from jpeft.kernels.dispatch import check_mode
 from jpeft.models.config import ModelConfig
 from jpeft.quant.kernel import with_compute_dtype
 from jpeft.torch_bridge.bnb_checkpoint import QuantSpec
@@ -42,7 +43,7 @@ def resolve_model_path(path: str | Path | None) -> Path:
 
 def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer: bool = True, *,
          allow_torch_bin: bool = False, quantize: str | None = None, double_quant: bool = True,
-         blocksize: int = 64, compute_dtype: str | Any = None) -> Model:
+         blocksize: int = 64, compute_dtype: str | Any = None, kernels: str = "auto") -> Model:
     """Load an HF checkpoint folder (safetensors) or a llama-family `.gguf` file into a `Model`.
 
     `allow_torch_bin=True` also reads pickle-based `pytorch_model.bin` via `torch.load(weights_only=True)`.
@@ -50,10 +51,14 @@ def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer
     elements per scale, `double_quant` to 8-bit-quantize the scales); embeddings, norms and lm_head stay
     in `dtype`. The 4-bit weights are dequantized to `compute_dtype` (default: `dtype`) for each matmul.
     Checkpoints saved 4-bit by transformers + bitsandbytes load 4-bit as stored, without `quantize`.
+    `kernels` ("auto" | "on" | "off") picks Pallas kernels or pure-JAX references for the fused ops
+    (`jpeft.kernels.dispatch`); it is kept in `model.cfg.kernels`, so every jitted call follows it.
     """
+    kernels = check_mode(kernels, "kernels")
     quant = None if quantize is None else QuantSpec(quantize, double_quant, blocksize).validate()
     path = resolve_model_path(path)
     cfg, params = load_pretrained(path, resolve_dtype(dtype), allow_torch_bin=allow_torch_bin, quant=quant)
     if compute_dtype is not None:
         params = with_compute_dtype(params, resolve_dtype(compute_dtype))
+    cfg = dataclasses.replace(cfg, kernels=kernels)
     return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path) if tokenizer else None, path=path)

@@ -10,8 +10,10 @@ against) and, where one exists, a Pallas kernel. The choice is made at trace tim
 
 The mode is set for a block of tracing with `kernel_mode("on")` (a context variable, so threads and nested
 blocks behave); jitted entry points that take `kernels=` as a static argument enter it inside the trace, so
-a cached executable always matches its mode. Each `choose(op)` call records what it picked; `kernels_report()`
-gives `{op: "pallas" | "pallas-interpret" | "reference"}` for `run.json`.
+a cached executable always matches its mode. Each `choose(op)` call records what it picked under the
+current mode; `kernels_report(mode)` gives `{op: "pallas" | "pallas-interpret" | "reference"}` for every op
+traced in this process under that mode (what `jpeft train` writes to `run.json`). The record is per mode, not
+per trace, so a jit cache hit (no new trace) still finds it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ KERNEL_MODES = ("auto", "on", "off")
 PALLAS, INTERPRET, REFERENCE = "pallas", "pallas-interpret", "reference"
 
 _MODE: contextvars.ContextVar[str] = contextvars.ContextVar("jpeft_kernel_mode", default="auto")
-_REPORT: dict[str, str] = {}
+_REPORT: dict[tuple[str, str], str] = {}
 
 
 def check_mode(mode: object, where: str = "kernels") -> str:
@@ -70,14 +72,11 @@ def choose(op: str, *, has_kernel: bool = True, supported: bool = True) -> str:
         impl = PALLAS
     else:
         impl = INTERPRET if mode == "on" else REFERENCE
-    _REPORT[op] = impl
+    _REPORT[(mode, op)] = impl
     return impl
 
 
-def kernels_report() -> dict[str, str]:
-    """`{op: implementation}` for every op traced since the last `reset_report()`."""
-    return dict(sorted(_REPORT.items()))
-
-
-def reset_report() -> None:
-    _REPORT.clear()
+def kernels_report(mode: str | None = None) -> dict[str, str]:
+    """`{op: implementation}` for every op traced in this process under `mode` (default: the current one)."""
+    mode = _MODE.get() if mode is None else check_mode(mode)
+    return dict(sorted((op, impl) for (m, op), impl in _REPORT.items() if m == mode))

@@ -64,6 +64,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # Execution, not architecture: which fused-op implementations run (`jpeft.kernels.dispatch`:
+    # "auto" = Pallas kernels on GPU, references elsewhere; "on"; "off"). Static like the rest.
+    kernels: str = "auto"
 
     @property
     def q_size(self) -> int:

@@ -22,7 +22,7 @@ from jpeft.methods.base import Method, SiteContext
 from jpeft.models.config import ModelConfig
 
 F32 = jnp.float32
-REMAT_POLICIES = ("none", "projections", "full", "dots", "dots_saveable")
+REMAT_POLICIES = ("none", "projections", "full", "offload", "dots", "dots_saveable")
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
@@ -149,6 +149,7 @@ def _mlp(x, lp, ad, cfg, methods, ctx):
 def decoder_layer(h, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
     """One pre-norm block (gemma2: sandwich norms). h `[B, T, D]` -> (h, new cache slices)."""
     eps, off = cfg.rms_norm_eps, cfg.norm_offset
+    h = checkpoint_name(h, "layer_input")  # what `remat="offload"` moves to host memory
     x = rms_norm(h, lp["input_layernorm"], eps, off)
     a, new_cache = _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx)
     if cfg.sandwich_norm:

@@ -6,6 +6,7 @@ function of pytrees; jit it with `cfg`, `methods`, `train` and `remat` static (s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.errors import ConfigError
+from jpeft.kernels.dispatch import kernel_mode
 from jpeft.methods.base import Method, SiteContext
 from jpeft.models.config import ModelConfig
 from jpeft.models.decoder import REMAT_POLICIES, decoder_layer, rms_norm
@@ -27,10 +29,30 @@ F32 = jnp.float32
 SAVED_ACTIVATIONS = ("q", "k", "v", "attn_heads_out", "attn_lse", "resid_mid", "mlp_gate", "mlp_up")
 
 
+HOST_MEMORY = "pinned_host"
+
+
+def offload_available() -> bool:
+    """Whether the default device has host memory that `remat="offload"` can move activations to."""
+    return HOST_MEMORY in {m.kind for m in jax.devices()[0].addressable_memories()}
+
+
 def _remat(fn, remat: str):
-    """The layer body under `jax.checkpoint` with the named policy (see REMAT_POLICIES)."""
+    """The layer body under `jax.checkpoint` with the named policy (see REMAT_POLICIES).
+
+    `offload` saves only each layer's input and keeps it in pinned host memory between forward and
+    backward (JAX's offload policy); the rest of the layer is recomputed, as with `full`.
+    """
     if remat == "none":
         return fn
+    if remat == "offload":
+        if not offload_available():
+            raise ConfigError(f"remat='offload' needs '{HOST_MEMORY}' memory, which the {jax.default_backend()} "
+                              "backend does not have; use remat='full' for the least device memory")
+        policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=("layer_input",),
+            offload_src="device", offload_dst=HOST_MEMORY)
+        return jax.checkpoint(fn, policy=policy, prevent_cse=False)
     policies = {
         "full": jax.checkpoint_policies.nothing_saveable,
         "projections": jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS),
@@ -136,6 +158,18 @@ def _embed_inputs(params, cfg, input_ids, adapters, methods, cache, train, dtype
     return h, adapters, offset, extra
 
 
+def _with_kernel_mode(fn):
+    """Trace `fn(params, cfg, ...)` under `cfg.kernels` (which fused-op implementations run)."""
+
+    @functools.wraps(fn)
+    def wrapped(params, cfg, *args, **kwargs):
+        with kernel_mode(cfg.kernels):
+            return fn(params, cfg, *args, **kwargs)
+
+    return wrapped
+
+
+@_with_kernel_mode
 def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapters: dict | None = None,
                   methods: Sequence[Method] = (), attention_mask: jax.Array | None = None,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -186,6 +220,7 @@ def lm_head_weight(params: dict, cfg: ModelConfig) -> jax.Array:
     return params["lm_head"]["kernel"]
 
 
+@_with_kernel_mode
 def logits_from_hidden(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """h `[..., D]` -> fp32 logits `[..., V]` (gemma2: final soft-capping)."""
     w = lm_head_weight(params, cfg)

@@ -18,6 +18,7 @@ import optax
 
 from jpeft.errors import ConfigError
 from jpeft.kernels.cross_entropy import linear_cross_entropy
+from jpeft.kernels.dispatch import kernel_mode
 from jpeft.methods.base import Method
 from jpeft.models.config import ModelConfig
 from jpeft.models.model import hidden_states, lm_head_weight, with_overrides
@@ -99,7 +100,8 @@ def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, meth
         h = h.reshape(-1, h.shape[-1])[idx]
         labels = jnp.where(keep, flat[idx], -100)
     w = lm_head_weight(with_overrides(base, adapters, methods), cfg)
-    nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), softcap=cfg.final_softcap)
+    with kernel_mode(cfg.kernels):
+        nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), softcap=cfg.final_softcap)
     return jnp.sum(nll), jnp.sum(labels >= 0).astype(F32)
 
 
