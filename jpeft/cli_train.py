@@ -25,7 +25,7 @@ from jpeft.cli_args import (
     quant_load_kwargs,
 )
 from jpeft.errors import ConfigError, JpeftError
-from jpeft.kernels.dispatch import KERNEL_MODES, kernels_report
+from jpeft.kernels.dispatch import KERNEL_MODES, kernels_report, reset_report
 from jpeft.loading import Model, load
 from jpeft.methods import catalog
 from jpeft.methods.registry import MethodSpec, check_mergeable
@@ -153,6 +153,7 @@ def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bo
     built = spec.init(model, config, jax.random.PRNGKey(args.seed))
     _write_run(out, args, model, spec, config, built)
     base_model = Model(cfg=model.cfg, params=built.base, tokenizer=model.tokenizer, path=model.path)
+    reset_report()
     res = train(base_model, built.method, built.adapters, train_ex, eval_ex, _train_config(args), out, resume=resume,
                 progress=not args.no_progress)
     run = json.loads((out / "run.json").read_text())

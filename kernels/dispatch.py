@@ -12,8 +12,9 @@ The mode is set for a block of tracing with `kernel_mode("on")` (a context varia
 blocks behave); jitted entry points that take `kernels=` as a static argument enter it inside the trace, so
 a cached executable always matches its mode. Each `choose(op)` call records what it picked under the
 current mode; `kernels_report(mode)` gives `{op: "pallas" | "pallas-interpret" | "reference"}` for every op
-traced in this process under that mode (what `jpeft train` writes to `run.json`). The record is per mode, not
-per trace, so a jit cache hit (no new trace) still finds it.
+traced under that mode since `reset_report()` (what `jpeft train` writes to `run.json`: it resets before
+training). Choices are made while tracing, so a step function taken from the jit cache of an identical earlier
+run in the same process records nothing new.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ KERNEL_MODES = ("auto", "on", "off")
 PALLAS, INTERPRET, REFERENCE = "pallas", "pallas-interpret", "reference"
 
 _MODE: contextvars.ContextVar[str] = contextvars.ContextVar("jpeft_kernel_mode", default="auto")
-_REPORT: dict[tuple[str, str], str] = {}
+_REPORT: dict[tuple[str, str], set[str]] = {}
 
 
 def check_mode(mode: object, where: str = "kernels") -> str:
@@ -72,11 +73,22 @@ def choose(op: str, *, has_kernel: bool = True, supported: bool = True) -> str:
         impl = PALLAS
     else:
         impl = INTERPRET if mode == "on" else REFERENCE
-    _REPORT[(mode, op)] = impl
+    _REPORT.setdefault((mode, op), set()).add(impl)
     return impl
 
 
 def kernels_report(mode: str | None = None) -> dict[str, str]:
-    """`{op: implementation}` for every op traced in this process under `mode` (default: the current one)."""
+    """`{op: implementation}` for every op traced in this process under `mode` (default: the current one).
+
+    An op that ran both ways (the kernel at some call sites, the reference where the shapes are outside
+    what the kernel handles) reads e.g. "pallas+reference".
+    """
     mode = _MODE.get() if mode is None else check_mode(mode)
-    return dict(sorted((op, impl) for (m, op), impl in _REPORT.items() if m == mode))
+    order = {PALLAS: 0, INTERPRET: 1, REFERENCE: 2}
+    return dict(sorted((op, "+".join(sorted(impls, key=order.get))) for (m, op), impls in _REPORT.items()
+                       if m == mode))
+
+
+def reset_report() -> None:
+    """Forget what was recorded (`jpeft train` calls it before each run)."""
+    _REPORT.clear()

@@ -29,6 +29,15 @@ VARIANTS: dict[tuple[str, str], dict] = {
     ("gemma2", "softcap_window"): dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
                                        attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
     ("gemma2", "untied"): dict(head_dim=16, sliding_window=6, tie_word_embeddings=False, query_pre_attn_scalar=16),
+    # sizes that are no power of two and no multiple of any kernel block (the Pallas kernels pad them)
+    ("llama", "odd"): dict(hidden_size=72, intermediate_size=100, num_attention_heads=6, num_key_value_heads=2,
+                           head_dim=12),
+    ("llama", "odd_q4"): dict(intermediate_size=100, head_dim=20),  # in = 64 (4-bit blocks stay within rows)
+    ("gemma2", "odd_q4"): dict(intermediate_size=100, head_dim=20, sliding_window=5, query_pre_attn_scalar=20,
+                               attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    ("gemma2", "odd"): dict(hidden_size=72, intermediate_size=100, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=20, sliding_window=5, query_pre_attn_scalar=20, attn_logit_softcapping=5.0,
+                            final_logit_softcapping=3.0),
 }
 
 

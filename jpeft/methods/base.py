@@ -22,6 +22,8 @@ Sites:
 - `prepare(tree, ctx)`: maps the method's trainable tree to the tree the sites read, once per forward
   (prefix tuning: the flat peft table or its reparameterisation MLP -> per-layer keys/values).
 - `position_offset(tree)`: a static shift of every real token's position (prefix tuning: P).
+- `fused_linear(site, x, base, tree, ctx)`: the base projection and the method's change in one fused
+  kernel (LoRA), or None for the two-step path above.
 - `virtual_tokens(tree, ctx)`: how many leading tokens `embed` prepends in this call (prompt tuning: P, 0
   while decoding); the model extends the mask, positions, segments and cache by that many.
 - `override_params(tree, params)`: the base params this method's forward runs on (LoRA's `modules_to_save`
@@ -82,6 +84,12 @@ class Method:
     def position_offset(self, tree: Any) -> int:
         """Static shift added to the position of every real token (0 by default)."""
         return 0
+
+    def fused_linear(self, site: Site, x: jax.Array, base: Any, tree: Any, ctx: SiteContext) -> jax.Array | None:
+        """`linear(site, x, dense(x, base), base, tree, ctx)` as one fused op, or None (the default) when the
+        method has none or the kernel mode picks the reference; asked only when this method is the only one
+        at the site. LoRA: the Pallas `x W + s (x A) B` kernel (`jpeft.kernels.lora_linear`)."""
+        return None
 
     def virtual_tokens(self, tree: Any, ctx: SiteContext) -> int:
         """Static number of tokens `embed` prepends in this call (0 by default)."""

@@ -32,7 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
+from jpeft.kernels.dispatch import REFERENCE, choose
 from jpeft.kernels.lora import lora_delta
+from jpeft.kernels.lora_linear import lora_linear
 from jpeft.methods import modules_to_save, targeting
 from jpeft.methods.base import Method
 from jpeft.methods.common import dense_kernel, dropout, hp, method_tree, replace_linears
@@ -165,6 +167,17 @@ class LoRA(Method):
             xw = jnp.matmul(xd, w.astype(x.dtype))
         k = k.astype(y.dtype)
         return y + (k - 1) * xw + k * lora.astype(y.dtype)
+
+    def fused_linear(self, site, x, base, tree, ctx):
+        """`x W (+ b) + s·(x A) B` as one Pallas kernel when the kernel mode picks it and the site allows it
+        (a dense base weight, no DoRA, no active dropout); None otherwise (`dense` + `linear`)."""
+        k = base["kernel"]
+        ok = (isinstance(k, jax.Array) and not self.use_dora and ctx.layer is not None
+              and (not ctx.train or self.lora_dropout == 0.0))
+        if choose("lora_linear", supported=ok) == REFERENCE:
+            return None
+        s = jnp.asarray(self.scales(self.site(*site)), F32)[ctx.layer]
+        return lora_linear(x, k.astype(x.dtype), tree["lora_A"], tree["lora_B"], s, base.get("bias"))
 
     def override_params(self, tree: Any, params: dict) -> dict:
         """modules_to_save: the trained copies stand in for the base modules (top-level param keys)."""

@@ -17,7 +17,12 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jpeft.kernels import rms_norm as fused_norm
 from jpeft.kernels.attention import attention
+from jpeft.kernels.dispatch import REFERENCE, choose
+from jpeft.kernels.flash_attention import flash_attention
+from jpeft.kernels.rope import rope_qk, rope_tables
+from jpeft.kernels.swiglu import glu
 from jpeft.methods.base import Method, SiteContext
 from jpeft.models.config import ModelConfig
 
@@ -26,10 +31,9 @@ REMAT_POLICIES = ("none", "projections", "full", "offload", "dots", "dots_saveab
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
-    """RMSNorm over the last axis in fp32; gemma's `(1 + w)` via `offset=1`. x `[..., D]`, w `[D]`."""
-    xf = x.astype(F32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (y * (offset + w.astype(F32))).astype(x.dtype)
+    """RMSNorm over the last axis in fp32; gemma's `(1 + w)` via `offset=1`. x `[..., D]`, w `[D]`.
+    (`jpeft.kernels.rms_norm`: the Pallas kernel or the plain formula, as the kernel mode says.)"""
+    return fused_norm.rms_norm(x, w, eps=eps, offset=offset)
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:
@@ -48,6 +52,15 @@ def dense(x: jax.Array, p: Any) -> jax.Array:
     if "bias" in p:
         y = y + p["bias"].astype(y.dtype)
     return y
+
+
+def rope_pair(q: jax.Array, k: jax.Array, positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """RoPE of q `[B, T, H, hd]` and k `[B, T, K, hd]`: the fused Pallas kernel (`jpeft.kernels.rope`) when
+    the kernel mode picks it, else `rope` below on each."""
+    if choose("rope") == REFERENCE:
+        return rope(q, positions, cfg), rope(k, positions, cfg)
+    cos, sin = rope_tables(positions, jnp.asarray(cfg.rope_inv_freq, F32), cfg.rope_attention_scaling)
+    return rope_qk(q, k, cos, sin)
 
 
 def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -75,11 +88,14 @@ def _site_tree(adapters: dict | None, method: Method, site: tuple[str, ...]) -> 
 
 def _linear(site: tuple[str, ...], x: jax.Array, base: Any, ad: dict | None,
             methods: Sequence[Method], ctx: SiteContext) -> jax.Array:
+    trees = [(m, tree) for m in methods if (tree := _site_tree(ad, m, site)) is not None]
+    if len(trees) == 1:  # one method here: it may run base + adapter as one fused kernel
+        y = trees[0][0].fused_linear(site, x, base, trees[0][1], ctx)
+        if y is not None:
+            return y
     y = dense(x, base)
-    for m in methods:
-        tree = _site_tree(ad, m, site)
-        if tree is not None:
-            y = m.linear(site, x, y, base, tree, ctx)
+    for m, tree in trees:
+        y = m.linear(site, x, y, base, tree, ctx)
     return y
 
 
@@ -116,8 +132,9 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
     if cfg.qk_norm:
         q = rms_norm(q, ap["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         k = rms_norm(k, ap["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
-    positions, q_slot, k_slot, base_allowed, index = mask_info
-    q, k = checkpoint_name(rope(q, positions, cfg), "q"), checkpoint_name(rope(k, positions, cfg), "k")
+    positions, q_slot, k_slot, base_allowed, index, flash = mask_info
+    q, k = rope_pair(q, k, positions, cfg)
+    q, k = checkpoint_name(q, "q"), checkpoint_name(k, "k")
     v = checkpoint_name(v, "v")
     new_cache = None
     if cache_kv is not None:
@@ -125,16 +142,21 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
         new_cache, k, v = (ck, cv), ck.astype(q.dtype), cv.astype(q.dtype)
+    prefixes = [pre for m in methods if (tree := _site_tree(ad, m, ("prefix",))) is not None
+                and (pre := m.kv_prefix(tree, b, ctx)) is not None]
+    if flash is not None and not prefixes and choose("attention") != REFERENCE:
+        # training/scoring without a cache: the flash kernel reads segment ids and key validity instead of
+        # a dense [B, T, S] mask (same visibility: causal, window, same segment, real keys)
+        segment_ids, key_valid = flash
+        o = flash_attention(q, k, v, scale=cfg.query_scale, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                            kv_valid=key_valid, causal=True, window=window, softcap=cfg.attn_softcap)
+        return _linear(site + ("o_proj",), o, ap["o_proj"], ad, methods, ctx), new_cache
     in_window = (q_slot[:, :, None] - k_slot[:, None, :]) < window
     allowed = base_allowed & ((window <= 0) | in_window)
-    for m in methods:
-        tree = _site_tree(ad, m, ("prefix",))
-        pre = None if tree is None else m.kv_prefix(tree, b, ctx)
-        if pre is not None:  # prefix tuning: extra keys/values every query may attend to
-            pk, pv = pre
-            k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
-            v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
-            allowed = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), allowed], axis=2)
+    for pk, pv in prefixes:  # prefix tuning: extra keys/values every query may attend to
+        k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+        allowed = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), allowed], axis=2)
     o = attend(q, k, v, allowed, cfg, causal=cache_kv is None)
     return _linear(site + ("o_proj",), o, ap["o_proj"], ad, methods, ctx), new_cache
 
@@ -143,7 +165,11 @@ def _mlp(x, lp, ad, cfg, methods, ctx):
     mp, site = lp["mlp"], ("mlp",)
     g = checkpoint_name(_linear(site + ("gate_proj",), x, mp["gate_proj"], ad, methods, ctx), "mlp_gate")
     u = checkpoint_name(_linear(site + ("up_proj",), x, mp["up_proj"], ad, methods, ctx), "mlp_up")
-    return _linear(site + ("down_proj",), activation(cfg.activation, g) * u, mp["down_proj"], ad, methods, ctx)
+    if choose("swiglu") == REFERENCE:
+        act = activation(cfg.activation, g) * u  # in the compute dtype, as transformers' MLP
+    else:
+        act = glu(g, u, cfg.activation)  # the Pallas kernel (fp32 inside, activation recomputed in backward)
+    return _linear(site + ("down_proj",), act, mp["down_proj"], ad, methods, ctx)
 
 
 def decoder_layer(h, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):

@@ -82,11 +82,14 @@ def with_overrides(params: dict, adapters: dict | None, methods: Sequence[Method
     return params
 
 
-def _mask_info(b: int, t: int, attention_mask, positions, segment_ids, cache, offset: int = 0):
+def _mask_info(b: int, t: int, attention_mask, positions, segment_ids, cache, offset: int = 0,
+               flash_ok: bool = False):
     """Slots, positions and the layer-independent part of the attention mask `[B, T, S]`.
 
     `offset` shifts every position (prefix tuning places real tokens after its P virtual ones). A
-    negative segment id marks a key every segment may see (prompt tuning's virtual tokens).
+    negative segment id marks a key every segment may see (prompt tuning's virtual tokens). With
+    `flash_ok` (no cache, no virtual tokens) the last entry is `(segment_ids or None, key_valid [B, T] bool)`,
+    what the flash-attention kernel reads instead of the dense mask; else None.
     """
     q_idx = jnp.arange(t, dtype=jnp.int32)[None, :]
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
@@ -110,7 +113,8 @@ def _mask_info(b: int, t: int, attention_mask, positions, segment_ids, cache, of
             raise ConfigError("segment_ids (packed sequences) cannot be combined with a KV cache")
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
         allowed = allowed & (same | (segment_ids[:, None, :] < 0))
-    return (positions, q_slot, k_slot, allowed, index), key_valid, start + jnp.sum(mask, axis=1)
+    flash = (segment_ids, key_valid > 0) if flash_ok and cache is None else None
+    return (positions, q_slot, k_slot, allowed, index, flash), key_valid, start + jnp.sum(mask, axis=1)
 
 
 def _extend_for_virtual(n: int, attention_mask: jax.Array, positions, segment_ids, cache):
@@ -191,7 +195,7 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapt
         attention_mask, positions, segment_ids, cache = _extend_for_virtual(extra, attention_mask, positions,
                                                                             segment_ids, cache)
     mask_info, key_valid, next_pos = _mask_info(b, t + extra, attention_mask, positions, segment_ids, cache,
-                                                offset)
+                                                offset, flash_ok=extra == 0)
     layer_ad = {k: v["layers"] for k, v in adapters.items() if isinstance(v, dict) and "layers" in v}
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
     kv = None if cache is None else (cache["k"], cache["v"])

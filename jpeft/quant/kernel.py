@@ -6,7 +6,8 @@ that same leading `L` axis (packed codes `[L, n/2]`, absmax `[L, nblocks]`, nest
 `[L, nblocks/256]`, offset `[L]`), so scan's per-layer slice is again a valid `QuantizedKernel` over a
 plain per-layer `QuantizedWeight` (torch layout `[out, in]`, as bitsandbytes stores it).
 
-`dense()` in the decoder calls `kernel.matmul(x)`; here that is `qmatmul`, which dequantizes inside the
+`dense()` in the decoder calls `kernel.matmul(x)`; here that is `jpeft.kernels.nf4_matmul` (the Pallas
+dequant-matmul kernel or `jpeft.quant.matmul.qmatmul`, as the kernel mode says), which dequantizes inside the
 step and recomputes the dequantization in the backward pass. The weight never receives a gradient.
 """
 
@@ -21,8 +22,8 @@ import numpy as np
 from flax import struct
 
 from jpeft.errors import QuantizationError
+from jpeft.kernels.nf4_matmul import nf4_matmul
 from jpeft.quant.blockwise import QuantizedWeight, dequantize_4bit, quantize_4bit
-from jpeft.quant.matmul import qmatmul
 
 
 @struct.dataclass
@@ -73,7 +74,7 @@ class QuantizedKernel:
         if self.stacked:
             raise QuantizationError("matmul on a stacked QuantizedKernel; slice a layer first (the decoder's "
                                     "scan does this)")
-        return qmatmul(x, self.weight, self.compute_dtype).astype(x.dtype)
+        return nf4_matmul(x, self.weight, self.compute_dtype).astype(x.dtype)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The dense kernel `[L, in, out]` (or `[in, out]`) in `dtype` (default: compute dtype).
