@@ -123,10 +123,10 @@ def test_check_grads_and_dispatch():
     with kernel_mode("on"):
         f = jax.jit(lambda q, k, v: flash_attention(q, k, v, scale=0.5, softcap=2.0, window=2, **seg))
         check_grads(f, (q, k, v), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
-    assert kernels_report()["attention"] == "pallas-interpret"
+    assert kernels_report("on")["attention"] == "pallas-interpret"
     with kernel_mode("off"):  # the memory-lean custom-VJP path with the dense mask
         got = flash_attention(q, k, v, scale=0.5, softcap=2.0, window=2, **seg)
-    assert kernels_report()["attention"] == "reference"
+    assert kernels_report("off")["attention"] == "reference"
     assert rel(got, flash_attention_reference(q, k, v, scale=0.5, softcap=2.0, window=2, **seg)) < 1e-6
     with pytest.raises(ConfigError, match="block_q"):
         with kernel_mode("on"):
@@ -168,5 +168,5 @@ def test_triton_lowering_on_cpu(monkeypatch):
     with kernel_mode("auto"):
         lowered = jax.jit(step).trace(q, k, k, seg, seg, jax.ShapeDtypeStruct((), jnp.int32)).lower(
             lowering_platforms=("cuda",))
-    assert dispatch.kernels_report()["attention"] == "pallas"
+    assert dispatch.kernels_report("auto")["attention"] == "pallas"
     assert lowered.as_text().count("custom_call @__gpu$xla.gpu.triton(") == 3  # forward, dq, dk/dv kernels

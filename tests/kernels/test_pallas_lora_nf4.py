@@ -63,7 +63,7 @@ def test_lora_linear_matches_reference(dtype, tol, with_bias):
     reset_report()
     with kernel_mode("on"):
         y, grads = value_and_grads(lora_linear, *args)
-    assert kernels_report()["lora_linear"] == "pallas-interpret"
+    assert kernels_report("on")["lora_linear"] == "pallas-interpret"
     y_ref, grads_ref = value_and_grads(lora_linear_reference, *args)
     # What bf16 approximates: the same (bf16-valued) inputs evaluated in fp32. The bf16 reference itself
     # sums dscale's N·O products in bf16 and is 5-15% off it, so dscale is checked against this one only.
@@ -139,7 +139,7 @@ def test_nf4_matmul_matches_qmatmul(qt, dq):
     reset_report()
     with kernel_mode("on"):
         (_, dx), y = nf4_value_and_grad(nf4_matmul, x, qw, dy)
-    assert kernels_report()["nf4_matmul"] == "pallas-interpret"
+    assert kernels_report("on")["nf4_matmul"] == "pallas-interpret"
     (_, dx_ref), y_ref = nf4_value_and_grad(qmatmul, x, qw, dy)
     assert y.shape == (1, 37, 100) and y.dtype == F32 and dx.dtype == F32
     assert rel(y, y_ref) < 1e-5 and rel(dx, dx_ref) < 1e-5
@@ -162,7 +162,7 @@ def test_nf4_matmul_unsupported_layout_runs_reference_and_check_grads():
     reset_report()
     with kernel_mode("on"):
         y = nf4_matmul(x, qw)
-    assert kernels_report()["nf4_matmul"] == "reference" and rel(y, qmatmul(x, qw)) == 0
+    assert kernels_report("on")["nf4_matmul"] == "reference" and rel(y, qmatmul(x, qw)) == 0
     x, qw, _ = nf4_case(3, 5, 64, "fp4", True, lead=(3,))
     with kernel_mode("on"):
         check_grads(jax.jit(lambda x: nf4_matmul(x, qw)), (x,), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
@@ -217,6 +217,6 @@ def test_kernels_lower_to_triton_for_cuda(monkeypatch):
         qw = quantize_4bit(normal(rng, (72, 512), 1.0, BF16), qt, block, double_quant=dq)
         f = jax.grad(lambda x: jnp.sum(nf4_matmul(x, qw, BF16).astype(F32)))  # noqa: B023
         hlo.append(jax.jit(f).trace(normal(rng, (40, 512))).lower(lowering_platforms=("cuda",)).as_text())
-    assert kernels_report() == {"lora_linear": "pallas", "nf4_matmul": "pallas"}
+    assert kernels_report("auto") == {"lora_linear": "pallas", "nf4_matmul": "pallas"}
     # lora: one forward and one dx kernel per projection; 4-bit: forward and backward.
     assert [h.count("__gpu$xla.gpu.triton") for h in hlo] == [4, 2, 2]

@@ -233,7 +233,7 @@ def test_kernel_mode_routes_and_reports():
     with kernel_mode("off"):
         assert "pallas_call" not in primitives(jax.make_jaxpr(lambda *a: ops(*a))(*args))
         off = jax.jit(lambda *a: ops(*a))(*args)
-    assert {n: kernels_report()[n] for n in names} == dict.fromkeys(names, "reference")
+    assert {n: kernels_report("off")[n] for n in names} == dict.fromkeys(names, "reference")
     refs = (rms_norm_reference(x, w, eps=1e-6, offset=1.0), rope_reference(q, kk, cos, sin),
             glu_reference(x, x, "silu"))
     for a, b in zip(jax.tree.leaves(off), jax.tree.leaves(refs)):
@@ -242,7 +242,7 @@ def test_kernel_mode_routes_and_reports():
     with kernel_mode("on"):
         assert primitives(jax.make_jaxpr(lambda *a: ops(*a))(*args)).count("pallas_call") == 3
     expected = "pallas" if jax.default_backend() == "gpu" else "pallas-interpret"
-    assert {n: kernels_report()[n] for n in names} == dict.fromkeys(names, expected)
+    assert {n: kernels_report("on")[n] for n in names} == dict.fromkeys(names, expected)
 
 
 def test_kernels_lower_to_triton():
