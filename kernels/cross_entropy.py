@@ -24,7 +24,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jpeft.kernels.dispatch import choose
+from jpeft.kernels.cross_entropy_pallas import pallas_linear_cross_entropy
+from jpeft.kernels.cross_entropy_pallas import supported as pallas_supported
+from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
 
 F32 = jnp.float32
 CHUNK_ELEMENTS = 1 << 23  # fp32 logits per chunk: 32 MiB
@@ -140,9 +142,11 @@ def linear_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, *, softc
     h `[N, D]` (any float dtype; logits accumulate in fp32), w `[D, V]`, labels `[N]` int. Never holds
     more than `chunk_size × V` logits (default: 32 MiB worth). Differentiable in h and w.
     """
-    choose("cross_entropy", has_kernel=False)  # the chunked custom VJP below runs on every backend
-    chunk = chunk_size or default_chunk_size(h.shape[0], w.shape[1])
-    return _lce(h, w, labels.astype(jnp.int32), softcap or None, int(chunk))
+    impl = choose("cross_entropy", supported=pallas_supported(h, w, labels))
+    if impl == REFERENCE:  # the chunked custom VJP below
+        chunk = chunk_size or default_chunk_size(h.shape[0], w.shape[1])
+        return _lce(h, w, labels.astype(jnp.int32), softcap or None, int(chunk))
+    return pallas_linear_cross_entropy(h, w, labels, softcap=softcap, interpret=impl == INTERPRET)
 
 
 def linear_cross_entropy_reference(h: jax.Array, w: jax.Array, labels: jax.Array, *,

@@ -43,7 +43,8 @@ def test_kernels_on_and_off_train_the_same(tmp_path, family, variant, method):
     loss_on, ad_on, ran_on = _train(folder, data, tmp_path / "on", "on", method)
 
     assert set(ran_off.values()) == {"reference"}
-    expected = {"attention", "rms_norm", "rope", "swiglu"} | ({"nf4_matmul"} if method == "qlora" else {"lora_linear"})
+    expected = {"attention", "cross_entropy", "rms_norm", "rope", "swiglu"}
+    expected |= {"nf4_matmul"} if method == "qlora" else {"lora_linear"}
     assert {op for op, impl in ran_on.items() if impl.startswith("pallas-interpret")} == expected
     if method == "qlora":  # down_proj's input (MLP 100) is no multiple of the 4-bit block: reference there
         assert ran_on["nf4_matmul"] == "pallas-interpret+reference"
