@@ -27,3 +27,14 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+    """Drop compiled executables after each test module. A full run compiles several thousand XLA:CPU
+    programs (the Pallas interpret-mode tests many small ones); kept for the whole session they grew the
+    process until an XLA compile crashed late in the run. Within a module, tests still share compilations."""
+    yield
+    import jax
+
+    jax.clear_caches()
