@@ -49,14 +49,19 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array, attention_scaling: fl
 
 
 def rope_reference(q: jax.Array, k: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Plain-autodiff rotate-half RoPE (fp32 inside). Shapes as the module docstring."""
-    c = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :].astype(F32)
-    s = jnp.concatenate([sin, sin], axis=-1)[:, :, None, :].astype(F32)
+    """Plain-autodiff rotate-half RoPE, as transformers computes it: the fp32 tables rounded to x's dtype,
+    the rotation in x's dtype (the model's path when the kernel is not used). Shapes as the module docstring.
+
+    rotate_half(x) = [−x₂, x₁] is written as a reversal of the two halves times [−1, 1] (an index map XLA
+    fuses into the multiply-add, forward and backward) instead of a slice + concatenate pair.
+    """
 
     def rotate(x):
-        xf = x.astype(F32)
-        x1, x2 = jnp.split(xf, 2, axis=-1)
-        return (xf * c + jnp.concatenate([-x2, x1], axis=-1) * s).astype(x.dtype)
+        c = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :].astype(x.dtype)
+        s = jnp.concatenate([sin, sin], axis=-1)[:, :, None, :].astype(x.dtype)
+        halves = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)[..., ::-1, :]
+        rot = (halves * jnp.asarray([-1, 1], x.dtype)[:, None]).reshape(x.shape)
+        return x * c + rot * s
 
     return rotate(q), rotate(k)
 

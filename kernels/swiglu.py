@@ -50,14 +50,14 @@ def _check(activation: str) -> None:
 
 
 def glu_reference(gate: jax.Array, up: jax.Array, activation: str) -> jax.Array:
-    """Plain-autodiff `act(gate) · up` (fp32 inside, the inputs' dtype out). gate, up `[...]`."""
+    """Plain-autodiff `act(gate) · up` in the inputs' dtype, as transformers' MLP computes it (the model's
+    path when the kernel is not used). gate, up `[...]`."""
     _check(activation)
-    g = gate.astype(F32)
     if activation == "silu":
-        a = jax.nn.silu(g)
+        a = jax.nn.silu(gate)
     else:
-        a = jax.nn.gelu(g, approximate=activation == "gelu_tanh")
-    return (a * up.astype(F32)).astype(jnp.result_type(gate, up))
+        a = jax.nn.gelu(gate, approximate=activation == "gelu_tanh")
+    return a * up
 
 
 def _activation(g: jax.Array, activation: str, derivative: bool) -> tuple[jax.Array, jax.Array | None]:

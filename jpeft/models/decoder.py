@@ -36,12 +36,6 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array
     return fused_norm.rms_norm(x, w, eps=eps, offset=offset)
 
 
-def activation(name: str, x: jax.Array) -> jax.Array:
-    if name == "silu":
-        return jax.nn.silu(x)
-    return jax.nn.gelu(x, approximate=name == "gelu_tanh")
-
-
 def dense(x: jax.Array, p: Any) -> jax.Array:
     """x `[..., in]` @ kernel `[in, out]` (+ bias `[out]`) in x's dtype.
 
@@ -54,27 +48,11 @@ def dense(x: jax.Array, p: Any) -> jax.Array:
     return y
 
 
-def rope_pair(q: jax.Array, k: jax.Array, positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """RoPE of q `[B, T, H, hd]` and k `[B, T, K, hd]`: the fused Pallas kernel (`jpeft.kernels.rope`) when
-    the kernel mode picks it, else `rope` below on each."""
-    if choose("rope") == REFERENCE:
-        return rope(q, positions, cfg), rope(k, positions, cfg)
+def rope(q: jax.Array, k: jax.Array, positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Rotate-half RoPE of q `[B, T, H, hd]` and k `[B, T, K, hd]` at positions `[B, T]` (angles in fp32;
+    `jpeft.kernels.rope`: the Pallas kernel or the plain formula, as the kernel mode says)."""
     cos, sin = rope_tables(positions, jnp.asarray(cfg.rope_inv_freq, F32), cfg.rope_attention_scaling)
     return rope_qk(q, k, cos, sin)
-
-
-def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Rotate-half RoPE. x `[B, T, N, hd]`, positions `[B, T]` (angles in fp32)."""
-    inv = jnp.asarray(cfg.rope_inv_freq, F32)
-    ang = positions.astype(F32)[..., None] * inv  # [B, T, hd/2]
-    ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]
-    cos = (jnp.cos(ang) * cfg.rope_attention_scaling).astype(x.dtype)
-    sin = (jnp.sin(ang) * cfg.rope_attention_scaling).astype(x.dtype)
-    # rotate_half(x) = concat(-x2, x1), written as a reversal of the two halves (an index map XLA fuses
-    # into the multiply-add, forward and backward) instead of a slice + concatenate pair
-    halves = x.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)[..., ::-1, :]
-    rot = (halves * jnp.asarray([-1, 1], x.dtype)[:, None]).reshape(x.shape)
-    return x * cos + rot * sin
 
 
 def _site_tree(adapters: dict | None, method: Method, site: tuple[str, ...]) -> Any:
@@ -133,7 +111,7 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
         q = rms_norm(q, ap["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         k = rms_norm(k, ap["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
     positions, q_slot, k_slot, base_allowed, index, flash = mask_info
-    q, k = rope_pair(q, k, positions, cfg)
+    q, k = rope(q, k, positions, cfg)
     q, k = checkpoint_name(q, "q"), checkpoint_name(k, "k")
     v = checkpoint_name(v, "v")
     new_cache = None
@@ -165,11 +143,7 @@ def _mlp(x, lp, ad, cfg, methods, ctx):
     mp, site = lp["mlp"], ("mlp",)
     g = checkpoint_name(_linear(site + ("gate_proj",), x, mp["gate_proj"], ad, methods, ctx), "mlp_gate")
     u = checkpoint_name(_linear(site + ("up_proj",), x, mp["up_proj"], ad, methods, ctx), "mlp_up")
-    if choose("swiglu") == REFERENCE:
-        act = activation(cfg.activation, g) * u  # in the compute dtype, as transformers' MLP
-    else:
-        act = glu(g, u, cfg.activation)  # the Pallas kernel (fp32 inside, activation recomputed in backward)
-    return _linear(site + ("down_proj",), act, mp["down_proj"], ad, methods, ctx)
+    return _linear(site + ("down_proj",), glu(g, u, cfg.activation), mp["down_proj"], ad, methods, ctx)
 
 
 def decoder_layer(h, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):

@@ -37,18 +37,26 @@ def offload_available() -> bool:
     return HOST_MEMORY in {m.kind for m in jax.devices()[0].addressable_memories()}
 
 
+def check_remat(remat: str) -> str:
+    """`remat` if it names a policy this backend can run, else one ConfigError naming the fix."""
+    if remat not in REMAT_POLICIES:
+        raise ConfigError(f"remat={remat!r} is not a known policy; use one of {', '.join(REMAT_POLICIES)}")
+    if remat == "offload" and not offload_available():
+        raise ConfigError(f"remat='offload' (--remat offload) needs '{HOST_MEMORY}' memory, which the "
+                          f"{jax.default_backend()} backend lacks; use remat='full' (--remat full) for the least "
+                          "device memory")
+    return remat
+
+
 def _remat(fn, remat: str):
     """The layer body under `jax.checkpoint` with the named policy (see REMAT_POLICIES).
 
     `offload` saves only each layer's input and keeps it in pinned host memory between forward and
     backward (JAX's offload policy); the rest of the layer is recomputed, as with `full`.
     """
-    if remat == "none":
+    if check_remat(remat) == "none":
         return fn
     if remat == "offload":
-        if not offload_available():
-            raise ConfigError(f"remat='offload' needs '{HOST_MEMORY}' memory, which the {jax.default_backend()} "
-                              "backend does not have; use remat='full' for the least device memory")
         policy = jax.checkpoint_policies.save_and_offload_only_these_names(
             names_which_can_be_saved=(), names_which_can_be_offloaded=("layer_input",),
             offload_src="device", offload_dst=HOST_MEMORY)
@@ -59,8 +67,6 @@ def _remat(fn, remat: str):
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         "dots_saveable": jax.checkpoint_policies.dots_saveable,
     }
-    if remat not in policies:
-        raise ConfigError(f"remat={remat!r} is not a known policy; use one of {', '.join(REMAT_POLICIES)}")
     return jax.checkpoint(fn, policy=policies[remat], prevent_cse=False)
 
 

@@ -18,8 +18,7 @@ from jpeft.dtypes import resolve_dtype
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.loading import Model
 from jpeft.methods.base import Method
-from jpeft.models.decoder import REMAT_POLICIES
-from jpeft.models.model import offload_available
+from jpeft.models.model import check_remat
 from jpeft.train import offload
 from jpeft.train.checkpoint import restore_latest, save_checkpoint
 from jpeft.train.data import BatchSchedule, pack_examples, pad_examples, tokenize_examples
@@ -65,11 +64,7 @@ class TrainConfig:
             raise ConfigError(f"steps={self.steps} must be >= 1")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs} must be > 0")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat={self.remat!r} is not a known policy; use one of {', '.join(REMAT_POLICIES)}")
-        if self.remat == "offload" and not offload_available():
-            raise ConfigError(f"--remat offload needs pinned host memory, which the {jax.default_backend()} backend "
-                              "lacks; use --remat full for the least device memory")
+        check_remat(self.remat)
         return self
 
 

@@ -113,13 +113,9 @@ def run_target_bound(labels: Any, rows_per_batch: int, minimum: int = 64) -> int
     None when the bound would cover most of a batch's tokens (then every position gets logits).
     """
     lab = np.asarray(labels)
-    counts = np.sort((lab >= 0).sum(axis=1))[::-1]
-    return _bound(int(counts[:rows_per_batch].sum()), rows_per_batch * lab.shape[1], minimum)
-
-
-def _bound(n: int, tokens: int, minimum: int) -> int | None:
+    n = int(np.sort((lab >= 0).sum(axis=1))[::-1][:rows_per_batch].sum())
     bound = max(minimum, 1 << max(n - 1, 0).bit_length())
-    return None if bound * 2 > tokens else bound
+    return None if bound * 2 > rows_per_batch * lab.shape[1] else bound
 
 
 def method_loss(adapters: dict, methods: Sequence[Method]) -> jax.Array:

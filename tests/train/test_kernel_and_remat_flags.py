@@ -72,10 +72,10 @@ def test_remat_offload_gives_the_same_step_as_full(small):
 
 
 def test_remat_offload_without_host_memory_is_refused(monkeypatch):
-    import jpeft.train.loop as loop
+    import jpeft.models.model as model_mod
 
-    monkeypatch.setattr(loop, "offload_available", lambda: False)
-    with pytest.raises(ConfigError, match="--remat offload needs pinned host memory.*use --remat full"):
+    monkeypatch.setattr(model_mod, "offload_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"\(--remat offload\) needs 'pinned_host' memory.*\(--remat full\)"):
         TrainConfig(remat="offload").validate()
     with pytest.raises(ConfigError, match="remat='sometimes' is not a known policy"):
         TrainConfig(remat="sometimes").validate()

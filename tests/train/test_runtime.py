@@ -35,3 +35,10 @@ def test_large_buffers_stay_in_the_heap_only_when_configured():
 
     assert mapped("off") == "True"  # glibc's default: a 64 MiB block is its own mmap, unmapped on free
     assert mapped("on") == "False"  # configured: served from (and returned to) the heap
+
+
+def test_other_platforms_are_a_no_op(monkeypatch):
+    from jpeft import runtime
+
+    monkeypatch.setattr(runtime.sys, "platform", "darwin")
+    assert runtime.configure_host_memory() is False  # nothing to configure outside glibc/Linux
