@@ -22,8 +22,9 @@ Sites:
 - `prepare(tree, ctx)`: maps the method's trainable tree to the tree the sites read, once per forward
   (prefix tuning: the flat peft table or its reparameterisation MLP -> per-layer keys/values).
 - `position_offset(tree)`: a static shift of every real token's position (prefix tuning: P).
-- `fused_linear(site, x, base, tree, ctx)`: the base projection and the method's change in one fused
-  kernel (LoRA), or None for the two-step path above.
+- `fused_linear(sites, x, bases, trees, ctx)`: the base projections of one or more sites that read the same
+  x (q/k/v, gate/up) and the method's change at each, as one fused kernel call (LoRA), or None for the
+  two-step path above.
 - `virtual_tokens(tree, ctx)`: how many leading tokens `embed` prepends in this call (prompt tuning: P, 0
   while decoding); the model extends the mask, positions, segments and cache by that many.
 - `override_params(tree, params)`: the base params this method's forward runs on (LoRA's `modules_to_save`
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -85,10 +87,12 @@ class Method:
         """Static shift added to the position of every real token (0 by default)."""
         return 0
 
-    def fused_linear(self, site: Site, x: jax.Array, base: Any, tree: Any, ctx: SiteContext) -> jax.Array | None:
-        """`linear(site, x, dense(x, base), base, tree, ctx)` as one fused op, or None (the default) when the
-        method has none or the kernel mode picks the reference; asked only when this method is the only one
-        at the site. LoRA: the Pallas `x W + s (x A) B` kernel (`jpeft.kernels.lora_linear`)."""
+    def fused_linear(self, sites: Sequence[Site], x: jax.Array, bases: Sequence[Any], trees: Sequence[Any],
+                     ctx: SiteContext) -> tuple[jax.Array, ...] | None:
+        """`linear(site, x, dense(x, base), base, tree, ctx)` for each of `sites` (projections that all read
+        x `[B, T, in]`) as one fused op: a tuple of `[B, T, out_k]`, or None (the default) when the method has
+        none or the kernel mode picks the reference. Asked only for sites where this method is the only one.
+        LoRA: the Pallas `x W + s (x A) B` kernel over the group (`jpeft.kernels.lora_linear`)."""
         return None
 
     def virtual_tokens(self, tree: Any, ctx: SiteContext) -> int:

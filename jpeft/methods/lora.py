@@ -34,7 +34,7 @@ import numpy as np
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.kernels.dispatch import REFERENCE, choose
 from jpeft.kernels.lora import lora_delta
-from jpeft.kernels.lora_linear import lora_linear
+from jpeft.kernels.lora_linear import lora_linear_group
 from jpeft.methods import modules_to_save, targeting
 from jpeft.methods.base import Method
 from jpeft.methods.common import dense_kernel, dropout, hp, method_tree, replace_linears
@@ -168,16 +168,17 @@ class LoRA(Method):
         k = k.astype(y.dtype)
         return y + (k - 1) * xw + k * lora.astype(y.dtype)
 
-    def fused_linear(self, site, x, base, tree, ctx):
-        """`x W (+ b) + s·(x A) B` as one Pallas kernel when the kernel mode picks it and the site allows it
-        (a dense base weight, no DoRA, no active dropout); None otherwise (`dense` + `linear`)."""
-        k = base["kernel"]
-        ok = (isinstance(k, jax.Array) and not self.use_dora and ctx.layer is not None
-              and (not ctx.train or self.lora_dropout == 0.0))
+    def fused_linear(self, sites, x, bases, trees, ctx):
+        """`x W_k (+ b_k) + s_k·(x A_k) B_k` for every site of the group (q/k/v or gate/up sharing x) as one
+        Pallas kernel call when the kernel mode picks it and every site allows it (dense base weights, no DoRA,
+        no active dropout); None otherwise (`dense` + `linear`)."""
+        ok = (all(isinstance(b["kernel"], jax.Array) for b in bases) and not self.use_dora
+              and ctx.layer is not None and (not ctx.train or self.lora_dropout == 0.0))
         if choose("lora_linear", supported=ok) == REFERENCE:
             return None
-        s = jnp.asarray(self.scales(self.site(*site)), F32)[ctx.layer]
-        return lora_linear(x, k.astype(x.dtype), tree["lora_A"], tree["lora_B"], s, base.get("bias"))
+        scales = [jnp.asarray(self.scales(self.site(*site)), F32)[ctx.layer] for site in sites]
+        return lora_linear_group(x, [b["kernel"].astype(x.dtype) for b in bases], [t["lora_A"] for t in trees],
+                                 [t["lora_B"] for t in trees], scales, [b.get("bias") for b in bases])
 
     def override_params(self, tree: Any, params: dict) -> dict:
         """modules_to_save: the trained copies stand in for the base modules (top-level param keys)."""

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jpeft.kernels import rms_norm as fused_norm
 from jpeft.kernels.attention import attention
 from jpeft.kernels.dispatch import REFERENCE, choose
-from jpeft.kernels.flash_attention import flash_attention
+from jpeft.kernels.flash_attention import BLOCKWISE_FROM, flash_attention
 from jpeft.kernels.rope import rope_qk, rope_tables
 from jpeft.kernels.swiglu import glu
 from jpeft.methods.base import Method, SiteContext
@@ -64,17 +64,35 @@ def _site_tree(adapters: dict | None, method: Method, site: tuple[str, ...]) -> 
     return t
 
 
+def _linears(sites: Sequence[tuple[str, ...]], x: jax.Array, bases: Sequence[Any], ad: dict | None,
+             methods: Sequence[Method], ctx: SiteContext) -> list[jax.Array]:
+    """The projections at `sites`, which all read x `[B, T, in]` (q/k/v; gate/up), each with its methods.
+
+    Sites where exactly one method is active, the same one for all of them, are offered to that method's
+    `fused_linear` as one group (LoRA: one fused kernel call sharing the x-side work); every other site,
+    or all of them when the method declines, runs `dense` and then each method's `linear`.
+    """
+    trees = [[(m, tree) for m in methods if (tree := _site_tree(ad, m, site)) is not None] for site in sites]
+    out: list[jax.Array | None] = [None] * len(sites)
+    single = [i for i, ts in enumerate(trees) if len(ts) == 1]
+    if single and len({id(trees[i][0][0]) for i in single}) == 1:
+        m = trees[single[0]][0][0]
+        ys = m.fused_linear([sites[i] for i in single], x, [bases[i] for i in single],
+                            [trees[i][0][1] for i in single], ctx)
+        for i, y in zip(single, ys or ()):
+            out[i] = y
+    for i, (base, ts) in enumerate(zip(bases, trees)):
+        if out[i] is None:
+            y = dense(x, base)
+            for m, tree in ts:
+                y = m.linear(sites[i], x, y, base, tree, ctx)
+            out[i] = y
+    return out
+
+
 def _linear(site: tuple[str, ...], x: jax.Array, base: Any, ad: dict | None,
             methods: Sequence[Method], ctx: SiteContext) -> jax.Array:
-    trees = [(m, tree) for m in methods if (tree := _site_tree(ad, m, site)) is not None]
-    if len(trees) == 1:  # one method here: it may run base + adapter as one fused kernel
-        y = trees[0][0].fused_linear(site, x, base, trees[0][1], ctx)
-        if y is not None:
-            return y
-    y = dense(x, base)
-    for m, tree in trees:
-        y = m.linear(site, x, y, base, tree, ctx)
-    return y
+    return _linears([site], x, [base], ad, methods, ctx)[0]
 
 
 def _block_out(site: tuple[str, ...], h: jax.Array, ad: dict | None, methods: Sequence[Method],
@@ -104,9 +122,10 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
     b, t, _ = x.shape
     site = ("self_attn",)
     ap = lp["self_attn"]
-    q = _linear(site + ("q_proj",), x, ap["q_proj"], ad, methods, ctx).reshape(b, t, cfg.num_heads, -1)
-    k = _linear(site + ("k_proj",), x, ap["k_proj"], ad, methods, ctx).reshape(b, t, cfg.num_kv_heads, -1)
-    v = _linear(site + ("v_proj",), x, ap["v_proj"], ad, methods, ctx).reshape(b, t, cfg.num_kv_heads, -1)
+    names = ("q_proj", "k_proj", "v_proj")
+    q, k, v = _linears([site + (n,) for n in names], x, [ap[n] for n in names], ad, methods, ctx)
+    q = q.reshape(b, t, cfg.num_heads, -1)
+    k, v = k.reshape(b, t, cfg.num_kv_heads, -1), v.reshape(b, t, cfg.num_kv_heads, -1)
     if cfg.qk_norm:
         q = rms_norm(q, ap["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         k = rms_norm(k, ap["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
@@ -122,9 +141,10 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
         new_cache, k, v = (ck, cv), ck.astype(q.dtype), cv.astype(q.dtype)
     prefixes = [pre for m in methods if (tree := _site_tree(ad, m, ("prefix",))) is not None
                 and (pre := m.kv_prefix(tree, b, ctx)) is not None]
-    if flash is not None and not prefixes and choose("attention") != REFERENCE:
-        # training/scoring without a cache: the flash kernel reads segment ids and key validity instead of
-        # a dense [B, T, S] mask (same visibility: causal, window, same segment, real keys)
+    if flash is not None and not prefixes and (k.shape[1] >= BLOCKWISE_FROM or choose("attention") != REFERENCE):
+        # training/scoring without a cache: the flash kernel (or, for long sequences where it does not run, the
+        # blockwise pure-JAX path) reads segment ids and key validity instead of a dense [B, T, S] mask (same
+        # visibility: causal, window, same segment, real keys)
         segment_ids, key_valid = flash
         o = flash_attention(q, k, v, scale=cfg.query_scale, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                             kv_valid=key_valid, causal=True, window=window, softcap=cfg.attn_softcap)
@@ -141,8 +161,9 @@ def _attention(x, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
 
 def _mlp(x, lp, ad, cfg, methods, ctx):
     mp, site = lp["mlp"], ("mlp",)
-    g = checkpoint_name(_linear(site + ("gate_proj",), x, mp["gate_proj"], ad, methods, ctx), "mlp_gate")
-    u = checkpoint_name(_linear(site + ("up_proj",), x, mp["up_proj"], ad, methods, ctx), "mlp_up")
+    g, u = _linears([site + ("gate_proj",), site + ("up_proj",)], x, [mp["gate_proj"], mp["up_proj"]], ad,
+                    methods, ctx)
+    g, u = checkpoint_name(g, "mlp_gate"), checkpoint_name(u, "mlp_up")
     return _linear(site + ("down_proj",), glu(g, u, cfg.activation), mp["down_proj"], ad, methods, ctx)
 
 

@@ -60,3 +60,30 @@ def test_an_embed_hook_that_disagrees_with_virtual_tokens_is_refused(tiny_checkp
     liar = Liar(**{f.name: getattr(method, f.name) for f in dataclasses.fields(method)})
     with pytest.raises(ConfigError, match="prepended 5 tokens but virtual_tokens\\(\\) says 3"):
         forward(params, cfg, jnp.asarray([[3, 4, 5]]), adapters=ad, methods=(liar,))
+
+
+def test_fused_linear_is_offered_the_projections_that_share_an_input(tiny_checkpoint, monkeypatch):
+    """q/k/v and gate/up reach LoRA's fused kernel as one group each (o_proj, down_proj alone); under kernel
+    mode "on" (Pallas interpreted on CPU) the logits equal the plain path's; where only some sites of a group
+    are LoRA sites, only those are grouped and the rest run `dense`."""
+    from jpeft.methods import lora as lora_module
+
+    cfg, params = load_pretrained(tiny_checkpoint("llama", "gqa_untied")[0])
+    ids = jnp.asarray(np.arange(3, 10)[None])
+    groups = []
+    real = lora_module.lora_linear_group
+
+    def spy(x, ws, *args, **kwargs):
+        groups.append(len(ws))
+        return real(x, ws, *args, **kwargs)
+
+    monkeypatch.setattr(lora_module, "lora_linear_group", spy)
+    # q/k/v: one group of 3; gate without up: alone; down: alone
+    for targets, expected in ((["q_proj", "k_proj", "v_proj", "gate_proj", "down_proj"], [3, 1, 1]),):
+        method, ad = init_lora(cfg, params, LoraConfig(r=4, target_modules=targets), jax.random.PRNGKey(0))
+        ad = jax.tree_util.tree_map(lambda x: x + 0.05, ad)  # B = 0 at init: make the delta count
+        groups.clear()
+        on, _ = forward(params, dataclasses.replace(cfg, kernels="on"), ids, adapters=ad, methods=(method,))
+        assert groups == expected  # traced once: the layer scan body
+        off, _ = forward(params, dataclasses.replace(cfg, kernels="off"), ids, adapters=ad, methods=(method,))
+        np.testing.assert_allclose(np.asarray(on), np.asarray(off), rtol=1e-5, atol=1e-5)
