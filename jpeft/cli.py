@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jpeft.cli_args import KERNELS_HELP, MODEL_HELP, maybe_adapter, method_in_argv
+from jpeft.cli_args import KERNELS_HELP, add_model_args, maybe_adapter, method_in_argv
 from jpeft.cli_train import TRAIN_COMMANDS, add_train_commands
 from jpeft.errors import JpeftError
 from jpeft.generate import SamplingConfig, generate
@@ -21,7 +21,7 @@ from jpeft.runtime import configure_host_memory
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a model (greedy by default)")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--input-ids", help="comma-separated token ids, e.g. 1,2,3")
@@ -65,7 +65,7 @@ def _prompt_ids(args, tok, vocab: int) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-    model = load(args.model, args.dtype, kernels=args.kernels)
+    model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=args.allow_torch_bin)
     method, adapters = maybe_adapter(args.adapter, model)
     tok = model.tokenizer
     ids = _prompt_ids(args, tok, model.cfg.vocab_size)
@@ -85,7 +85,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    model = load(args.model, args.dtype, tokenizer=False)
+    model = load(args.model, args.dtype, tokenizer=False, allow_torch_bin=args.allow_torch_bin)
     c = model.cfg
     dtypes = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(model.params)})
     info = {
@@ -111,7 +111,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     add_train_commands(sub, method_in_argv(argv))
     _add_generate(sub)
     p = sub.add_parser("info", help="describe a model: family, sizes, parameter count, dtype")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    add_model_args(p)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", action="store_true")
     return parser

@@ -22,6 +22,14 @@ from jpeft.methods.base import Method
 from jpeft.methods.registry import MethodSpec
 
 MODEL_HELP = "HF checkpoint folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """`--model` and `--allow-torch-bin` (read a pickle-based pytorch_model.bin with torch.load(weights_only=True))."""
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
+    parser.add_argument("--allow-torch-bin", action="store_true",
+                        help="also read pickle-based pytorch_model.bin checkpoints (torch.load(weights_only=True); "
+                             "needs torch); safetensors is read without it")
 KERNELS_HELP = ("fused-op implementations: auto = Pallas kernels on GPU, pure-JAX references elsewhere; on = "
                 "Pallas everywhere (interpreted on CPU: slow, for checks); off = references only")
 

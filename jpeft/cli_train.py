@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -17,8 +18,8 @@ import jax
 
 from jpeft.cli_args import (
     KERNELS_HELP,
-    MODEL_HELP,
     add_config_flags,
+    add_model_args,
     add_quant_flags,
     config_from_args,
     maybe_adapter,
@@ -26,14 +27,17 @@ from jpeft.cli_args import (
 )
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.kernels.dispatch import KERNEL_MODES, kernels_report, reset_report
-from jpeft.loading import Model, load
+from jpeft.loading import Model, load, resolve_model_path
 from jpeft.methods import catalog
 from jpeft.methods.registry import MethodSpec, check_mergeable
 from jpeft.models.decoder import REMAT_POLICIES
+from jpeft.torch_bridge.folders import check_export_target
 from jpeft.torch_bridge.merged import save_merged
+from jpeft.torch_bridge.safetensors_io import atomic_write
 from jpeft.train.data import load_jsonl, train_eval_split
 from jpeft.train.evaluate import classification_eval, label_set
-from jpeft.train.loop import TrainConfig, check_writable, evaluate, make_rows, train
+from jpeft.train.fingerprint import check_resume, run_fingerprint
+from jpeft.train.loop import TrainConfig, check_out_dir, check_writable, evaluate, make_rows, out_lock, train
 from jpeft.train.metrics import format_table
 from jpeft.train.step import OptimConfig
 
@@ -45,12 +49,15 @@ def bundled_data(name: str) -> Path:
 
 def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     if not demo:
-        p.add_argument("--model", default=None, help=MODEL_HELP)
+        add_model_args(p)
         p.add_argument("--data", required=True, help="training JSONL: {text} | {prompt,completion} | {messages}")
         p.add_argument("--eval-data", default=None, help="held-out JSONL (default: --eval-fraction of --data)")
         p.add_argument("--eval-fraction", type=float, default=0.1)
         p.add_argument("--out", required=True, help="output folder (adapter/, metrics.jsonl, loss.png, checkpoints/)")
-        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints "
+                       "(refused if the settings differ from that run's; see --allow-changes)")
+        p.add_argument("--allow-changes", action="store_true", help="with --resume: accept a changed --steps/--epochs "
+                       "(every other changed setting is still refused)")
     else:
         p.add_argument("--out", default="jpeft-demo", help="output folder")
     length = p.add_mutually_exclusive_group()
@@ -101,7 +108,7 @@ def add_train_commands(sub, method: str = "lora") -> None:
         _add_run_args(p, demo=demo)
         _add_method_args(p, method, demo=demo)
     p = sub.add_parser("eval", help="loss (and P/R/F1 for label data) of a model, optionally with an adapter")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    add_model_args(p)
     p.add_argument("--adapter", default=None)
     p.add_argument("--data", required=True)
     p.add_argument("--max-len", type=int, default=512)
@@ -110,9 +117,11 @@ def add_train_commands(sub, method: str = "lora") -> None:
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES), help=KERNELS_HELP)
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("export", help="merge an adapter into the base and write an HF checkpoint")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    add_model_args(p)
     p.add_argument("--adapter", required=True)
-    p.add_argument("--merged", required=True, help="output folder of the merged transformers checkpoint")
+    p.add_argument("--merged", required=True, help="output folder of the merged transformers checkpoint (must not "
+                   "exist, be empty, or be an earlier jpeft export with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier jpeft export at the output path")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_quant_flags(p, None)
 
@@ -136,29 +145,64 @@ def _split(args, examples):
     return train_eval_split(examples, args.eval_fraction, args.seed)
 
 
-def _write_run(out: Path, args, model: Model, spec: MethodSpec, config, built) -> None:
+def _write_run(out: Path, args, model: Model, spec: MethodSpec, config, built, fingerprint: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     run = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | type(None))}
     tree = built.adapters.get(built.method.name, built.adapters)
     run.update(model=str(model.path), method=spec.name, method_config=dataclasses.asdict(config),
-               trainable_parameters=built.method.num_trainable(tree), base_parameters=model.num_parameters)
-    (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
+               trainable_parameters=built.method.num_trainable(tree), base_parameters=model.num_parameters,
+               fingerprint=fingerprint)
+    write_json_atomic(out / "run.json", run)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=1, default=str).encode())
+
+
+def _fingerprint(args, model: Model, spec: MethodSpec, config) -> dict:
+    data = {"data": None, "eval_data": None} if args.command == "demo" else {"data": args.data,
+                                                                             "eval_data": args.eval_data}
+    return run_fingerprint(vars(args), model_path=model.path, method=spec.name,
+                           method_config=dataclasses.asdict(config), data=data)
+
+
+def _check_resume(out: Path, fingerprint: dict, allow_changes: bool) -> None:
+    path = out / "run.json"
+    try:
+        saved = json.loads(path.read_text()).get("fingerprint") if path.exists() else None
+    except (json.JSONDecodeError, AttributeError):
+        saved = None
+    for change in check_resume(saved, fingerprint, allow_changes=allow_changes, where=str(path)):
+        print(f"resuming with a changed setting: {change}")
 
 
 def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bool) -> dict:
-    """Build the method, train, save the adapter (or the method's `finish`); returns the final eval record."""
+    """Build the method, train, save the adapter (or the method's `finish`); returns the final eval record.
+
+    Holds the run-folder lock throughout; a fresh run refuses a folder with another run's checkpoints, and
+    `resume` refuses a run whose fingerprint (`jpeft.train.fingerprint`) differs from the saved one."""
     check_writable(out)
-    spec = catalog.get_method(args.method)
-    config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)
+    with out_lock(out):
+        check_out_dir(out, resume)
+        spec = catalog.get_method(args.method)
+        config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)
+        fingerprint = _fingerprint(args, model, spec, config)
+        if resume:
+            _check_resume(out, fingerprint, getattr(args, "allow_changes", False))
+        return _run_training(args, model, train_ex, eval_ex, out, resume, spec, config, fingerprint)
+
+
+def _run_training(args, model, train_ex, eval_ex, out, resume, spec, config, fingerprint) -> dict:
     built = spec.init(model, config, jax.random.PRNGKey(args.seed))
-    _write_run(out, args, model, spec, config, built)
+    _write_run(out, args, model, spec, config, built, fingerprint)
     base_model = Model(cfg=model.cfg, params=built.base, tokenizer=model.tokenizer, path=model.path)
     reset_report()
     res = train(base_model, built.method, built.adapters, train_ex, eval_ex, _train_config(args), out, resume=resume,
                 progress=not args.no_progress)
     run = json.loads((out / "run.json").read_text())
     run["kernels"] = kernels_report(model.cfg.kernels)  # op -> what ran: "pallas", "pallas-interpret" or "reference"
-    (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
+    write_json_atomic(out / "run.json", run)
     if spec.finish is not None:  # rank-adaptive methods: export from the final state, report the ranks
         spec.finish(out, model, built, res)
     else:
@@ -167,7 +211,7 @@ def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bo
 
 
 def _load_for_training(args) -> Model:
-    model = load(args.model, args.dtype, kernels=args.kernels,
+    model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=getattr(args, "allow_torch_bin", False),
                  **quant_load_kwargs(args, catalog.get_method(args.method)))
     if model.tokenizer is None:
         raise JpeftError(f"{model.path}: no tokenizer files; training needs the checkpoint's tokenizer")
@@ -191,7 +235,7 @@ def _print_eval(tag: str, rec: dict) -> None:
 
 def cmd_eval(args) -> int:
     """`jpeft.train.loop.evaluate` (the training loop's own eval) on a data file, with or without an adapter."""
-    model = load(args.model, args.dtype, kernels=args.kernels)
+    model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=args.allow_torch_bin)
     method, adapters = maybe_adapter(args.adapter, model)
     examples = load_jsonl(args.data)
     tc = TrainConfig(max_len=args.max_len, batch_size=args.batch_size, dtype=args.dtype)
@@ -205,11 +249,27 @@ def cmd_export(args) -> int:
     """Merge any mergeable adapter into its base; unmergeable methods are refused before anything is loaded."""
     spec = catalog.adapter_spec(args.adapter)
     check_mergeable(spec, f"{args.adapter}: ")
-    model = load(args.model, "float32", tokenizer=False, **quant_load_kwargs(args))
+    model_path = resolve_model_path(args.model)
+    check_export_target(args.merged, {"--model": model_path if model_path.is_dir() else model_path.parent,
+                                      "--adapter": args.adapter}, overwrite=args.overwrite)
+    model = load(model_path, "float32", tokenizer=False, allow_torch_bin=args.allow_torch_bin,
+                 **quant_load_kwargs(args))
     method, adapters = spec.load(Path(args.adapter), model.cfg, model.params)
     save_merged(args.merged, model.cfg, model.params, method, adapters, model.path, dtype=args.dtype)
     print(f"merged checkpoint ({spec.name}) written to {args.merged}")
     return 0
+
+
+def _clear_previous_demo(out: Path) -> None:
+    """`jpeft demo` may run again into its own earlier output (run.json says `"command": "demo"`); any other
+    folder with checkpoints is refused by `run_training` like for `jpeft train`."""
+    try:
+        previous = json.loads((out / "run.json").read_text()).get("command") == "demo"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        previous = False
+    if previous:
+        with out_lock(out):
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
 def cmd_demo(args) -> int:
@@ -227,6 +287,7 @@ def cmd_demo(args) -> int:
     if args.steps is None and args.epochs is None:
         args.epochs = 2.0
     out = Path(args.out)
+    _clear_previous_demo(out)
     run_training(args, model, train_ex, [], out, resume=False)
     method, adapters = catalog.load_adapter(out / "adapter", model.cfg, model.params)  # evaluate what was exported
     after = classification_eval(model.params, model.cfg, model.tokenizer, test_ex, labels, adapters=adapters,

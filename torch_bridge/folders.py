@@ -8,6 +8,7 @@ leaves a half-written folder under the final name.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -26,12 +27,47 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "generation_config.json")
 
 
+EXPORT_MARKER = ".jpeft-export.json"  # in every folder `jpeft export` writes: what --overwrite may replace
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temps(final: str | os.PathLike) -> list[Path]:
+    """Remove the temp/old folders an interrupted `atomic_folder(final)` left beside `final` (their writer,
+    named by the pid in the folder name, is gone). Returns what was removed."""
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for p in final.parent.glob(f".{glob.escape(final.name)}.*-*"):
+        parts = p.name[len(final.name) + 2:].split("-")
+        if parts[0] not in ("tmp", "old") or not p.is_dir():
+            continue
+        pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+        if pid is None or not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder next to `folder`; on success fsync its files and rename it into place."""
+    """Yield a temp folder next to `folder`; on success fsync its files and rename it into place.
+
+    Temp folders are named `.<name>.tmp-<pid>-<random>`; ones whose process is gone (a killed earlier write)
+    are removed first. Replacing an existing `folder` is the caller's decision (`check_export_target`)."""
     final = Path(folder)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    clean_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
         for p in (p for p in tmp.iterdir() if p.is_file()):
@@ -39,7 +75,7 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
                 os.fsync(f.fileno())
         old = None
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
             os.replace(final, old / final.name)
         os.replace(tmp, final)
         if old is not None:
@@ -47,6 +83,36 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _related(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_export_target(target: str | os.PathLike, sources: Mapping[str, str | os.PathLike | None], *,
+                        overwrite: bool, flag: str = "--merged") -> Path:
+    """Refuse an export target that would destroy something: any existing file or folder, unless it is a
+    folder an earlier `jpeft export` wrote (it holds `EXPORT_MARKER`) and `overwrite` is set; and never a
+    source (`{"--model": path, "--adapter": path}`), a folder inside one or a folder that holds one."""
+    t = Path(target).absolute().resolve()
+    for name, src in sources.items():
+        if src is not None and _related(t, Path(src).absolute().resolve()):
+            raise CheckpointError(f"{flag} {target}: is (or contains, or lies inside) the {name} folder {src}; "
+                                  f"writing there would replace its files. Choose a new output folder")
+    if not t.exists() and not t.is_symlink():
+        return t
+    if not t.is_dir():
+        raise CheckpointError(f"{flag} {target}: a file of that name exists and would be replaced; choose a new "
+                              "output folder (nothing was written)")
+    if not any(t.iterdir()):
+        return t
+    if not (t / EXPORT_MARKER).exists():
+        raise CheckpointError(f"{flag} {target}: the folder exists and holds files jpeft did not write; choose a new "
+                              "output folder (nothing was written)")
+    if not overwrite:
+        raise CheckpointError(f"{flag} {target}: holds an earlier jpeft export; pass --overwrite to replace it, or "
+                              "choose a new output folder")
+    return t
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -80,6 +146,7 @@ def write_hf_checkpoint(folder: str | os.PathLike, src: Path, config: Mapping[st
                         tensors: Mapping[str, np.ndarray]) -> Path:
     """Atomically write `config.json`, `model.safetensors` and the tokenizer of `src` (folder or GGUF)."""
     with atomic_folder(folder) as tmp:
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "jpeft export", "source": str(src)}) + "\n")
         (tmp / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         save_file(dict(tensors), tmp / "model.safetensors", metadata={"format": "pt"})
         if src.is_file():

@@ -39,8 +39,13 @@ LORA_OFF_FIELDS = {
 
 def write_adapter(folder: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
                   weights: str = WEIGHTS) -> Path:
-    """Atomically write `adapter_config.json` (keys sorted) and `weights` (fp32, `{"format": "pt"}`)."""
+    """Atomically write `adapter_config.json` (keys sorted) and `weights` (fp32, `{"format": "pt"}`); refuses
+    (CheckpointError, nothing written) tensors with NaN/Inf values."""
     arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
+    bad = [k for k, a in arrays.items() if not np.isfinite(a).all()]
+    if bad:
+        raise CheckpointError(f"{folder}: not written: tensors {bad[:3]}{' ...' if len(bad) > 3 else ''} hold NaN/Inf "
+                              "values (the training run diverged); retrain, e.g. with a lower --lr")
     with atomic_folder(folder) as tmp:
         (tmp / CONFIG).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
         save_file(arrays, tmp / weights, metadata={"format": "pt"})
@@ -128,7 +133,11 @@ class AdapterTensors:
             raise CheckpointError(f"{self.path}: tensor {key!r} has shape {list(x.shape)}, but this model and "
                                   f"adapter_config.json need {list(shape)}; was the adapter trained on another model?")
         self.used.add(key)
-        return np.asarray(x, np.float32)
+        x = np.asarray(x, np.float32)
+        if not np.isfinite(x).all():
+            raise CheckpointError(f"{self.path}: tensor {key!r} holds {int(np.sum(~np.isfinite(x)))} NaN/Inf values "
+                                  "(written by a run that diverged?); retrain it, e.g. with a lower --lr")
+        return x
 
     def check_all_used(self, modules: Iterable[str] | None = None) -> None:
         """Raise on the first key nothing took. With the model's HF module names, say whether the key names no

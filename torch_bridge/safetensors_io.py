@@ -59,12 +59,22 @@ class SafetensorsFile:
         info = self._header[name]
         if info["dtype"] not in _DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
+        try:
+            start, end = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed header entry {info!r}; re-save "
+                                  "the file") from None
+        need = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[info["dtype"]]).itemsize
+        if end - start != need or start < 0:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: the header's shape {shape} ({info['dtype']}) needs "
+                                  f"{need} bytes but its data_offsets [{start}, {end}] span {end - start}; the file is "
+                                  "corrupt: re-save or fetch it again")
         if self._map is None or self._base + end > self._map.shape[0]:
             raise CheckpointError(f"{self.path}: tensor {name!r} ends past the end of the file; the file is "
                                   "truncated (an interrupted download or copy?): fetch it again")
         raw = self._map[self._base + start:self._base + end] if end > start else np.zeros(0, np.uint8)
-        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return raw.view(_DTYPES[info["dtype"]]).reshape(shape)
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
@@ -120,6 +130,14 @@ def open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index}: malformed index ({e}); it needs a 'weight_map' object") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object {{tensor name: file name}}")
+        root = folder.absolute().resolve()
+        for fn in sorted(set(weight_map.values())):
+            target = (folder / str(fn)).absolute().resolve()
+            if not isinstance(fn, str) or root not in target.parents:
+                raise CheckpointError(f"{index}: weight_map names the file {fn!r}, which lies outside the model "
+                                      f"folder {folder}; an index may only name files inside its own folder")
         files = {fn: SafetensorsFile(folder / fn) for fn in sorted(set(weight_map.values()))}
         return {name: files[fn] for name, fn in weight_map.items()}
     single = folder / "model.safetensors"

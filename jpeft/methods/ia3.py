@@ -19,7 +19,6 @@ targeted module names, so peft's matching cannot choose differently. Merge: `W â
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,7 +30,7 @@ from jpeft.errors import CheckpointError, ConfigError
 from jpeft.methods.base import Method
 from jpeft.methods.common import dense_kernel, hp, method_tree, replace_linears
 from jpeft.methods.registry import Built, MethodSpec, register_method
-from jpeft.methods.targeting import name_matches, site_layers
+from jpeft.methods.targeting import name_matches, pattern_match, site_layers
 from jpeft.models.config import ModelConfig
 from jpeft.models.decoder import dense
 from jpeft.torch_bridge import hf_names as hf
@@ -105,7 +104,7 @@ class IA3(Method):
 def _is_ff(spec: list[str] | str, name: str) -> bool:
     """peft's `is_feedforward`: a regex fullmatch, or any entry the name ends with."""
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return pattern_match(spec, name, field="feedforward_modules")
     return any(name.endswith(k) for k in spec)
 
 
@@ -126,7 +125,7 @@ def resolve(cfg: ModelConfig, ic: IA3Config) -> IA3:
     targets, ff = _targets(cfg, ic)
     names = hf.linear_module_names(cfg)
     chosen = [n for n in names if name_matches(targets, n)
-              and not (ic.exclude_modules and name_matches(ic.exclude_modules, n))]
+              and not (ic.exclude_modules and name_matches(ic.exclude_modules, n, "exclude_modules"))]
     if not chosen:
         raise ConfigError(f"IA3Config.target_modules={ic.target_modules!r} targets no module of this "
                           f"{cfg.model_type} model; available: {names[:7]} (and the same in later layers)")

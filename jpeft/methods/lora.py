@@ -213,11 +213,11 @@ def resolve(cfg: ModelConfig, lc: LoraConfig) -> LoRA:
         names = [hf.linear_module(i, block, proj) for i in range(cfg.num_layers)]
         ranks = tuple(int(targeting.pattern_value(lc.rank_pattern, n, lc.r)) if on else 0
                       for n, on in zip(names, flags))
-        alphas = tuple(targeting.pattern_value(lc.alpha_pattern, n, lc.lora_alpha) if on else 0
+        alphas = tuple(targeting.pattern_value(lc.alpha_pattern, n, lc.lora_alpha, "alpha_pattern") if on else 0
                        for n, on in zip(names, flags))
         sites.append(LoraSite(block, proj, ranks, alphas))
     for field in ("rank_pattern", "alpha_pattern"):  # like peft >= 0.21: a typo must not pass silently
-        unused = targeting.unused_pattern_keys(getattr(lc, field), chosen)
+        unused = targeting.unused_pattern_keys(getattr(lc, field), chosen, field)
         if unused:
             warnings.warn(f"LoraConfig.{field} keys {unused} did not match any targeted module", stacklevel=2)
     return LoRA(sites=tuple(sites), r=lc.r, lora_alpha=lc.lora_alpha, use_rslora=lc.use_rslora,

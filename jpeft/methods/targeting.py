@@ -6,13 +6,20 @@ is a regex `re.fullmatch`-ed against the full name; `"all-linear"` is every line
 `modules_to_save` win over targets; `layers_to_transform` keeps the layers whose index (the first
 `.<name>.<digits>.` group, or `.<layers_pattern>.<digits>.`) it lists, and only applies to list targets.
 Names are transformers module paths (`model.layers.0.self_attn.q_proj`, see `hf_names`).
+
+Patterns come from users and from adapter folders (`adapter_config.json`), so they are matched through
+`pattern_match`: compiled once with the `regex` engine (re-compatible syntax) and run under a time limit, so
+a catastrophically backtracking pattern is one `ConfigError` naming the field, not a hang; an invalid
+pattern is one `ConfigError` too.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 from collections.abc import Mapping
 from typing import Any
+
+import regex
 
 from jpeft.errors import ConfigError
 from jpeft.methods.base import Site
@@ -23,19 +30,45 @@ from jpeft.torch_bridge.hf_names import LINEAR_SITES, linear_module, linear_modu
 DEFAULT_TARGETS = {f: ["q_proj", "v_proj"] for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")}
 
 
-def name_matches(spec: list[str] | tuple[str, ...] | str, name: str) -> bool:
+REGEX_TIMEOUT_S = 0.5  # per match against one module name (names are < 100 characters)
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(pattern: str, field: str) -> regex.Pattern:
+    try:
+        return regex.compile(pattern)
+    except (regex.error, TypeError, ValueError) as e:
+        raise ConfigError(f"{field}={pattern!r} is not a valid regular expression ({e}); fix the pattern or give "
+                          "a list of module names") from None
+
+
+def pattern_match(pattern: str, name: str, *, field: str, full: bool = True) -> bool:
+    """`re.fullmatch(pattern, name)` (or `re.match` with `full=False`) for an untrusted pattern: an invalid
+    pattern or one that backtracks for more than `REGEX_TIMEOUT_S` on `name` raises ConfigError naming `field`."""
+    compiled = _compiled(pattern, field)
+    try:
+        m = (compiled.fullmatch if full else compiled.match)(name, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        raise ConfigError(f"{field}={pattern!r}: matching the module name {name!r} took over {REGEX_TIMEOUT_S} s "
+                          "(catastrophic backtracking); simplify the regular expression or list module names "
+                          "instead") from None
+    return m is not None
+
+
+def name_matches(spec: list[str] | tuple[str, ...] | str, name: str, field: str = "target_modules") -> bool:
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return pattern_match(spec, name, field=field)
     return name in spec or any(name.endswith("." + k) for k in spec)
 
 
 def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
     if not layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        m = regex.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
     else:
         m = None
         for pat in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", name)
+            m = _compiled(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", "layers_pattern").match(
+                name, timeout=REGEX_TIMEOUT_S)
             if m:
                 break
     return int(m.group("idx")) if m else None
@@ -58,9 +91,10 @@ def _check_layers(cfg: ModelConfig, conf: Any, where: str) -> None:
 
 def _is_target(conf: Any, targets: list[str] | str, name: str) -> bool:
     exclude = getattr(conf, "exclude_modules", None)
-    if exclude and name_matches(exclude, name):
+    if exclude and name_matches(exclude, name, "exclude_modules"):
         return False
-    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in getattr(conf, "modules_to_save", None) or []):
+    if any(pattern_match(rf"(^|.*\.){m}($|\..*)", name, field="modules_to_save", full=False)
+           for m in getattr(conf, "modules_to_save", None) or []):
         return False
     if not name_matches(targets, name):
         return False
@@ -133,14 +167,15 @@ def full_layer_sites(cfg: ModelConfig, conf: Any, where: str) -> tuple[Site, ...
     return tuple(sites)
 
 
-def pattern_value(pattern: dict | None, name: str, default: Any) -> Any:
+def pattern_value(pattern: dict | None, name: str, default: Any, field: str = "rank_pattern") -> Any:
     """peft's rule: the first key K (dict order) with `re.match(rf"(.*\\.)?({K})$", name)` wins."""
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if pattern_match(rf"(.*\.)?({key})$", name, field=f"{field}[{key!r}]", full=False):
             return value
     return default
 
 
-def unused_pattern_keys(pattern: dict | None, chosen: list[str] | set[str]) -> list[str]:
+def unused_pattern_keys(pattern: dict | None, chosen: list[str] | set[str], field: str = "rank_pattern") -> list[str]:
     """Pattern keys that match no targeted module (peft >= 0.21 warns about them)."""
-    return [k for k in pattern or {} if not any(re.match(rf"(.*\.)?({k})$", n) for n in chosen)]
+    return [k for k in pattern or {}
+            if not any(pattern_match(rf"(.*\.)?({k})$", n, field=f"{field}[{k!r}]", full=False) for n in chosen)]

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import jinja2
 import numpy as np
 
 from jpeft.errors import ConfigError, DataError
@@ -46,6 +47,10 @@ IGNORE = -100
 ROLES = ("system", "user", "assistant")
 SHAPES = ("text", "prompt/completion", "messages")
 Rows = dict[str, np.ndarray]
+
+
+class TruncationWarning(UserWarning):
+    """Examples were longer than max_len and lost tokens (the message has the counts)."""
 
 
 @dataclass(frozen=True)
@@ -130,8 +135,13 @@ def load_jsonl(path: str | Path) -> list[dict]:
         raise DataError(f"{path}: no such file; fix: check the path")
     out: list[dict] = []
     first: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "fix: save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -160,7 +170,17 @@ def _ids(encoded: Any) -> list[int]:
 
 
 def _chat(tokenizer: Any, messages: list[dict], gen: bool) -> list[int]:
-    return _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen))
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat data ('messages') needs a chat template, and this tokenizer has none "
+                        f"({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}); fix: use a model "
+                        "whose tokenizer_config.json has a chat_template (an -Instruct/-Chat checkpoint), set "
+                        "tokenizer.chat_template, or give the data as prompt/completion")
+    try:
+        return _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen))
+    except jinja2.TemplateError as e:
+        line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        raise DataError(f"the tokenizer's chat template cannot be rendered: {type(e).__name__}{line}: {e}; fix: "
+                        "correct chat_template in tokenizer_config.json (or chat_template.jinja)") from None
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -229,11 +249,14 @@ def tokenize_examples(examples: Sequence[dict], tokenizer: Any, max_len: int, *,
     if truncation not in ("right", "left"):
         raise ConfigError(f"truncation={truncation!r}; fix: use 'right' or 'left'")
     out: list[Example] = []
-    dropped = 0
+    dropped = truncated = lost = total = 0
     for k, ex in enumerate(examples):
         where = f"example #{k}"
         ids, mask = _tokenize_one(ex, validate_example(ex, where), tokenizer, where)
+        total += len(ids)
         if len(ids) > max_len:
+            truncated += 1
+            lost += len(ids) - max_len
             if truncation == "right":
                 ids, mask = ids[:max_len], mask[:max_len]
             else:
@@ -244,6 +267,11 @@ def tokenize_examples(examples: Sequence[dict], tokenizer: Any, max_len: int, *,
             dropped += 1
             continue
         out.append(Example(np.asarray(ids, np.int32), np.asarray(mask, np.bool_)))
+    if truncated:
+        share = 100 * lost / max(total, 1)
+        warnings.warn(f"{truncated} of {len(examples)} examples are longer than max_len={max_len} (--max-len) and "
+                      f"were truncated ({truncation}): {lost} of {total} tokens ({share:.1f}%) dropped; raise "
+                      "--max-len or shorten the examples", TruncationWarning, stacklevel=2)
     if dropped:
         warnings.warn(f"tokenize_examples: dropped {dropped} of {len(examples)} examples with no target "
                       f"token left after truncation to max_len={max_len}", stacklevel=2)

@@ -9,6 +9,7 @@ follow (`jpeft.train.metrics.classification_report`).
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.errors import JpeftError
 from jpeft.methods.base import Method
 from jpeft.models.config import ModelConfig
 from jpeft.models.model import forward, init_cache
@@ -32,6 +34,16 @@ def label_set(examples: Sequence[dict]) -> list[str] | None:
         return None
     labels = sorted({e["completion"].strip() for e in examples})
     return labels if 1 < len(labels) <= min(MAX_LABELS, max(2, len(examples) // 2)) else None
+
+
+def label_forms(examples: Sequence[dict]) -> dict[str, str]:
+    """Each label (a stripped completion) -> the completion text as the data spell it (the most common spelling,
+    e.g. `" yes"`): what training tokenized, so scoring tokenizes the same text."""
+    counts: dict[str, Counter] = {}
+    for e in examples:
+        if isinstance(e.get("completion"), str):
+            counts.setdefault(e["completion"].strip(), Counter())[e["completion"]] += 1
+    return {label: c.most_common(1)[0][0] for label, c in counts.items()}
 
 
 def _bucket(n: int, m: int = 16) -> int:
@@ -77,7 +89,9 @@ def classify(base: dict, cfg: ModelConfig, tokenizer: Any, examples: Sequence[di
              dtype: Any = jnp.float32, max_len: int = 1024) -> list[str]:
     """Predicted label of each example: the candidate with the highest log-likelihood (+ EOS)."""
     eos = tokenizer.eos_token_id
-    lab = [list(tokenizer.encode(x, add_special_tokens=False)) + ([eos] if eos is not None else []) for x in labels]
+    forms = label_forms(examples)  # score the tokens training saw: " yes", not "yes"
+    lab = [list(tokenizer.encode(forms.get(x, x), add_special_tokens=False)) + ([eos] if eos is not None else [])
+           for x in labels]
     lmax = max(len(x) for x in lab)
     label_ids = np.zeros((len(lab), max(lmax, 2)), np.int32)
     for i, x in enumerate(lab):
@@ -95,7 +109,12 @@ def classify(base: dict, cfg: ModelConfig, tokenizer: Any, examples: Sequence[di
                             jnp.asarray([len(x) for x in lab], jnp.int32), cfg=cfg, methods=tuple(methods),
                             dtype=dtype)
         scores.append(np.asarray(lp)[: len(prompts[s:s + batch_size])])
-    best = np.concatenate(scores).argmax(-1)
+    scores = np.concatenate(scores)
+    bad = ~np.isfinite(scores).all(-1)
+    if bad.any():
+        raise JpeftError(f"label scores are NaN/Inf for {int(bad.sum())} of {len(bad)} examples: the model or adapter "
+                         "weights are not finite (a diverged run?); no metrics reported")
+    best = scores.argmax(-1)
     return [labels[i] for i in best]
 
 
@@ -120,4 +139,7 @@ def mean_loss(base: dict, cfg: ModelConfig, rows: dict[str, np.ndarray], *, adap
         nll, cnt = eval_nll(adapters or {}, base, batch, cfg=cfg, methods=tuple(methods), dtype=dtype,
                             max_targets=bound)
         total, count = total + float(nll), count + float(cnt)
+    if not np.isfinite(total):
+        raise JpeftError(f"the evaluation loss is {total}: the model or adapter weights are not finite (a diverged "
+                         "run?); no metrics reported")
     return total / max(count, 1.0)

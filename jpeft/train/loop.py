@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +17,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no run-folder lock
+    fcntl = None
+
 from jpeft.dtypes import resolve_dtype
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.loading import Model
 from jpeft.methods.base import Method
 from jpeft.models.model import check_remat
 from jpeft.train import offload
-from jpeft.train.checkpoint import restore_latest, save_checkpoint
+from jpeft.train.checkpoint import list_checkpoints, restore_latest, save_checkpoint
 from jpeft.train.data import BatchSchedule, pack_examples, pad_examples, tokenize_examples
 from jpeft.train.evaluate import classification_eval, label_set, mean_loss
 from jpeft.train.step import (
     OptimConfig,
     build_optimizer,
+    eval_nll,
     init_state,
     learning_rate_schedule,
     run_target_bound,
@@ -33,7 +42,76 @@ from jpeft.train.step import (
 
 
 class TrainingError(JpeftError):
-    """Training cannot go on (e.g. the loss is no longer finite)."""
+    """Training cannot go on (e.g. the loss is no longer finite), or the output folder is not this run's."""
+
+
+class CollapseWarning(UserWarning):
+    """The gradient norm was exactly 0 for `COLLAPSE_STEPS` steps in a row: the adapter no longer learns."""
+
+
+COLLAPSE_STEPS = 3
+LOCK_FILE = ".jpeft.lock"
+_HELD_LOCKS: set[str] = set()
+
+
+@contextlib.contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder `out` (`out/.jpeft.lock`, flock: released by the OS even on
+    kill -9). A second run on the same folder fails at once with a TrainingError naming the holder; nested
+    use in one process (the CLI, then `train`) is a no-op."""
+    key = str(out.absolute().resolve())
+    if key in _HELD_LOCKS or fcntl is None:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise TrainingError(f"--out {out} is in use by another jpeft run ({holder}); wait for it to finish or choose "
+                            "another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    _HELD_LOCKS.add(key)
+    try:
+        yield
+    finally:
+        _HELD_LOCKS.discard(key)
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """`resume` needs a checkpoint in `out/checkpoints`; a fresh run refuses a folder that holds one (another
+    run's: continuing or overwriting it must be asked for)."""
+    found = list_checkpoints(out / "checkpoints")
+    if resume and not found:
+        raise TrainingError(f"--resume: {out / 'checkpoints'} holds no checkpoint to continue from; drop --resume to "
+                            f"start a new run in {out}")
+    if not resume and found:
+        raise TrainingError(f"--out {out} holds the checkpoints of an earlier run (newest: {found[-1][1].name}); pass "
+                            "--resume to continue that run, or choose a new --out to start another")
+
+
+def check_finite_state(state: dict, step: int, where: Path, loss_after: Callable[[dict], Any] | None = None) -> None:
+    """Refuse to save a train state (TrainingError) whose adapters or optimizer state hold NaN/Inf, or whose
+    adapters make the loss NaN/Inf (`loss_after(adapters)`: the loss of one training batch with them; huge but
+    finite weights, e.g. after `--lr 1e30`, pass the first check and fail this one)."""
+    bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_leaves_with_path(jax.device_get(state))
+           if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(np.asarray(x)).all()]
+    what = f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN/Inf"
+    if not bad and loss_after is not None:
+        loss = float(loss_after(state["adapters"]))
+        what = "" if math.isfinite(loss) else f"with the new adapter weights the loss is {loss}"
+    if bad or what:
+        raise TrainingError(f"after step {step} the train state is no longer finite ({what}: the update diverged); "
+                            f"nothing was saved for this step (earlier checkpoints in {where} and any saved adapter "
+                            "are untouched). Lower --lr, check the data, or use float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +201,12 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
     """Fine-tune `adapters` of `method` on `train_examples`; writes metrics.jsonl, checkpoints/, loss.png."""
     tc, out = tc.validate(), Path(out_dir)
     check_writable(out)
+    with out_lock(out):
+        check_out_dir(out, resume)
+        return _train(model, method, adapters, train_examples, eval_examples, tc, out, resume, progress, on_eval)
+
+
+def _train(model, method, adapters, train_examples, eval_examples, tc, out, resume, progress, on_eval) -> TrainResult:
     rows = make_rows(model, train_examples, tc)
     eval_rows = make_rows(model, eval_examples, tc) if eval_examples else None
     sched = BatchSchedule(rows, tc.batch_size * tc.grad_accum, tc.seed)
@@ -137,7 +221,12 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
     meter = _StepMeter(learning_rate_schedule(tc.optim, total), _progress(start, total, progress), out / "checkpoints")
     kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=tc.remat, dtype=resolve_dtype(tc.dtype),
               max_targets=run_target_bound(rows["labels"], tc.batch_size))  # one bound: one compilation
-    pending = None
+    def loss_after(host: dict) -> Callable[[dict], Any]:  # the loss of the first micro-batch of `host`
+        one = {k: jnp.asarray(v[0]) for k, v in host.items()}
+        return lambda ad: eval_nll(ad, model.params, one, cfg=kw["cfg"], methods=kw["methods"], dtype=kw["dtype"],
+                                   max_targets=kw["max_targets"])[0]
+
+    pending, host = None, None
     for step in range(start, total):
         host = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in sched.batch_at(step).items()}
         state, m = step_fn(state, model.params, {k: jnp.asarray(v) for k, v in host.items()}, **kw)
@@ -152,10 +241,12 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
                 rec.update(_eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, step + 1))
             log.write(rec)
             if save_now:
+                check_finite_state(state, step + 1, out / "checkpoints", loss_after(host))
                 save_checkpoint(out / "checkpoints", state)
     if pending is not None:
         log.write(meter.record(*pending))
     meter.bar.close()
+    check_finite_state(state, total, out / "checkpoints", loss_after(host) if total > start else None)
     save_checkpoint(out / "checkpoints", state)
     final = _eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, total) if eval_examples else {}
     if final:
@@ -175,6 +266,7 @@ class _StepMeter:
     def __init__(self, lr: Callable[[int], Any], bar: Any, checkpoints: Path):
         self.lr, self.bar, self.checkpoints = lr, bar, checkpoints
         self.t0, self.tokens = time.perf_counter(), 0.0
+        self.zero_grad_steps = 0
 
     def record(self, step: int, m: dict) -> dict:
         loss = float(m["loss"])
@@ -183,11 +275,18 @@ class _StepMeter:
             raise TrainingError(f"the training loss became {loss} at step {step + 1}; training stopped and nothing "
                                 f"was written for this step (the last good checkpoint in {self.checkpoints} and "
                                 "any saved adapter are untouched). Lower --lr, check the data, or use float32")
+        grad_norm = float(m["grad_norm"])
+        self.zero_grad_steps = self.zero_grad_steps + 1 if grad_norm == 0.0 else 0
+        if self.zero_grad_steps == COLLAPSE_STEPS:
+            warnings.warn(f"the gradient norm has been exactly 0 for {COLLAPSE_STEPS} steps in a row (steps "
+                          f"{step + 2 - COLLAPSE_STEPS}-{step + 1}): the adapter no longer learns (collapsed: e.g. "
+                          "--lr too high, or saturated activations); stop and retrain with a lower --lr",
+                          CollapseWarning, stacklevel=2)
         self.tokens += float(m["tokens"])
         tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
-        return {"step": step + 1, "loss": loss, "lr": float(self.lr(step)), "grad_norm": float(m["grad_norm"]),
+        return {"step": step + 1, "loss": loss, "lr": float(self.lr(step)), "grad_norm": grad_norm,
                 "tokens_per_s": tps}
 
 
