@@ -34,6 +34,7 @@ from jpeft.torch_bridge.merged import save_merged
 from jpeft.train.data import load_jsonl, train_eval_split
 from jpeft.train.evaluate import classification_eval, label_set
 from jpeft.train.loop import TrainConfig, check_writable, evaluate, make_rows, train
+from jpeft.train.sources import DATA_HELP, load_examples
 from jpeft.train.metrics import format_table
 from jpeft.train.step import OptimConfig
 
@@ -46,8 +47,9 @@ def bundled_data(name: str) -> Path:
 def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     if not demo:
         p.add_argument("--model", default=None, help=MODEL_HELP)
-        p.add_argument("--data", required=True, help="training JSONL: {text} | {prompt,completion} | {messages}")
-        p.add_argument("--eval-data", default=None, help="held-out JSONL (default: --eval-fraction of --data)")
+        p.add_argument("--data", required=True, help="training " + DATA_HELP)
+        p.add_argument("--eval-data", default=None,
+                       help="held-out examples, in any --data format (default: --eval-fraction of --data)")
         p.add_argument("--eval-fraction", type=float, default=0.1)
         p.add_argument("--out", required=True, help="output folder (adapter/, metrics.jsonl, loss.png, checkpoints/)")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
@@ -103,7 +105,7 @@ def add_train_commands(sub, method: str = "lora") -> None:
     p = sub.add_parser("eval", help="loss (and P/R/F1 for label data) of a model, optionally with an adapter")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--adapter", default=None)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -128,7 +130,7 @@ def _train_config(args) -> TrainConfig:
 
 def _split(args, examples):
     if args.eval_data:
-        return examples, load_jsonl(args.eval_data)
+        return examples, load_examples(args.eval_data)
     if args.eval_fraction <= 0:
         return examples, []
     if not 0 < args.eval_fraction < 1:
@@ -176,7 +178,7 @@ def _load_for_training(args) -> Model:
 
 def cmd_train(args) -> int:
     model = _load_for_training(args)
-    train_ex, eval_ex = _split(args, load_jsonl(args.data))
+    train_ex, eval_ex = _split(args, load_examples(args.data))
     final = run_training(args, model, train_ex, eval_ex, Path(args.out), resume=args.resume)
     _print_eval("final", final)
     print(f"adapter written to {Path(args.out) / 'adapter'}")
@@ -193,7 +195,7 @@ def cmd_eval(args) -> int:
     """`jpeft.train.loop.evaluate` (the training loop's own eval) on a data file, with or without an adapter."""
     model = load(args.model, args.dtype, kernels=args.kernels)
     method, adapters = maybe_adapter(args.adapter, model)
-    examples = load_jsonl(args.data)
+    examples = load_examples(args.data)
     tc = TrainConfig(max_len=args.max_len, batch_size=args.batch_size, dtype=args.dtype)
     rec = evaluate(model, method, adapters, examples, tc, make_rows(model, examples, tc))
     rec.pop("report", None)
