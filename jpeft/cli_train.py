@@ -26,16 +26,18 @@ from jpeft.cli_args import (
 )
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.kernels.dispatch import KERNEL_MODES, kernels_report, reset_report
-from jpeft.loading import Model, load
+from jpeft.loading import Model, load, resolve_model_path
 from jpeft.methods import catalog
 from jpeft.methods.registry import MethodSpec, check_mergeable
 from jpeft.models.decoder import REMAT_POLICIES
+from jpeft.torch_bridge.folders import source_config
+from jpeft.torch_bridge.gguf_write import GGUF_FAMILIES, GGUF_TYPES, check_gguf_exportable, save_gguf
 from jpeft.torch_bridge.merged import save_merged
 from jpeft.train.data import load_jsonl, train_eval_split
 from jpeft.train.evaluate import classification_eval, label_set
 from jpeft.train.loop import TrainConfig, check_writable, evaluate, make_rows, train
-from jpeft.train.sources import DATA_HELP, load_examples
 from jpeft.train.metrics import format_table
+from jpeft.train.sources import DATA_HELP, load_examples
 from jpeft.train.step import OptimConfig
 
 
@@ -111,11 +113,18 @@ def add_train_commands(sub, method: str = "lora") -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES), help=KERNELS_HELP)
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("export", help="merge an adapter into the base and write an HF checkpoint")
+    p = sub.add_parser("export", help="merge an adapter into the base; write an HF checkpoint or a GGUF file")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--adapter", required=True)
-    p.add_argument("--merged", required=True, help="output folder of the merged transformers checkpoint")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--merged", help="output folder of the merged transformers checkpoint")
+    dest.add_argument("--gguf", metavar="OUT.gguf",
+                      help=f"output llama.cpp GGUF file (families: {', '.join(GGUF_FAMILIES)}; tokenizer and chat "
+                           "template in the metadata)")
+    p.add_argument("--gguf-type", default="f32", choices=list(GGUF_TYPES),
+                   help="GGUF tensor type of the matrices (norms stay f32; q8_0 falls back to f16 for rows that "
+                        "hold no whole 32-value block)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--merged tensor dtype")
     add_quant_flags(p, None)
 
 
@@ -207,8 +216,15 @@ def cmd_export(args) -> int:
     """Merge any mergeable adapter into its base; unmergeable methods are refused before anything is loaded."""
     spec = catalog.adapter_spec(args.adapter)
     check_mergeable(spec, f"{args.adapter}: ")
+    if args.gguf:
+        source = resolve_model_path(args.model)
+        check_gguf_exportable(source_config(source), str(source))  # refuse before loading anything
     model = load(args.model, "float32", tokenizer=False, **quant_load_kwargs(args))
     method, adapters = spec.load(Path(args.adapter), model.cfg, model.params)
+    if args.gguf:
+        save_gguf(args.gguf, model.cfg, model.params, method, adapters, model.path, gguf_type=args.gguf_type)
+        print(f"merged GGUF ({spec.name}, {args.gguf_type}) written to {args.gguf}")
+        return 0
     save_merged(args.merged, model.cfg, model.params, method, adapters, model.path, dtype=args.dtype)
     print(f"merged checkpoint ({spec.name}) written to {args.merged}")
     return 0

@@ -1,8 +1,8 @@
 """Files and folders shared by every writer: atomic folder writes, tokenizers, transformers checkpoints.
 
-`atomic_folder` is the only way jpeft writes a folder (adapters, merged and 4-bit checkpoints): files go to
-a temp folder next to the destination, are fsynced and the folder is renamed into place, so a crash never
-leaves a half-written folder under the final name.
+`atomic_folder` is the only way jpeft writes a folder (adapters, merged and 4-bit checkpoints), `atomic_file`
+the way it writes a single model file (GGUF): data go to a temp folder/file next to the destination, are
+fsynced and renamed into place, so a crash never leaves a half-written output under the final name.
 """
 
 from __future__ import annotations
@@ -46,6 +46,24 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp file path next to `path`; on success fsync it and rename it into place (else remove it)."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jpeft.errors import CheckpointError, JpeftError
+from jpeft.errors import CheckpointError, MissingDependencyError
 
 __all__ = ["read_gguf_config", "iter_gguf_tensors", "load_gguf_tokenizer", "SUPPORTED_ARCHITECTURES"]
 
@@ -42,12 +42,12 @@ _GGUF_MAGIC = b"GGUF"
 _MISSING = object()
 
 # GGUF tensor name -> HF parameter name (llama). ``{i}`` is the layer index.
-_GLOBAL_NAMES = {
+GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_NAMES = {
+GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -67,10 +67,11 @@ def _gguf_module() -> Any:
     """The ``gguf`` package, or a JpeftError saying how to install it."""
     try:
         import gguf
-    except ImportError as err:  # pragma: no cover - gguf is installed wherever tests run
-        raise JpeftError(
-            "Reading GGUF files needs the `gguf` package; install it with `pip install 'jpeft[gguf]'` (or `pip install gguf`)."
-        ) from err
+    except ImportError:
+        raise MissingDependencyError(
+            "Reading or writing GGUF files needs the `gguf` package, which is not installed; install it with "
+            "`pip install 'jpeft[gguf]'` (or `pip install gguf`)."
+        ) from None
     return gguf
 
 
@@ -229,14 +230,14 @@ def _token_ids(reader: Any) -> dict[str, int]:
 
 def _hf_name(path: Path, gguf_name: str) -> str | None:
     """The HF parameter name of a GGUF tensor, ``None`` for tensors HF has no parameter for."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name in GGUF_GLOBAL_NAMES:
+        return GGUF_GLOBAL_NAMES[gguf_name]
     if gguf_name in _SKIPPED_TENSORS:
         return None
     match = _LAYER_RE.fullmatch(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
+    if match and match.group(2) in GGUF_LAYER_NAMES:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{GGUF_LAYER_NAMES[part]}.{kind}"
     raise CheckpointError(
         f"'{path}': tensor '{gguf_name}' has no Hugging Face llama counterpart; the file is not a plain "
         "llama-architecture model. Use a llama GGUF or the model's safetensors checkpoint."
