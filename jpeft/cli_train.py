@@ -37,6 +37,7 @@ from jpeft.train.data import load_jsonl, train_eval_split
 from jpeft.train.evaluate import classification_eval, label_set
 from jpeft.train.loop import TrainConfig, check_writable, evaluate, make_rows, train
 from jpeft.train.metrics import format_table
+from jpeft.train.report import REPORT_TO, format_summary, run_summary
 from jpeft.train.sources import DATA_HELP, load_examples
 from jpeft.train.step import OptimConfig
 
@@ -80,6 +81,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES), help=KERNELS_HELP)
     p.add_argument("--offload-optimizer", action="store_true",
                    help="keep optimizer state in pinned host memory between steps (where the backend has it)")
+    p.add_argument("--report-to", default="none", choices=list(REPORT_TO),
+                   help="also log metrics to TensorBoard event files in OUT/tensorboard (needs tensorboardX)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -134,7 +137,7 @@ def _train_config(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        max_len=args.max_len, pack=not args.no_pack, seed=args.seed, eval_every=args.eval_every,
                        save_every=args.save_every, remat=args.remat, dtype=args.dtype, optim=oc,
-                       offload_optimizer=args.offload_optimizer).validate()
+                       offload_optimizer=args.offload_optimizer, report_to=(args.report_to,)).validate()
 
 
 def _split(args, examples):
@@ -158,6 +161,7 @@ def _write_run(out: Path, args, model: Model, spec: MethodSpec, config, built) -
 
 def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bool) -> dict:
     """Build the method, train, save the adapter (or the method's `finish`); returns the final eval record."""
+    t0 = time.perf_counter()
     check_writable(out)
     spec = catalog.get_method(args.method)
     config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)
@@ -167,13 +171,17 @@ def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bo
     reset_report()
     res = train(base_model, built.method, built.adapters, train_ex, eval_ex, _train_config(args), out, resume=resume,
                 progress=not args.no_progress)
-    run = json.loads((out / "run.json").read_text())
-    run["kernels"] = kernels_report(model.cfg.kernels)  # op -> what ran: "pallas", "pallas-interpret" or "reference"
-    (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
+    kernels = kernels_report(model.cfg.kernels)  # op -> what ran: "pallas", "pallas-interpret" or "reference"
     if spec.finish is not None:  # rank-adaptive methods: export from the final state, report the ranks
         spec.finish(out, model, built, res)
     else:
         spec.save(out / "adapter", model.cfg, built.method, res.adapters, **built.export_kwargs)
+    run = json.loads((out / "run.json").read_text())
+    summary = run_summary(res.history, res.eval, out / "adapter", run["trainable_parameters"],
+                          time.perf_counter() - t0)
+    run.update(kernels=kernels, summary=summary)
+    (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
+    print(format_summary(summary))
     return res.eval
 
 
