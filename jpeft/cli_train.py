@@ -31,7 +31,8 @@ from jpeft.loading import Model, load, resolve_model_path
 from jpeft.methods import catalog
 from jpeft.methods.registry import MethodSpec, check_mergeable
 from jpeft.models.decoder import REMAT_POLICIES
-from jpeft.torch_bridge.folders import check_export_target
+from jpeft.torch_bridge.folders import check_export_target, source_config
+from jpeft.torch_bridge.gguf_write import GGUF_FAMILIES, GGUF_TYPES, check_gguf_exportable, is_jpeft_gguf, save_gguf
 from jpeft.torch_bridge.merged import save_merged
 from jpeft.torch_bridge.safetensors_io import atomic_write
 from jpeft.train.data import load_jsonl, train_eval_split
@@ -39,6 +40,8 @@ from jpeft.train.evaluate import classification_eval, label_set
 from jpeft.train.fingerprint import check_resume, run_fingerprint
 from jpeft.train.loop import TrainConfig, check_out_dir, check_writable, evaluate, make_rows, out_lock, train
 from jpeft.train.metrics import format_table
+from jpeft.train.report import REPORT_TO, format_summary, run_summary
+from jpeft.train.sources import DATA_HELP, load_examples
 from jpeft.train.step import OptimConfig
 
 
@@ -50,8 +53,9 @@ def bundled_data(name: str) -> Path:
 def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     if not demo:
         add_model_args(p)
-        p.add_argument("--data", required=True, help="training JSONL: {text} | {prompt,completion} | {messages}")
-        p.add_argument("--eval-data", default=None, help="held-out JSONL (default: --eval-fraction of --data)")
+        p.add_argument("--data", required=True, help="training " + DATA_HELP)
+        p.add_argument("--eval-data", default=None,
+                       help="held-out examples, in any --data format (default: --eval-fraction of --data)")
         p.add_argument("--eval-fraction", type=float, default=0.1)
         p.add_argument("--out", required=True, help="output folder (adapter/, metrics.jsonl, loss.png, checkpoints/)")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints "
@@ -83,6 +87,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES), help=KERNELS_HELP)
     p.add_argument("--offload-optimizer", action="store_true",
                    help="keep optimizer state in pinned host memory between steps (where the backend has it)")
+    p.add_argument("--report-to", default="none", choices=list(REPORT_TO),
+                   help="also log metrics to TensorBoard event files in OUT/tensorboard (needs tensorboardX)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -110,19 +116,26 @@ def add_train_commands(sub, method: str = "lora") -> None:
     p = sub.add_parser("eval", help="loss (and P/R/F1 for label data) of a model, optionally with an adapter")
     add_model_args(p)
     p.add_argument("--adapter", default=None)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES), help=KERNELS_HELP)
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("export", help="merge an adapter into the base and write an HF checkpoint")
+    p = sub.add_parser("export", help="merge an adapter into the base; write an HF checkpoint or a GGUF file")
     add_model_args(p)
     p.add_argument("--adapter", required=True)
-    p.add_argument("--merged", required=True, help="output folder of the merged transformers checkpoint (must not "
-                   "exist, be empty, or be an earlier jpeft export with --overwrite)")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--merged", help="output folder of the merged transformers checkpoint (must not exist, be "
+                      "empty, or be an earlier jpeft export with --overwrite)")
+    dest.add_argument("--gguf", metavar="OUT.gguf",
+                      help=f"output llama.cpp GGUF file (families: {', '.join(GGUF_FAMILIES)}; tokenizer and chat "
+                           "template in the metadata)")
+    p.add_argument("--gguf-type", default="f32", choices=list(GGUF_TYPES),
+                   help="GGUF tensor type of the matrices (norms stay f32; q8_0 falls back to f16 for rows that "
+                        "hold no whole 32-value block)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier jpeft export at the output path")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--merged tensor dtype")
     add_quant_flags(p, None)
 
 
@@ -132,12 +145,12 @@ def _train_config(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        max_len=args.max_len, pack=not args.no_pack, seed=args.seed, eval_every=args.eval_every,
                        save_every=args.save_every, remat=args.remat, dtype=args.dtype, optim=oc,
-                       offload_optimizer=args.offload_optimizer).validate()
+                       offload_optimizer=args.offload_optimizer, report_to=(args.report_to,)).validate()
 
 
 def _split(args, examples):
     if args.eval_data:
-        return examples, load_jsonl(args.eval_data)
+        return examples, load_examples(args.eval_data)
     if args.eval_fraction <= 0:
         return examples, []
     if not 0 < args.eval_fraction < 1:
@@ -194,19 +207,24 @@ def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bo
 
 
 def _run_training(args, model, train_ex, eval_ex, out, resume, spec, config, fingerprint) -> dict:
+    t0 = time.perf_counter()
     built = spec.init(model, config, jax.random.PRNGKey(args.seed))
     _write_run(out, args, model, spec, config, built, fingerprint)
     base_model = Model(cfg=model.cfg, params=built.base, tokenizer=model.tokenizer, path=model.path)
     reset_report()
     res = train(base_model, built.method, built.adapters, train_ex, eval_ex, _train_config(args), out, resume=resume,
                 progress=not args.no_progress)
-    run = json.loads((out / "run.json").read_text())
-    run["kernels"] = kernels_report(model.cfg.kernels)  # op -> what ran: "pallas", "pallas-interpret" or "reference"
-    write_json_atomic(out / "run.json", run)
+    kernels = kernels_report(model.cfg.kernels)  # op -> what ran: "pallas", "pallas-interpret" or "reference"
     if spec.finish is not None:  # rank-adaptive methods: export from the final state, report the ranks
         spec.finish(out, model, built, res)
     else:
         spec.save(out / "adapter", model.cfg, built.method, res.adapters, **built.export_kwargs)
+    run = json.loads((out / "run.json").read_text())
+    summary = run_summary(res.history, res.eval, out / "adapter", run["trainable_parameters"],
+                          time.perf_counter() - t0)
+    run.update(kernels=kernels, summary=summary)
+    write_json_atomic(out / "run.json", run)
+    print(format_summary(summary))
     return res.eval
 
 
@@ -220,7 +238,7 @@ def _load_for_training(args) -> Model:
 
 def cmd_train(args) -> int:
     model = _load_for_training(args)
-    train_ex, eval_ex = _split(args, load_jsonl(args.data))
+    train_ex, eval_ex = _split(args, load_examples(args.data))
     final = run_training(args, model, train_ex, eval_ex, Path(args.out), resume=args.resume)
     _print_eval("final", final)
     print(f"adapter written to {Path(args.out) / 'adapter'}")
@@ -237,7 +255,7 @@ def cmd_eval(args) -> int:
     """`jpeft.train.loop.evaluate` (the training loop's own eval) on a data file, with or without an adapter."""
     model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=args.allow_torch_bin)
     method, adapters = maybe_adapter(args.adapter, model)
-    examples = load_jsonl(args.data)
+    examples = load_examples(args.data)
     tc = TrainConfig(max_len=args.max_len, batch_size=args.batch_size, dtype=args.dtype)
     rec = evaluate(model, method, adapters, examples, tc, make_rows(model, examples, tc))
     rec.pop("report", None)
@@ -250,11 +268,20 @@ def cmd_export(args) -> int:
     spec = catalog.adapter_spec(args.adapter)
     check_mergeable(spec, f"{args.adapter}: ")
     model_path = resolve_model_path(args.model)
-    check_export_target(args.merged, {"--model": model_path if model_path.is_dir() else model_path.parent,
-                                      "--adapter": args.adapter}, overwrite=args.overwrite)
+    sources = {"--model": model_path if model_path.is_dir() else model_path.parent, "--adapter": args.adapter}
+    if args.gguf:
+        check_gguf_exportable(source_config(model_path), str(model_path))  # refuse before loading anything
+        check_export_target(args.gguf, {"--model": model_path, "--adapter": args.adapter}, overwrite=args.overwrite,
+                            flag="--gguf", is_ours=is_jpeft_gguf)
+    else:
+        check_export_target(args.merged, sources, overwrite=args.overwrite)
     model = load(model_path, "float32", tokenizer=False, allow_torch_bin=args.allow_torch_bin,
                  **quant_load_kwargs(args))
     method, adapters = spec.load(Path(args.adapter), model.cfg, model.params)
+    if args.gguf:
+        save_gguf(args.gguf, model.cfg, model.params, method, adapters, model.path, gguf_type=args.gguf_type)
+        print(f"merged GGUF ({spec.name}, {args.gguf_type}) written to {args.gguf}")
+        return 0
     save_merged(args.merged, model.cfg, model.params, method, adapters, model.path, dtype=args.dtype)
     print(f"merged checkpoint ({spec.name}) written to {args.merged}")
     return 0

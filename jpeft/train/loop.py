@@ -31,6 +31,7 @@ from jpeft.train import offload
 from jpeft.train.checkpoint import list_checkpoints, restore_latest, save_checkpoint
 from jpeft.train.data import BatchSchedule, pack_examples, pad_examples, tokenize_examples
 from jpeft.train.evaluate import classification_eval, label_set, mean_loss
+from jpeft.train.report import check_report_to, open_sinks
 from jpeft.train.step import (
     OptimConfig,
     build_optimizer,
@@ -131,6 +132,7 @@ class TrainConfig:
     dtype: str = "float32"
     optim: OptimConfig = OptimConfig()
     offload_optimizer: bool = False  # optimizer state in pinned host memory (jpeft.train.offload)
+    report_to: tuple[str, ...] = ()  # metric sinks besides metrics.jsonl: "tensorboard" (jpeft.train.report)
 
     def validate(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
@@ -143,6 +145,7 @@ class TrainConfig:
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs} must be > 0")
         check_remat(self.remat)
+        check_report_to(self.report_to)
         return self
 
 
@@ -178,10 +181,10 @@ def evaluate(model: Model, method: Method, adapters: dict, eval_examples: Sequen
 
 
 class _Log:
-    """metrics.jsonl writer; on resume, records after the restored step are dropped."""
+    """metrics.jsonl writer (and the `--report-to` sinks); on resume, records after the restored step are dropped."""
 
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int, sinks: Sequence[Any] = ()):
+        self.path, self.sinks = path, list(sinks)
         keep = []
         if resume_step and path.exists():
             keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
@@ -193,6 +196,12 @@ class _Log:
         self.history.append(rec)
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        for sink in self.sinks:
+            sink.write(rec)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
 
 def train(model: Model, method: Method, adapters: dict, train_examples: Sequence[dict],
@@ -207,6 +216,7 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
 
 
 def _train(model, method, adapters, train_examples, eval_examples, tc, out, resume, progress, on_eval) -> TrainResult:
+    sinks = open_sinks(tc.report_to, out)  # a missing tensorboardX fails here, before any work
     rows = make_rows(model, train_examples, tc)
     eval_rows = make_rows(model, eval_examples, tc) if eval_examples else None
     sched = BatchSchedule(rows, tc.batch_size * tc.grad_accum, tc.seed)
@@ -217,7 +227,7 @@ def _train(model, method, adapters, train_examples, eval_examples, tc, out, resu
         state = jax.tree_util.tree_map(jnp.asarray, restored)
     start = int(state["step"])
     state, step_fn = offload.prepare(state, tc.offload_optimizer)
-    log = _Log(out / "metrics.jsonl", start)
+    log = _Log(out / "metrics.jsonl", start, sinks)
     meter = _StepMeter(learning_rate_schedule(tc.optim, total), _progress(start, total, progress), out / "checkpoints")
     kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=tc.remat, dtype=resolve_dtype(tc.dtype),
               max_targets=run_target_bound(rows["labels"], tc.batch_size))  # one bound: one compilation
@@ -251,6 +261,7 @@ def _train(model, method, adapters, train_examples, eval_examples, tc, out, resu
     final = _eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, total) if eval_examples else {}
     if final:
         log.write({"step": total, **final})
+    log.close()
     plot_loss(log.history, out / "loss.png")
     return TrainResult(adapters=state["adapters"], steps=total, history=log.history, eval=final,
                        opt_state=state["opt_state"])

