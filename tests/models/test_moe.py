@@ -285,6 +285,59 @@ def test_qlora_on_moe_is_refused(tiny_checkpoint):
         load_pretrained(tiny_checkpoint("mixtral", "e4k2_window")[0], quant=QuantSpec("nf4"))
 
 
+@pytest.fixture(scope="module")
+def trainable_moe(tmp_path_factory):
+    """A mixed dense/MoE qwen3_moe checkpoint with a tokenizer, init std 0.2 (so LoRA can move the loss a lot)."""
+    from tiny import make_trainable_checkpoint
+
+    folder = tmp_path_factory.mktemp("trainable_moe")
+    return folder, *make_trainable_checkpoint(folder, "qwen3_moe", "e6k3_norm_mixed", initializer_range=0.2)
+
+
+def test_cli_target_parameters_naming_nothing_exits_2_with_the_list(trainable_moe, tmp_path, capsys):
+    from jpeft.cli import main
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    rc = main(["train", "--model", str(trainable_moe[0]), "--data",
+               str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), "--no-progress", "--target-parameters",
+               "mlp.experts.w1"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "['mlp.experts.w1'] name no parameter; this model has: ['mlp.experts.gate_up_proj'" in err
+
+
+@pytest.mark.slow
+def test_cli_expert_lora_learns_and_loads_in_peft(trainable_moe, tmp_path):
+    """`jpeft train --target-parameters ...` on a mixed dense/MoE qwen3_moe: the eval loss falls by a clear margin,
+    metrics report the router aux loss, and peft reproduces the trained adapter's logits."""
+    from jpeft.cli import main
+
+    from tiny import label_examples, make_trainable_checkpoint
+
+    folder = tmp_path / "m"
+    hf, tok = make_trainable_checkpoint(folder, "qwen3_moe", "e6k3_norm_mixed", initializer_range=0.2)
+    for name, n, seed in (("train.jsonl", 48, 0), ("eval.jsonl", 16, 1)):
+        (tmp_path / name).write_text("".join(json.dumps(e) + "\n" for e in label_examples(n, seed)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(folder), "--data", str(tmp_path / "train.jsonl"), "--eval-data",
+                 str(tmp_path / "eval.jsonl"), "--out", str(out), "--steps", "24", "--batch-size", "2", "--max-len",
+                 "32", "--lr", "3e-2", "--r", "4", "--alpha", "8", "--no-progress", "--eval-every", "0",
+                 "--target-parameters", "mlp.experts.gate_up_proj,mlp.experts.down_proj"]) == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("router_aux_loss" in r for r in recs if "loss" in r)
+    MEASURED[("final eval_loss / first train loss", "qwen3_moe", "cli")] = recs[-1]["eval_loss"] / recs[0]["loss"]
+    assert recs[-1]["eval_loss"] < 0.25 * recs[0]["loss"], (recs[0], recs[-1])
+    import jpeft
+
+    model = jpeft.load(folder)
+    method, adapters = jpeft.load_adapter(out / "adapter", model)
+    ids = np.asarray([tok("is kiwi a fruit? answer:")["input_ids"]])
+    pm = _peft_load(AutoModelForCausalLM.from_pretrained(folder), out / "adapter").eval()
+    with torch.no_grad():
+        ref = pm(torch.tensor(ids)).logits.numpy()
+    assert rel_err(jpeft.logits(model, ids, adapters=adapters, methods=(method,)), ref) <= 1e-5
+
+
 def test_zz_report_measured():
     for k, v in sorted(MEASURED.items()):
         print(f"MEASURED {k}: {v:.3g}")
