@@ -40,12 +40,24 @@ VARIANTS: dict[tuple[str, str], dict] = {
                             final_logit_softcapping=3.0),
 }
 
+# Mixture-of-experts families: several expert counts, top-k, renormalisation and dense/MoE layer patterns.
+MOE_VARIANTS: dict[tuple[str, str], dict] = {
+    ("mixtral", "e4k2_window"): dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5),
+    ("mixtral", "e3k1_tied"): dict(num_local_experts=3, num_experts_per_tok=1, head_dim=24, tie_word_embeddings=True),
+    ("qwen3_moe", "e4k2"): dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40),
+    ("qwen3_moe", "e6k3_norm_mixed"): dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=24,
+                                           norm_topk_prob=True, mlp_only_layers=[0], head_dim=24),
+    ("qwen3_moe", "e5k2_step2"): dict(num_experts=5, num_experts_per_tok=2, moe_intermediate_size=32,
+                                      decoder_sparse_step=2, use_sliding_window=True, sliding_window=4),
+}
+VARIANTS.update(MOE_VARIANTS)
+
 
 def hf_classes(family: str):
     import transformers as tf
 
     names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-             "gemma2": "Gemma2"}[family]
+             "gemma2": "Gemma2", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe"}[family]
     return getattr(tf, names + "Config"), getattr(tf, names + "ForCausalLM")
 
 

@@ -79,18 +79,41 @@ def _stack(get: Getter, names: list[str], transpose: bool, dtype: Any) -> jax.Ar
     return buf
 
 
+def _expert_layer(get: Getter, cfg: ModelConfig, p: hf.HFParam, layer: int) -> np.ndarray:
+    """One layer's fused expert stack `[E, in, out]` (JAX layout) from the fused transformers-5 tensor
+    (`[E, out, in]`) or, when the checkpoint has none, from the per-expert hub tensors."""
+    fused = p.name.format(i=layer)
+    if getattr(get, "has", lambda n: False)(fused):
+        return np.swapaxes(get(fused), 1, 2)
+    return np.stack([np.concatenate([get(n).T for n in group], axis=1)
+                     for group in hf.expert_names(cfg, layer, p.experts)])
+
+
+def _stack_experts(get: Getter, cfg: ModelConfig, p: hf.HFParam, dtype: Any) -> jax.Array:
+    """`[L', E, in, out]` over the layers `p` exists in, one layer on the host at a time."""
+    ids = p.layer_ids(cfg.num_layers)
+    e, out_dim, in_dim = p.shape
+    buf = jnp.zeros((len(ids), e, in_dim, out_dim), dtype)
+    for k, i in enumerate(ids):
+        buf = _put(buf, k, np.ascontiguousarray(_expert_layer(get, cfg, p, i), dtype=dtype)[None])
+    return buf
+
+
 def build_params(cfg: ModelConfig, get: Getter, dtype: Any,
                  kernel: Callable[[list[str]], Any] | None = None) -> dict:
     """Assemble the base pytree from HF-named tensors (`get(name)` -> torch-layout array).
 
     `kernel(module_names)` builds one projection's stacked kernel from its per-layer HF module names
     (default: the dense `[L, in, out]` stack; QLoRA passes a 4-bit one, see `bnb_checkpoint`).
+    Expert stacks are read from fused or per-expert tensors (`get.has(name)` says which exist).
     """
     np_dtype = jnp.dtype(dtype)
     kernel = kernel or functools.partial(_dense_kernel, get, np_dtype)
     params: dict = {}
     for p in hf.base_params(cfg):
-        if p.module is not None:
+        if p.experts is not None:
+            value = _stack_experts(get, cfg, p, np_dtype)
+        elif p.module is not None:
             value = kernel([p.module.format(i=i) for i in range(cfg.num_layers)])
         elif p.layered:
             value = _stack(get, p.names(cfg.num_layers), p.transpose, np_dtype)
@@ -110,6 +133,8 @@ def expected_hf_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
 def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], where: Path,
             cfg: ModelConfig | None = None) -> Getter:
     def get(name: str) -> np.ndarray:
+        if not has(name) and has(hf.v5_name(name)):  # mixtral saved by transformers 5 in memory layout
+            name = hf.v5_name(name)
         if not has(name):
             raise CheckpointError(f"{where}: tensor {name!r} is missing from the checkpoint; "
                                   "is the config.json from the same model?")
@@ -120,6 +145,7 @@ def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], where
                                   f"{list(want)}; the weights and config.json are from different models")
         return a
 
+    get.has = has  # type: ignore[attr-defined]
     return get
 
 
@@ -141,6 +167,10 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_b
         raise CheckpointError(f"{path}: no such file or folder")
     raw_qc = bnb.read_quantization_config(path)
     cfg = from_hf_config(load_hf_config(path))
+    if cfg.has_experts and (quant is not None or raw_qc is not None):
+        raise ConfigError(f"{path}: 4-bit loading (QLoRA) of a {cfg.model_type} mixture-of-experts model is not "
+                          "supported (its expert weights have no 4-bit path yet); load it in bf16/fp32 and use "
+                          "--method lora (with --target-parameters for the experts)")
     if allow_torch_bin and not _has_safetensors(path):
         from jpeft.torch_bridge.torch_bin import open_torch_bin
 

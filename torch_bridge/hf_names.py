@@ -13,6 +13,20 @@ The jpeft base tree (`params`) stacks per-layer tensors on a leading axis `L`:
                 "mlp": {"gate_proj" | "up_proj" | "down_proj": {"kernel": [L, in, out], "bias": [L, out]}}}}
 
 Linear kernels are stored `[in, out]` (JAX layout), i.e. the transpose of torch's `[out, in]` weight.
+
+Mixture-of-experts layers (mixtral, qwen3_moe) hold, instead of the dense MLP projections, the router and the
+experts with the expert axis first (after the layer axis), in the JAX `[in, out]` layout:
+
+    "mlp": {"gate": {"kernel": [L, D, E]},
+            "experts": {"gate_up_proj": [L, E, D, 2·I], "down_proj": [L, E, I, D]}}
+
+(gate and up fused along the output axis, gate first, as transformers 5 holds them in memory). When dense and
+MoE layers alternate (qwen3_moe `mlp_only_layers`/`decoder_sparse_step`), `layers` has no "mlp"; the dense
+MLPs are stacked over their layers in `params["dense_layers"]["mlp"]` and the MoE blocks in
+`params["moe_layers"]["mlp"]` (see `ModelConfig.layer_ids`). Checkpoints name experts per expert
+(`block_sparse_moe.experts.N.w1/w2/w3`, `mlp.experts.N.gate_proj/up_proj/down_proj`) or fused
+(`mlp.experts.gate_up_proj [E, 2I, D]`, `mlp.experts.down_proj [E, D, I]`); both are read, the per-expert
+(hub) layout is written.
 """
 
 from __future__ import annotations
@@ -45,14 +59,19 @@ class HFParam:
     shape: tuple[int, ...]
     transpose: bool = False
     module: str | None = None
+    layers: tuple[int, ...] | None = None  # the layers this tensor exists in (None: all)
+    experts: str | None = None  # "gate_up_proj" | "down_proj": a fused expert stack (see `expert_names`)
 
     @property
     def layered(self) -> bool:
         return "{i}" in self.name
 
+    def layer_ids(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(range(num_layers)) if self.layers is None else self.layers
+
     def names(self, num_layers: int) -> list[str]:
         """The HF tensor name per layer (one name for a non-layered tensor)."""
-        return [self.name.format(i=i) for i in range(num_layers)] if self.layered else [self.name]
+        return [self.name.format(i=i) for i in self.layer_ids(num_layers)] if self.layered else [self.name]
 
 
 def linear_module(layer: int, block: str, proj: str) -> str:
@@ -60,9 +79,57 @@ def linear_module(layer: int, block: str, proj: str) -> str:
     return f"model.layers.{layer}.{block}.{proj}"
 
 
+def linear_sites(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
+    """The (block, proj) linear sites of every layer: the attention projections, and the dense MLP's in models
+    without MoE layers (the dense MLPs of mixed dense/MoE models are not adapter sites)."""
+    return LINEAR_SITES[:len(ATTN_PROJ)] if cfg.has_experts else LINEAR_SITES
+
+
 def linear_module_names(cfg: ModelConfig) -> list[str]:
     """HF names of every linear of the decoder blocks, layer by layer (what peft's targeting matches)."""
-    return [linear_module(i, b, p) for i in range(cfg.num_layers) for b, p in LINEAR_SITES]
+    return [linear_module(i, b, p) for i in range(cfg.num_layers) for b, p in linear_sites(cfg)]
+
+
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # peft `target_parameters` names (`mlp.experts.<name>`)
+
+
+def expert_param(layer: int, name: str) -> str:
+    """The transformers 5 parameter name of a fused expert stack, e.g. `model.layers.0.mlp.experts.down_proj`
+    (what peft's `target_parameters` match against)."""
+    return f"model.layers.{layer}.mlp.experts.{name}"
+
+
+def expert_param_names(cfg: ModelConfig) -> list[str]:
+    """`expert_param` of every MoE layer and both stacks, layer by layer."""
+    return [expert_param(i, n) for i in cfg.layer_ids(True) for n in EXPERT_PARAMS]
+
+
+def moe_path(cfg: ModelConfig) -> tuple[str, ...]:
+    """Where the MoE blocks sit in the base tree: ("layers", "mlp") or, for mixed models, ("moe_layers", "mlp")."""
+    return ("moe_layers", "mlp") if cfg.mixed_mlp else ("layers", "mlp")
+
+
+def expert_names(cfg: ModelConfig, layer: int, name: str) -> list[list[str]]:
+    """Per-expert (hub layout) tensor names of one fused stack: for `gate_up_proj` `[[gate, up]] * E`, for
+    `down_proj` `[[down]] * E` (mixtral: `block_sparse_moe.experts.N.w1/w3/w2`)."""
+    if cfg.model_type == "mixtral":
+        pre, parts = f"model.layers.{layer}.block_sparse_moe.experts", {"gate_up_proj": ("w1", "w3"),
+                                                                         "down_proj": ("w2",)}[name]
+    else:
+        pre, parts = f"model.layers.{layer}.mlp.experts", {"gate_up_proj": ("gate_proj", "up_proj"),
+                                                            "down_proj": ("down_proj",)}[name]
+    return [[f"{pre}.{e}.{p}.weight" for p in parts] for e in range(cfg.num_experts)]
+
+
+def router_name(cfg: ModelConfig) -> str:
+    """The hub name of the router weight `[E, D]` (transformers 5 renames mixtral's to `mlp.gate.weight`)."""
+    block = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
+    return f"model.layers.{{i}}.{block}.gate.weight"
+
+
+def v5_name(name: str) -> str:
+    """The transformers-5 in-memory spelling of a hub tensor name (mixtral's `block_sparse_moe` -> `mlp`)."""
+    return name.replace(".block_sparse_moe.", ".mlp.")
 
 
 def model_modules(cfg: ModelConfig) -> list[str]:
@@ -100,17 +167,36 @@ def layer_norm_names(cfg: ModelConfig) -> list[str]:
     return names
 
 
+def _moe_params(cfg: ModelConfig) -> list[HFParam]:
+    """The router and fused expert stacks of the MoE layers (and the dense MLPs of a mixed model)."""
+    d, e, w = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    moe = cfg.layer_ids(True) if cfg.mixed_mlp else None
+    top = moe_path(cfg)
+    out = [HFParam(top + ("gate", "kernel"), router_name(cfg), (e, d), True, layers=moe)]
+    out += [HFParam(top + ("experts", n), f"model.layers.{{i}}.mlp.experts.{n}", shape, layers=moe, experts=n)
+            for n, shape in (("gate_up_proj", (e, 2 * w, d)), ("down_proj", (e, d, w)))]
+    if cfg.mixed_mlp:
+        dense = cfg.layer_ids(False)
+        for proj in MLP_PROJ:
+            d_in, d_out = linear_in_out(cfg, proj)
+            out.append(HFParam(("dense_layers", "mlp", proj, "kernel"), f"model.layers.{{i}}.mlp.{proj}.weight",
+                               (d_out, d_in), True, layers=dense))
+    return out
+
+
 @functools.lru_cache(maxsize=32)
 def base_params(cfg: ModelConfig) -> tuple[HFParam, ...]:
     """Every tensor of the base model, in loading order."""
     d, v = cfg.hidden_size, cfg.vocab_size
     out = [HFParam(("layers", n), f"model.layers.{{i}}.{n}.weight", (d,)) for n in layer_norm_names(cfg)]
-    for block, proj in LINEAR_SITES:
+    for block, proj in linear_sites(cfg):
         d_in, d_out = linear_in_out(cfg, proj)
         module = f"model.layers.{{i}}.{block}.{proj}"
         out.append(HFParam(("layers", block, proj, "kernel"), module + ".weight", (d_out, d_in), True, module))
         if linear_has_bias(cfg, proj):
             out.append(HFParam(("layers", block, proj, "bias"), module + ".bias", (d_out,)))
+    if cfg.has_experts:
+        out += _moe_params(cfg)
     if cfg.qk_norm:
         out += [HFParam(("layers", "self_attn", n), f"model.layers.{{i}}.self_attn.{n}.weight", (cfg.head_dim,))
                 for n in ("q_norm", "k_norm")]
@@ -131,9 +217,17 @@ def saveable_param(cfg: ModelConfig, module: str) -> HFParam:
 
 @functools.lru_cache(maxsize=32)
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> torch-layout shape, for every base tensor of this config (the tied lm_head too)."""
+    """HF tensor name -> torch-layout shape, for every base tensor of this config (the tied lm_head too; for
+    experts both the fused and the per-expert names, and mixtral's router under both spellings)."""
     out = {n: p.shape for p in base_params(cfg) for n in p.names(cfg.num_layers)}
     out.setdefault("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+    for p in base_params(cfg):
+        if p.name == router_name(cfg):
+            out.update({v5_name(n): p.shape for n in p.names(cfg.num_layers)})
+        if p.experts:
+            for i in p.layer_ids(cfg.num_layers):
+                out.update({n: p.shape[1:] if p.experts == "down_proj" else (p.shape[1] // 2, p.shape[2])
+                            for group in expert_names(cfg, i, p.experts) for n in group})
     return out
 
 

@@ -32,8 +32,14 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> dict[str, np.ndarr
     out = {}
     for p in hf.base_params(cfg):
         value = hf.get_path(params, p.path)
-        for i, name in enumerate(p.names(cfg.num_layers)):
-            x = value[i] if p.layered else value
+        for k, (i, name) in enumerate(zip(p.layer_ids(cfg.num_layers), p.names(cfg.num_layers))):
+            x = value[k] if p.layered else value
+            if p.experts:  # written per expert, as hub checkpoints and transformers' save_pretrained do
+                x = np.asarray(jnp.asarray(x, jnp.float32))  # [E, in, out]
+                parts = np.split(x, 2, axis=2) if p.experts == "gate_up_proj" else [x]
+                for e, group in enumerate(hf.expert_names(cfg, i, p.experts)):
+                    out.update({n: cast(part[e].T) for n, part in zip(group, parts)})
+                continue
             x = dense_kernel(x) if p.module else x
             out[name] = cast(x.T if p.transpose else x)
     return out

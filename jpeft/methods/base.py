@@ -27,6 +27,9 @@ Sites:
   two-step path above.
 - `virtual_tokens(tree, ctx)`: how many leading tokens `embed` prepends in this call (prompt tuning: P, 0
   while decoding); the model extends the mask, positions, segments and cache by that many.
+- `expert_linear(site, x, y, w, tree, group_sizes, ctx)`: a grouped expert projection of a MoE block,
+  `y = ragged_dot(x, W, group_sizes)` at `("mlp", "experts", "gate_up_proj" | "down_proj")`: x `[M, in]`
+  (rows sorted by expert), W `[E, in, out]`, group_sizes `[E]` (rows per expert); LoRA's `target_parameters`.
 - `override_params(tree, params)`: the base params this method's forward runs on (LoRA's `modules_to_save`
   swaps whole modules for trained copies; identity by default). Never modifies `params`.
 
@@ -65,6 +68,12 @@ class Method:
     def linear(self, site: tuple[str, ...], x: jax.Array, y: jax.Array, base: Any, tree: Any,
                ctx: SiteContext) -> jax.Array:
         """x `[..., in]`, y `[..., out]` (the base output) -> new y `[..., out]`."""
+        return y
+
+    def expert_linear(self, site: Site, x: jax.Array, y: jax.Array, w: jax.Array, tree: Any,
+                      group_sizes: jax.Array, ctx: SiteContext) -> jax.Array:
+        """x `[M, in]` sorted by expert, y `[M, out]` (the base grouped matmul), w `[E, in, out]`,
+        group_sizes `[E]` -> new y `[M, out]`."""
         return y
 
     def block_out(self, site: tuple[str, ...], h: jax.Array, tree: Any, ctx: SiteContext) -> jax.Array:

@@ -116,7 +116,7 @@ def _targets(cfg: ModelConfig, ic: IA3Config) -> tuple[list[str] | str, list[str
     if targets is None:
         raise ConfigError(f"IA3Config.target_modules=None: no default for model_type={cfg.model_type!r}")
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = [p for _, p in hf.LINEAR_SITES]
+        targets = [p for _, p in hf.linear_sites(cfg)]
     return targets, ff
 
 

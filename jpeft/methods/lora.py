@@ -35,7 +35,7 @@ from jpeft.errors import CheckpointError, ConfigError
 from jpeft.kernels.dispatch import REFERENCE, choose
 from jpeft.kernels.lora import lora_delta
 from jpeft.kernels.lora_linear import lora_linear_group
-from jpeft.methods import modules_to_save, targeting
+from jpeft.methods import lora_experts, modules_to_save, targeting
 from jpeft.methods.base import Method
 from jpeft.methods.common import dense_kernel, dropout, hp, method_tree, replace_linears
 from jpeft.methods.pissa import as_plain_lora, pissa_factors, rank_mask
@@ -62,6 +62,9 @@ class LoraConfig:
         None, "'all-linear', names or suffixes (q_proj,v_proj) or a regex; default: peft's per-model list "
               "(q_proj,v_proj)", parse="targets")
     exclude_modules: list[str] | str | None = hp(None, "modules never targeted (same rules)", parse="targets")
+    target_parameters: list[str] | None = hp(
+        None, "MoE expert stacks adapted per expert (peft's target_parameters), e.g. "
+              "mlp.experts.gate_up_proj,mlp.experts.down_proj; alone it targets no module", parse="names")
     use_rslora: bool = hp(False, "rsLoRA scale lora_alpha / sqrt(r) (Kalajdzievski 2023)")
     use_dora: bool = hp(False, "DoRA: a trained magnitude per output feature")
     rank_pattern: dict[str, int] = hp({}, "per-module ranks, JSON {regex: r} (peft's first-match rule)",
@@ -102,6 +105,8 @@ class LoraConfig:
                 bad("rank_pattern", f"rank for {k!r} must be a positive integer, got {v!r}")
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
             bad("loraplus_lr_ratio", "must be > 0 (LoRA+ suggests 2..16), or None to turn LoRA+ off")
+        if self.target_parameters:
+            lora_experts.check_supported(self, type(self).__name__)
         return self
 
 
@@ -135,6 +140,8 @@ class LoRA(Method):
     modules_to_save: tuple[str, ...] = ()
     init_lora_weights: bool | str = True
     loraplus_lr_ratio: float | None = None
+    expert_sites: tuple[LoraSite, ...] = ()  # block "experts", proj "gate_up_proj" | "down_proj"
+    moe_layer_ids: tuple[int, ...] = ()  # the layers of the separate MoE stack of a mixed dense/MoE model
 
     def site(self, block: str, proj: str) -> LoraSite:
         for s in self.sites:
@@ -168,6 +175,12 @@ class LoRA(Method):
         k = k.astype(y.dtype)
         return y + (k - 1) * xw + k * lora.astype(y.dtype)
 
+    def expert_linear(self, site, x, y, w, tree, group_sizes, ctx):
+        """`y + s·ragged_dot(ragged_dot(x, A), B)` over the expert-sorted rows (`lora_experts`)."""
+        info = next(e for e in self.expert_sites if e.proj == site[-1])
+        s = jnp.asarray(self.scales(info), F32)[ctx.layer]
+        return y + lora_experts.grouped_delta(x, tree["lora_A"], tree["lora_B"], group_sizes, s).astype(y.dtype)
+
     def fused_linear(self, sites, x, bases, trees, ctx):
         """`x W_k (+ b_k) + s_k·(x A_k) B_k` for every site of the group (q/k/v or gate/up sharing x) as one
         Pallas kernel call when the kernel mode picks it and every site allows it (dense base weights, no DoRA,
@@ -191,6 +204,10 @@ class LoRA(Method):
             t = tree["layers"][info.block][info.proj]
             d_in, d_out = t["lora_A"].shape[1], t["lora_B"].shape[2]
             total += sum(r * (d_in + d_out) + (d_out if self.use_dora else 0) for r in info.ranks if r)
+        for info in self.expert_sites:
+            t = tree["layers"]["mlp"]["experts"][info.proj]
+            e, d_in, d_out = t["lora_A"].shape[1], t["lora_A"].shape[2], t["lora_B"].shape[3]
+            total += sum(r * e * (d_in + d_out) for r in info.ranks)
         return int(total)
 
     def wrap_optimizer(self, tx, learning_rate=None):
@@ -205,9 +222,24 @@ def targeted_module_names(cfg: ModelConfig, lc: LoraConfig) -> list[str]:
     return targeting.targeted_module_names(cfg, lc, type(lc).__name__)
 
 
+def _pattern_site(lc: LoraConfig, block: str, proj: str, names: list[str], chosen: set[str]) -> LoraSite:
+    ranks = tuple(int(targeting.pattern_value(lc.rank_pattern, n, lc.r)) if n in chosen else 0 for n in names)
+    alphas = tuple(targeting.pattern_value(lc.alpha_pattern, n, lc.lora_alpha) if n in chosen else 0 for n in names)
+    return LoraSite(block, proj, ranks, alphas)
+
+
 def resolve(cfg: ModelConfig, lc: LoraConfig) -> LoRA:
-    """The static `LoRA` object for `lc` on this model (targets, per-layer ranks and alphas)."""
-    chosen = targeted_module_names(cfg, lc)
+    """The static `LoRA` object for `lc` on this model (targets, per-layer ranks and alphas).
+
+    As peft 0.21 on transformers 5: with `target_parameters` and `target_modules=None` no module is targeted."""
+    params = lora_experts.targeted_parameter_names(cfg, lc.target_parameters, "LoraConfig")
+    only_params = bool(params) and lc.target_modules in (None, [])
+    chosen = [] if only_params else targeted_module_names(cfg, lc)
+    if only_params:
+        lc.validate()
+        modules_to_save.check(cfg, lc.modules_to_save, "LoraConfig.modules_to_save")
+    experts = tuple(_pattern_site(lc, "experts", p, [hf.expert_param(i, p) for i in range(cfg.num_layers)],
+                                  set(params)) for p in hf.EXPERT_PARAMS if any(n.endswith("." + p) for n in params))
     sites = []
     for (block, proj), flags in targeting.site_layers(cfg, chosen).items():
         names = [hf.linear_module(i, block, proj) for i in range(cfg.num_layers)]
@@ -217,12 +249,13 @@ def resolve(cfg: ModelConfig, lc: LoraConfig) -> LoRA:
                        for n, on in zip(names, flags))
         sites.append(LoraSite(block, proj, ranks, alphas))
     for field in ("rank_pattern", "alpha_pattern"):  # like peft >= 0.21: a typo must not pass silently
-        unused = targeting.unused_pattern_keys(getattr(lc, field), chosen, field)
+        unused = targeting.unused_pattern_keys(getattr(lc, field), chosen + params, field)
         if unused:
             warnings.warn(f"LoraConfig.{field} keys {unused} did not match any targeted module", stacklevel=2)
     return LoRA(sites=tuple(sites), r=lc.r, lora_alpha=lc.lora_alpha, use_rslora=lc.use_rslora,
                 use_dora=lc.use_dora, lora_dropout=lc.lora_dropout, modules_to_save=tuple(lc.modules_to_save or ()),
-                init_lora_weights=lc.init_lora_weights, loraplus_lr_ratio=lc.loraplus_lr_ratio)
+                init_lora_weights=lc.init_lora_weights, loraplus_lr_ratio=lc.loraplus_lr_ratio,
+                expert_sites=experts, moe_layer_ids=cfg.layer_ids(True) if cfg.mixed_mlp else ())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,6 +299,10 @@ def init_lora(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array):
         if lcfg.init_lora_weights == "pissa":
             s = jnp.asarray(method.scales(info), F32)[:, None, None]
             residual.setdefault(info.block, {})[info.proj] = {"kernel": w - s * (tree["lora_A"] @ tree["lora_B"])}
+    for i, info in enumerate(method.expert_sites):
+        key = jax.random.fold_in(rng, len(method.sites) + i)
+        layers.setdefault("mlp", {}).setdefault("experts", {})[info.proj] = lora_experts.init_expert_site(
+            key, cfg, info.proj, info.ranks, lcfg.init_lora_weights)
     out: dict = {"layers": layers}
     if method.modules_to_save:
         out["modules_to_save"] = modules_to_save.copies(params, method.modules_to_save)
@@ -302,7 +339,10 @@ def merge_lora(params: dict, method: LoRA, adapters: dict) -> dict:
         w = params["layers"][info.block][info.proj]["kernel"]
         kernels.setdefault(info.block, {})[info.proj] = {
             "kernel": merged_kernel(w, tree["layers"][info.block][info.proj], method, info)}
-    return method.override_params(tree, replace_linears(params, kernels))
+    merged = replace_linears(params, kernels)
+    if method.expert_sites:
+        merged = lora_experts.merge_into(merged, method, tree)
+    return method.override_params(tree, merged)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,6 +369,7 @@ def _lora_tensors(cfg: ModelConfig, method: LoRA, tree: dict, initial: dict | No
             if method.use_dora:
                 tensors[hf.peft_key(name, "lora_magnitude_vector")] = np.asarray(t["lora_magnitude_vector"][i])
             ranks[name] = (r, alpha)
+    tensors.update(lora_experts.to_tensors(method, tree, ranks))
     return {**tensors, **modules_to_save.to_tensors(cfg, tree)}, ranks
 
 
@@ -342,7 +383,9 @@ def adapter_config(method: LoRA, ranks: dict, base_model_name_or_path: str | Non
             "inference_mode": True, "r": r, "lora_alpha": num(alpha), "lora_dropout": method.lora_dropout,
             "use_rslora": method.use_rslora,
             "use_dora": method.use_dora, "init_lora_weights": True, "bias": "none",
-            "target_modules": sorted(ranks), "exclude_modules": None, "layers_to_transform": None,
+            "target_modules": sorted(n for n in ranks if not lora_experts.is_param_name(n)),
+            "target_parameters": sorted(n for n in ranks if lora_experts.is_param_name(n)) or None,
+            "exclude_modules": None, "layers_to_transform": None,
             "layers_pattern": None, "rank_pattern": {re.escape(n): ra[0] for n, ra in ranks.items() if ra[0] != r},
             "alpha_pattern": {re.escape(n): num(ra[1]) for n, ra in ranks.items() if not math.isclose(ra[1], alpha)},
             "modules_to_save": list(method.modules_to_save) or None}
@@ -375,7 +418,8 @@ def _read_config(folder: Path) -> tuple[Path, dict, LoraConfig]:
             f"{path}: init_lora_weights={init!r}: peft re-runs this init at load time and rewrites the base "
             "weights, so the adapter only works on a residual base. Re-save it in peft with "
             "save_pretrained(..., path_initial_model_for_weight_conversion=...) (plain LoRA, init true)")
-    peft_io.refuse_fields(raw, path, peft_io.LORA_OFF_FIELDS, "LoRA")
+    off = {k: v for k, v in peft_io.LORA_OFF_FIELDS.items() if k != "target_parameters"}
+    peft_io.refuse_fields(raw, path, off, "LoRA")
     return path, raw, peft_io.config_from_json(LoraConfig, raw, path, init_lora_weights=bool(init))
 
 
@@ -404,6 +448,8 @@ def load_peft_adapter(folder: str | Path, cfg: ModelConfig, params: dict) -> tup
                 m[i] = f.take(hf.peft_key(name, "lora_magnitude_vector"), (d_out,), why)
         extra = {} if m is None else {"lora_magnitude_vector": jnp.asarray(m)}
         layers.setdefault(info.block, {})[info.proj] = {"lora_A": jnp.asarray(a), "lora_B": jnp.asarray(b), **extra}
+    if method.expert_sites:
+        layers.setdefault("mlp", {})["experts"] = lora_experts.from_tensors(cfg, method, f)
     out = {"layers": layers, **modules_to_save.from_tensors(cfg, f, method.modules_to_save)}
     f.check_all_used(hf.model_modules(cfg))
     return method, {"lora": out}

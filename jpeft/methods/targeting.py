@@ -24,10 +24,15 @@ import regex
 from jpeft.errors import ConfigError
 from jpeft.methods.base import Site
 from jpeft.models.config import ModelConfig
-from jpeft.torch_bridge.hf_names import LINEAR_SITES, linear_module, linear_module_names
+from jpeft.torch_bridge.hf_names import linear_module, linear_module_names, linear_sites
 
-# peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (also VeRA's) for the supported families.
+# peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (also VeRA's) for the supported families. None for the
+# MoE families: peft 0.21 on transformers 5 rewrites their config (v4 -> v5 MoE conversion) so that no default
+# applies and an adapter must name its targets.
 DEFAULT_TARGETS = {f: ["q_proj", "v_proj"] for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")}
+MOE_HINT = ("; in mixture-of-experts models the expert projections are adapted with target_parameters "
+            "(--target-parameters mlp.experts.gate_up_proj,mlp.experts.down_proj) and only attention projections are "
+            "modules")
 
 
 REGEX_TIMEOUT_S = 0.5  # per match against one module name (names are < 100 characters)
@@ -112,7 +117,8 @@ def resolve_targets(cfg: ModelConfig, target_modules: Any, where: str,
     if target_modules is None:
         target_modules = defaults.get(cfg.model_type)
         if target_modules is None:
-            raise ConfigError(f"{where}.target_modules=None: no default for model_type={cfg.model_type!r}")
+            raise ConfigError(f"{where}.target_modules=None: no default for model_type={cfg.model_type!r}"
+                              + (MOE_HINT if cfg.has_experts else ""))
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
         return names  # every linear of the decoder blocks; lm_head is never targeted
     if isinstance(target_modules, str):
@@ -122,7 +128,7 @@ def resolve_targets(cfg: ModelConfig, target_modules: Any, where: str,
     if unknown:
         kinds = sorted({n.split(".", 3)[3] for n in names} | {n.rsplit(".", 1)[1] for n in names})
         raise ConfigError(f"{where}.target_modules: {unknown} match no linear module of this {cfg.model_type} "
-                          f"model; available names (or suffixes): {kinds}")
+                          f"model; available names (or suffixes): {kinds}" + (MOE_HINT if cfg.has_experts else ""))
     return targets
 
 
@@ -145,7 +151,7 @@ def site_layers(cfg: ModelConfig, chosen: list[str] | set[str]) -> dict[Site, tu
     """(block, proj) -> per-layer targeted flags, for the sites targeted in at least one layer."""
     chosen = set(chosen)
     out = {}
-    for block, proj in LINEAR_SITES:
+    for block, proj in linear_sites(cfg):
         flags = tuple(linear_module(i, block, proj) in chosen for i in range(cfg.num_layers))
         if any(flags):
             out[(block, proj)] = flags

@@ -1,8 +1,8 @@
 """`ModelConfig`: everything the decoder needs to know, and the mapping from HF configs.
 
 One frozen, hashable dataclass drives one decoder implementation for the HF families llama, mistral,
-qwen2, qwen3, gemma and gemma2. The mapping reads a `transformers` config object (so HF's own defaults
-for missing keys apply) and never needs torch.
+qwen2, qwen3, gemma, gemma2 and the mixture-of-experts families mixtral and qwen3_moe. The mapping reads a
+`transformers` config object (so HF's own defaults for missing keys apply) and never needs torch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 
 from jpeft.errors import ConfigError
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 _ACTIVATIONS = {
     "silu": "silu",
@@ -34,6 +35,12 @@ class ModelConfig:
 
     `layer_windows[i]` is the sliding-window size of layer i (0 = global attention). `rope_inv_freq` is
     the per-frequency inverse wavelength `[head_dim // 2]` (already scaled for linear/llama3/yarn).
+
+    Mixture of experts (mixtral, qwen3_moe): `moe_layers[i]` says whether layer i's MLP is a sparse block of
+    `num_experts` SwiGLU experts (width `moe_intermediate_size`) of which each token uses the top
+    `num_experts_per_tok` (softmax in fp32, then top-k; `norm_topk_prob` renormalises the k weights); the other
+    layers have a dense MLP of width `intermediate_size`. `router_aux_loss_coef` and `output_router_logits` are
+    transformers' load-balancing-loss settings (the loss is added to the training loss when the latter is set).
     """
 
     model_type: str
@@ -64,6 +71,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[bool, ...] = ()  # () = no MoE layer
+    router_aux_loss_coef: float = 0.0
+    output_router_logits: bool = False
     # Execution, not architecture: which fused-op implementations run (`jpeft.kernels.dispatch`:
     # "auto" = Pallas kernels on GPU, references elsewhere; "on"; "off"). Static like the rest.
     kernels: str = "auto"
@@ -76,6 +90,25 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def has_experts(self) -> bool:
+        """Whether any layer has a sparse MoE block."""
+        return any(self.moe_layers)
+
+    @property
+    def mixed_mlp(self) -> bool:
+        """Whether dense-MLP and MoE layers alternate (qwen3_moe `mlp_only_layers` / `decoder_sparse_step`): their
+        MLP params then live in two separate stacks (`params["dense_layers"]`, `params["moe_layers"]`)."""
+        return self.has_experts and not all(self.moe_layers)
+
+    def layer_ids(self, moe: bool | None) -> tuple[int, ...]:
+        """Indices of the MoE layers (`moe=True`), the dense-MLP layers (False) or every layer (None)."""
+        n = self.num_layers
+        if moe is None:
+            return tuple(range(n))
+        flags = self.moe_layers or (False,) * n
+        return tuple(i for i in range(n) if flags[i] == moe)
+
     def validate(self) -> ModelConfig:
         """Check internal consistency; returns self."""
         if self.num_heads % self.num_kv_heads:
@@ -87,6 +120,11 @@ class ModelConfig:
             raise ConfigError(f"layer_windows has {len(self.layer_windows)} entries, expected {self.num_layers}")
         if len(self.rope_inv_freq) * 2 != self.head_dim:
             raise ConfigError(f"RoPE frequencies {len(self.rope_inv_freq)} do not cover head_dim={self.head_dim}")
+        if self.moe_layers and len(self.moe_layers) != self.num_layers:
+            raise ConfigError(f"moe_layers has {len(self.moe_layers)} entries, expected {self.num_layers}")
+        if self.has_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
+                              f"{self.num_experts}; fix the config.json")
         return self
 
 
@@ -175,6 +213,26 @@ def _layer_windows(hf: Any, family: str, n: int) -> tuple[int, ...]:
     return tuple(int(window) if t == "sliding_attention" else 0 for t in types[:n])
 
 
+def _moe_fields(hf: Any, family: str) -> dict:
+    """The MoE fields of `ModelConfig` (empty for dense families), as transformers builds the layers:
+    mixtral: every layer sparse, top-k weights always renormalised; qwen3_moe: layer i sparse unless
+    i is in `mlp_only_layers` or `(i + 1) % decoder_sparse_step != 0`."""
+    if family not in MOE_FAMILIES:
+        return {}
+    n = hf.num_hidden_layers
+    if family == "mixtral":
+        experts, width, norm, flags = hf.num_local_experts, hf.intermediate_size, True, [True] * n
+    else:
+        experts, width, norm = hf.num_experts, hf.moe_intermediate_size, bool(hf.norm_topk_prob)
+        only, step = set(hf.mlp_only_layers or []), int(hf.decoder_sparse_step or 1)
+        flags = [i not in only and experts > 0 and (i + 1) % step == 0 for i in range(n)]
+    return dict(num_experts=int(experts), num_experts_per_tok=int(hf.num_experts_per_tok),
+                moe_intermediate_size=int(width), norm_topk_prob=norm,
+                moe_layers=tuple(flags) if any(flags) else (),
+                router_aux_loss_coef=float(hf.router_aux_loss_coef),
+                output_router_logits=bool(hf.output_router_logits))
+
+
 def from_hf_config(hf: Any) -> ModelConfig:
     """Map a `transformers.PretrainedConfig` of a supported family to a `ModelConfig`."""
     family = getattr(hf, "model_type", None)
@@ -211,7 +269,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
         attention_bias=True if family == "qwen2" else bias,
         o_bias=False if family == "qwen2" else bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         sandwich_norm=family == "gemma2",
         embed_scale=float(hf.hidden_size**0.5) if gemma else None,
         query_scale=float(qscale),
@@ -225,4 +283,5 @@ def from_hf_config(hf: Any) -> ModelConfig:
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_ids=_eos_ids(hf),
         pad_token_id=getattr(hf, "pad_token_id", None),
+        **_moe_fields(hf, family),
     ).validate()

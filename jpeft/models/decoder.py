@@ -1,4 +1,4 @@
-"""One decoder-only transformer for llama, mistral, qwen2, qwen3, gemma and gemma2.
+"""One decoder-only transformer for llama, mistral, qwen2, qwen3, gemma, gemma2, mixtral and qwen3_moe.
 
 Parameters are a plain pytree (see `jpeft.models.params`); layers are stacked on a leading axis and
 run under `jax.lax.scan`, so compile time does not grow with depth. Per-layer differences (sliding vs
@@ -25,6 +25,7 @@ from jpeft.kernels.rope import rope_qk, rope_tables
 from jpeft.kernels.swiglu import glu
 from jpeft.methods.base import Method, SiteContext
 from jpeft.models.config import ModelConfig
+from jpeft.models.moe import moe_mlp, stats_zeros
 
 F32 = jnp.float32
 REMAT_POLICIES = ("none", "projections", "full", "offload", "dots", "dots_saveable")
@@ -167,8 +168,30 @@ def _mlp(x, lp, ad, cfg, methods, ctx):
     return _linear(site + ("down_proj",), glu(g, u, cfg.activation), mp["down_proj"], ad, methods, ctx)
 
 
-def decoder_layer(h, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
-    """One pre-norm block (gemma2: sandwich norms). h `[B, T, D]` -> (h, new cache slices)."""
+def _feed_forward(x, lp, ad, token_mask, cfg, methods, ctx):
+    """The dense MLP or the sparse MoE block of this layer -> (`[B, T, D]`, router stats `[3, E]` or None).
+
+    Models whose dense and MoE layers alternate pick the branch with `lax.cond` on the scanned layer index:
+    only the taken branch runs, and each kind's params exist only for its own layers (`lp["dense_mlp"]`,
+    `lp["moe_mlp"]`, sliced from separate stacks by the model)."""
+    if not cfg.has_experts:
+        return _mlp(x, lp, ad, cfg, methods, ctx), None
+    if not cfg.mixed_mlp:
+        return moe_mlp(x, lp["mlp"], ad, token_mask, cfg, methods, ctx)
+
+    def dense(x):
+        return _mlp(x, {"mlp": lp["dense_mlp"]}, ad, cfg, methods, ctx), stats_zeros(cfg)
+
+    def sparse(x):
+        return moe_mlp(x, lp["moe_mlp"], ad, token_mask, cfg, methods, ctx)
+
+    return jax.lax.cond(jnp.asarray(cfg.moe_layers)[ctx.layer], sparse, dense, x)
+
+
+def decoder_layer(h, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx, token_mask=None):
+    """One pre-norm block (gemma2: sandwich norms). h `[B, T, D]` -> (h, new cache slices, router stats or None).
+
+    token_mask `[B, T]` marks the real tokens the MoE router statistics count (default: all)."""
     eps, off = cfg.rms_norm_eps, cfg.norm_offset
     h = checkpoint_name(h, "layer_input")  # what `remat="offload"` moves to host memory
     x = rms_norm(h, lp["input_layernorm"], eps, off)
@@ -177,7 +200,9 @@ def decoder_layer(h, lp, ad, window, mask_info, cache_kv, cfg, methods, ctx):
         a = rms_norm(a, lp["post_attention_layernorm"], eps, off)
     h = checkpoint_name(h + _block_out(("self_attn",), a, ad, methods, ctx), "resid_mid")
     norm2 = lp["pre_feedforward_layernorm"] if cfg.sandwich_norm else lp["post_attention_layernorm"]
-    m = _mlp(rms_norm(h, norm2, eps, off), lp, ad, cfg, methods, ctx)
+    if token_mask is None:
+        token_mask = jnp.ones(h.shape[:2], jnp.int32)
+    m, stats = _feed_forward(rms_norm(h, norm2, eps, off), lp, ad, token_mask, cfg, methods, ctx)
     if cfg.sandwich_norm:
         m = rms_norm(m, lp["post_feedforward_layernorm"], eps, off)
-    return h + _block_out(("mlp",), m, ad, methods, ctx), new_cache
+    return h + _block_out(("mlp",), m, ad, methods, ctx), new_cache, stats

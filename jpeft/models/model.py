@@ -18,6 +18,7 @@ from jpeft.kernels.dispatch import kernel_mode
 from jpeft.methods.base import Method, SiteContext
 from jpeft.models.config import ModelConfig
 from jpeft.models.decoder import REMAT_POLICIES, decoder_layer, rms_norm
+from jpeft.models.moe import aux_loss, mixed_layer_params
 
 F32 = jnp.float32
 
@@ -180,17 +181,14 @@ def _with_kernel_mode(fn):
 
 
 @_with_kernel_mode
-def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapters: dict | None = None,
-                  methods: Sequence[Method] = (), attention_mask: jax.Array | None = None,
-                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                  cache: dict | None = None, rng: jax.Array | None = None, train: bool = False,
-                  remat: str = "none", dtype: Any = F32) -> tuple[jax.Array, dict | None]:
-    """Final-norm hidden states `[B, T, D]` and the updated cache (or None).
-
-    input_ids `[B, T]` int; attention_mask `[B, T]` (1 = real token); positions `[B, T]` (default: count
-    of real tokens before each one); segment_ids `[B, T]` (packed rows: no attention across segments).
-    Virtual tokens a method prepends (prompt tuning) are run but not returned: the output stays `[B, T, D]`.
-    """
+def hidden_states_and_aux(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapters: dict | None = None,
+                          methods: Sequence[Method] = (), attention_mask: jax.Array | None = None,
+                          positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                          cache: dict | None = None, rng: jax.Array | None = None, train: bool = False,
+                          remat: str = "none", dtype: Any = F32) -> tuple[jax.Array, dict | None, dict]:
+    """`hidden_states` plus a dict of auxiliary outputs: for MoE models `{"router_aux_loss": scalar}`, the
+    load-balancing loss transformers computes from all MoE layers' router logits over the real tokens
+    (without `router_aux_loss_coef`); `{}` otherwise."""
     b, t = input_ids.shape
     params = with_overrides(params, adapters, methods)
     h, adapters, offset, extra = _embed_inputs(params, cfg, input_ids, adapters or {}, methods, cache, train,
@@ -202,6 +200,7 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapt
                                                                             segment_ids, cache)
     mask_info, key_valid, next_pos = _mask_info(b, t + extra, attention_mask, positions, segment_ids, cache,
                                                 offset, flash_ok=extra == 0)
+    token_mask = jnp.ones((b, t + extra), jnp.int32) if attention_mask is None else attention_mask
     layer_ad = {k: v["layers"] for k, v in adapters.items() if isinstance(v, dict) and "layers" in v}
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
     kv = None if cache is None else (cache["k"], cache["v"])
@@ -210,17 +209,33 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapt
         lp, ad, window, idx, ckv = xs
         r = None if rng is None else jax.random.fold_in(rng, idx)
         ctx = SiteContext(train=train, rng=r, layer=idx)
-        h, new = decoder_layer(h, lp, ad, window, mask_info, ckv, cfg, tuple(methods), ctx)
-        return h, new
+        if cfg.mixed_mlp:  # dense and MoE layers alternate: this layer's slice of each MLP stack
+            lp = {**lp, **mixed_layer_params(params, cfg, idx)}
+        h, new, stats = decoder_layer(h, lp, ad, window, mask_info, ckv, cfg, tuple(methods), ctx, token_mask)
+        return h, (new, stats)
 
     xs = (params["layers"], layer_ad, windows, jnp.arange(cfg.num_layers), kv)
-    h, new_kv = jax.lax.scan(_remat(body, remat), h, xs)
+    h, (new_kv, stats) = jax.lax.scan(_remat(body, remat), h, xs)
     h = rms_norm(h[:, extra:], params["norm"], cfg.rms_norm_eps, cfg.norm_offset)
     new_cache = None
     if cache is not None:
         new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": key_valid, "index": cache["index"] + t + extra,
                      "next_pos": next_pos, "prefilled": jnp.bool_(True)}
-    return h, new_cache
+    aux = {} if stats is None else {"router_aux_loss": aux_loss(jnp.sum(stats, axis=0), cfg.num_experts)}
+    return h, new_cache, aux
+
+
+def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, **kwargs: Any) -> tuple[jax.Array, dict | None]:
+    """Final-norm hidden states `[B, T, D]` and the updated cache (or None).
+
+    input_ids `[B, T]` int; attention_mask `[B, T]` (1 = real token); positions `[B, T]` (default: count
+    of real tokens before each one); segment_ids `[B, T]` (packed rows: no attention across segments).
+    Virtual tokens a method prepends (prompt tuning) are run but not returned: the output stays `[B, T, D]`.
+    Keyword arguments: adapters, methods, attention_mask, positions, segment_ids, cache, rng, train, remat,
+    dtype (see `hidden_states_and_aux`).
+    """
+    h, cache, _ = hidden_states_and_aux(params, cfg, input_ids, **kwargs)
+    return h, cache
 
 
 def lm_head_weight(params: dict, cfg: ModelConfig) -> jax.Array:

@@ -297,8 +297,11 @@ class _StepMeter:
         tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
-        return {"step": step + 1, "loss": loss, "lr": float(self.lr(step)), "grad_norm": grad_norm,
-                "tokens_per_s": tps}
+        record = {"step": step + 1, "loss": loss, "lr": float(self.lr(step)), "grad_norm": grad_norm,
+                  "tokens_per_s": tps}
+        if "router_aux_loss" in m:  # MoE models: the load-balancing loss (in the loss only if the config says so)
+            record["router_aux_loss"] = float(m["router_aux_loss"])
+        return record
 
 
 def check_writable(out: Path) -> None:

@@ -21,7 +21,7 @@ from jpeft.kernels.cross_entropy import linear_cross_entropy
 from jpeft.kernels.dispatch import kernel_mode
 from jpeft.methods.base import Method
 from jpeft.models.config import ModelConfig
-from jpeft.models.model import hidden_states, lm_head_weight, with_overrides
+from jpeft.models.model import hidden_states_and_aux, lm_head_weight, with_overrides
 
 F32 = jnp.float32
 SCHEDULES = ("cosine", "linear", "constant")
@@ -79,8 +79,9 @@ def build_optimizer(oc: OptimConfig, total_steps: int, methods: Sequence[Method]
 
 def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, methods: Sequence[Method],
               rng: jax.Array | None, train: bool, remat: str, dtype: Any,
-              max_targets: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """Summed NLL over target tokens and their count, for one batch of `[B, T]` arrays.
+              max_targets: int | None = None) -> tuple[jax.Array, jax.Array, dict]:
+    """Summed NLL over target tokens, their count and the model's auxiliary outputs (MoE models:
+    `{"router_aux_loss": ...}`, see `hidden_states_and_aux`), for one batch of `[B, T]` arrays.
 
     The lm_head and the loss run fused over token chunks (`jpeft.kernels.cross_entropy`): the
     `[B·T, V]` logits are never held at once, and with a frozen lm_head the gradient w.r.t. the final
@@ -89,9 +90,10 @@ def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, meth
     With `max_targets` (a static bound on the number of targets in the batch), logits are computed only
     at target positions: completion-only data then skip most of the `[B, T, V]` lm_head work.
     """
-    h, _ = hidden_states(base, cfg, batch["input_ids"], adapters=adapters, methods=methods,
-                         attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
-                         segment_ids=batch.get("segment_ids"), rng=rng, train=train, remat=remat, dtype=dtype)
+    h, _, aux = hidden_states_and_aux(base, cfg, batch["input_ids"], adapters=adapters, methods=methods,
+                                      attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
+                                      segment_ids=batch.get("segment_ids"), rng=rng, train=train, remat=remat,
+                                      dtype=dtype)
     labels = batch["labels"]
     if max_targets is not None:
         flat = labels.reshape(-1)
@@ -102,7 +104,7 @@ def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, meth
     w = lm_head_weight(with_overrides(base, adapters, methods), cfg)
     with kernel_mode(cfg.kernels):
         nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), softcap=cfg.final_softcap)
-    return jnp.sum(nll), jnp.sum(labels >= 0).astype(F32)
+    return jnp.sum(nll), jnp.sum(labels >= 0).astype(F32), aux
 
 
 def run_target_bound(labels: Any, rows_per_batch: int, minimum: int = 64) -> int | None:
@@ -131,31 +133,38 @@ def train_step(state: dict, base: dict, batch: dict, *, cfg: ModelConfig, method
     """One optimizer step over `batch` arrays shaped `[accum, B, T]` (gradient accumulation).
 
     state: `{"step", "adapters", "opt_state", "rng"}`. The loss is the token-mean NLL over the whole
-    accumulated batch plus each method's loss term.
+    accumulated batch plus each method's loss term; for MoE models whose config.json sets
+    `output_router_logits`, also `router_aux_loss_coef` times the router load-balancing loss (as transformers
+    adds it), averaged over the micro-batches. The metrics report that loss (`router_aux_loss`) either way.
     """
     rng, sub = jax.random.split(state["rng"])
     accum = batch["input_ids"].shape[0]
     total_tokens = jnp.maximum(jnp.sum(batch["labels"] >= 0).astype(F32), 1.0)
 
     def micro(carry, xs):
-        grads, nll_sum = carry
+        grads, nll_sum, router_sum = carry
         mb, i = xs
 
         def loss(ad):
-            s, _ = batch_nll(ad, base, mb, cfg=cfg, methods=methods, rng=jax.random.fold_in(sub, i), train=True,
-                             remat=remat, dtype=dtype, max_targets=max_targets)
-            return s / total_tokens + method_loss(ad, methods) / accum, s
+            s, _, aux = batch_nll(ad, base, mb, cfg=cfg, methods=methods, rng=jax.random.fold_in(sub, i),
+                                  train=True, remat=remat, dtype=dtype, max_targets=max_targets)
+            router = aux.get("router_aux_loss", jnp.zeros((), F32))
+            coef = cfg.router_aux_loss_coef if cfg.output_router_logits else 0.0
+            return s / total_tokens + (method_loss(ad, methods) + coef * router) / accum, (s, router)
 
-        (_, s), g = jax.value_and_grad(loss, has_aux=True)(state["adapters"])
-        return (jax.tree_util.tree_map(jnp.add, grads, g), nll_sum + s), None
+        (_, (s, router)), g = jax.value_and_grad(loss, has_aux=True)(state["adapters"])
+        return (jax.tree_util.tree_map(jnp.add, grads, g), nll_sum + s, router_sum + router), None
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state["adapters"])
-    (grads, nll_sum), _ = jax.lax.scan(micro, (zeros, jnp.zeros((), F32)), (batch, jnp.arange(accum)))
+    init = (zeros, jnp.zeros((), F32), jnp.zeros((), F32))
+    (grads, nll_sum, router_sum), _ = jax.lax.scan(micro, init, (batch, jnp.arange(accum)))
     updates, opt_state = tx.update(grads, state["opt_state"], state["adapters"])
     adapters = optax.apply_updates(state["adapters"], updates)
     seen = jnp.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size
     metrics = {"loss": nll_sum / total_tokens, "grad_norm": optax.global_norm(grads), "targets": total_tokens,
                "tokens": jnp.asarray(seen, F32)}
+    if cfg.has_experts:
+        metrics["router_aux_loss"] = router_sum / accum
     return {"step": state["step"] + 1, "adapters": adapters, "opt_state": opt_state, "rng": rng}, metrics
 
 
@@ -164,7 +173,7 @@ def eval_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, metho
              dtype: Any = F32, max_targets: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Summed NLL and target count of one `[B, T]` batch (no dropout)."""
     return batch_nll(adapters, base, batch, cfg=cfg, methods=methods, rng=None, train=False, remat="none",
-                     dtype=dtype, max_targets=max_targets)
+                     dtype=dtype, max_targets=max_targets)[:2]
 
 
 def init_state(adapters: dict, tx: optax.GradientTransformation, seed: int) -> dict:

@@ -81,8 +81,8 @@ def test_loss_equals_torch_cross_entropy_and_target_gathering(ckpt):
     rows = loop_mod.make_rows(model, label_examples(6), tc)
     batch = {k: jnp.asarray(v) for k, v in rows.items()}
     kw = dict(cfg=model.cfg, methods=(), rng=None, train=False, remat="none", dtype=jnp.float32)
-    full, count = batch_nll({}, model.params, batch, **kw)
-    gathered, _ = batch_nll({}, model.params, batch, max_targets=64, **kw)
+    full, count, _ = batch_nll({}, model.params, batch, **kw)
+    gathered, _, _ = batch_nll({}, model.params, batch, max_targets=64, **kw)
     np.testing.assert_allclose(float(full), float(gathered), rtol=1e-6)
     with torch.no_grad():
         logits = hf(torch.tensor(rows["input_ids"]), attention_mask=torch.tensor(rows["attention_mask"])).logits

@@ -1,0 +1,111 @@
+"""The sparse mixture-of-experts MLP of mixtral and qwen3_moe: top-k routing and grouped expert matmuls.
+
+Routing is transformers' (`MixtralTopKRouter`, `Qwen3MoeTopKRouter`): router logits `x @ Wg` in the model
+dtype, softmax in fp32, top-k of the probabilities, optionally renormalised over the k chosen
+(`norm_topk_prob`; always for mixtral). Each token's k (token, expert) assignments are sorted by expert so
+that every expert's rows are contiguous, and both expert projections run as one grouped matmul each
+(`jax.lax.ragged_dot`, `[M, in] x [E, in, out]` with `group_sizes [E]`): no token is multiplied by an expert
+it was not routed to (on GPU/TPU; JAX's CPU lowering of ragged_dot is a masked dense product). The outputs
+are weighted, put back in token order and summed over the k assignments.
+
+Shapes: N = B·T tokens, k = num_experts_per_tok, M = N·k assignments, E experts, D hidden, I expert width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jpeft.kernels.swiglu import glu
+from jpeft.methods.base import Method, SiteContext
+from jpeft.models.config import ModelConfig
+
+F32 = jnp.float32
+
+
+def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k routing of tokens x `[N, D]` with router kernel `[D, E]`.
+
+    Returns (probs `[N, E]` fp32 softmax of the router logits, weights `[N, k]` fp32, experts `[N, k]` int32).
+    """
+    logits = jnp.matmul(x, router.astype(x.dtype))
+    probs = jax.nn.softmax(logits.astype(F32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return probs, weights, experts.astype(jnp.int32)
+
+
+def expert_matmul(site: tuple[str, ...], x: jax.Array, w: jax.Array, group_sizes: jax.Array, ad: dict | None,
+                  methods: Sequence[Method], ctx: SiteContext) -> jax.Array:
+    """One grouped expert projection and every method's change to it.
+
+    x `[M, in]` (rows sorted by expert), w `[E, in, out]`, group_sizes `[E]` int32 -> `[M, out]`.
+    """
+    y = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+    for m in methods:
+        tree = None if ad is None else ad.get(m.name)
+        for key in site:
+            tree = tree.get(key) if isinstance(tree, dict) else None
+        if tree is not None:
+            y = m.expert_linear(site, x, y, w, tree, group_sizes, ctx)
+    return y
+
+
+def router_stats(probs: jax.Array, experts: jax.Array, token_mask: jax.Array) -> jax.Array:
+    """What transformers' `load_balancing_loss_func` accumulates per layer, over real tokens only:
+    `[3, E]` rows = (top-k assignment counts, summed router probabilities, the real-token count repeated).
+    probs `[N, E]`, experts `[N, k]`, token_mask `[N]`."""
+    e = probs.shape[-1]
+    m = token_mask.astype(F32)
+    counts = jnp.sum(jax.nn.one_hot(experts, e, dtype=F32), axis=1)  # [N, E]
+    return jnp.stack([m @ counts, m @ probs, jnp.full((e,), jnp.sum(m))])
+
+
+def moe_mlp(x: jax.Array, mp: dict, ad: dict | None, token_mask: jax.Array, cfg: ModelConfig,
+            methods: Sequence[Method], ctx: SiteContext) -> tuple[jax.Array, jax.Array]:
+    """The sparse MoE block. x `[B, T, D]`, mp `{"gate": {"kernel": [D, E]}, "experts": {"gate_up_proj":
+    [E, D, 2I], "down_proj": [E, I, D]}}`, token_mask `[B, T]` -> (y `[B, T, D]`, router stats `[3, E]`)."""
+    b, t, d = x.shape
+    k, e = cfg.num_experts_per_tok, cfg.num_experts
+    xf = x.reshape(b * t, d)
+    probs, weights, experts = route(xf, mp["gate"]["kernel"], cfg)
+    flat = experts.reshape(-1)  # [M]: assignment n·k + j -> its expert
+    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
+    group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    xs = xf[order // k]  # [M, D]
+    ex, site = mp["experts"], ("mlp", "experts")
+    h = expert_matmul(site + ("gate_up_proj",), xs, ex["gate_up_proj"], group_sizes, ad, methods, ctx)
+    g, u = jnp.split(checkpoint_name(h, "mlp_gate"), 2, axis=-1)
+    y = expert_matmul(site + ("down_proj",), glu(g, u, cfg.activation), ex["down_proj"], group_sizes, ad,
+                      methods, ctx)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    y = y[inverse].astype(F32).reshape(b * t, k, d)  # back in assignment order
+    out = jnp.einsum("nkd,nk->nd", y, weights).astype(x.dtype).reshape(b, t, d)
+    return out, router_stats(probs, experts, token_mask.reshape(-1))
+
+
+def aux_loss(stats: jax.Array, num_experts: int) -> jax.Array:
+    """transformers' load-balancing loss from the router stats summed over the MoE layers `[3, E]`:
+    `E · Σ_e (assignments_e / tokens) · (probability mass_e / tokens)` (tokens counted once per layer)."""
+    rows = jnp.maximum(stats[2, 0], 1.0)
+    return num_experts * jnp.sum((stats[0] / rows) * (stats[1] / rows))
+
+
+def mixed_layer_params(params: dict, cfg: ModelConfig, layer: jax.Array) -> dict:
+    """For a model whose dense and MoE layers alternate: layer `layer`'s slices of both MLP stacks
+    (`{"dense_mlp": ..., "moe_mlp": ...}`; the one of the other kind is an unused clamped slice)."""
+    out = {}
+    for kind, moe in (("dense", False), ("moe", True)):
+        flags = [f == moe for f in cfg.moe_layers]
+        idx = jnp.asarray([max(sum(flags[:i + 1]) - 1, 0) for i in range(cfg.num_layers)], jnp.int32)[layer]
+        out[kind + "_mlp"] = jax.tree_util.tree_map(lambda a, i=idx: a[i], params[kind + "_layers"]["mlp"])
+    return out
+
+
+def stats_zeros(cfg: ModelConfig) -> jax.Array:
+    """Router stats `[3, E]` of a layer without a MoE block (it contributes nothing)."""
+    return jnp.zeros((3, max(cfg.num_experts, 1)), F32)
