@@ -24,3 +24,7 @@ class DataError(JpeftError, ValueError):
 
 class QuantizationError(JpeftError, ValueError):
     """A quantized tensor or its statistics are invalid (names the key or field)."""
+
+
+class ShardingError(ConfigError):
+    """A device mesh or a partition rule does not fit the devices or a tensor (names the axis and tensor)."""

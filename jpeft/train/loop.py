@@ -19,6 +19,9 @@ from jpeft.errors import ConfigError, JpeftError
 from jpeft.loading import Model
 from jpeft.methods.base import Method
 from jpeft.models.model import check_remat
+from jpeft.parallel.mesh import is_primary, make_mesh, parse_mesh
+from jpeft.parallel.place import check_batch, gather, place_batch
+from jpeft.parallel.state import shard_run
 from jpeft.train import offload
 from jpeft.train.checkpoint import restore_latest, save_checkpoint
 from jpeft.train.data import BatchSchedule, pack_examples, pad_examples, tokenize_examples
@@ -53,6 +56,7 @@ class TrainConfig:
     dtype: str = "float32"
     optim: OptimConfig = OptimConfig()
     offload_optimizer: bool = False  # optimizer state in pinned host memory (jpeft.train.offload)
+    mesh: str | None = None  # "data=D,fsdp=F,tensor=T,expert=E": train sharded over all devices (jpeft.parallel)
 
     def validate(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
@@ -65,6 +69,11 @@ class TrainConfig:
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs} must be > 0")
         check_remat(self.remat)
+        if self.mesh is not None:
+            parse_mesh(self.mesh)
+            if self.offload_optimizer:
+                raise ConfigError("--offload-optimizer cannot be combined with --mesh (the sharded state stays in "
+                                  "device memory); drop one of them")
         return self
 
 
@@ -102,17 +111,20 @@ def evaluate(model: Model, method: Method, adapters: dict, eval_examples: Sequen
 class _Log:
     """metrics.jsonl writer; on resume, records after the restored step are dropped."""
 
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int, write: bool = True):
+        self.path, self.enabled = path, write  # in a multi-process run only process 0 writes
         keep = []
         if resume_step and path.exists():
             keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(ln + "\n" for ln in keep))
+        if write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(ln + "\n" for ln in keep))
         self.history = [json.loads(ln) for ln in keep]
 
     def write(self, rec: dict) -> None:
         self.history.append(rec)
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -128,19 +140,19 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
     sched = BatchSchedule(rows, tc.batch_size * tc.grad_accum, tc.seed)
     total = tc.steps or max(1, math.ceil((tc.epochs or 1.0) * sched.steps_per_epoch))
     tx = build_optimizer(tc.optim, total, (method,))
-    state = init_state(adapters, tx, tc.seed)
-    if resume and (restored := restore_latest(out / "checkpoints", state)) is not None:
-        state = jax.tree_util.tree_map(jnp.asarray, restored)
+    run = _place(model, adapters, tx, tc, out / "checkpoints", resume)
+    state, step_fn, sharded = run.state, run.step_fn, run.mesh is not None
+    if sharded:
+        model = dataclasses.replace(model, params=run.base)
     start = int(state["step"])
-    state, step_fn = offload.prepare(state, tc.offload_optimizer)
-    log = _Log(out / "metrics.jsonl", start)
+    log = _Log(out / "metrics.jsonl", start, write=is_primary())
     meter = _StepMeter(learning_rate_schedule(tc.optim, total), _progress(start, total, progress), out / "checkpoints")
     kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=tc.remat, dtype=resolve_dtype(tc.dtype),
               max_targets=run_target_bound(rows["labels"], tc.batch_size))  # one bound: one compilation
     pending = None
     for step in range(start, total):
         host = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in sched.batch_at(step).items()}
-        state, m = step_fn(state, model.params, {k: jnp.asarray(v) for k, v in host.items()}, **kw)
+        state, m = step_fn(state, model.params, run.to_device(host), **kw)
         if pending is not None:  # the previous step's numbers, read while this step runs
             log.write(meter.record(*pending))
         pending = (step, m)
@@ -152,17 +164,50 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
                 rec.update(_eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, step + 1))
             log.write(rec)
             if save_now:
-                save_checkpoint(out / "checkpoints", state)
+                save_checkpoint(out / "checkpoints", state, sharded=sharded)
     if pending is not None:
         log.write(meter.record(*pending))
     meter.bar.close()
-    save_checkpoint(out / "checkpoints", state)
+    save_checkpoint(out / "checkpoints", state, sharded=sharded)
     final = _eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, total) if eval_examples else {}
     if final:
         log.write({"step": total, **final})
-    plot_loss(log.history, out / "loss.png")
+    if is_primary():
+        plot_loss(log.history, out / "loss.png")
+    if sharded:  # replicated, so that any process (process 0 writes) can export them
+        state = {**state, "adapters": gather(state["adapters"], run.mesh), "opt_state": gather(state["opt_state"],
+                                                                                               run.mesh)}
     return TrainResult(adapters=state["adapters"], steps=total, history=log.history, eval=final,
                        opt_state=state["opt_state"])
+
+
+@dataclasses.dataclass
+class _Placement:
+    """The train state, the base params and the step of a run, on one device or on a mesh."""
+
+    state: dict
+    base: Any
+    step_fn: Callable
+    to_device: Callable[[dict], dict]
+    mesh: Any = None
+
+
+def _place(model: Model, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: Path, resume: bool) -> _Placement:
+    """A fresh (or with `resume`, the restored) state and the step: as before on one device, or placed by the
+    partition rules on `tc.mesh` (a checkpoint from any mesh restores straight into this one's shardings)."""
+    if tc.mesh is None:
+        state = init_state(adapters, tx, tc.seed)
+        if resume and (restored := restore_latest(checkpoints, state)) is not None:
+            state = jax.tree_util.tree_map(jnp.asarray, restored)
+        state, step_fn = offload.prepare(state, tc.offload_optimizer)
+        return _Placement(state, model.params, step_fn, lambda h: {k: jnp.asarray(v) for k, v in h.items()})
+    mesh = make_mesh(tc.mesh)
+    check_batch(mesh, tc.batch_size)
+    run = shard_run(mesh, model.params, adapters, tx, tc.seed)
+    state = run.state
+    if resume and (restored := restore_latest(checkpoints, state, run.state_shardings)) is not None:
+        state = restored
+    return _Placement(state, run.base, run.step_fn, lambda h: place_batch(h, mesh), mesh)
 
 
 class _StepMeter:
@@ -195,7 +240,7 @@ def check_writable(out: Path) -> None:
     """Fail before any work if `out` cannot be created or written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".jpeft-write-test"
+        probe = out / (".jpeft-write-test" + (f"-{jax.process_index()}" if jax.process_count() > 1 else ""))
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
