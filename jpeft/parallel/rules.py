@@ -157,7 +157,7 @@ def spec_for(name: str, shape: Sequence[int], axes: Axes | None, mesh: Mesh, *, 
         if mesh_axes and size % n:
             if strict:
                 what = "×".join(f"{a}={mesh.shape[a]}" for a in mesh_axes)
-                raise ShardingError(f"tensor {name} {list(shape)}: dimension {dim} (size {size}, logical axis "
+                raise ShardingError(f"{name} (shape {list(shape)}): dimension {dim} (size {size}, logical axis "
                                     f"{logical!r}) does not divide by mesh axis {what}; pick a mesh whose "
                                     f"{'/'.join(mesh_axes)} size divides {size}")
             mesh_axes = ()

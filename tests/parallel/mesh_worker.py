@@ -2,12 +2,15 @@
 
 `python mesh_worker.py WORKDIR [--quick]` trains a tiny LoRA (and a QLoRA) on one device and on several meshes
 through `jpeft.train.loop.train`, resumes a checkpoint written on one mesh on another, measures per-device
-base bytes from the shardings, and prints one JSON line: the test asserts on it.
+base bytes from the shardings, runs a KV-cache prefill on a mesh, checks the CLI's error for a mesh axis that
+does not divide a weight, and prints one JSON line: the test asserts on it. `--quick` trains on one mesh only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -19,10 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jpeft.cli import main as cli_main  # noqa: E402
 from jpeft.loading import load  # noqa: E402
 from jpeft.methods import catalog  # noqa: E402
+from jpeft.models.model import forward, init_cache  # noqa: E402
 from jpeft.parallel.mesh import make_mesh  # noqa: E402
-from jpeft.parallel.place import device_bytes, total_bytes  # noqa: E402
+from jpeft.parallel.place import device_bytes, place_tree, total_bytes  # noqa: E402
+from jpeft.parallel.rules import cache_shardings  # noqa: E402
 from jpeft.parallel.state import shard_params  # noqa: E402
 from jpeft.train.loop import TrainConfig, train  # noqa: E402
 from jpeft.train.step import OptimConfig  # noqa: E402
@@ -58,10 +64,12 @@ def main(work: Path, quick: bool) -> dict:
     model = load(ckpt)
     method, base, adapters = build(model, "lora", r=4, lora_alpha=8, target_modules="all-linear")
     tc = TrainConfig(steps=3, batch_size=8, max_len=32, remat="none", save_every=2,
-                     optim=OptimConfig(lr=1e-2, schedule="linear"))
+                     optim=OptimConfig(lr=1e-3, schedule="linear"))
     ref = run(model, base, method, adapters, tc, work / "single")
     res: dict = {"devices": jax.device_count(), "loss_first": ref.history[0]["loss"],
-                 "loss_last": ref.history[-1]["loss"], "rel": {}}
+                 "loss_last": ref.history[-1]["loss"], "rel": {},
+                 "b_max": max(float(np.abs(np.asarray(t["lora_B"])).max())
+                              for b in ref.adapters["lora"]["layers"].values() for t in b.values())}
     for spec in (MESHES[-1:] if quick else MESHES):
         out = work / spec.replace(",", "_").replace("=", "")
         got = run(model, base, method, adapters, dataclasses.replace(tc, mesh=spec), out)
@@ -85,7 +93,37 @@ def main(work: Path, quick: bool) -> dict:
         qref = run(qmodel, qbase, qmethod, qad, qtc, work / "q_single")
         qgot = run(qmodel, qbase, qmethod, qad, dataclasses.replace(qtc, mesh="fsdp=4,tensor=2"), work / "q_mesh")
         res["rel"]["qlora fsdp=4,tensor=2"] = rel_diff(qgot.adapters, qref.adapters)
+    if not quick:
+        res["cache"] = cache_check(model)
+    res["cli_indivisible"] = cli_error(work)
     return res
+
+
+def cache_check(model) -> dict:
+    """Prefill a KV cache on data=2,fsdp=2,tensor=2: logits and cache equal the unsharded ones."""
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    ids = np.random.default_rng(0).integers(3, 200, size=(4, 8)).astype(np.int32)
+    fwd = jax.jit(lambda p, i, c: forward(p, model.cfg, i, cache=c))
+    cache = init_cache(model.cfg, 4, 16)
+    ref_logits, ref_cache = fwd(model.params, ids, cache)
+    placed = place_tree(cache, cache_shardings(cache, mesh))
+    logits, new_cache = fwd(shard_params(model.params, mesh), ids, placed)
+    return {"rel_logits": rel_diff(logits, ref_logits), "rel_k": rel_diff(new_cache["k"], ref_cache["k"]),
+            "k_spec": str(placed["k"].sharding.spec)}
+
+
+def cli_error(work: Path) -> dict:
+    """`jpeft train --mesh tensor=8` on a model whose 96-wide MLP does not divide by 8: exit 2, one message."""
+    data = work / "data.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in label_examples(16)))
+    odd = work / "odd"
+    make_trainable_checkpoint(odd, variant="gqa_untied", vocab_size=272)  # intermediate_size 96
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli_main(["train", "--model", str(odd), "--data", str(data), "--out", str(work / "cli"),
+                         "--steps", "1", "--batch-size", "1", "--no-pack", "--eval-fraction", "0", "--no-progress",
+                         "--mesh", "tensor=8"])
+    return {"code": code, "stderr": err.getvalue()}
 
 
 if __name__ == "__main__":
