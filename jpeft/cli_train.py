@@ -182,9 +182,8 @@ def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bo
 
 def _load_for_training(args) -> Model:
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)  # before any device use
-    if args.mesh is not None:
-        make_mesh(args.mesh)  # a mesh that does not fit the devices fails before the model is read
-    model = load(args.model, args.dtype, kernels=args.kernels,
+    mesh = None if args.mesh is None else make_mesh(args.mesh)  # a bad mesh fails before the model is read
+    model = load(args.model, args.dtype, kernels=args.kernels, mesh=mesh,
                  **quant_load_kwargs(args, catalog.get_method(args.method)))
     if model.tokenizer is None:
         raise JpeftError(f"{model.path}: no tokenizer files; training needs the checkpoint's tokenizer")

@@ -50,6 +50,24 @@ def shard_params(params: Any, mesh: Mesh) -> Any:
     return place_tree(params, param_shardings(params, mesh))
 
 
+def leaf_placer(mesh: Mesh) -> Callable[[tuple[str, ...], Any], Any]:
+    """`place(path, value)` for the loader (`jpeft.load(..., mesh=...)`): one base leaf (a dense array or a
+    4-bit kernel) at tree path `path` placed by `PARAM_RULES` on `mesh` as soon as it is built."""
+
+    def place(path: tuple[str, ...], value: Any) -> Any:
+        tree: dict = {}
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+        placed = shard_params(tree, mesh)
+        for k in path:
+            placed = placed[k]
+        return placed
+
+    return place
+
+
 def shard_run(mesh: Mesh, params: Any, adapters: Any, tx: optax.GradientTransformation, seed: int) -> ShardedRun:
     """Place `params` and a fresh train state of `adapters` on `mesh`; the step jitted with those shardings."""
     base_sh = param_shardings(params, mesh)

@@ -82,11 +82,15 @@ def main(work: Path, quick: bool) -> dict:
     got = run(model, base, method, adapters, dataclasses.replace(tc, mesh="data=2,fsdp=4"), src, resume=True)
     res["rel"]["resume fsdp=4,tensor=2 -> data=2,fsdp=4"] = rel_diff(got.adapters, ref.adapters)
     # per-device bytes of the base under fsdp=8: dense fp32, and the NF4 base
+    # (loaded leaf by leaf onto the mesh, and equal to the unsharded load)
     mesh = make_mesh("fsdp=8")
     qmodel = load(ckpt, quantize="nf4")
-    for name, params in (("dense", model.params), ("nf4", qmodel.params)):
-        placed = shard_params(params, mesh)
+    for name, params, kw in (("dense", model.params, {}), ("nf4", qmodel.params, {"quantize": "nf4"})):
+        placed = load(ckpt, mesh=mesh, **kw).params
         res.setdefault("device_fraction", {})[name] = max(device_bytes(placed).values()) / total_bytes(placed)
+        res.setdefault("sharded_load_equal", {})[name] = all(
+            np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree_util.tree_leaves(placed),
+                                                                          jax.tree_util.tree_leaves(params)))
     if not quick:  # QLoRA: 4-bit base sharded too
         qmethod, qbase, qad = build(qmodel, "qlora", r=4, lora_alpha=8)
         qtc = dataclasses.replace(tc, save_every=0)

@@ -142,6 +142,7 @@ def check_common(res: dict) -> None:
         assert rel <= 1e-4, (name, rel)
     for name, frac in res["device_fraction"].items():  # fsdp=8: each device holds ~1/8 of the base
         assert frac <= 1 / 8 + 0.05, (name, frac)
+    assert res["sharded_load_equal"] == {"dense": True, "nf4": True}
     cli = res["cli_indivisible"]
     assert cli["code"] == 2 and "Traceback" not in cli["stderr"], cli
     assert "embed_tokens" in cli["stderr"] or "mlp" in cli["stderr"], cli
