@@ -117,11 +117,11 @@ def cache_check(model) -> dict:
 
 
 def cli_error(work: Path) -> dict:
-    """`jpeft train --mesh tensor=8` on a model whose 96-wide MLP does not divide by 8: exit 2, one message."""
+    """`jpeft train --mesh tensor=8` on a model whose 100-wide MLP does not divide by 8: exit 2, one message."""
     data = work / "data.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in label_examples(16)))
     odd = work / "odd"
-    make_trainable_checkpoint(odd, variant="gqa_untied", vocab_size=272)  # intermediate_size 96
+    make_trainable_checkpoint(odd, variant="odd", vocab_size=272)  # hidden 72, intermediate_size 100
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = cli_main(["train", "--model", str(odd), "--data", str(data), "--out", str(work / "cli"),
