@@ -31,6 +31,7 @@ from jpeft.loading import Model, load, resolve_model_path
 from jpeft.methods import catalog
 from jpeft.methods.registry import MethodSpec, check_mergeable
 from jpeft.models.decoder import REMAT_POLICIES
+from jpeft.parallel.mesh import initialize_distributed, is_primary, make_mesh
 from jpeft.torch_bridge.folders import check_export_target, source_config
 from jpeft.torch_bridge.gguf_write import GGUF_FAMILIES, GGUF_TYPES, check_gguf_exportable, is_jpeft_gguf, save_gguf
 from jpeft.torch_bridge.merged import save_merged
@@ -90,6 +91,15 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--report-to", default="none", choices=list(REPORT_TO),
                    help="also log metrics to TensorBoard event files in OUT/tensorboard (needs tensorboardX)")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("scale out (see README: Scale out)")
+    g.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T,expert=E",
+                   help="train sharded over all devices of all processes: data parallel, fully sharded data parallel "
+                        "(base weights split over their large axis), tensor parallel (heads/MLP), expert; the sizes "
+                        "must multiply to the device count (default: one device, no sharding)")
+    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="multi-process run: process 0's address (jax.distributed.initialize); SLURM: auto-detected")
+    g.add_argument("--num-processes", type=int, default=None, help="multi-process run: number of processes")
+    g.add_argument("--process-id", type=int, default=None, help="multi-process run: this process's index (0..N-1)")
 
 
 def _add_method_args(p: argparse.ArgumentParser, method: str, *, demo: bool) -> None:
@@ -145,7 +155,7 @@ def _train_config(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        max_len=args.max_len, pack=not args.no_pack, seed=args.seed, eval_every=args.eval_every,
                        save_every=args.save_every, remat=args.remat, dtype=args.dtype, optim=oc,
-                       offload_optimizer=args.offload_optimizer, report_to=(args.report_to,)).validate()
+                       offload_optimizer=args.offload_optimizer, mesh=args.mesh, report_to=(args.report_to,)).validate()
 
 
 def _split(args, examples):
@@ -159,6 +169,8 @@ def _split(args, examples):
 
 
 def _write_run(out: Path, args, model: Model, spec: MethodSpec, config, built, fingerprint: dict) -> None:
+    if not is_primary():
+        return
     out.mkdir(parents=True, exist_ok=True)
     run = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | type(None))}
     tree = built.adapters.get(built.method.name, built.adapters)
@@ -214,6 +226,8 @@ def _run_training(args, model, train_ex, eval_ex, out, resume, spec, config, fin
     reset_report()
     res = train(base_model, built.method, built.adapters, train_ex, eval_ex, _train_config(args), out, resume=resume,
                 progress=not args.no_progress)
+    if not is_primary():  # process 0 writes run.json and the adapter
+        return res.eval
     kernels = kernels_report(model.cfg.kernels)  # op -> what ran: "pallas", "pallas-interpret" or "reference"
     if spec.finish is not None:  # rank-adaptive methods: export from the final state, report the ranks
         spec.finish(out, model, built, res)
@@ -229,7 +243,10 @@ def _run_training(args, model, train_ex, eval_ex, out, resume, spec, config, fin
 
 
 def _load_for_training(args) -> Model:
-    model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=getattr(args, "allow_torch_bin", False),
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)  # before any device use
+    mesh = None if args.mesh is None else make_mesh(args.mesh)  # a bad mesh fails before the model is read
+    model = load(args.model, args.dtype, kernels=args.kernels, mesh=mesh,
+                 allow_torch_bin=getattr(args, "allow_torch_bin", False),
                  **quant_load_kwargs(args, catalog.get_method(args.method)))
     if model.tokenizer is None:
         raise JpeftError(f"{model.path}: no tokenizer files; training needs the checkpoint's tokenizer")
@@ -240,8 +257,9 @@ def cmd_train(args) -> int:
     model = _load_for_training(args)
     train_ex, eval_ex = _split(args, load_examples(args.data))
     final = run_training(args, model, train_ex, eval_ex, Path(args.out), resume=args.resume)
-    _print_eval("final", final)
-    print(f"adapter written to {Path(args.out) / 'adapter'}")
+    if is_primary():
+        _print_eval("final", final)
+        print(f"adapter written to {Path(args.out) / 'adapter'}")
     return 0
 
 

@@ -28,3 +28,7 @@ class QuantizationError(JpeftError, ValueError):
 
 class MissingDependencyError(JpeftError, ImportError):
     """An optional package a feature needs is not installed (names the feature and the pip command)."""
+
+
+class ShardingError(ConfigError):
+    """A device mesh or a partition rule does not fit the devices or a tensor (names the axis and tensor)."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from jpeft.assets import default_model_path
 from jpeft.dtypes import resolve_dtype
@@ -43,7 +44,8 @@ def resolve_model_path(path: str | Path | None) -> Path:
 
 def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer: bool = True, *,
          allow_torch_bin: bool = False, quantize: str | None = None, double_quant: bool = True,
-         blocksize: int = 64, compute_dtype: str | Any = None, kernels: str = "auto") -> Model:
+         blocksize: int = 64, compute_dtype: str | Any = None, kernels: str = "auto",
+         mesh: Mesh | str | None = None) -> Model:
     """Load an HF checkpoint folder (safetensors) or a llama-family `.gguf` file into a `Model`.
 
     `allow_torch_bin=True` also reads pickle-based `pytorch_model.bin` via `torch.load(weights_only=True)`.
@@ -53,11 +55,21 @@ def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer
     Checkpoints saved 4-bit by transformers + bitsandbytes load 4-bit as stored, without `quantize`.
     `kernels` ("auto" | "on" | "off") picks Pallas kernels or pure-JAX references for the fused ops
     (`jpeft.kernels.dispatch`); it is kept in `model.cfg.kernels`, so every jitted call follows it.
+    `mesh` (a `jax.sharding.Mesh` or a spec such as `"fsdp=8"`) places every base leaf by the partition rules
+    (`jpeft.parallel.rules`) as soon as it is built: besides its shards, a device holds at most the one leaf
+    being placed, never the whole model.
     """
     kernels = check_mode(kernels, "kernels")
     quant = None if quantize is None else QuantSpec(quantize, double_quant, blocksize).validate()
     path = resolve_model_path(path)
-    cfg, params = load_pretrained(path, resolve_dtype(dtype), allow_torch_bin=allow_torch_bin, quant=quant)
+    place = None
+    if mesh is not None:  # imported here: a single-device load never loads the sharding code
+        from jpeft.parallel.mesh import make_mesh
+        from jpeft.parallel.state import leaf_placer
+
+        place = leaf_placer(make_mesh(mesh) if isinstance(mesh, str | dict) else mesh)
+    cfg, params = load_pretrained(path, resolve_dtype(dtype), allow_torch_bin=allow_torch_bin, quant=quant,
+                                  place=place)
     if compute_dtype is not None:
         params = with_compute_dtype(params, resolve_dtype(compute_dtype))
     cfg = dataclasses.replace(cfg, kernels=kernels)

@@ -38,6 +38,8 @@ VARIANTS: dict[tuple[str, str], dict] = {
     ("gemma2", "odd"): dict(hidden_size=72, intermediate_size=100, num_attention_heads=4, num_key_value_heads=2,
                             head_dim=20, sliding_window=5, query_pre_attn_scalar=20, attn_logit_softcapping=5.0,
                             final_logit_softcapping=3.0),
+    # every sharded dimension divides by 8 (hidden 64, q 64, kv 32, mlp 128; pass vocab_size=272): mesh tests
+    ("llama", "mesh"): dict(intermediate_size=128, num_hidden_layers=2),
 }
 
 # Mixture-of-experts families: several expert counts, top-k, renormalisation and dense/MoE layer patterns.
@@ -115,18 +117,20 @@ def make_tokenizer(vocab_size: int = 256):
 
 
 def make_trainable_checkpoint(folder, family: str = "llama", variant: str = "gqa_untied", seed: int = 0,
-                              initializer_range: float | None = None, tokenizer_vocab: int = 256):
+                              initializer_range: float | None = None, tokenizer_vocab: int = 256,
+                              vocab_size: int | None = None):
     """A tiny checkpoint with a tokenizer saved beside it (vocab sized to the tokenizer).
 
     HF's default init (std 0.02) leaves a 64-wide random model with nearly uniform logits that LoRA on the
     linears cannot sharpen much (the final norm bounds |h|); `initializer_range=0.2` gives a model whose
     loss can fall far in a few steps. `tokenizer_vocab` > 261 gives a BPE with merges (256 bytes + 5 specials).
+    `vocab_size` (>= the tokenizer's) pads the vocabulary, as real models do.
     """
     tok = make_tokenizer(tokenizer_vocab)
     kw = dict(VARIANTS[(family, variant)])
     if initializer_range is not None:
         kw["initializer_range"] = initializer_range
-    VARIANTS[(family, variant + "_tok")] = {**kw, "vocab_size": len(tok)}
+    VARIANTS[(family, variant + "_tok")] = {**kw, "vocab_size": max(len(tok), vocab_size or 0)}
     model = make_checkpoint(family, variant + "_tok", folder, seed)
     tok.save_pretrained(folder)
     return model, tok

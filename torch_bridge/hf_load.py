@@ -25,6 +25,7 @@ from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge.safetensors_io import open_checkpoint
 
 Getter = Callable[[str], np.ndarray]
+Placer = Callable[[tuple[str, ...], Any], Any]
 
 
 def load_hf_config(folder: Path) -> Any:
@@ -100,12 +101,14 @@ def _stack_experts(get: Getter, cfg: ModelConfig, p: hf.HFParam, dtype: Any) -> 
 
 
 def build_params(cfg: ModelConfig, get: Getter, dtype: Any,
-                 kernel: Callable[[list[str]], Any] | None = None) -> dict:
+                 kernel: Callable[[list[str]], Any] | None = None, place: Placer | None = None) -> dict:
     """Assemble the base pytree from HF-named tensors (`get(name)` -> torch-layout array).
 
     `kernel(module_names)` builds one projection's stacked kernel from its per-layer HF module names
     (default: the dense `[L, in, out]` stack; QLoRA passes a 4-bit one, see `bnb_checkpoint`).
     Expert stacks are read from fused or per-expert tensors (`get.has(name)` says which exist).
+    `place(path, value)` moves each leaf (dense or 4-bit) to its final devices as soon as it is built, so
+    that a sharded load holds at most one whole leaf at a time (`jpeft.parallel.state.leaf_placer`).
     """
     np_dtype = jnp.dtype(dtype)
     kernel = kernel or functools.partial(_dense_kernel, get, np_dtype)
@@ -121,7 +124,7 @@ def build_params(cfg: ModelConfig, get: Getter, dtype: Any,
             value = _transposed(get(p.name), np_dtype)
         else:
             value = jnp.asarray(np.asarray(get(p.name), np_dtype))
-        hf.set_path(params, p.path, value)
+        hf.set_path(params, p.path, value if place is None else place(p.path, value))
     return params
 
 
@@ -150,7 +153,7 @@ def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], where
 
 
 def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_bin: bool = False,
-                    quant: Any = None) -> tuple[ModelConfig, dict]:
+                    quant: Any = None, place: Placer | None = None) -> tuple[ModelConfig, dict]:
     """Load an HF checkpoint folder (safetensors, single or sharded) or a llama-family `.gguf` file.
 
     Returns `(cfg, params)`; params are cast to `dtype` (default fp32). Pickle-based `pytorch_model.bin`
@@ -159,10 +162,11 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_b
 
     `quant` (a `bnb_checkpoint.QuantSpec`) quantizes every decoder linear to 4 bits while loading. A folder
     whose config.json has a bitsandbytes `quantization_config` is always loaded 4-bit, as stored.
+    `place` (see `build_params`) places each leaf on its devices as soon as it is built.
     """
     path = Path(path)
     if path.suffix == ".gguf" or _is_gguf(path):
-        return _load_gguf(path, dtype, quant)
+        return _load_gguf(path, dtype, quant, place)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     raw_qc = bnb.read_quantization_config(path)
@@ -175,14 +179,15 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_b
         from jpeft.torch_bridge.torch_bin import open_torch_bin
 
         tensors = open_torch_bin(path)
-        return cfg, build_params(cfg, _getter(tensors.__getitem__, tensors.__contains__, path, cfg), dtype)
+        return cfg, build_params(cfg, _getter(tensors.__getitem__, tensors.__contains__, path, cfg), dtype,
+                                 place=place)
     index = open_checkpoint(path)
     get = _getter(lambda n: index[n].get(n), index.__contains__, path, cfg)
     kernel = None if quant is None else bnb.quantizing_kernel(get, quant, dtype)
     if raw_qc is not None:
         dense = functools.partial(_dense_kernel, get, jnp.dtype(dtype))
         kernel = bnb.prequantized_kernel(path, bnb.LazyTensors(index), raw_qc, dense, dtype, quant)
-    return cfg, build_params(cfg, get, dtype, kernel)
+    return cfg, build_params(cfg, get, dtype, kernel, place)
 
 
 def _dense_kernel(get: Getter, dtype: Any, names: list[str]) -> jax.Array:
@@ -200,7 +205,7 @@ def _has_safetensors(folder: Path) -> bool:
     return (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
 
 
-def _load_gguf(path: Path, dtype: Any, quant: Any = None) -> tuple[ModelConfig, dict]:
+def _load_gguf(path: Path, dtype: Any, quant: Any = None, place: Placer | None = None) -> tuple[ModelConfig, dict]:
     from transformers import AutoConfig
 
     from jpeft.torch_bridge.gguf import gguf_tensor_getter, read_gguf_config
@@ -211,4 +216,4 @@ def _load_gguf(path: Path, dtype: Any, quant: Any = None) -> tuple[ModelConfig, 
     read, names = gguf_tensor_getter(path)  # dequantizes one tensor at a time from the memory map
     get = _getter(read, set(names).__contains__, path, cfg)
     kernel = None if quant is None else bnb.quantizing_kernel(get, quant, dtype)
-    return cfg, build_params(cfg, get, dtype, kernel)
+    return cfg, build_params(cfg, get, dtype, kernel, place)

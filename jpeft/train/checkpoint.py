@@ -34,28 +34,55 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(folder: Path, state: Any, keep: int = 2) -> Path:
-    """Save `state` as `folder/step_<step>` and delete all but the newest `keep` checkpoints."""
+def save_checkpoint(folder: Path, state: Any, keep: int = 2, *, sharded: bool = False) -> Path:
+    """Save `state` as `folder/step_<step>` and delete all but the newest `keep` checkpoints.
+
+    `sharded`: the state's leaves are global arrays on a mesh (`jpeft.parallel`); orbax writes each process's
+    shards itself, every process must call this, and process 0 alone removes old folders.
+    """
     step = int(np.asarray(state["step"]))
     path = (folder / f"step_{step}").absolute()
-    folder.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        shutil.rmtree(path)
+    primary = jax.process_index() == 0
+    if primary:
+        folder.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            shutil.rmtree(path)
+    if sharded:
+        _sync(f"jpeft-ckpt-clear-{step}")
     ckpt = _checkpointer()
-    ckpt.save(path, jax.device_get(state))
+    ckpt.save(path, state if sharded else jax.device_get(state))
     ckpt.wait_until_finished()
-    for _, old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if primary:
+        for _, old in list_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if sharded:
+        _sync(f"jpeft-ckpt-done-{step}")
     return path
 
 
-def restore_latest(folder: Path, like: Any) -> Any | None:
-    """The newest checkpoint in `folder` restored into the structure of `like`, or None if none."""
+def _sync(name: str) -> None:
+    """Wait for every process (JAX's own barrier); a no-op with one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def restore_latest(folder: Path, like: Any, shardings: Any = None) -> Any | None:
+    """The newest checkpoint in `folder` restored into the structure of `like`, or None if none.
+
+    With `shardings` (a pytree of NamedShardings like `like`) every leaf is restored straight into that
+    sharding: a checkpoint written on one mesh resumes on another.
+    """
     found = list_checkpoints(folder)
     if not found:
         return None
     path = found[-1][1].absolute()
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
+    if shardings is None:
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
+    else:
+        abstract = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), like,
+                                          shardings)
     try:
         return _checkpointer().restore(path, abstract)
     except Exception as e:  # orbax raises many types; name the folder and the likely cause

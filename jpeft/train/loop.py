@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,6 +28,9 @@ from jpeft.errors import ConfigError, JpeftError
 from jpeft.loading import Model
 from jpeft.methods.base import Method
 from jpeft.models.model import check_remat
+from jpeft.parallel.mesh import is_primary, make_mesh, parse_mesh
+from jpeft.parallel.place import check_batch, gather, place_batch
+from jpeft.parallel.state import shard_run
 from jpeft.train import offload
 from jpeft.train.checkpoint import list_checkpoints, restore_latest, save_checkpoint
 from jpeft.train.data import BatchSchedule, pack_examples, pad_examples, tokenize_examples
@@ -61,7 +65,7 @@ def out_lock(out: Path) -> Iterator[None]:
     kill -9). A second run on the same folder fails at once with a TrainingError naming the holder; nested
     use in one process (the CLI, then `train`) is a no-op."""
     key = str(out.absolute().resolve())
-    if key in _HELD_LOCKS or fcntl is None:
+    if key in _HELD_LOCKS or fcntl is None or not is_primary():  # multi-process runs: process 0 holds it
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -99,12 +103,25 @@ def check_out_dir(out: Path, resume: bool) -> None:
                             "--resume to continue that run, or choose a new --out to start another")
 
 
+@jax.jit
+def _finite_leaves(state: dict) -> dict:
+    return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                                  else jnp.bool_(True), state)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype", "max_targets"))
+def _first_micro_nll(adapters, base, batch, *, cfg, methods, dtype, max_targets):
+    """Summed NLL of the first micro-batch of a step's `[accum, B, T]` batch."""
+    return eval_nll(adapters, base, {k: v[0] for k, v in batch.items()}, cfg=cfg, methods=methods, dtype=dtype,
+                    max_targets=max_targets)[0]
+
+
 def check_finite_state(state: dict, step: int, where: Path, loss_after: Callable[[dict], Any] | None = None) -> None:
     """Refuse to save a train state (TrainingError) whose adapters or optimizer state hold NaN/Inf, or whose
     adapters make the loss NaN/Inf (`loss_after(adapters)`: the loss of one training batch with them; huge but
     finite weights, e.g. after `--lr 1e30`, pass the first check and fail this one)."""
-    bad = [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_leaves_with_path(jax.device_get(state))
-           if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.isfinite(np.asarray(x)).all()]
+    flags = jax.device_get(_finite_leaves(state))  # one bool per leaf, computed where the leaves live
+    bad = [jax.tree_util.keystr(k) for k, ok in jax.tree_util.tree_leaves_with_path(flags) if not ok]
     what = f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN/Inf"
     if not bad and loss_after is not None:
         loss = float(loss_after(state["adapters"]))
@@ -133,6 +150,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     offload_optimizer: bool = False  # optimizer state in pinned host memory (jpeft.train.offload)
     report_to: tuple[str, ...] = ()  # metric sinks besides metrics.jsonl: "tensorboard" (jpeft.train.report)
+    mesh: str | None = None  # "data=D,fsdp=F,tensor=T,expert=E": train sharded over all devices (jpeft.parallel)
 
     def validate(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
@@ -146,6 +164,11 @@ class TrainConfig:
             raise ConfigError(f"epochs={self.epochs} must be > 0")
         check_remat(self.remat)
         check_report_to(self.report_to)
+        if self.mesh is not None:
+            parse_mesh(self.mesh)
+            if self.offload_optimizer:
+                raise ConfigError("--offload-optimizer cannot be combined with --mesh (the sharded state stays in "
+                                  "device memory); drop one of them")
         return self
 
 
@@ -183,17 +206,20 @@ def evaluate(model: Model, method: Method, adapters: dict, eval_examples: Sequen
 class _Log:
     """metrics.jsonl writer (and the `--report-to` sinks); on resume, records after the restored step are dropped."""
 
-    def __init__(self, path: Path, resume_step: int, sinks: Sequence[Any] = ()):
-        self.path, self.sinks = path, list(sinks)
+    def __init__(self, path: Path, resume_step: int, sinks: Sequence[Any] = (), write: bool = True):
+        self.path, self.sinks, self.enabled = path, list(sinks), write  # in a multi-process run only process 0 writes
         keep = []
         if resume_step and path.exists():
             keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(ln + "\n" for ln in keep))
+        if write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(ln + "\n" for ln in keep))
         self.history = [json.loads(ln) for ln in keep]
 
     def write(self, rec: dict) -> None:
         self.history.append(rec)
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         for sink in self.sinks:
@@ -216,30 +242,30 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
 
 
 def _train(model, method, adapters, train_examples, eval_examples, tc, out, resume, progress, on_eval) -> TrainResult:
-    sinks = open_sinks(tc.report_to, out)  # a missing tensorboardX fails here, before any work
+    sinks = open_sinks(tc.report_to, out) if is_primary() else []  # a missing tensorboardX fails here, before work
     rows = make_rows(model, train_examples, tc)
     eval_rows = make_rows(model, eval_examples, tc) if eval_examples else None
     sched = BatchSchedule(rows, tc.batch_size * tc.grad_accum, tc.seed)
     total = tc.steps or max(1, math.ceil((tc.epochs or 1.0) * sched.steps_per_epoch))
     tx = build_optimizer(tc.optim, total, (method,))
-    state = init_state(adapters, tx, tc.seed)
-    if resume and (restored := restore_latest(out / "checkpoints", state)) is not None:
-        state = jax.tree_util.tree_map(jnp.asarray, restored)
+    run = _place(model, adapters, tx, tc, out / "checkpoints", resume)
+    state, step_fn, sharded = run.state, run.step_fn, run.mesh is not None
+    if sharded:
+        model = dataclasses.replace(model, params=run.base)
     start = int(state["step"])
-    state, step_fn = offload.prepare(state, tc.offload_optimizer)
-    log = _Log(out / "metrics.jsonl", start, sinks)
+    log = _Log(out / "metrics.jsonl", start, sinks, write=is_primary())
     meter = _StepMeter(learning_rate_schedule(tc.optim, total), _progress(start, total, progress), out / "checkpoints")
     kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=tc.remat, dtype=resolve_dtype(tc.dtype),
               max_targets=run_target_bound(rows["labels"], tc.batch_size))  # one bound: one compilation
-    def loss_after(host: dict) -> Callable[[dict], Any]:  # the loss of the first micro-batch of `host`
-        one = {k: jnp.asarray(v[0]) for k, v in host.items()}
-        return lambda ad: eval_nll(ad, model.params, one, cfg=kw["cfg"], methods=kw["methods"], dtype=kw["dtype"],
-                                   max_targets=kw["max_targets"])[0]
+    def loss_after(placed: dict) -> Callable[[dict], Any]:  # the loss of the first micro-batch of a step's batch
+        return lambda ad: _first_micro_nll(ad, model.params, placed, cfg=kw["cfg"], methods=kw["methods"],
+                                           dtype=kw["dtype"], max_targets=kw["max_targets"])
 
-    pending, host = None, None
+    pending, placed = None, None
     for step in range(start, total):
         host = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in sched.batch_at(step).items()}
-        state, m = step_fn(state, model.params, {k: jnp.asarray(v) for k, v in host.items()}, **kw)
+        placed = run.to_device(host)
+        state, m = step_fn(state, model.params, placed, **kw)
         if pending is not None:  # the previous step's numbers, read while this step runs
             log.write(meter.record(*pending))
         pending = (step, m)
@@ -251,20 +277,53 @@ def _train(model, method, adapters, train_examples, eval_examples, tc, out, resu
                 rec.update(_eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, step + 1))
             log.write(rec)
             if save_now:
-                check_finite_state(state, step + 1, out / "checkpoints", loss_after(host))
-                save_checkpoint(out / "checkpoints", state)
+                check_finite_state(state, step + 1, out / "checkpoints", loss_after(placed))
+                save_checkpoint(out / "checkpoints", state, sharded=sharded)
     if pending is not None:
         log.write(meter.record(*pending))
     meter.bar.close()
-    check_finite_state(state, total, out / "checkpoints", loss_after(host) if total > start else None)
-    save_checkpoint(out / "checkpoints", state)
+    check_finite_state(state, total, out / "checkpoints", loss_after(placed) if total > start else None)
+    save_checkpoint(out / "checkpoints", state, sharded=sharded)
     final = _eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, total) if eval_examples else {}
     if final:
         log.write({"step": total, **final})
     log.close()
-    plot_loss(log.history, out / "loss.png")
+    if is_primary():
+        plot_loss(log.history, out / "loss.png")
+    if sharded:  # replicated, so that any process (process 0 writes) can export them
+        state = {**state, "adapters": gather(state["adapters"], run.mesh), "opt_state": gather(state["opt_state"],
+                                                                                               run.mesh)}
     return TrainResult(adapters=state["adapters"], steps=total, history=log.history, eval=final,
                        opt_state=state["opt_state"])
+
+
+@dataclasses.dataclass
+class _Placement:
+    """The train state, the base params and the step of a run, on one device or on a mesh."""
+
+    state: dict
+    base: Any
+    step_fn: Callable
+    to_device: Callable[[dict], dict]
+    mesh: Any = None
+
+
+def _place(model: Model, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: Path, resume: bool) -> _Placement:
+    """A fresh (or with `resume`, the restored) state and the step: as before on one device, or placed by the
+    partition rules on `tc.mesh` (a checkpoint from any mesh restores straight into this one's shardings)."""
+    if tc.mesh is None:
+        state = init_state(adapters, tx, tc.seed)
+        if resume and (restored := restore_latest(checkpoints, state)) is not None:
+            state = jax.tree_util.tree_map(jnp.asarray, restored)
+        state, step_fn = offload.prepare(state, tc.offload_optimizer)
+        return _Placement(state, model.params, step_fn, lambda h: {k: jnp.asarray(v) for k, v in h.items()})
+    mesh = make_mesh(tc.mesh)
+    check_batch(mesh, tc.batch_size)
+    run = shard_run(mesh, model.params, adapters, tx, tc.seed)
+    state = run.state
+    if resume and (restored := restore_latest(checkpoints, state, run.state_shardings)) is not None:
+        state = restored
+    return _Placement(state, run.base, run.step_fn, lambda h: place_batch(h, mesh), mesh)
 
 
 class _StepMeter:
@@ -308,7 +367,7 @@ def check_writable(out: Path) -> None:
     """Fail before any work if `out` cannot be created or written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".jpeft-write-test"
+        probe = out / (".jpeft-write-test" + (f"-{jax.process_index()}" if jax.process_count() > 1 else ""))
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

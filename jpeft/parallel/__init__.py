@@ -1,0 +1,1 @@
+"""Sharded training over a device mesh (`--mesh`) and multi-process runs: partition rules, placement, steps."""
