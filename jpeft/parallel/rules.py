@@ -9,8 +9,8 @@ Two small tables, in the style of MaxText's `logical_axis_rules`:
 * `LOGICAL_RULES`: logical axis -> the mesh axis (or tuple of mesh axes) that splits it; absent or None =
   replicated.
 
-A new model family adds a line to `PARAM_RULES` for each new leaf (e.g. MoE experts stacked `[L, E, in, out]`:
-`(r"layers/moe/experts/(gate|up)_proj/kernel$", ("layers", "exp", "embed", "mlp"))`). The layer axis is never
+A new model family adds a line to `PARAM_RULES` for each new leaf (as the MoE experts, stacked `[L, E, in, out]`,
+did: `(r"layers/mlp/experts/down_proj(/kernel)?$", ("layers", "exp", "mlp", "embed"))`). The layer axis is never
 split (the decoder scans over it). Adapter leaves follow their base weight (`ADAPTER_RULES`): LoRA's A
 `[L, in, r]` takes the base kernel's `in` axis, B `[L, r, out]` its `out` axis; an adapter leaf no rule names
 is small and replicated. Optimizer-state leaves take the sharding of the adapter leaf they mirror.
@@ -45,6 +45,11 @@ PARAM_RULES: list[tuple[str, Axes]] = [
     (r"layers/mlp/(gate|up)_proj/bias$", ("layers", "mlp")),
     (r"layers/mlp/down_proj/kernel$", ("layers", "mlp", "embed")),
     (r"layers/[^/]+/(o|down)_proj/bias$", ("layers", "embed")),
+    # MoE (jpeft.models.moe): experts stacked [L, E, in, out] (dense and MoE layers of mixed models sit in
+    # `dense_layers/` and `moe_layers/`, which these searches match too); the router [L, D, E] is small
+    (r"layers/mlp/experts/gate_up_proj(/kernel)?$", ("layers", "exp", "embed", "mlp")),
+    (r"layers/mlp/experts/down_proj(/kernel)?$", ("layers", "exp", "mlp", "embed")),
+    (r"layers/mlp/gate/kernel$", ("layers", "embed", None)),
     # 4-bit kernels (jpeft.quant): packed codes [L, n/2] and block scales [L, nblocks], flat in torch [out, in]
     # order; double-quant statistics [L, nblocks/256] and offset [L] are tiny
     (r"kernel/weight/(packed|absmax)$", ("layers", "qblocks")),
@@ -75,6 +80,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 # entries). An int i takes dimension i's logical axis of the base kernel `layers/<site>/kernel`; a string is a
 # logical axis; None is never split.
 ADAPTER_RULES: list[tuple[str, tuple[int | str | None, ...]]] = [
+    (r"layers/(?P<site>mlp/experts/[^/]+)/lora_A$", (0, 1, 2, None)),  # expert LoRA [L, E, in, r]
+    (r"layers/(?P<site>mlp/experts/[^/]+)/lora_B$", (0, 1, None, 3)),  # [L, E, r, out]
     (r"layers/(?P<site>[^/]+/[^/]+)/lora_A$", (0, 1, None)),  # [L, in, r]
     (r"layers/(?P<site>[^/]+/[^/]+)/lora_B$", (0, None, 2)),  # [L, r, out]
     (r"layers/(?P<site>[^/]+/[^/]+)/lora_magnitude_vector$", (0, 2)),  # DoRA [L, out]

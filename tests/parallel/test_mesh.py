@@ -91,14 +91,32 @@ def test_four_bit_leaves_and_kv_cache():
     assert got["mask"] == PartitionSpec(("data", "fsdp"))
 
 
-def test_a_new_family_adds_one_rule(monkeypatch):
-    """MoE experts stacked [L, E, in, out]: one PARAM_RULES line puts E on the expert axis; LoRA follows."""
-    monkeypatch.setattr(rules, "PARAM_RULES", [(r"layers/moe/experts/up_proj/kernel$",
-                                                ("layers", "exp", "embed", "mlp"))] + rules.PARAM_RULES)
-    mesh = abstract_mesh(expert=4, fsdp=2)
-    w = shapes({"layers": {"moe": {"experts": {"up_proj": {"kernel": (2, 8, 64, 128)}}}}})
-    assert specs(rules.param_shardings(w, mesh), mesh)["layers/moe/experts/up_proj/kernel"] == PartitionSpec(
-        None, "expert", "fsdp")
+def test_moe_experts_and_their_lora_shard_over_the_expert_axis(tiny_checkpoint):
+    """A real tiny mixtral and qwen3_moe (mixed dense/MoE layers): expert stacks [L, E, in, out] put E on the
+    expert axis and their large axes on fsdp/tensor; expert LoRA A [L, E, in, r] / B [L, E, r, out] follow."""
+    from jpeft.methods.lora import LoraConfig, init_lora
+    from jpeft.torch_bridge.hf_load import load_pretrained
+
+    for family, variant, e in (("mixtral", "e4k2_window", 4), ("qwen3_moe", "e6k3_norm_mixed", 6)):
+        cfg, params = load_pretrained(tiny_checkpoint(family, variant)[0])
+        lc = LoraConfig(r=2, target_modules=["q_proj"],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        _, ad = init_lora(cfg, params, lc, jax.random.PRNGKey(0))
+        mesh = abstract_mesh(expert=2 if e % 2 == 0 else 3, fsdp=2)
+        got = specs(rules.param_shardings(shapes_of(params), mesh), mesh)
+        experts = {k: v for k, v in got.items() if "/experts/" in k}
+        assert experts and all(v[1] == "expert" for v in experts.values()), experts
+        gate_up = next(v for k, v in experts.items() if k.endswith("gate_up_proj"))
+        assert gate_up == PartitionSpec(None, "expert", "fsdp")
+        ad_specs = specs(rules.adapter_shardings(shapes_of(ad), mesh), mesh)
+        lora = {k: v for k, v in ad_specs.items() if "/experts/" in k}
+        assert lora and all(v[1] == "expert" for v in lora.values()), lora
+        assert ad_specs[next(k for k in lora if k.endswith("gate_up_proj/lora_A"))] == PartitionSpec(
+            None, "expert", "fsdp")
+
+
+def shapes_of(tree):
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def test_indivisible_weight_names_tensor_and_axis():
