@@ -207,11 +207,11 @@ def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bo
 
     Holds the run-folder lock throughout; a fresh run refuses a folder with another run's checkpoints, and
     `resume` refuses a run whose fingerprint (`jpeft.train.fingerprint`) differs from the saved one."""
+    spec = catalog.get_method(args.method)
+    config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)  # input errors first
     check_writable(out)
     with out_lock(out):
         check_out_dir(out, resume)
-        spec = catalog.get_method(args.method)
-        config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)
         fingerprint = _fingerprint(args, model, spec, config)
         if resume:
             _check_resume(out, fingerprint, getattr(args, "allow_changes", False))

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
+
+class Measured(dict):
+    """Numbers a parity test measured (e.g. max relative logit differences): each is printed as it is recorded
+    (`pytest -s` shows them), so the closing notes can quote them; no test depends on this."""
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        print(f"MEASURED {key}: {value:.3g}" if isinstance(value, float) else f"MEASURED {key}: {value}")
+
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
 

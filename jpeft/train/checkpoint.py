@@ -34,6 +34,18 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Remove the unfinished checkpoint folders (orbax's `step_N.orbax-checkpoint-tmp*`) a killed run left in
+    `folder`; called after each completed save, when no save of this run is in flight."""
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_dir() and ".orbax-checkpoint-tmp" in p.name:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
 def save_checkpoint(folder: Path, state: Any, keep: int = 2, *, sharded: bool = False) -> Path:
     """Save `state` as `folder/step_<step>` and delete all but the newest `keep` checkpoints.
 
@@ -55,6 +67,7 @@ def save_checkpoint(folder: Path, state: Any, keep: int = 2, *, sharded: bool = 
     if primary:
         for _, old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        clean_stale_temps(folder)
     if sharded:
         _sync(f"jpeft-ckpt-done-{step}")
     return path

@@ -25,9 +25,9 @@ from jpeft.errors import MissingDependencyError
 from jpeft.methods.catalog import get_method
 from jpeft.torch_bridge import gguf_write
 
-from tiny import make_checkpoint, make_trainable_checkpoint
+from tiny import Measured, make_checkpoint, make_trainable_checkpoint
 
-MEASURED: dict[str, float] = {}
+MEASURED = Measured()
 TEXTS = ["is it a fruit? answer yes", "  apple\nbanana  ", "<|im_start|>user\nhi<|im_end|>", "ünï 🤗 123"]
 
 
@@ -191,8 +191,3 @@ def test_crash_mid_write_leaves_nothing(runs, monkeypatch, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         gguf_write.save_gguf(tmp_path / "x.gguf", model.cfg, model.params, method, adapters, d / "ckpt")
     assert not list(tmp_path.iterdir())
-
-
-def test_zz_report_measured():
-    for case, err in sorted(MEASURED.items()):
-        print(f"GGUF export vs peft, max rel logit diff {case}: {err:.2e}")

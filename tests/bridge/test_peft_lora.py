@@ -23,11 +23,11 @@ from jpeft.torch_bridge.hf_load import load_pretrained
 from jpeft.torch_bridge.merged import save_merged
 from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
 
-from tiny import batch_with_padding
+from tiny import Measured, batch_with_padding
 
 FAMILIES = [("llama", "gqa_untied"), ("qwen2", "bias_tied"), ("gemma", "gqa_headdim")]
 KINDS = ["patterns", "rslora", "dora"]
-MEASURED: dict = {}  # (what, family, kind) -> max relative logit difference, printed at the end
+MEASURED = Measured()
 
 
 def rel_err(ours, ref) -> float:
@@ -299,11 +299,6 @@ def test_missing_config_and_atomic_overwrite(valid_adapter, monkeypatch):
     (folder / "adapter_config.json").unlink()
     with pytest.raises(CheckpointError, match="no adapter_config.json"):
         load_peft_adapter(folder, cfg, params)
-
-
-def test_zz_report_measured():
-    for key, err in sorted(MEASURED.items()):
-        print("max rel logit diff", *key, f"{err:.2e}")
 
 
 @pytest.mark.slow

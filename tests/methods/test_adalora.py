@@ -262,5 +262,6 @@ def test_cli_train_adalora_writes_both_exports_and_rank_report(tmp_path, capsys)
     assert rec["total_rank"] <= 2 * 21 and rec["initial_rank"] == 84
     assert main(["eval", "--model", str(folder), "--adapter", str(out / "adapter"), "--data", str(data),
                  "--max-len", "32"]) == 0
-    assert main([a for a in argv if a != "--steps" and a != "6"] + ["--epochs", "1"]) == 2
+    fresh = [str(tmp_path / "run2") if a == str(out) else a for a in argv]  # out holds the run above
+    assert main([a for a in fresh if a != "--steps" and a != "6"] + ["--epochs", "1"]) == 2
     assert "needs the training length" in capsys.readouterr().err

@@ -183,5 +183,6 @@ def test_cli_train_sora_writes_pruned_lora_and_rank_report(tmp_path, capsys):
     assert raw["peft_type"] == "LORA" and 0 < rec["total_rank"] < 84 and (out / "ranks.png").exists()
     assert main(["eval", "--model", str(folder), "--adapter", str(out / "adapter"), "--data", str(data),
                  "--max-len", "32"]) == 0
-    assert main(argv[:-9] + ["--xi", "-1", "--no-progress"]) == 2
+    fresh = [str(tmp_path / "run2") if a == str(out) else a for a in argv]  # out holds the run above
+    assert main(fresh[:-9] + ["--xi", "-1", "--no-progress"]) == 2
     assert "SoraConfig.xi=-1.0" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from jpeft.torch_bridge.hf_load import load_pretrained
 from jpeft.torch_bridge.merged import save_merged
 from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
 
-from tiny import MOE_VARIANTS, batch_with_padding
+from tiny import MOE_VARIANTS, Measured, batch_with_padding
 
 FAST = [("mixtral", "e4k2_window"), ("qwen3_moe", "e6k3_norm_mixed")]  # default run; the rest under -m slow
 
@@ -39,7 +39,7 @@ def _cases(fast):
 
 CASES = _cases(FAST)
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-MEASURED: dict = {}
+MEASURED = Measured()
 
 
 def rel_err(ours, ref) -> float:
@@ -336,8 +336,3 @@ def test_cli_expert_lora_learns_and_loads_in_peft(trainable_moe, tmp_path):
     with torch.no_grad():
         ref = pm(torch.tensor(ids)).logits.numpy()
     assert rel_err(jpeft.logits(model, ids, adapters=adapters, methods=(method,)), ref) <= 1e-5
-
-
-def test_zz_report_measured():
-    for k, v in sorted(MEASURED.items()):
-        print(f"MEASURED {k}: {v:.3g}")

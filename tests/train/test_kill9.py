@@ -1,0 +1,132 @@
+"""kill -9 at random points of `jpeft train` (steps and checkpoint writes) and `jpeft export`, then run again:
+the resumed run reaches the uninterrupted run's adapter bit for bit, the export equals an uninterrupted export
+byte for byte, no partial folder sits under a final name, and no temp folder is left once the rerun is done.
+
+The default run kills each command once at a random point; `-m slow` repeats that 20 times each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tiny import label_examples, make_trainable_checkpoint
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kill9")
+    make_trainable_checkpoint(root / "model", "llama", "gqa_untied")
+    (root / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in label_examples(24, 1)))
+    ref = root / "reference"
+    t0 = time.perf_counter()
+    subprocess.run(train_cmd(root, ref), check=True, env=ENV, capture_output=True)
+    train_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run(export_cmd(root, ref / "adapter", root / "reference-merged"), check=True, env=ENV,
+                   capture_output=True)
+    return root, train_seconds, time.perf_counter() - t0
+
+
+def train_cmd(root: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jpeft.cli", "train", "--model", str(root / "model"), "--data",
+            str(root / "train.jsonl"), "--out", str(out), "--steps", str(STEPS), "--batch-size", "2", "--max-len",
+            "32", "--lr", "3e-3", "--r", "4", "--dropout", "0.1", "--save-every", "1", "--eval-fraction", "0",
+            "--no-progress", *extra]
+
+
+def export_cmd(root: Path, adapter: Path, merged: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jpeft.cli", "export", "--model", str(root / "model"), "--adapter", str(adapter),
+            "--merged", str(merged), *extra]
+
+
+def kill_at(cmd: list[str], seconds: float) -> bool:
+    """Start `cmd`, SIGKILL it after `seconds`; whether it was still running then."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=seconds)
+        return False
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def temps(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp-" in p.name or "-tmp-" in p.name)
+
+
+def check_no_partial_final_names(out: Path) -> None:
+    """Whatever a kill left: a final-named checkpoint or adapter folder is complete."""
+    for ckpt in (out / "checkpoints").glob("step_*"):
+        if "tmp" not in ckpt.name:
+            assert (ckpt / "_CHECKPOINT_METADATA").exists() or any(ckpt.iterdir()), ckpt
+    if (out / "adapter").exists():
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (out / "adapter").iterdir()}
+
+
+def one_training_kill(root: Path, train_seconds: float, rng: random.Random, k: int) -> None:
+    out = root / f"killed-{k}"
+    at = rng.uniform(0.3, 1.0) * train_seconds
+    killed = kill_at(train_cmd(root, out), at)
+    check_no_partial_final_names(out)
+    done = [p.name for p in (out / "checkpoints").glob("step_*")] if (out / "checkpoints").exists() else []
+    has_ckpt = any(n[5:].isdigit() for n in done)
+    metrics = out / "metrics.jsonl"
+    lines = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    print(f"KILL train at {at:.1f} s: {'killed' if killed else 'finished'}; checkpoint folders {sorted(done)}; "
+          f"metrics lines {lines}")
+    if killed or not (out / "adapter").exists():
+        subprocess.run(train_cmd(root, out, *(["--resume"] if has_ckpt else [])), check=True, env=ENV,
+                       capture_output=True)
+    ref = files(root / "reference" / "adapter")
+    assert files(out / "adapter") == ref  # bit for bit: config and tensors
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+    assert temps(out) == []
+
+
+def one_export_kill(root: Path, export_seconds: float, rng: random.Random, k: int) -> None:
+    merged = root / f"merged-{k}"
+    adapter = root / "reference" / "adapter"
+    at = rng.uniform(0.3, 1.0) * export_seconds
+    killed = kill_at(export_cmd(root, adapter, merged), at)
+    left = sorted(p.name for p in root.iterdir() if p.name.startswith(f".merged-{k}."))
+    print(f"KILL export at {at:.1f} s: {'killed' if killed else 'finished'}; final folder {merged.exists()}; "
+          f"temps left {len(left)}")
+    if merged.exists():  # a final name only ever holds a complete export
+        assert files(merged) == files(root / "reference-merged")
+    subprocess.run(export_cmd(root, adapter, merged, "--overwrite"), check=True, env=ENV, capture_output=True)
+    assert files(merged) == files(root / "reference-merged")
+    assert [p.name for p in root.iterdir() if p.name.startswith(f".merged-{k}.")] == []
+
+
+@pytest.mark.parametrize("repeats", [1, pytest.param(20, marks=pytest.mark.slow)])
+def test_kill9_during_training_then_resume_is_bit_identical(setup, repeats):
+    root, train_seconds, _ = setup
+    rng = random.Random(repeats)
+    for k in range(repeats):
+        one_training_kill(root, train_seconds, rng, k + 100 * repeats)
+
+
+@pytest.mark.parametrize("repeats", [1, pytest.param(20, marks=pytest.mark.slow)])
+def test_kill9_during_export_then_rerun(setup, repeats):
+    root, _, export_seconds = setup
+    rng = random.Random(repeats)
+    for k in range(repeats):
+        one_export_kill(root, export_seconds, rng, k + 100 * repeats)
