@@ -17,6 +17,7 @@ from jpeft.generate import SamplingConfig, generate
 from jpeft.kernels.dispatch import KERNEL_MODES
 from jpeft.loading import load
 from jpeft.runtime import configure_host_memory
+from jpeft.train.data import render_chat
 
 
 def _add_generate(sub) -> None:
@@ -59,8 +60,7 @@ def _prompt_ids(args, tok, vocab: int) -> list[int]:
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise JpeftError(f"{args.model}: the tokenizer has no chat template; drop --chat")
-        return list(tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False))
+        return render_chat(tok, [{"role": "user", "content": args.prompt}], gen=True)
     return list(tok(args.prompt)["input_ids"])
 
 

@@ -169,7 +169,9 @@ def _ids(encoded: Any) -> list[int]:
     return [int(i) for i in encoded]
 
 
-def _chat(tokenizer: Any, messages: list[dict], gen: bool) -> list[int]:
+def render_chat(tokenizer: Any, messages: list[dict], gen: bool) -> list[int]:
+    """Token ids of `messages` rendered by the tokenizer's chat template (`gen`: add the generation prompt);
+    DataError when there is no template or it does not render (Jinja errors)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("chat data ('messages') needs a chat template, and this tokenizer has none "
                         f"({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}); fix: use a model "
@@ -197,15 +199,15 @@ def _prefix_len(prefix: list[int], full: list[int]) -> int | None:
 
 
 def _tokenize_chat(messages: list[dict], tokenizer: Any, where: str) -> tuple[list[int], list[bool]]:
-    full = _chat(tokenizer, messages, gen=False)
+    full = render_chat(tokenizer, messages, gen=False)
     mask = [False] * len(full)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        end = _prefix_len(_chat(tokenizer, messages[: i + 1], gen=False), full)
-        start = _prefix_len(_chat(tokenizer, messages[:i], gen=True), full)
+        end = _prefix_len(render_chat(tokenizer, messages[: i + 1], gen=False), full)
+        start = _prefix_len(render_chat(tokenizer, messages[:i], gen=True), full)
         if start is None or end is None or start >= end:  # no usable generation prompt: plain prefix
-            start = _prefix_len(_chat(tokenizer, messages[:i], gen=False), full)
+            start = _prefix_len(render_chat(tokenizer, messages[:i], gen=False), full)
         if start is None or end is None or start >= end:
             raise _err(where, f"messages[{i}]", "cannot locate this assistant turn in the rendered chat "
                        "(template is not prefix-stable)",

@@ -313,3 +313,17 @@ def test_a_sharded_index_may_not_point_outside_the_model_folder(world, tmp_path,
     (model / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {n: "../elsewhere.safetensors" for n in names}}))
     assert "outside the model folder" in error_of(capsys, ["info", "--model", str(model)])
+
+
+def test_generate_chat_with_a_broken_template_is_a_named_error(world, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(world["model"], model)
+    broken = "{% for m in messages %}{{ m.content }"
+    if (model / "chat_template.jinja").exists():
+        (model / "chat_template.jinja").write_text(broken)
+    else:
+        conf = json.loads((model / "tokenizer_config.json").read_text())
+        conf["chat_template"] = broken
+        (model / "tokenizer_config.json").write_text(json.dumps(conf))
+    err = error_of(capsys, ["generate", "--model", str(model), "--chat", "--prompt", "hi", "--max-new-tokens", "1"])
+    assert "chat template cannot be rendered: TemplateSyntaxError" in err
