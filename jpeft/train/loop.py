@@ -122,7 +122,7 @@ def check_finite_state(state: dict, step: int, where: Path, loss_after: Callable
     finite weights, e.g. after `--lr 1e30`, pass the first check and fail this one)."""
     flags = jax.device_get(_finite_leaves(state))  # one bool per leaf, computed where the leaves live
     bad = [jax.tree_util.keystr(k) for k, ok in jax.tree_util.tree_leaves_with_path(flags) if not ok]
-    what = f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN/Inf"
+    what = f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN/Inf" if bad else ""
     if not bad and loss_after is not None:
         loss = float(loss_after(state["adapters"]))
         what = "" if math.isfinite(loss) else f"with the new adapter weights the loss is {loss}"

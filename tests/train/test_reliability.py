@@ -327,3 +327,13 @@ def test_generate_chat_with_a_broken_template_is_a_named_error(world, tmp_path, 
         (model / "tokenizer_config.json").write_text(json.dumps(conf))
     err = error_of(capsys, ["generate", "--model", str(model), "--chat", "--prompt", "hi", "--max-new-tokens", "1"])
     assert "chat template cannot be rendered: TemplateSyntaxError" in err
+
+
+def test_resume_after_the_last_checkpoint_writes_the_same_adapter(world, tmp_path):
+    """Killed between the final checkpoint and the adapter write: --resume runs no step and writes the adapter
+    the uninterrupted run wrote, bit for bit."""
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    shutil.rmtree(run / "adapter")
+    assert main(train_args(world["model"], world["data"], run, "--steps", "2", "--r", "4", "--resume")) == 0
+    assert snapshot(run / "adapter") == snapshot(world["run"] / "adapter")
