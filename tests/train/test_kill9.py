@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,11 @@ def setup(tmp_path_factory):
     make_trainable_checkpoint(root / "model", "llama", "gqa_untied")
     (root / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in label_examples(24, 1)))
     ref = root / "reference"
-    t0 = time.perf_counter()
-    subprocess.run(train_cmd(root, ref), check=True, env=ENV, capture_output=True)
+    proc = subprocess.Popen(train_cmd(root, ref), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (ref / "run.json").exists() and proc.poll() is None:
+        time.sleep(0.001)
+    t0 = time.perf_counter()  # the work: from run.json (written before compiling) to the end
+    assert proc.wait() == 0
     train_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     subprocess.run(export_cmd(root, ref / "adapter", root / "reference-merged"), check=True, env=ENV,
@@ -51,9 +55,12 @@ def export_cmd(root: Path, adapter: Path, merged: Path, *extra: str) -> list[str
             "--merged", str(merged), *extra]
 
 
-def kill_at(cmd: list[str], seconds: float) -> bool:
-    """Start `cmd`, SIGKILL it after `seconds`; whether it was still running then."""
+def kill_at(cmd: list[str], seconds: float, after: Callable[[], bool] | None = None) -> bool:
+    """Start `cmd`, SIGKILL it `seconds` after `after()` first holds (default: after the start); whether it was
+    still running then. `after` lets the kill land in the work rather than in Python's start-up."""
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while after is not None and not after() and proc.poll() is None:
+        time.sleep(0.001)
     try:
         proc.wait(timeout=seconds)
         return False
@@ -82,8 +89,8 @@ def check_no_partial_final_names(out: Path) -> None:
 
 def one_training_kill(root: Path, train_seconds: float, rng: random.Random, k: int) -> None:
     out = root / f"killed-{k}"
-    at = rng.uniform(0.3, 1.0) * train_seconds
-    killed = kill_at(train_cmd(root, out), at)
+    at = rng.uniform(0.0, 1.0) * train_seconds  # after run.json: compile, steps, checkpoint writes, adapter write
+    killed = kill_at(train_cmd(root, out), at, after=lambda: (out / "run.json").exists())
     check_no_partial_final_names(out)
     done = [p.name for p in (out / "checkpoints").glob("step_*")] if (out / "checkpoints").exists() else []
     has_ckpt = any(n[5:].isdigit() for n in done)
@@ -104,11 +111,15 @@ def one_training_kill(root: Path, train_seconds: float, rng: random.Random, k: i
 def one_export_kill(root: Path, export_seconds: float, rng: random.Random, k: int) -> None:
     merged = root / f"merged-{k}"
     adapter = root / "reference" / "adapter"
-    at = rng.uniform(0.3, 1.0) * export_seconds
-    killed = kill_at(export_cmd(root, adapter, merged), at)
+    if k % 2:  # the moment the temp folder appears: inside the write
+        at = 0.0
+        started = lambda: any(p.name.startswith(f".merged-{k}.tmp-") for p in root.iterdir())  # noqa: E731
+    else:
+        at, started = rng.uniform(0.3, 1.0) * export_seconds, None
+    killed = kill_at(export_cmd(root, adapter, merged), at, after=started)
     left = sorted(p.name for p in root.iterdir() if p.name.startswith(f".merged-{k}."))
-    print(f"KILL export at {at:.1f} s: {'killed' if killed else 'finished'}; final folder {merged.exists()}; "
-          f"temps left {len(left)}")
+    print(f"KILL export at {at:.1f} s{' after the temp folder appeared' if k % 2 else ''}: "
+          f"{'killed' if killed else 'finished'}; final folder {merged.exists()}; temps left {len(left)}")
     if merged.exists():  # a final name only ever holds a complete export
         assert files(merged) == files(root / "reference-merged")
     subprocess.run(export_cmd(root, adapter, merged, "--overwrite"), check=True, env=ENV, capture_output=True)
