@@ -89,12 +89,16 @@ def check_no_partial_final_names(out: Path) -> None:
 
 def one_training_kill(root: Path, train_seconds: float, rng: random.Random, k: int) -> None:
     out = root / f"killed-{k}"
-    at = rng.uniform(0.0, 1.0) * train_seconds  # after run.json: compile, steps, checkpoint writes, adapter write
-    killed = kill_at(train_cmd(root, out), at, after=lambda: (out / "run.json").exists())
+    metrics = out / "metrics.jsonl"
+    if k % 2:  # inside the steps: just after step n's record (then its checkpoint is being written)
+        n, at = rng.randint(1, STEPS - 1), rng.uniform(0.0, 0.3)
+        after = lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= n  # noqa: E731
+    else:  # anywhere after run.json: compile, steps, checkpoint writes, the adapter write
+        at, after = rng.uniform(0.0, 1.0) * train_seconds, lambda: (out / "run.json").exists()
+    killed = kill_at(train_cmd(root, out), at, after=after)
     check_no_partial_final_names(out)
     done = [p.name for p in (out / "checkpoints").glob("step_*")] if (out / "checkpoints").exists() else []
     has_ckpt = any(n[5:].isdigit() for n in done)
-    metrics = out / "metrics.jsonl"
     lines = len(metrics.read_text().splitlines()) if metrics.exists() else 0
     print(f"KILL train at {at:.1f} s: {'killed' if killed else 'finished'}; checkpoint folders {sorted(done)}; "
           f"metrics lines {lines}")
