@@ -337,3 +337,16 @@ def test_resume_after_the_last_checkpoint_writes_the_same_adapter(world, tmp_pat
     shutil.rmtree(run / "adapter")
     assert main(train_args(world["model"], world["data"], run, "--steps", "2", "--r", "4", "--resume")) == 0
     assert snapshot(run / "adapter") == snapshot(world["run"] / "adapter")
+
+
+def test_the_demo_may_rerun_into_its_own_output_only(tmp_path):
+    """`jpeft demo` twice into its default --out works (its own earlier checkpoints are cleared); a folder whose
+    run.json belongs to a `jpeft train` run keeps its checkpoints (and the run is then refused as for train)."""
+    from jpeft.cli_train import _clear_previous_demo
+
+    for command, cleared in (("demo", True), ("train", False)):
+        out = tmp_path / command
+        (out / "checkpoints" / "step_3").mkdir(parents=True)
+        (out / "run.json").write_text(json.dumps({"command": command}))
+        _clear_previous_demo(out)
+        assert (out / "checkpoints").exists() is not cleared
