@@ -34,7 +34,7 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def clean_stale_temps(folder: Path) -> list[Path]:
+def remove_unfinished(folder: Path) -> list[Path]:
     """Remove the unfinished checkpoint folders (orbax's `step_N.orbax-checkpoint-tmp*`) a killed run left in
     `folder`; called after each completed save, when no save of this run is in flight."""
     removed = []
@@ -67,7 +67,7 @@ def save_checkpoint(folder: Path, state: Any, keep: int = 2, *, sharded: bool = 
     if primary:
         for _, old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-        clean_stale_temps(folder)
+        remove_unfinished(folder)
     if sharded:
         _sync(f"jpeft-ckpt-done-{step}")
     return path

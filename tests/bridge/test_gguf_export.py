@@ -137,12 +137,16 @@ def test_f16_bf16_q8_exports_load_in_transformers(runs, kind, bound):
     assert err <= bound
 
 
+def _save_adapter(model, method: str, folder, **config) -> None:
+    """A freshly initialised adapter of `method` for `model`, saved to `folder`."""
+    spec = get_method(method)
+    built = spec.init(model, spec.config(**config), jax.random.PRNGKey(0))
+    spec.save(folder, model.cfg, built.method, built.adapters)
+
+
 def test_unsupported_family_is_refused_before_loading(tmp_path, capsys):
     make_checkpoint("gemma", "mqa", tmp_path / "ckpt")
-    model = jpeft.load(tmp_path / "ckpt", tokenizer=False)
-    spec = get_method("lora")
-    built = spec.init(model, spec.config(r=2), jax.random.PRNGKey(0))
-    spec.save(tmp_path / "adapter", model.cfg, built.method, built.adapters)
+    _save_adapter(jpeft.load(tmp_path / "ckpt", tokenizer=False), "lora", tmp_path / "adapter", r=2)
     rc = main(["export", "--model", str(tmp_path / "ckpt"), "--adapter", str(tmp_path / "adapter"), "--gguf",
                str(tmp_path / "out.gguf")])
     err = capsys.readouterr().err
@@ -154,15 +158,11 @@ def test_unsupported_family_is_refused_before_loading(tmp_path, capsys):
 def test_llama3_rope_and_unmergeable_methods_are_refused(tmp_path, capsys):
     make_checkpoint("llama", "llama3_rope", tmp_path / "ckpt")
     model = jpeft.load(tmp_path / "ckpt", tokenizer=False)
-    lora = get_method("lora")
-    built = lora.init(model, lora.config(r=2), jax.random.PRNGKey(0))
-    lora.save(tmp_path / "lora", model.cfg, built.method, built.adapters)
+    _save_adapter(model, "lora", tmp_path / "lora", r=2)
     assert main(["export", "--model", str(tmp_path / "ckpt"), "--adapter", str(tmp_path / "lora"), "--gguf",
                  str(tmp_path / "a.gguf")]) == 2
     assert "rope_type='llama3'" in capsys.readouterr().err
-    prefix = get_method("prefix")
-    built = prefix.init(model, prefix.config(num_virtual_tokens=2), jax.random.PRNGKey(0))
-    prefix.save(tmp_path / "prefix", model.cfg, built.method, built.adapters)
+    _save_adapter(model, "prefix", tmp_path / "prefix", num_virtual_tokens=2)
     assert main(["export", "--model", str(tmp_path / "ckpt"), "--adapter", str(tmp_path / "prefix"), "--gguf",
                  str(tmp_path / "b.gguf")]) == 2
     assert "prefix adapters cannot be merged" in capsys.readouterr().err

@@ -132,16 +132,10 @@ def one_export_kill(root: Path, export_seconds: float, rng: random.Random, k: in
 
 
 @pytest.mark.parametrize("repeats", [1, pytest.param(20, marks=pytest.mark.slow)])
-def test_kill9_during_training_then_resume_is_bit_identical(setup, repeats):
-    root, train_seconds, _ = setup
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_kill9_then_rerun_reaches_the_uninterrupted_result(setup, command, repeats):
+    root, train_seconds, export_seconds = setup
+    one_kill, seconds = (one_training_kill, train_seconds) if command == "train" else (one_export_kill, export_seconds)
     rng = random.Random(repeats)
     for k in range(repeats):
-        one_training_kill(root, train_seconds, rng, k + 100 * repeats)
-
-
-@pytest.mark.parametrize("repeats", [1, pytest.param(20, marks=pytest.mark.slow)])
-def test_kill9_during_export_then_rerun(setup, repeats):
-    root, _, export_seconds = setup
-    rng = random.Random(repeats)
-    for k in range(repeats):
-        one_export_kill(root, export_seconds, rng, k + 100 * repeats)
+        one_kill(root, seconds, rng, k + 100 * repeats)

@@ -164,16 +164,12 @@ def test_write_adapter_refuses_non_finite_tensors(tmp_path):
 
 
 def test_collapse_warning_after_steps_of_zero_gradient():
+    from types import SimpleNamespace
+
     from jpeft.train.loop import COLLAPSE_STEPS, CollapseWarning, _StepMeter
 
-    class Bar:
-        def update(self, n):
-            pass
-
-        def set_postfix(self, **kw):
-            pass
-
-    meter = _StepMeter(lambda s: 0.1, Bar(), None)
+    bar = SimpleNamespace(update=lambda n: None, set_postfix=lambda **kw: None)  # a progress bar that shows nothing
+    meter = _StepMeter(lambda s: 0.1, bar, None)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for step in range(COLLAPSE_STEPS + 2):
