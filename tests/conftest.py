@@ -9,6 +9,7 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no downloads at test time (bitsandbytes asks the Hub for kernels)
 sys.path.insert(0, os.path.dirname(__file__))
 
 from tiny import make_checkpoint  # noqa: E402
