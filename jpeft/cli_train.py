@@ -285,7 +285,7 @@ def cmd_export(args) -> int:
     """Merge any mergeable adapter into its base; unmergeable methods are refused before anything is loaded."""
     spec = catalog.adapter_spec(args.adapter)
     check_mergeable(spec, f"{args.adapter}: ")
-    model_path = resolve_model_path(args.model)
+    model_path = resolve_model_path(args.model, allow_torch_bin=args.allow_torch_bin)
     sources = {"--model": model_path if model_path.is_dir() else model_path.parent, "--adapter": args.adapter}
     if args.gguf:
         check_gguf_exportable(source_config(model_path), str(model_path))  # refuse before loading anything

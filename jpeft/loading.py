@@ -15,6 +15,7 @@ from jpeft.dtypes import resolve_dtype
 from jpeft.kernels.dispatch import check_mode
 from jpeft.models.config import ModelConfig
 from jpeft.quant.kernel import with_compute_dtype
+from jpeft.torch_bridge import hub
 from jpeft.torch_bridge.bnb_checkpoint import QuantSpec
 from jpeft.torch_bridge.folders import load_tokenizer
 from jpeft.torch_bridge.hf_load import load_pretrained
@@ -35,10 +36,16 @@ class Model:
         return int(sum(np.prod(x.shape) for x in leaves))  # a 4-bit kernel counts its dense shape
 
 
-def resolve_model_path(path: str | Path | None) -> Path:
-    """`None` or `"default"` means the bundled SmolLM2-135M-Instruct GGUF (`jpeft.assets.DEFAULT_MODEL_INSTALL`)."""
+def resolve_model_path(path: str | Path | None, *, allow_torch_bin: bool = False) -> Path:
+    """The local file or folder `path` names.
+
+    `None` or `"default"` means the bundled SmolLM2-135M-Instruct GGUF (`jpeft.assets.DEFAULT_MODEL_INSTALL`); an
+    existing path is itself; a string shaped like a Hub model id (`org/name`, `org/name@revision`) that names no
+    local path is fetched into (or found in) the Hugging Face cache (`jpeft.torch_bridge.hub.snapshot`)."""
     if path is None or str(path) == "default":
         return default_model_path()
+    if isinstance(path, str) and not Path(path).exists() and hub.parse_hub_id(path) is not None:
+        return hub.snapshot(path, allow_torch_bin=allow_torch_bin)
     return Path(path)
 
 
@@ -46,7 +53,10 @@ def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer
          allow_torch_bin: bool = False, quantize: str | None = None, double_quant: bool = True,
          blocksize: int = 64, compute_dtype: str | Any = None, kernels: str = "auto",
          mesh: Mesh | str | None = None) -> Model:
-    """Load an HF checkpoint folder (safetensors) or a llama-family `.gguf` file into a `Model`.
+    """Load an HF checkpoint folder (safetensors), a Hub model id or a llama-family `.gguf` file into a `Model`.
+
+    `path`: a folder, a `.gguf` file, a Hub id (`org/name` or `org/name@revision`, read through the Hugging Face
+    cache; `HF_HOME`, `HF_HUB_CACHE`, `HF_TOKEN` and `HF_HUB_OFFLINE` apply), or None for the bundled model.
 
     `allow_torch_bin=True` also reads pickle-based `pytorch_model.bin` via `torch.load(weights_only=True)`.
     `quantize="nf4"|"fp4"` stores every decoder linear weight 4-bit (bitsandbytes format, `blocksize`
@@ -61,7 +71,7 @@ def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer
     """
     kernels = check_mode(kernels, "kernels")
     quant = None if quantize is None else QuantSpec(quantize, double_quant, blocksize).validate()
-    path = resolve_model_path(path)
+    path = resolve_model_path(path, allow_torch_bin=allow_torch_bin)
     place = None
     if mesh is not None:  # imported here: a single-device load never loads the sharding code
         from jpeft.parallel.mesh import make_mesh
