@@ -21,8 +21,9 @@ from jpeft.methods import catalog
 from jpeft.methods.base import Method
 from jpeft.methods.registry import MethodSpec
 
-MODEL_HELP = ("HF checkpoint folder, .gguf file, or Hugging Face Hub id org/name[@revision] (read through the HF "
-              "cache; HF_HOME, HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE apply; default: the bundled SmolLM2-135M-Instruct)")
+MODEL_HELP = ("HF checkpoint folder, .gguf file, or Hugging Face Hub id org/name[@revision] (read through the "
+              "HF cache; HF_HOME, HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE apply; default: the bundled "
+              "SmolLM2-135M-Instruct)")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
