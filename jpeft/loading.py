@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from jpeft.assets import default_model_path
 from jpeft.dtypes import resolve_dtype
 from jpeft.kernels.dispatch import check_mode
-from jpeft.models.config import ModelConfig
+from jpeft.models.loaded import Model
 from jpeft.quant.kernel import with_compute_dtype
 from jpeft.torch_bridge.bnb_checkpoint import QuantSpec
 from jpeft.torch_bridge.folders import load_tokenizer
 from jpeft.torch_bridge.hf_load import load_pretrained
-
-
-@dataclasses.dataclass
-class Model:
-    """A loaded base model: its config, frozen params pytree, tokenizer (or None) and source path."""
-
-    cfg: ModelConfig
-    params: dict
-    tokenizer: Any
-    path: Path
-
-    @property
-    def num_parameters(self) -> int:
-        leaves = jax.tree_util.tree_leaves(self.params, is_leaf=lambda x: hasattr(x, "dequantize"))
-        return int(sum(np.prod(x.shape) for x in leaves))  # a 4-bit kernel counts its dense shape
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
@@ -54,7 +36,8 @@ def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer
     in `dtype`. The 4-bit weights are dequantized to `compute_dtype` (default: `dtype`) for each matmul.
     Checkpoints saved 4-bit by transformers + bitsandbytes load 4-bit as stored, without `quantize`.
     `kernels` ("auto" | "on" | "off") picks Pallas kernels or pure-JAX references for the fused ops
-    (`jpeft.kernels.dispatch`); it is kept in `model.cfg.kernels`, so every jitted call follows it.
+    (`jpeft.kernels.dispatch`); it is kept in `model.kernels`, which `jpeft.logits`, training and evaluation
+    pass to their jitted steps.
     `mesh` (a `jax.sharding.Mesh` or a spec such as `"fsdp=8"`) places every base leaf by the partition rules
     (`jpeft.parallel.rules`) as soon as it is built: besides its shards, a device holds at most the one leaf
     being placed, never the whole model.
@@ -72,5 +55,5 @@ def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer
                                   place=place)
     if compute_dtype is not None:
         params = with_compute_dtype(params, resolve_dtype(compute_dtype))
-    cfg = dataclasses.replace(cfg, kernels=kernels)
-    return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path) if tokenizer else None, path=path)
+    return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path) if tokenizer else None, path=path,
+                 kernels=kernels)
