@@ -45,8 +45,9 @@ def targeted_parameter_names(cfg: ModelConfig, target_parameters: list[str] | No
     names = hf.expert_param_names(cfg)
     unknown = [t for t in target_parameters if not any(targeting.name_matches([t], n) for n in names)]
     if unknown:
-        have = (f"this model has: {[f'mlp.experts.{p}' for p in hf.EXPERT_PARAMS]} (full names like {names[0]!r})"
-                if names else f"this {cfg.model_type} model has no expert parameters (only MoE models do)")
+        stacks = [f"{hf.EXPERTS_MODULE}.{p}" for p in hf.EXPERT_PARAMS]
+        have = (f"this model has: {stacks} (full names like {names[0]!r})" if names
+                else f"this {cfg.model_type} model has no expert parameters (only MoE models do)")
         raise ConfigError(f"{where}.target_parameters: {unknown} name no parameter; {have}")
     return [n for n in names if targeting.name_matches(list(target_parameters), n)]
 
