@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,18 +116,33 @@ for s in range(steps):
 """
 
 
-def sample_tree(pid: int, peak: dict, stop: threading.Event) -> None:
-    """Peak RssAnon and VmRSS (KiB) summed over `pid` and its descendants, every 0.2 s."""
+def arena_rss(folder: Path) -> str:
+    """smaps pattern of the Rss (KiB) of mappings of the unlinked memory-mapped base files in `folder` (O_TMPFILE
+    files show as `folder/#inode (deleted)`)."""
+    fields = r"(?:Size:.*\n)?(?:KernelPageSize:.*\n)?(?:MMUPageSize:.*\n)?"
+    return re.escape(str(folder)) + r"/\S* \(deleted\)\n" + fields + r"Rss:\s+(\d+)"
+
+
+def sample_tree(pid: int, peak: dict, stop: threading.Event, arena: str | None = None) -> None:
+    """Peak RssAnon and VmRSS (KiB) summed over `pid` and its descendants, every 0.2 s; and, every 1 s, the peak
+    of RssAnon plus the resident pages of jpeft's memory-mapped base (the `arena` smaps pattern): the
+    footprint `jpeft estimate` predicts (its base part lives in that file when it is memory-mapped)."""
+    tick = 0
     while not stop.is_set():
-        anon = total = 0
+        anon = total = mapped = 0
         for p in [pid, *_descendants(pid)]:
             try:
                 text = Path(f"/proc/{p}/status").read_text()
+                maps = Path(f"/proc/{p}/smaps").read_text() if arena and tick % 5 == 0 else ""
             except OSError:
                 continue
             anon += int(re.search(r"RssAnon:\s+(\d+)", text).group(1)) if "RssAnon" in text else 0
             total += int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) if "VmRSS" in text else 0
+            mapped += sum(int(m) for m in re.findall(arena, maps)) if maps else 0
         peak["anon"], peak["rss"] = max(peak["anon"], anon), max(peak["rss"], total)
+        if tick % 5 == 0:
+            peak["footprint"] = max(peak["footprint"], anon + mapped)
+        tick += 1
         stop.wait(0.2)
 
 
@@ -142,15 +158,17 @@ def measured(cmd: list[str], env: dict | None = None) -> dict:
     """Run `cmd`; its wall time, output, and peak anon / total RSS of its process tree (MiB)."""
     t = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    peak, stop = {"anon": 0, "rss": 0}, threading.Event()
-    th = threading.Thread(target=sample_tree, args=(proc.pid, peak, stop), daemon=True)
+    peak, stop = {"anon": 0, "rss": 0, "footprint": 0}, threading.Event()
+    arena = arena_rss(Path(env["JPEFT_CACHE_DIR"])) if env and "JPEFT_CACHE_DIR" in env else None
+    th = threading.Thread(target=sample_tree, args=(proc.pid, peak, stop, arena), daemon=True)
     th.start()
     out, _ = proc.communicate()
     stop.set()
     th.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n{out[-3000:]}")
-    return {"wall": time.time() - t, "out": out, "anon_mib": peak["anon"] / 1024, "rss_mib": peak["rss"] / 1024}
+    return {"wall": time.time() - t, "out": out, "anon_mib": peak["anon"] / 1024, "rss_mib": peak["rss"] / 1024,
+            "footprint_mib": max(peak["footprint"], peak["anon"]) / 1024}
 
 
 def jpeft_cmd(model: Path, data: Path, out: Path, steps: int, run: str) -> list[str]:
@@ -158,7 +176,7 @@ def jpeft_cmd(model: Path, data: Path, out: Path, steps: int, run: str) -> list[
     cmd = [jp, "train", "--model", str(model), "--data", str(data), "--out", str(out), "--method", "lora",
            "--r", "16", "--lora-alpha", "32", "--target-modules", "all-linear", "--batch-size", "1",
            "--max-len", "128", "--remat", "full", "--steps", str(steps), "--eval-fraction", "0",
-           "--dtype", "bfloat16", "--no-progress"]
+           "--dtype", "bfloat16", "--no-progress", "--memory-check", "on"]  # prints `jpeft estimate`'s table
     return cmd + (["--quantize", "nf4"] if run == "qlora" else [])
 
 
@@ -166,25 +184,47 @@ def jpeft_load_seconds(out_dir: Path) -> float:
     return float(json.loads((out_dir / "run.json").read_text())["summary"]["load_seconds"])
 
 
+def printed_step_seconds(side: str, out: str, run_dir: Path | None) -> list[float]:
+    """Each step's own time as the side reports it (jpeft: metrics.jsonl tokens/s; peer: its step lines)."""
+    if side == "jpeft":
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return [128 / r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    return [float(x) for x in re.findall(r"^step \d+ loss \S+ ([\d.]+)s", out, re.M)]
+
+
 def one(size: str, run: str, args, model: Path, data: Path) -> dict:
+    """Both sides for one shape and run. Per-step time: (wall of --long steps - wall of --short) / difference;
+    with --one-run (for the 8B shape, whose peer load alone takes many minutes) one run of --long steps and the
+    median of the steps after the first, as each side reports them."""
     res: dict = {"size": size, "run": run}
-    for side in ("jpeft", "peer"):
-        walls, peaks = {}, []
-        for steps in (args.short, args.long):
+    for side in args.sides:
+        walls, peaks, printed = {}, [], []
+        for steps in ((args.long,) if args.one_run else (args.short, args.long)):
+            out = None
             if side == "jpeft":
                 out = Path(tempfile.mkdtemp(dir=args.dir, prefix="run-"))
-                r = measured(jpeft_cmd(model, data, out, steps, run))
+                cache = args.dir / "cache"  # where the memory-mapped base lives (matched in smaps)
+                cache.mkdir(exist_ok=True)
+                r = measured(jpeft_cmd(model, data, out, steps, run), env={**os.environ, "JPEFT_CACHE_DIR": str(cache)})
                 load = jpeft_load_seconds(out)
+                est = float(re.search(r"^total\s*\|\s*([\d.]+) GiB", r["out"], re.M).group(1)) * 1024
             else:
                 r = measured([sys.executable, "-c", PEER, str(model), str(steps), run, str(data)])
                 load = float(re.search(r"^load ([\d.]+)", r["out"], re.M).group(1))
             walls[steps] = r["wall"]
-            peaks.append((r["anon_mib"], r["rss_mib"], load))
+            printed = printed_step_seconds(side, r["out"], out)
+            peaks.append((r["anon_mib"], r["rss_mib"], load, r["footprint_mib"]))
             print(f"  {size} {run} {side} steps={steps}: wall {r['wall']:.1f}s load {load:.1f}s peak anon "
-                  f"{r['anon_mib']:.0f} MiB rss {r['rss_mib']:.0f} MiB", flush=True)
-        res[side] = {"step_s": (walls[args.long] - walls[args.short]) / (args.long - args.short),
-                     "load_s": min(p[2] for p in peaks), "peak_anon_mib": max(p[0] for p in peaks),
-                     "peak_rss_mib": max(p[1] for p in peaks)}
+                  f"{r['anon_mib']:.0f} MiB rss {r['rss_mib']:.0f} MiB; steps {[round(x, 1) for x in printed]} s",
+                  flush=True)
+        step_s = (statistics.median(printed[1:]) if args.one_run else
+                  (walls[args.long] - walls[args.short]) / (args.long - args.short))
+        res[side] = {"step_s": step_s, "load_s": min(p[2] for p in peaks),
+                     "peak_anon_mib": max(p[0] for p in peaks), "peak_rss_mib": max(p[1] for p in peaks)}
+        if side == "jpeft":  # the estimate vs the measured footprint: anon + resident memory-mapped base
+            res[side].update(estimate_mib=est, footprint_mib=max(p[3] for p in peaks))
+    if len(res) < 4:  # one side only (--sides)
+        return res
     j, p = res["jpeft"], res["peer"]
     res["ratios"] = {"step_time": j["step_s"] / p["step_s"], "load_time": j["load_s"] / p["load_s"],
                      "peak_anon": j["peak_anon_mib"] / p["peak_anon_mib"],
@@ -198,6 +238,9 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=["lora-bf16", "qlora"], choices=["lora-bf16", "qlora"])
     ap.add_argument("--short", type=int, default=2)
     ap.add_argument("--long", type=int, default=4)
+    ap.add_argument("--sides", nargs="+", default=["jpeft", "peer"], choices=["jpeft", "peer"],
+                    help="rerun one side only (the table then needs both from one invocation: use the default)")
+    ap.add_argument("--one-run", action="store_true", help="one run of --long steps per side (see `one`)")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "jpeft-real-size")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -219,12 +262,18 @@ def main() -> None:
     print("\n| shape | run | load s (jpeft / peer) | s/step (jpeft / peer) | peak anon MiB (jpeft / peer) | "
           "peak RSS MiB (jpeft / peer) |")
     print("|---|---|---|---|---|---|")
-    for r in results:
+    for r in (r for r in results if "ratios" in r):
         j, p, q = r["jpeft"], r["peer"], r["ratios"]
         print(f"| {r['size']} | {r['run']} | {j['load_s']:.1f} / {p['load_s']:.1f} ({q['load_time']:.2f}x) | "
               f"{j['step_s']:.1f} / {p['step_s']:.1f} ({q['step_time']:.2f}x) | {j['peak_anon_mib']:.0f} / "
               f"{p['peak_anon_mib']:.0f} ({q['peak_anon']:.2f}x) | {j['peak_rss_mib']:.0f} / {p['peak_rss_mib']:.0f} "
               f"({q['peak_rss']:.2f}x) |")
+    print("\n| shape | run | jpeft estimate MiB | measured peak footprint MiB (anon + mapped base) | ratio |")
+    print("|---|---|---|---|---|")
+    for r in (r for r in results if "jpeft" in r):
+        j = r["jpeft"]
+        print(f"| {r['size']} | {r['run']} | {j['estimate_mib']:.0f} | {j['footprint_mib']:.0f} | "
+              f"{j['estimate_mib'] / j['footprint_mib']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -10,7 +10,14 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jpeft.cli_args import add_model_args, add_setting_flags, maybe_adapter, method_in_argv
+from jpeft.cli_args import (
+    add_model_args,
+    add_quant_flags,
+    add_setting_flags,
+    maybe_adapter,
+    method_in_argv,
+    quant_load_kwargs,
+)
 from jpeft.cli_estimate import add_estimate_command, cmd_estimate
 from jpeft.cli_train import TRAIN_COMMANDS, add_train_commands
 from jpeft.errors import JpeftError
@@ -18,6 +25,7 @@ from jpeft.generate import SamplingConfig, generate
 from jpeft.loading import load
 from jpeft.runtime import configure_host_memory
 from jpeft.train.data import render_chat
+from jpeft.train.estimate import tree_bytes
 from jpeft.train.settings import TrainSettings
 
 
@@ -88,7 +96,7 @@ def cmd_generate(args) -> int:
 
 def cmd_info(args) -> int:
     model = load(args.model, args.dtype, tokenizer=False, allow_torch_bin=args.allow_torch_bin,
-                 host_memory=args.host_memory)
+                 host_memory=args.host_memory, **quant_load_kwargs(args))
     c = model.cfg
     dtypes = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(model.params)})
     info = {
@@ -96,7 +104,7 @@ def cmd_info(args) -> int:
         "intermediate_size": c.intermediate_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
         "head_dim": c.head_dim, "vocab_size": c.vocab_size, "tied_embeddings": c.tie_word_embeddings,
         "sliding_windows": sorted(set(c.layer_windows) - {0}), "parameters": model.num_parameters,
-        "dtype": ",".join(dtypes),
+        "dtype": ",".join(dtypes), "bytes": tree_bytes(model.params), "load_seconds": model.load_seconds,
     }
     if args.json:
         print(json.dumps(info))
@@ -117,6 +125,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a model: family, sizes, parameter count, dtype")
     add_model_args(p)
     p.add_argument("--dtype", default="float32")
+    add_quant_flags(p, None)
     p.add_argument("--json", action="store_true")
     return parser
 

@@ -81,6 +81,53 @@ def embed(params: dict, cfg: ModelConfig, input_ids: jax.Array, dtype: Any) -> j
     return h.astype(dtype)
 
 
+class Bits16:
+    """A frozen 16-bit float stack carried as uint16 through the layer scan (see `_stacks_as_bits`)."""
+
+    def __init__(self, bits: jax.Array, dtype: Any):
+        self.bits, self.dtype = bits, dtype
+
+    def value(self) -> jax.Array:
+        return jax.lax.bitcast_convert_type(self.bits, self.dtype)
+
+
+jax.tree_util.register_pytree_node(Bits16, lambda b: ((b.bits,), b.dtype), lambda dtype, c: Bits16(c[0], dtype))
+
+
+@jax.custom_jvp
+def _to_bits(w: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(w, jnp.uint16)
+
+
+@_to_bits.defjvp
+def _to_bits_jvp(primals, tangents):
+    raise ConfigError("a base weight of the layer stack is being differentiated, but jpeft runs the frozen base "
+                      "through the layer scan as raw 16-bit words; pass weights you train as a method's adapters "
+                      "(e.g. --method full, jpeft.methods.full), which replace the base before the scan")
+
+
+def _stacks_as_bits(params: dict, frozen: set[int]) -> dict:
+    """`params` with each frozen bf16/f16 layer stack (`layers`, and the `dense_layers`/`moe_layers` of mixed
+    models) wrapped as `Bits16`. XLA:CPU supports no 16-bit float slicing: its float normalization converts the
+    whole `[L, ...]` operand of the scan's per-layer slice to f32, and loop-invariant code motion then hoists that
+    convert out of the layer loop (and the micro-batch loop): an f32 copy of every layer's weights (3.7 GiB of
+    temporaries for a 1B bf16 base). An integer slice is left alone, so each layer is decoded inside the loop.
+    Leaves a method's `override_params` put in (trainable: not in `frozen`, the ids of the base leaves) stay floats.
+    """
+    def wrap(x: Any) -> Any:
+        if id(x) in frozen and getattr(x, "dtype", None) in (jnp.bfloat16, jnp.float16) and x.ndim >= 2:
+            return Bits16(_to_bits(x), x.dtype)
+        return x
+
+    return {k: jax.tree_util.tree_map(wrap, v) if k in ("layers", "dense_layers", "moe_layers") else v
+            for k, v in params.items()}
+
+
+def _from_bits(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: x.value() if isinstance(x, Bits16) else x, tree,
+                                  is_leaf=lambda x: isinstance(x, Bits16))
+
+
 def with_overrides(params: dict, adapters: dict | None, methods: Sequence[Method] = ()) -> dict:
     """The base params the forward runs on: each active method's `override_params` hook applied in turn
     (LoRA's `modules_to_save` swaps whole modules for trained copies). The base itself is never modified."""
@@ -183,7 +230,8 @@ def hidden_states_and_aux(params: dict, cfg: ModelConfig, input_ids: jax.Array, 
     load-balancing loss transformers computes from all MoE layers' router logits over the real tokens
     (without `router_aux_loss_coef`); `{}` otherwise."""
     b, t = input_ids.shape
-    params = with_overrides(params, adapters, methods)
+    frozen = {id(x) for x in jax.tree_util.tree_leaves(params)}
+    params = _stacks_as_bits(with_overrides(params, adapters, methods), frozen)
     h, adapters, offset, extra = _embed_inputs(params, cfg, input_ids, adapters or {}, methods, cache, train,
                                                dtype)
     if extra:
@@ -203,6 +251,7 @@ def hidden_states_and_aux(params: dict, cfg: ModelConfig, input_ids: jax.Array, 
         r = None if rng is None else jax.random.fold_in(rng, idx)
         if cfg.mixed_mlp:  # dense and MoE layers alternate: this layer's slice of each MLP stack
             lp = {**lp, **mixed_layer_params(params, cfg, idx)}
+        lp = _from_bits(lp)
         layer = LayerContext(cfg=cfg, methods=tuple(methods), adapters=ad, site=SiteContext(train=train, rng=r,
                              layer=idx), token_mask=token_mask, window=window, cache_kv=ckv)
         h, new, stats = decoder_layer(h, lp, layer, mask)

@@ -77,3 +77,13 @@ def test_train_refuses_a_run_that_cannot_fit_before_reading_a_weight(model_dir, 
     err = capsys.readouterr().err
     assert "this run needs about" in err and "a test device of 1 MiB" in err and "--memory-check off" in err
     assert "step temporaries" in err and not loads and not (tmp_path / "run").exists()
+
+
+def test_info_loads_4bit_and_its_bytes_are_the_estimates_base(model_dir, capsys):
+    assert main(["info", "--model", str(model_dir), "--quantize", "nf4", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert main(["estimate", "--model", str(model_dir), "--method", "qlora", "--max-len", "16", "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert "uint8" in info["dtype"] and info["bytes"] == est["parts"]["base"] > 0 and info["load_seconds"] > 0
+    assert main(["info", "--model", str(model_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes"] > info["bytes"]  # fp32 base is larger than its 4-bit form

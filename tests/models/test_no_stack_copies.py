@@ -1,0 +1,49 @@
+"""No all-layer copy of a stacked base weight in the compiled train step.
+
+The layers run under one `lax.scan` over `[L, ...]` stacks. XLA may rewrite `convert(slice(W))` into
+`slice(convert(W))` and hoist the loop-invariant convert out of the loop: XLA:CPU runs bf16 dots in f32, so a
+bf16 model then holds an f32 copy of every layer's weights (4 GiB of temporaries for a Llama-3.2-1B shape,
+measured with bench/real_size.py). The compiled (optimized) HLO must hold no f32 array of a stack's shape.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft.methods.lora import LoraConfig, init_lora
+from jpeft.train.step import OptimConfig, build_optimizer, init_state, train_step
+
+from tiny import make_trainable_checkpoint
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stacks")
+    make_trainable_checkpoint(d, "llama", "gqa_untied")
+    return jpeft.load(d, "bfloat16", tokenizer=False)
+
+
+def _stack_shapes(params: dict) -> list[tuple[int, ...]]:
+    return [x.shape for x in jax.tree_util.tree_leaves(params["layers"]) if x.ndim == 3]
+
+
+@pytest.mark.parametrize("remat", ["full", "projections"])
+def test_bf16_step_holds_no_f32_copy_of_a_stack(bf16_model, remat):
+    model = bf16_model
+    method, adapters = init_lora(model.cfg, model.params, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                                 jax.random.PRNGKey(0))[:2]
+    tx = build_optimizer(OptimConfig(lr=1e-4), 4, (method,))
+    ids = np.ones((1, 2, 32), np.int32)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}
+    compiled = train_step.lower(init_state(adapters, tx, 0), model.params, batch, cfg=model.cfg, methods=(method,),
+                                tx=tx, remat=remat, dtype=jnp.bfloat16).compile()
+    hlo = compiled.as_text().replace(" ", "")
+    shapes = _stack_shapes(model.params)
+    assert shapes and all(len(s) == 3 for s in shapes)
+    for L, a, b in shapes:
+        for shape in (f"f32[{L},{a},{b}]", f"f32[{L},{b},{a}]"):
+            assert shape not in hlo, (remat, shape)
