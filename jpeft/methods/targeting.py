@@ -152,7 +152,7 @@ def site_layers(cfg: ModelConfig, chosen: list[str] | set[str]) -> dict[Site, tu
     chosen = set(chosen)
     out = {}
     for block, proj in linear_sites(cfg):
-        flags = tuple(linear_module(i, block, proj) in chosen for i in range(cfg.num_layers))
+        flags = tuple(linear_module(i, block, proj, cfg) in chosen for i in range(cfg.num_layers))
         if any(flags):
             out[(block, proj)] = flags
     return out

@@ -247,9 +247,11 @@ def lm_head_weight(params: dict, cfg: ModelConfig) -> jax.Array:
 
 @_with_kernel_mode
 def logits_from_hidden(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
-    """h `[..., D]` -> fp32 logits `[..., V]` (gemma2: final soft-capping)."""
+    """h `[..., D]` -> fp32 logits `[..., V]` (granite: divided by `logits_divisor`; gemma2: final soft-capping)."""
     w = lm_head_weight(params, cfg)
     logits = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=F32)
+    if cfg.logits_divisor != 1.0:
+        logits = logits / cfg.logits_divisor
     if cfg.final_softcap:
         logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     return logits
