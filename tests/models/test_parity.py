@@ -1,4 +1,5 @@
-"""Logits and greedy generation of jpeft's decoder against transformers, for six families."""
+"""Logits and greedy generation (tokens and each step's logits) of jpeft's decoder against transformers, for
+every dense family."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from jpeft.generate import SamplingConfig, generate
 from jpeft.models.model import forward
 from jpeft.torch_bridge.hf_load import load_pretrained
 
-from tiny import MOE_VARIANTS, VARIANTS, batch_with_padding
+from tiny import MOE_VARIANTS, VARIANTS, Measured, batch_with_padding
 
 CASES = sorted(k for k in VARIANTS if k not in MOE_VARIANTS)  # MoE: tests/models/test_moe.py
+MEASURED = Measured()
 
 
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -53,11 +55,17 @@ def test_greedy_generation_matches_transformers(tiny_checkpoint, family, variant
     ids, mask = batch_with_padding(128, np.random.default_rng(3), lengths=(11, 7, 4), side="left")
     with torch.no_grad():
         out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=24,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)
-    ref = out[:, ids.shape[1]:].numpy().tolist()
+                          do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
+                          return_dict_in_generate=True)
+    ref = out.sequences[:, ids.shape[1]:].numpy().tolist()
     s = SamplingConfig(max_new_tokens=24)
-    ours = generate(params, cfg, ids, mask, sampling=s, eos_token_ids=())
+    scores: list = []
+    ours = generate(params, cfg, ids, mask, sampling=s, eos_token_ids=(), scores=scores)
     assert ours == ref
+    # every step's logits too (cached decoding = a cache-free forward of each prefix; phi3's longrope switch)
+    err = rel_err(np.stack(scores), np.stack([x.float().numpy() for x in out.logits]))
+    MEASURED[("generate-logits", family, variant)] = err
+    assert err <= 1e-5
     # Right padding of the same rows decodes identically.
     r_ids, r_mask = batch_with_padding(128, np.random.default_rng(3), lengths=(11, 7, 4), side="right")
     assert generate(params, cfg, r_ids, r_mask, sampling=s, eos_token_ids=()) == ref
