@@ -27,7 +27,21 @@ from tiny import Measured, batch_with_padding
 
 FAMILIES = [("llama", "gqa_untied"), ("qwen2", "bias_tied"), ("gemma", "gqa_headdim")]
 KINDS = ["patterns", "rslora", "dora"]
+# issue-21 dense families: one adapter kind each (fused phi3 projections, the gemma3 text tower's module paths)
+DENSE21 = [("gemma3_text", "gqa3_window_linear", "patterns"), ("gemma3", "text_tower", "rslora"),
+           ("phi3", "longrope_partial_window", "dora"), ("phi3", "plain_tied", "patterns"),
+           ("olmo2", "fullwidth_qknorm", "rslora"), ("granite", "multipliers", "dora"),
+           ("smollm3", "nope_window", "patterns")]
+EXPORT_CASES = [(f, v, k) for k in KINDS for f, v in FAMILIES] + DENSE21
 MEASURED = Measured()
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}
+
+
+def _modules(cfg, names: list[str]) -> list[str]:
+    """`names` in this model's spelling: phi3's fused projections stand for the ones they hold (once each)."""
+    fused = {k: v for k, v in FUSED.items() if (cfg.fused_qkv if v == "qkv_proj" else cfg.fused_gate_up)}
+    return list(dict.fromkeys(fused.get(n, n) for n in names))
 
 
 def rel_err(ours, ref) -> float:
@@ -90,6 +104,7 @@ def _config(kind: str, cfg, tied: bool, seed: int) -> LoraConfig:
     else:
         kw = dict(target_modules=["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"], use_dora=True,
                   lora_dropout=0.1, modules_to_save=None if tied else ["embed_tokens"])
+    kw["target_modules"] = _modules(cfg, kw["target_modules"])
     names = targeted_module_names(cfg, LoraConfig(**kw))
     generic = kw["target_modules"][1]  # a generic key last: the specific keys before it win (first match)
     rank_pattern = {**_random_patterns(names, rng, 1, 8), generic: 3}
@@ -125,8 +140,7 @@ def _peft_load(hf, folder):
     return pm
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("family,variant", FAMILIES)
+@pytest.mark.parametrize("family,variant,kind", EXPORT_CASES)
 def test_export_loads_in_peft_with_equal_logits(trained, tmp_path, family, variant, kind):
     _, hf, cfg, params, method, ad = trained(family, variant, kind)
     out = save_peft_adapter(tmp_path / "adapter", cfg, method, ad)
@@ -138,7 +152,8 @@ def test_export_loads_in_peft_with_equal_logits(trained, tmp_path, family, varia
     ref_model = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**raw))
     want = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(ref_model).items()}
     assert {k: tuple(st.get(k).shape) for k in st.keys()} == want
-    assert any(k.startswith("base_model.model.model.layers.0.") for k in want)
+    assert any(k.startswith(("base_model.model.model.layers.0.", "base_model.model.model.language_model.layers.0."))
+               for k in want)
     # 2. loads without missing-key warnings; 3. fp32 logits equal, padded row included
     ref = _torch_logits(_peft_load(hf, out))
     ids, mask, _ = _batch()
@@ -149,7 +164,8 @@ def test_export_loads_in_peft_with_equal_logits(trained, tmp_path, family, varia
     assert rel_err(ours, _jpeft_logits(cfg, params, None, {})) > 1e-3  # the adapter really changed the model
 
 
-MERGE_CASES = [("llama", "gqa_untied", "dora"), ("qwen2", "bias_tied", "patterns"), ("gemma", "gqa_headdim", "rslora")]
+MERGE_CASES = [("llama", "gqa_untied", "dora"), ("qwen2", "bias_tied", "patterns"), ("gemma", "gqa_headdim", "rslora"),
+               *DENSE21]
 
 
 @pytest.mark.parametrize("family,variant,kind", MERGE_CASES)
@@ -187,10 +203,26 @@ REVERSE = [
     ("qwen2", "bias_tied", dict(r=3, lora_alpha=5, target_modules=["k_proj", "up_proj", "down_proj"],
                                 use_rslora=True, layers_to_transform=[1, 2], rank_pattern={"down_proj": 5},
                                 alpha_pattern={"layers.2.mlp.up_proj": 2.5})),
+    # peft's own layout of LoRA on phi3's fused projections: lora_B [q+2kv, r] and [2I, r]
+    ("phi3", "longrope_partial_window", dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "o_proj"],
+                                             use_dora=True, rank_pattern={"gate_up_proj": 6},
+                                             modules_to_save=["lm_head"])),
+    ("gemma3_text", "untied_pattern2", dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            rank_pattern={"layers.1.self_attn.v_proj": 5}, use_rslora=True)),
+    # a regex limited to the text tower (a plain list would also adapt the vision tower's q_proj/v_proj)
+    ("gemma3", "text_tower", dict(r=4, lora_alpha=4, target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj)",
+                                  alpha_pattern={"up_proj": 2}, use_rslora=True)),
+    ("olmo2", "fullwidth_qknorm", dict(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj", "gate_proj"],
+                                       use_dora=True, layers_to_transform=[0, 2])),
+    ("granite", "multipliers", dict(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                                    use_rslora=True)),
+    ("smollm3", "nope_window", dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"],
+                                    use_dora=True, rank_pattern={"layers.3.self_attn.k_proj": 2})),
 ]
+REVERSE_IDS = [f"{f}_{'dora' if kw.get('use_dora') else 'rslora'}" for f, _, kw in REVERSE]
 
 
-@pytest.mark.parametrize("family,variant,kw", REVERSE, ids=["llama_dora", "qwen2_rslora"])
+@pytest.mark.parametrize("family,variant,kw", REVERSE, ids=REVERSE_IDS)
 def test_peft_made_adapter_imports_and_reexports(tiny_checkpoint, tmp_path, family, variant, kw):
     folder, hf = tiny_checkpoint(family, variant)
     torch.manual_seed(0)
