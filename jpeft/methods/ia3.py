@@ -39,7 +39,12 @@ from jpeft.torch_bridge import peft_io
 F32 = jnp.float32
 # peft's TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING for the supported families.
 DEFAULT_TARGETS = {"llama": ["k_proj", "v_proj", "down_proj"], "mistral": ["k_proj", "v_proj", "down_proj"],
-                   **{f: ["q_proj", "v_proj", "down_proj"] for f in ("gemma", "gemma2", "qwen2", "qwen3")}}
+                   **{f: ["q_proj", "v_proj", "down_proj"] for f in ("gemma", "gemma2", "qwen2", "qwen3",
+                                                                     "gemma3_text")}}
+# jpeft's choice where peft has none: gemma3_text's for the multimodal text tower, llama's for the other
+# llama-like families, and for phi3 its fused projections holding the same modules.
+DEFAULT_TARGETS.update(gemma3=DEFAULT_TARGETS["gemma3_text"], phi3=["qkv_proj", "down_proj"],
+                       **{f: DEFAULT_TARGETS["llama"] for f in ("olmo2", "granite", "smollm3")})
 DEFAULT_FEEDFORWARD = ["down_proj"]
 
 
