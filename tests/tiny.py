@@ -86,6 +86,43 @@ DENSE21_VARIANTS: dict[tuple[str, str], dict] = {
                                      pad_token_id=0),
 }
 VARIANTS.update(DENSE21_VARIANTS)
+# Other sizes and options of the same families (run by the slow tests): legacy config spellings, odd partial
+# rotary widths, MQA, more window patterns and NoPE intervals, other multipliers, no biases.
+_LONG9 = dict(rope_type="longrope", rope_theta=500.0, short_factor=[1.0, 1.1, 1.3, 1.2, 1.0, 1.5, 1.1, 1.05, 1.2],
+              long_factor=[2.0, 3.5, 1.5, 6.0, 4.0, 2.5, 3.0, 5.0, 2.2], attention_factor=1.3)
+DENSE21_MORE: dict[tuple[str, str], dict] = {
+    ("gemma3_text", "legacy_rope_pattern3"): dict(hidden_size=72, intermediate_size=100, num_hidden_layers=4,
+                                                  num_attention_heads=6, num_key_value_heads=2, head_dim=24,
+                                                  sliding_window=3, sliding_window_pattern=3, rope_theta=50000.0,
+                                                  rope_local_base_freq=100.0, query_pre_attn_scalar=24,
+                                                  rope_scaling={"rope_type": "linear", "factor": 4.0},
+                                                  attention_bias=True, tie_word_embeddings=False),
+    ("gemma3", "untied_softcap_ignored"): dict(text_config=dict(_G3_TEXT, final_logit_softcapping=0.5,
+                                                                num_key_value_heads=1),
+                                               vision_config=_VISION, mm_tokens_per_image=4, image_token_index=127,
+                                               boi_token_index=125, eoi_token_index=126, tie_word_embeddings=False),
+    ("phi3", "partial075_odd_mqa"): dict(hidden_size=120, intermediate_size=72, num_attention_heads=6,
+                                         num_key_value_heads=1, partial_rotary_factor=0.75, pad_token_id=0,
+                                         sliding_window=3),
+    ("phi3", "longrope075_gqa3_untied"): dict(hidden_size=144, num_attention_heads=6, num_key_value_heads=2,
+                                              partial_rotary_factor=0.75, max_position_embeddings=40,
+                                              original_max_position_embeddings=12, pad_token_id=0,
+                                              rope_parameters=_LONG9),
+    ("phi3", "legacy_su"): dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=4, pad_token_id=0,
+                                original_max_position_embeddings=14, max_position_embeddings=64,
+                                rope_scaling=dict(type="su", short_factor=[1.0 + 0.1 * i for i in range(12)],
+                                                  long_factor=[3.0 - 0.1 * i for i in range(12)])),
+    ("olmo2", "nobias_linear"): dict(num_key_value_heads=1, rope_parameters=dict(rope_type="linear", factor=2.0,
+                                                                               rope_theta=5000.0)),
+    ("granite", "untied_mults"): dict(hidden_size=72, intermediate_size=100, num_attention_heads=6,
+                                      num_key_value_heads=3, embedding_multiplier=1.0, attention_multiplier=0.1,
+                                      residual_multiplier=1.0, logits_scaling=2.5, tie_word_embeddings=False),
+    ("smollm3", "interval3_nowindow"): dict(num_hidden_layers=5, num_attention_heads=6, num_key_value_heads=2,
+                                            no_rope_layer_interval=3, pad_token_id=0, tie_word_embeddings=False),
+    ("smollm3", "explicit_list"): dict(num_hidden_layers=4, no_rope_layers=[1, 0, 0, 1], pad_token_id=0,
+                                       use_sliding_window=True, sliding_window=5),
+}
+VARIANTS.update(DENSE21_MORE)
 
 # Mixture-of-experts families: several expert counts, top-k, renormalisation and dense/MoE layer patterns.
 MOE_VARIANTS: dict[tuple[str, str], dict] = {

@@ -93,13 +93,14 @@ def _rope_longrope(theta: float, dim: int, p: Mapping[str, Any], max_pos: int
 
 
 def rotary_dim(params: Mapping[str, Any], head_dim: int) -> int:
-    """The rotated width of each head: `int(head_dim · partial_rotary_factor)` (Phi-3/4: the first part of
-    each head is rotated, the rest passes unchanged)."""
+    """`int(head_dim · partial_rotary_factor)`, the `dim` of the frequency exponents `2j / dim` (Phi-3/4: the
+    first part of each head is rotated, the rest passes unchanged). As in transformers, an odd `dim` gives
+    `(dim + 1) // 2` frequencies, so `dim + 1` entries turn."""
     prf = float(params.get("partial_rotary_factor", 1.0) or 1.0)
     dim = int(head_dim * prf)
-    if not 0 < dim <= head_dim or dim % 2:
+    if not 0 < dim or 2 * ((dim + 1) // 2) > head_dim:
         raise ConfigError(f"rope_parameters.partial_rotary_factor={prf} gives a rotary width of {dim} for head_dim="
-                          f"{head_dim}; it must be even and in 2..head_dim")
+                          f"{head_dim}; fix the config.json")
     return dim
 
 
@@ -135,6 +136,6 @@ def rope_fields(params: Mapping[str, Any], head_dim: int, max_pos: int) -> dict[
         out["rotary_dim"] = 2 * inv.size
     if params.get("rope_type", params.get("type")) == "longrope":
         theta = float(params.get("rope_theta", 10000.0))
-        _, long, _, orig = _rope_longrope(theta, 2 * inv.size, params, max_pos)
+        _, long, _, orig = _rope_longrope(theta, rotary_dim(params, head_dim), params, max_pos)
         out.update(rope_long_inv_freq=tuple(float(x) for x in long), rope_long_after=orig)
     return out

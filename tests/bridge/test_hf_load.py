@@ -145,7 +145,8 @@ def test_corrupt_safetensors(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("edit,match", [
-    ({"model_type": "gpt2"}, "model_type='gpt2' is not supported"),
+    ({"model_type": "gpt2"}, "model_type='gpt2' is not supported; supported: llama, .*gemma3_text, gemma3, phi3, "
+                             "olmo2, granite, smollm3"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
      "rope_type='dynamic' is not supported"),
     ({"hidden_act": "relu2"}, "hidden_act='relu2' is not supported"),

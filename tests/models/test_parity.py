@@ -12,9 +12,11 @@ from jpeft.generate import SamplingConfig, generate
 from jpeft.models.model import forward
 from jpeft.torch_bridge.hf_load import load_pretrained
 
-from tiny import MOE_VARIANTS, VARIANTS, Measured, batch_with_padding
+from tiny import DENSE21_MORE, MOE_VARIANTS, VARIANTS, Measured, batch_with_padding
 
-CASES = sorted(k for k in VARIANTS if k not in MOE_VARIANTS)  # MoE: tests/models/test_moe.py
+# MoE: tests/models/test_moe.py. The extra option combinations of the issue-21 families run with -m slow.
+CASES = [pytest.param(*k, marks=[pytest.mark.slow] if k in DENSE21_MORE else [])
+         for k in sorted(k for k in VARIANTS if k not in MOE_VARIANTS)]
 MEASURED = Measured()
 
 
