@@ -224,7 +224,11 @@ def make_trainable_checkpoint(folder, family: str = "llama", variant: str = "gqa
     kw = dict(VARIANTS[(family, variant)])
     if initializer_range is not None:
         kw["initializer_range"] = initializer_range
-    VARIANTS[(family, variant + "_tok")] = {**kw, "vocab_size": max(len(tok), vocab_size or 0)}
+    sizes = {"vocab_size": max(len(tok), vocab_size or 0), **({} if initializer_range is None else
+                                                                {"initializer_range": initializer_range})}
+    if "text_config" in kw:  # multimodal: the text tower holds the vocabulary
+        kw["text_config"] = {**kw["text_config"], **sizes}
+    VARIANTS[(family, variant + "_tok")] = {**kw, **sizes}
     model = make_checkpoint(family, variant + "_tok", folder, seed)
     tok.save_pretrained(folder)
     return model, tok
