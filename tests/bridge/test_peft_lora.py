@@ -250,6 +250,18 @@ def test_peft_made_adapter_imports_and_reexports(tiny_checkpoint, tmp_path, fami
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), k
 
 
+def test_gemma3_adapter_of_the_vision_tower_is_refused_by_name(tiny_checkpoint, tmp_path):
+    """peft's plain list ["q_proj", "v_proj"] on the multimodal gemma3 also adapts the vision tower, which jpeft
+    does not hold: one error naming the tensor and the regex that limits peft to the text tower."""
+    folder, hf = tiny_checkpoint("gemma3", "text_tower")
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(target_modules=["q_proj", "v_proj"],
+                                                                task_type="CAUSAL_LM"))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    cfg, params = load_pretrained(folder)
+    with pytest.raises(CheckpointError, match=r"vision_tower.*adapts the vision side.*language_model"):
+        load_peft_adapter(tmp_path / "peft", cfg, params)
+
+
 def test_pissa_exports_as_rank_2r_lora_of_the_original_base(tiny_checkpoint, tmp_path):
     folder, hf = tiny_checkpoint("llama", "gqa_untied")
     cfg, params = load_pretrained(folder)
