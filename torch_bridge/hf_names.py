@@ -164,8 +164,10 @@ def router_name(cfg: ModelConfig) -> str:
 def v5_name(name: str) -> str:
     """The transformers-5 in-memory spelling of a hub tensor name (mixtral's `block_sparse_moe` -> `mlp`; the
     gemma3 text tower's `language_model.model.` -> `model.language_model.`, `language_model.lm_head` -> `lm_head`)."""
-    if name.startswith("language_model."):
-        name = name.replace("language_model.model.", "model.language_model.", 1).replace("language_model.", "", 1)
+    if name.startswith("language_model.model."):
+        name = "model.language_model." + name[len("language_model.model."):]
+    elif name.startswith("language_model."):
+        name = name[len("language_model."):]
     return name.replace(".block_sparse_moe.", ".mlp.")
 
 
@@ -267,12 +269,12 @@ def saveable_param(cfg: ModelConfig, module: str) -> HFParam:
 @functools.lru_cache(maxsize=32)
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> torch-layout shape, for every base tensor of this config (the tied lm_head too; for
-    experts both the fused and the per-expert names, and mixtral's router under both spellings)."""
+    experts both the fused and the per-expert names; hub names also in their transformers-5 spelling, see
+    `v5_name`: mixtral's router, the gemma3 text tower)."""
     out = {n: p.shape for p in base_params(cfg) for n in p.names(cfg.num_layers)}
     out.setdefault("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+    out.update({v5_name(n): shape for n, shape in list(out.items())})
     for p in base_params(cfg):
-        if p.name == router_name(cfg):
-            out.update({v5_name(n): p.shape for n in p.names(cfg.num_layers)})
         if p.experts:
             for i in p.layer_ids(cfg.num_layers):
                 out.update({n: p.shape[1:] if p.experts == "down_proj" else (p.shape[1] // 2, p.shape[2])

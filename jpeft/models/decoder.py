@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jpeft.errors import ConfigError
 from jpeft.kernels import rms_norm as fused_norm
 from jpeft.kernels.attention import attention
 from jpeft.kernels.dispatch import REFERENCE, choose
@@ -60,7 +61,10 @@ def rope_table(cfg: ModelConfig, positions: jax.Array, layer: jax.Array | int | 
     if cfg.rope_long_inv_freq:
         long = jnp.max(positions) + 1 > cfg.rope_long_after
         inv = jnp.where(long, jnp.asarray(cfg.rope_long_inv_freq, F32), inv)
-    if cfg.layer_rope and layer is not None:
+    if cfg.layer_rope:
+        if layer is None:
+            raise ConfigError("this model picks a RoPE table per layer (layer_rope); pass the layer index "
+                              "(SiteContext.layer)")
         tables = [inv] + [jnp.asarray(t, F32) for t, _ in cfg.rope_tables]
         pick = jnp.asarray(cfg.layer_rope, jnp.int32)[layer]
         inv = jnp.stack(tables)[pick]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -166,4 +167,24 @@ def test_config_without_model_type(tiny_checkpoint, tmp_path):
     del raw["model_type"]
     (dst / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="'model_type' is missing"):
+        load_pretrained(dst)
+
+
+def test_gemma3_text_tower_reads_both_tensor_spellings(tiny_checkpoint, tmp_path):
+    """The hub's `language_model.model.*` (what transformers 5 saves) and the in-memory `model.language_model.*`
+    give the same base; a wrong shape under the second spelling is still named."""
+    from safetensors.numpy import load_file, save_file
+
+    folder, _ = tiny_checkpoint("gemma3", "text_tower")
+    dst = _copy(folder, tmp_path)
+    tensors = {k.replace("language_model.model.", "model.language_model.", 1): v
+               for k, v in load_file(folder / "model.safetensors").items()}
+    assert any(k.startswith("model.language_model.layers.") for k in tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    (_, a), (_, b) = load_pretrained(folder), load_pretrained(dst)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    key = "model.language_model.layers.1.self_attn.q_norm.weight"
+    save_file({**tensors, key: np.zeros(3, np.float32)}, dst / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{key}' has shape \\[3\\]"):
         load_pretrained(dst)
