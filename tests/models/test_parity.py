@@ -32,7 +32,8 @@ def test_logits_match_transformers(tiny_checkpoint, family, variant):
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.float().numpy()
     ours, _ = forward(params, cfg, jnp.asarray(ids))
-    assert rel_err(np.asarray(ours), ref) <= 1e-5
+    MEASURED[("logits", family, variant)] = err = rel_err(np.asarray(ours), ref)
+    assert err <= 1e-5
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -47,7 +48,8 @@ def test_logits_with_padding_mask(tiny_checkpoint, family, variant, side):
                  position_ids=torch.tensor(pos)).logits.float().numpy()
     ours, _ = forward(params, cfg, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     real = mask.astype(bool)  # padded query rows are undefined in both
-    assert rel_err(np.asarray(ours)[real], ref[real]) <= 1e-5
+    MEASURED[("padded logits", side, family, variant)] = err = rel_err(np.asarray(ours)[real], ref[real])
+    assert err <= 1e-5
 
 
 @pytest.mark.parametrize("family,variant", CASES)
