@@ -2,8 +2,9 @@
 
 Everything that reads or writes HF-named tensors goes through this table: the base loader
 (`hf_load.build_params`), the merged exporter (`merged.hf_tensors`), the 4-bit writer
-(`bnb_checkpoint.quantized_hf_tensors`) and every method's peft key mapping (`linear_module`, `peft_key`,
-`saveable_param`).
+(`bnb_checkpoint.quantized_hf_tensors`), the GGUF name maps (`gguf`, `gguf_write`) and every method's key
+mapping (`linear_module`, `peft_key`, `saveable_param`, `expert_wrapper_module`, `bottleneck_module`). No other
+module spells `model.layers.{i}...` itself.
 
 The jpeft base tree (`params`) stacks per-layer tensors on a leading axis `L`:
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 from jpeft.models.config import ModelConfig
 
@@ -103,10 +105,35 @@ class HFParam:
         return [self.name.format(i=i) for i in self.layer_ids(num_layers)] if self.layered else [self.name]
 
 
+_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def layer_module(layer: int, path: str, cfg: ModelConfig | None = None) -> str:
+    """The HF path of module `path` inside decoder layer `layer`, e.g. `model.layers.0.self_attn.q_proj` (pass
+    `cfg` for the multimodal gemma3 text tower: `model.language_model.layers.0...`)."""
+    return f"{module_prefix(cfg)}layers.{layer}.{path}"
+
+
+def layer_tensor(layer: int, path: str, kind: str = "weight") -> str:
+    """The HF name of a tensor (`weight` or `bias`) of module `path` in layer `layer`."""
+    return f"{layer_module(layer, path)}.{kind}"
+
+
+def split_layer_tensor(name: str) -> tuple[int, str, str] | None:
+    """`(layer, module path, kind)` of a per-layer HF tensor name (the inverse of `layer_tensor`), else None."""
+    m = _LAYER_TENSOR.fullmatch(name)
+    return None if m is None else (int(m.group(1)), m.group(2), m.group(3))
+
+
+def global_tensor(key: str) -> str:
+    """The HF name of a whole-model tensor: `embed_tokens`, `norm` or `lm_head` (`model.embed_tokens.weight`)."""
+    return f"{SAVEABLE_MODULES[key]}.weight"
+
+
 def linear_module(layer: int, block: str, proj: str, cfg: ModelConfig | None = None) -> str:
     """The HF module path of a linear site, e.g. `model.layers.0.self_attn.q_proj` (pass `cfg` for the
     multimodal gemma3 text tower: `model.language_model.layers.0...`)."""
-    return f"{module_prefix(cfg)}layers.{layer}.{block}.{proj}"
+    return layer_module(layer, f"{block}.{proj}", cfg)
 
 
 def linear_sites(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
@@ -125,12 +152,36 @@ def linear_module_names(cfg: ModelConfig) -> list[str]:
 
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # peft `target_parameters` names (`mlp.experts.<name>`)
+EXPERTS_MODULE = "mlp.experts"
 
 
 def expert_param(layer: int, name: str) -> str:
     """The transformers 5 parameter name of a fused expert stack, e.g. `model.layers.0.mlp.experts.down_proj`
     (what peft's `target_parameters` match against)."""
-    return f"model.layers.{layer}.mlp.experts.{name}"
+    return layer_module(layer, f"{EXPERTS_MODULE}.{name}")
+
+
+def is_expert_param(name: str) -> bool:
+    """Whether an HF name is an expert stack (`...mlp.experts.gate_up_proj`), not a module."""
+    return any(name.endswith(f".{EXPERTS_MODULE}.{p}") for p in EXPERT_PARAMS)
+
+
+def expert_wrapper_module(layer: int, name: str, names_in_layer: list[str]) -> str:
+    """The module path of peft's ParamWrapper of expert stack `name` in layer `layer`, where `names_in_layer` are
+    the stacks adapted there: later parameters wrap the earlier ones, so the first of two is
+    `model.layers.{i}.mlp.experts.base_layer` and the last `model.layers.{i}.mlp.experts`."""
+    order = [n for n in EXPERT_PARAMS if n in names_in_layer]
+    return layer_module(layer, EXPERTS_MODULE + ".base_layer" * (len(order) - 1 - order.index(name)))
+
+
+# AdapterHub's bottleneck-adapter modules (jpeft's bottleneck folders use its names): block -> module.
+BOTTLENECK_MODULES = {"self_attn": "attention_adapters", "mlp": "output_adapters"}
+
+
+def bottleneck_module(layer: int, block: str, name: str) -> str:
+    """The AdapterHub module path of adapter `name` after `block` in layer `layer`, e.g.
+    `model.layers.0.attention_adapters.adapters.bottleneck`."""
+    return layer_module(layer, f"{BOTTLENECK_MODULES[block]}.adapters.{name}")
 
 
 def expert_param_names(cfg: ModelConfig) -> list[str]:
@@ -147,11 +198,11 @@ def expert_names(cfg: ModelConfig, layer: int, name: str) -> list[list[str]]:
     """Per-expert (hub layout) tensor names of one fused stack: for `gate_up_proj` `[[gate, up]] * E`, for
     `down_proj` `[[down]] * E` (mixtral: `block_sparse_moe.experts.N.w1/w3/w2`)."""
     if cfg.model_type == "mixtral":
-        pre, parts = f"model.layers.{layer}.block_sparse_moe.experts", {"gate_up_proj": ("w1", "w3"),
-                                                                         "down_proj": ("w2",)}[name]
+        pre, parts = layer_module(layer, "block_sparse_moe.experts"), {"gate_up_proj": ("w1", "w3"),
+                                                                        "down_proj": ("w2",)}[name]
     else:
-        pre, parts = f"model.layers.{layer}.mlp.experts", {"gate_up_proj": ("gate_proj", "up_proj"),
-                                                            "down_proj": ("down_proj",)}[name]
+        pre, parts = layer_module(layer, EXPERTS_MODULE), {"gate_up_proj": ("gate_proj", "up_proj"),
+                                                           "down_proj": ("down_proj",)}[name]
     return [[f"{pre}.{e}.{p}.weight" for p in parts] for e in range(cfg.num_experts)]
 
 
@@ -263,7 +314,7 @@ def saveable_param(cfg: ModelConfig, module: str) -> HFParam:
     paths = saveable_modules(cfg)
     return {"embed_tokens": HFParam(("embed_tokens",), paths["embed_tokens"] + ".weight", (v, d)),
             "norm": HFParam(("norm",), paths["norm"] + ".weight", (d,)),
-            "lm_head": HFParam(("lm_head", "kernel"), "lm_head.weight", (v, d), True)}[module]
+            "lm_head": HFParam(("lm_head", "kernel"), global_tensor("lm_head"), (v, d), True)}[module]
 
 
 @functools.lru_cache(maxsize=32)
@@ -272,7 +323,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     experts both the fused and the per-expert names; hub names also in their transformers-5 spelling, see
     `v5_name`: mixtral's router, the gemma3 text tower)."""
     out = {n: p.shape for p in base_params(cfg) for n in p.names(cfg.num_layers)}
-    out.setdefault("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+    out.setdefault(global_tensor("lm_head"), (cfg.vocab_size, cfg.hidden_size))
     out.update({v5_name(n): shape for n, shape in list(out.items())})
     for p in base_params(cfg):
         if p.experts:

@@ -94,9 +94,6 @@ class ModelConfig:
     moe_layers: tuple[bool, ...] = ()  # () = no MoE layer
     router_aux_loss_coef: float = 0.0
     output_router_logits: bool = False
-    # Execution, not architecture: which fused-op implementations run (`jpeft.kernels.dispatch`:
-    # "auto" = Pallas kernels on GPU, references elsewhere; "on"; "off"). Static like the rest.
-    kernels: str = "auto"
 
     @property
     def q_size(self) -> int:

@@ -13,15 +13,14 @@ Shapes: N = B·T tokens, k = num_experts_per_tok, M = N·k assignments, E expert
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jpeft.kernels.swiglu import glu
-from jpeft.methods.base import Method, SiteContext
 from jpeft.models.config import ModelConfig
+from jpeft.models.records import LayerContext
+from jpeft.sites import Site, site_tree
 
 F32 = jnp.float32
 
@@ -39,19 +38,15 @@ def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array,
     return probs, weights, experts.astype(jnp.int32)
 
 
-def expert_matmul(site: tuple[str, ...], x: jax.Array, w: jax.Array, group_sizes: jax.Array, ad: dict | None,
-                  methods: Sequence[Method], ctx: SiteContext) -> jax.Array:
+def expert_matmul(site: Site, x: jax.Array, w: jax.Array, group_sizes: jax.Array, layer: LayerContext) -> jax.Array:
     """One grouped expert projection and every method's change to it.
 
     x `[M, in]` (rows sorted by expert), w `[E, in, out]`, group_sizes `[E]` int32 -> `[M, out]`.
     """
     y = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-    for m in methods:
-        tree = None if ad is None else ad.get(m.name)
-        for key in site:
-            tree = tree.get(key) if isinstance(tree, dict) else None
-        if tree is not None:
-            y = m.expert_linear(site, x, y, w, tree, group_sizes, ctx)
+    for m in layer.methods:
+        if (tree := site_tree(layer.adapters, m, site)) is not None:
+            y = m.expert_linear(site, x, y, w, tree, group_sizes, layer.site)
     return y
 
 
@@ -65,10 +60,11 @@ def router_stats(probs: jax.Array, experts: jax.Array, token_mask: jax.Array) ->
     return jnp.stack([m @ counts, m @ probs, jnp.full((e,), jnp.sum(m))])
 
 
-def moe_mlp(x: jax.Array, mp: dict, ad: dict | None, token_mask: jax.Array, cfg: ModelConfig,
-            methods: Sequence[Method], ctx: SiteContext) -> tuple[jax.Array, jax.Array]:
+def moe_mlp(x: jax.Array, mp: dict, layer: LayerContext) -> tuple[jax.Array, jax.Array]:
     """The sparse MoE block. x `[B, T, D]`, mp `{"gate": {"kernel": [D, E]}, "experts": {"gate_up_proj":
-    [E, D, 2I], "down_proj": [E, I, D]}}`, token_mask `[B, T]` -> (y `[B, T, D]`, router stats `[3, E]`)."""
+    [E, D, 2I], "down_proj": [E, I, D]}}` -> (y `[B, T, D]`, router stats `[3, E]` over `layer.token_mask`
+    `[B, T]`, all tokens when None)."""
+    cfg = layer.cfg
     b, t, d = x.shape
     k, e = cfg.num_experts_per_tok, cfg.num_experts
     xf = x.reshape(b * t, d)
@@ -78,13 +74,13 @@ def moe_mlp(x: jax.Array, mp: dict, ad: dict | None, token_mask: jax.Array, cfg:
     group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     xs = xf[order // k]  # [M, D]
     ex, site = mp["experts"], ("mlp", "experts")
-    h = expert_matmul(site + ("gate_up_proj",), xs, ex["gate_up_proj"], group_sizes, ad, methods, ctx)
+    h = expert_matmul(site + ("gate_up_proj",), xs, ex["gate_up_proj"], group_sizes, layer)
     g, u = jnp.split(checkpoint_name(h, "mlp_gate"), 2, axis=-1)
-    y = expert_matmul(site + ("down_proj",), glu(g, u, cfg.activation), ex["down_proj"], group_sizes, ad,
-                      methods, ctx)
+    y = expert_matmul(site + ("down_proj",), glu(g, u, cfg.activation), ex["down_proj"], group_sizes, layer)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     y = y[inverse].astype(F32).reshape(b * t, k, d)  # back in assignment order
     out = jnp.einsum("nkd,nk->nd", y, weights).astype(x.dtype).reshape(b, t, d)
+    token_mask = jnp.ones((b, t), jnp.int32) if layer.token_mask is None else layer.token_mask
     return out, router_stats(probs, experts, token_mask.reshape(-1))
 
 
