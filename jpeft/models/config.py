@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, UnsupportedModelError
 from jpeft.models import families
 from jpeft.models.rope_params import SUPPORTED_ROPE, rope_fields, rope_frequencies  # noqa: F401 (re-exported)
 
@@ -187,13 +187,17 @@ def _moe_fields(hf: Any, family: str) -> dict:
                 output_router_logits=bool(hf.output_router_logits))
 
 
+def unsupported_family(where: str, family: Any, why: str = "") -> UnsupportedModelError:
+    """The one refusal of a `model_type` jpeft has no decoder for: names it and lists `SUPPORTED_FAMILIES`."""
+    return UnsupportedModelError(f"{where}: model_type={family!r} is not supported{why}; supported: "
+                                 f"{', '.join(SUPPORTED_FAMILIES)}")
+
+
 def from_hf_config(hf: Any) -> ModelConfig:
     """Map a `transformers.PretrainedConfig` of a supported family to a `ModelConfig`."""
     family = getattr(hf, "model_type", None)
     if family not in SUPPORTED_FAMILIES:
-        raise ConfigError(
-            f"config.json model_type={family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
-        )
+        raise unsupported_family("config.json", family)
     hf, top = families.text_config(hf), hf
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from jpeft.errors import CheckpointError, ConfigError
+from jpeft.errors import CheckpointError, ConfigError, UnsupportedModelError
+from jpeft.models.config import SUPPORTED_FAMILIES, from_hf_config
 from jpeft.models.model import forward
 from jpeft.torch_bridge.hf_load import load_pretrained
 
@@ -159,6 +160,28 @@ def test_unsupported_config_values(tiny_checkpoint, tmp_path, edit, match):
     (dst / "config.json").write_text(json.dumps(raw))
     with pytest.raises((ConfigError, CheckpointError, ValueError), match=match):
         load_pretrained(dst)
+
+
+@pytest.mark.parametrize("family", ["falcon", "mamba", "llava", "t5"])
+def test_unsupported_family_is_one_named_error(tiny_checkpoint, tmp_path, capsys, family):
+    """A model_type jpeft has no decoder for: `UnsupportedModelError` (a `ConfigError`) naming it and listing every
+    supported family, from config.json, from a transformers config object, and on the command line."""
+    import transformers
+
+    from jpeft.cli import main
+
+    dst = _copy(tiny_checkpoint("llama", "gqa_untied")[0], tmp_path)
+    raw = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(dict(raw, model_type=family)))
+    listed = "; supported: " + ", ".join(SUPPORTED_FAMILIES)
+    with pytest.raises(UnsupportedModelError) as e:
+        load_pretrained(dst)
+    assert str(e.value) == f"{dst / 'config.json'}: model_type={family!r} is not supported{listed}"
+    with pytest.raises(UnsupportedModelError, match=f"^config.json: model_type={family!r} is not supported; "):
+        from_hf_config(transformers.AutoConfig.for_model(family))
+    assert main(["info", "--model", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert f"model_type={family!r} is not supported{listed}" in err and "Traceback" not in err
 
 
 def test_config_without_model_type(tiny_checkpoint, tmp_path):
