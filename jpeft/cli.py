@@ -16,6 +16,7 @@ from jpeft.cli_train import TRAIN_COMMANDS, add_train_commands
 from jpeft.errors import JpeftError
 from jpeft.generate import SamplingConfig, generate
 from jpeft.loading import load
+from jpeft.models.describe import features
 from jpeft.runtime import configure_host_memory
 from jpeft.train.data import render_chat
 from jpeft.train.settings import TrainSettings
@@ -96,13 +97,13 @@ def cmd_info(args) -> int:
         "intermediate_size": c.intermediate_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
         "head_dim": c.head_dim, "vocab_size": c.vocab_size, "tied_embeddings": c.tie_word_embeddings,
         "sliding_windows": sorted(set(c.layer_windows) - {0}), "parameters": model.num_parameters,
-        "dtype": ",".join(dtypes),
+        "dtype": ",".join(dtypes), "features": features(c),
     }
     if args.json:
         print(json.dumps(info))
     else:
         for k, v in info.items():
-            print(f"{k:18s} {v}")
+            print(f"{k:18s} {'; '.join(v) if k == 'features' else v}")
     return 0
 
 

@@ -14,6 +14,10 @@ class ConfigError(JpeftError, ValueError):
     """A configuration value is invalid (names the field and the allowed values)."""
 
 
+class UnsupportedModelError(ConfigError):
+    """A checkpoint's `model_type` is a family jpeft has no decoder for (names it and lists the supported ones)."""
+
+
 class CheckpointError(JpeftError, ValueError):
     """A checkpoint file or folder is missing, malformed or incompatible (names the file/key)."""
 

@@ -3,6 +3,11 @@
 Rows may be left- or right-padded; they are re-aligned to the left-padded layout (real tokens at the
 end) so that one shared cache write index serves the whole batch. Positions count real tokens only,
 so a padded row decodes exactly like the same row alone.
+
+longrope (phi3) rotates with its short factors while a call's positions stay within
+`original_max_position_embeddings` and with its long factors after: the step whose token first lies beyond
+re-runs the whole sequence so far with a fresh cache (the cached keys were rotated with the short factors),
+as transformers' Phi-3 does, so every token's logits equal a cache-free forward of its prefix.
 """
 
 from __future__ import annotations
@@ -78,35 +83,46 @@ def pick_token(logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("cfg", "methods", "sampling", "kernels"))
 def _step(params, adapters, cache, ids, mask, rng, *, cfg, methods, sampling, kernels="auto"):
+    """One decoding call -> (next tokens `[B]`, new cache, the last position's fp32 logits `[B, V]`)."""
     with kernel_mode(kernels):
         logits, cache = forward(params, cfg, ids, adapters=adapters, methods=methods, attention_mask=mask,
                                 cache=cache)
-    return pick_token(logits[:, -1], rng, sampling), cache
+    return pick_token(logits[:, -1], rng, sampling), cache, logits[:, -1]
 
 
 def generate(params: dict, cfg: ModelConfig, input_ids: Any, attention_mask: Any = None, *,
              sampling: SamplingConfig = SamplingConfig(), eos_token_ids: Sequence[int] | None = None,
              adapters: dict | None = None, methods: Sequence[Method] = (), seed: int = 0,
-             cache_dtype: Any = jnp.float32, kernels: str = "auto") -> list[list[int]]:
+             cache_dtype: Any = jnp.float32, kernels: str = "auto", scores: list | None = None) -> list[list[int]]:
     """Decode up to `sampling.max_new_tokens` per row (under kernel mode `kernels`); returns the new token ids
     of each row.
 
     input_ids/attention_mask `[B, T]`, left or right padded. A row stops after emitting an EOS id
-    (the EOS is included in its output).
+    (the EOS is included in its output). `scores`, when given, receives each step's fp32 logits `[B, V]`
+    (before temperature and filtering; transformers' `output_logits`).
     """
     sampling = sampling.validate()
     ids, mask = left_align(np.asarray(input_ids), attention_mask)
     b, t = ids.shape
     eos = set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    cache = init_cache(cfg, b, t + max(sampling.max_new_tokens, 1), cache_dtype)
+    size = t + max(sampling.max_new_tokens, 1)
+    cache = init_cache(cfg, b, size, cache_dtype)
     rng = jax.random.PRNGKey(seed)
     kw = dict(cfg=cfg, methods=tuple(methods), sampling=sampling, kernels=kernels)
     outputs: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
     cur_ids, cur_mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
-    for _ in range(sampling.max_new_tokens):
+    hist_ids, seen = ids, int(mask.sum(axis=1).max())  # all tokens so far; the longest row's count in the cache
+    for step in range(sampling.max_new_tokens):
+        if step and cfg.rope_long_inv_freq and seen == cfg.rope_long_after:  # this token switches to long factors
+            cache = init_cache(cfg, b, size, cache_dtype)
+            cur_ids = jnp.asarray(hist_ids, jnp.int32)
+            cur_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, hist_ids.shape[1] - t)), constant_values=1), jnp.int32)
+        seen += int(step > 0)
         rng, sub = jax.random.split(rng)
-        tok, cache = _step(params, adapters or {}, cache, cur_ids, cur_mask, sub, **kw)
+        tok, cache, last = _step(params, adapters or {}, cache, cur_ids, cur_mask, sub, **kw)
+        if scores is not None:
+            scores.append(np.asarray(last))
         tok_np = np.asarray(tok)
         for i in range(b):
             if not done[i]:
@@ -115,4 +131,5 @@ def generate(params: dict, cfg: ModelConfig, input_ids: Any, attention_mask: Any
         if done.all():
             break
         cur_ids, cur_mask = tok[:, None], jnp.ones((b, 1), jnp.int32)
+        hist_ids = np.concatenate([hist_ids, tok_np[:, None]], axis=1) if cfg.rope_long_inv_freq else hist_ids
     return outputs

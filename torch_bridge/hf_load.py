@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
-from jpeft.models.config import SUPPORTED_FAMILIES, ModelConfig, from_hf_config
+from jpeft.models.config import SUPPORTED_FAMILIES, ModelConfig, from_hf_config, unsupported_family
 from jpeft.quant.blockwise import quantize_4bit
 from jpeft.quant.kernel import QuantizedKernel
 from jpeft.torch_bridge import bnb_checkpoint as bnb
@@ -47,8 +47,7 @@ def load_hf_config(folder: Path) -> Any:
     if raw["model_type"] not in SUPPORTED_FAMILIES:
         custom = (f" and asks for custom code (auto_map {sorted(raw['auto_map'])}); jpeft never runs code from a "
                   "checkpoint") if raw.get("auto_map") else ""
-        raise ConfigError(f"{path}: model_type={raw['model_type']!r} is not supported{custom}; supported: "
-                          f"{', '.join(SUPPORTED_FAMILIES)}")
+        raise unsupported_family(str(path), raw["model_type"], custom)
     if raw.get("auto_map"):
         warnings.warn(f"{path}: auto_map (custom code) is ignored; using jpeft's own {raw['model_type']} "
                       "implementation", stacklevel=2)

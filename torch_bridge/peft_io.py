@@ -146,6 +146,11 @@ class AdapterTensors:
         if not extra:
             return
         key, why = extra[0], "is not described by adapter_config.json (or names no module of this model)"
+        if any(f".{part}." in key for part in ("vision_tower", "multi_modal_projector")):
+            raise CheckpointError(
+                f"{self.path}: tensor {key!r} adapts the vision side of a multimodal model; jpeft holds only the text "
+                "tower, so it cannot use this adapter. In peft, limit target_modules to the language model, e.g. "
+                r"r'.*language_model.*\.(q_proj|v_proj)'")
         if modules is not None:
             known = any(key.startswith(f"{PEFT_PREFIX}{m}.") for m in modules)
             why = "is not targeted by adapter_config.json" if known else "names no module of this model"

@@ -77,6 +77,8 @@ def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, meth
         h = h.reshape(-1, h.shape[-1])[idx]
         labels = jnp.where(keep, flat[idx], -100)
     w, vd = lm_head(with_overrides(base, adapters, methods), cfg)
+    if cfg.logits_divisor != 1.0:  # granite: (h @ w) / c, as h/c enters the fused lm_head + loss
+        h = h / jnp.asarray(cfg.logits_divisor, h.dtype)
     nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), softcap=cfg.final_softcap,
                                w_vd=vd)
     return jnp.sum(nll), jnp.sum(labels >= 0).astype(F32), aux

@@ -21,11 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import jpeft
 from jpeft.cli import main
-from jpeft.errors import MissingDependencyError
+from jpeft.errors import ConfigError, MissingDependencyError
 from jpeft.methods.catalog import get_method
 from jpeft.methods.export import save_gguf
+from jpeft.torch_bridge import gguf_write
 
-from tiny import Measured, make_checkpoint, make_trainable_checkpoint
+from tiny import DENSE21_VARIANTS, Measured, config_kwargs, hf_classes, make_checkpoint, make_trainable_checkpoint
 
 MEASURED = Measured()
 TEXTS = ["is it a fruit? answer yes", "  apple\nbanana  ", "<|im_start|>user\nhi<|im_end|>", "ünï 🤗 123"]
@@ -153,6 +154,16 @@ def test_unsupported_family_is_refused_before_loading(tmp_path, capsys):
     assert rc == 2 and "Traceback" not in err
     assert "model family 'gemma' is not supported" in err and "llama, mistral, qwen2" in err and "--merged" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "ckpt"]
+
+
+@pytest.mark.parametrize("family,variant", sorted(DENSE21_VARIANTS))
+def test_new_families_are_refused_with_the_supported_list(family, variant):
+    """gemma3, phi3, olmo2, granite, smollm3 have no GGUF writer: the same named refusal, from config.json alone."""
+    cfg_cls, _ = hf_classes(family)
+    conf = cfg_cls(**config_kwargs(family, variant)).to_dict()
+    with pytest.raises(ConfigError, match=f"model family '{family}' is not supported; supported families: "
+                                          "llama, mistral, qwen2.*--merged"):
+        gguf_write.check_gguf_exportable(conf, "x")
 
 
 def test_llama3_rope_and_unmergeable_methods_are_refused(tmp_path, capsys):
