@@ -205,7 +205,7 @@ def choose(call: OpCall) -> Choice:
     choice = None
     if mode == "on":
         choice = _forced(call, platform)
-    elif mode == "auto" and call.candidates and _TARGET.get() is None and platform in proving.policy().platforms:
+    elif mode == "auto" and call.candidates and _TARGET.get() is None and proving.considered(call.op, platform):
         choice = _proved(call, platform)
     if choice is None:
         choice = Choice(REFERENCE, call.reference)

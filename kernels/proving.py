@@ -49,10 +49,12 @@ CACHE_FILE = "kernel_verdicts.json"
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """Where and how `auto` proves kernels. `platforms`: backends it proves on (elsewhere the reference runs
-    unchecked); `min_speedup`: reference time / kernel time a kernel must beat; `timer(label, run)`: seconds one
-    `run()` takes (None: the wall clock, best of `repeats` after a warm-up)."""
+    unchecked); `ops`: the ops it considers kernels for (None: all); `min_speedup`: reference time / kernel time a
+    kernel must beat; `timer(label, run)`: seconds one `run()` takes (None: the wall clock, best of `repeats`
+    after a warm-up)."""
 
     platforms: tuple[str, ...] = ("gpu",)
+    ops: tuple[str, ...] | None = None
     min_speedup: float = 1.0
     repeats: int = 5
     timer: Callable[[str, Callable[[], Any]], float] | None = None
@@ -77,6 +79,12 @@ _MEMORY: dict[str, Verdict] = {}
 
 def policy() -> Policy:
     return _POLICY.get() or _DEFAULT
+
+
+def considered(op: str, platform: str) -> bool:
+    """Whether `auto` proves kernels for `op` on `platform` under the current policy."""
+    p = policy()
+    return platform in p.platforms and (p.ops is None or op in p.ops)
 
 
 @contextlib.contextmanager

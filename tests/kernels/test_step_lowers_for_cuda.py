@@ -1,47 +1,31 @@
 """The whole jitted train step at real shapes, lowered for CUDA from this CPU-only process (no memory used).
 
-Llama-3-8B (and Mixtral-8x7B for the MoE layers) from their config fields (`jpeft.torch_bridge.presets`), the
-base as `jax.ShapeDtypeStruct`s (`abstract_params`), adapters and optimizer state by `jax.eval_shape`, a batch
-of 4096 packed tokens in bf16, kernel mode "on": every fused op must lower to its Pallas kernel at these shapes
+Llama-3-8B (and Mixtral-8x7B for the MoE layers) from their config fields (`jpeft.torch_bridge.presets`) as
+`jax.ShapeDtypeStruct`s (`jpeft.train.abstract_step`: base, adapters, Adam state), a batch of 4096 packed
+tokens in bf16, kernel mode "on": every fused op must lower to its Pallas kernel at these shapes
 (the Triton custom calls of the lowered module are counted by kernel) and none may fall back to its reference,
 which `kernels_report("on")` would show as "reference" or "pallas+reference".
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from jpeft.kernels import dispatch
 from jpeft.kernels.lowering import kernel_calls, kernel_names, lower_for_cuda
-from jpeft.methods.lora import LoraConfig, init_lora, resolve
+from jpeft.methods.lora import LoraConfig
 from jpeft.torch_bridge.bnb_checkpoint import QuantSpec
-from jpeft.torch_bridge.hf_load import abstract_params
-from jpeft.torch_bridge.presets import preset_config
-from jpeft.train.step import OptimConfig, build_optimizer, init_state, train_step
+from jpeft.train.abstract_step import abstract_train_step
+from jpeft.train.step import train_step
 
-BF16 = jnp.bfloat16
 TOKENS = 4096
-
-
-def _batch(t: int) -> dict:
-    i32 = jax.ShapeDtypeStruct((1, 1, t), jnp.int32)
-    return {k: i32 for k in ("input_ids", "labels", "attention_mask", "segment_ids", "positions")}
 
 
 def lower_step(preset: str, quant: QuantSpec | None, lcfg: LoraConfig) -> tuple[str, dict]:
     """(lowered StableHLO text, kernels_report("on")) of one train step of `preset`."""
-    cfg = preset_config(preset)
-    base = abstract_params(cfg, BF16, quant)
-    method = resolve(cfg, lcfg)
-    adapters = jax.eval_shape(lambda: init_lora(cfg, base, lcfg, jax.random.PRNGKey(0))[1])
-    tx = build_optimizer(OptimConfig(), 100, (method,))
-    state = jax.eval_shape(lambda ad: init_state(ad, tx, 0), adapters)
+    args, kwargs = abstract_train_step(preset, quant=quant, lora=lcfg, tokens=TOKENS, kernels="on")
     dispatch.reset_report()
-    lowered = lower_for_cuda(train_step, state, base, _batch(TOKENS), cfg=cfg, methods=(method,), tx=tx,
-                             remat="projections", dtype=BF16, kernels="on")
-    return lowered.as_text(), dispatch.kernels_report("on")
+    return lower_for_cuda(train_step, *args, **kwargs).as_text(), dispatch.kernels_report("on")
 
 
 CASES = {  # name: (preset, 4-bit base, LoRA config, ops that must run their kernel)
