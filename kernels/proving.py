@@ -63,13 +63,16 @@ class Policy:
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """The outcome of one self-check: `ok` (correct and faster), a short `reason` ("1.31x", "slower: 0.91x",
-    "wrong: rel. error 0.41 > 3e-02", "failed: <error>"), the speed-up and the error measured."""
+    "wrong: rel. error 0.41 > 3e-02", "failed: <error>"), the speed-up, the error and the two timings (forward +
+    backward at the call's shapes, milliseconds) measured."""
 
     ok: bool
     reason: str
     speedup: float = 0.0
     error: float | None = None
     checked: str = ""
+    kernel_ms: float | None = None
+    reference_ms: float | None = None
 
 
 _DEFAULT = Policy()
@@ -185,12 +188,13 @@ def _prove(call: OpCall, cand: Candidate, interpret: bool) -> Verdict:
         if not err <= tol:  # also NaN
             return Verdict(False, f"wrong: rel. error {err:.2g} > {tol:.0e}", error=err, checked=now)
         try:
-            speed = _speedup(call, cand, interpret, rng)
+            ms = _timings(call, cand, interpret, rng)
         except Exception as e:  # noqa: BLE001
             return Verdict(False, f"failed timing: {_short(e)}", error=err, checked=now)
-    if speed < policy().min_speedup:
-        return Verdict(False, f"slower: {speed:.2f}x", speed, err, now)
-    return Verdict(True, f"{speed:.2f}x", speed, err, now)
+    speed = ms["reference"] / max(ms[cand.name], 1e-9)
+    ok = speed >= policy().min_speedup
+    return Verdict(ok, f"{speed:.2f}x" if ok else f"slower: {speed:.2f}x", speed, err, now, ms[cand.name],
+                   ms["reference"])
 
 
 def _short(e: Exception) -> str:
@@ -245,15 +249,15 @@ def max_rel_error(got: Any, want: Any) -> float:
     return worst
 
 
-def _speedup(call: OpCall, cand: Candidate, interpret: bool, rng: np.random.Generator) -> float:
-    """Reference time / candidate time, forward + backward at the call's real shapes."""
+def _timings(call: OpCall, cand: Candidate, interpret: bool, rng: np.random.Generator) -> dict[str, float]:
+    """Milliseconds of the reference and the candidate, forward + backward at the call's real shapes."""
     args = call.example("time", rng)
     seconds = {}
     for label, fn in (("reference", call.reference), (cand.name, _interpreted(cand, interpret))):
         run, diff = _vjp_fn(fn, args, call.grad_argnums, np.random.default_rng(1))
         thunk = lambda: jax.block_until_ready(run(*diff))  # noqa: B023, E731
-        seconds[label] = (policy().timer or _best_time)(f"{call.op}/{label}", thunk)
-    return seconds["reference"] / max(seconds[cand.name], 1e-9)
+        seconds[label] = 1e3 * (policy().timer or _best_time)(f"{call.op}/{label}", thunk)
+    return seconds
 
 
 def _best_time(label: str, thunk: Callable[[], Any]) -> float:

@@ -1,13 +1,17 @@
 """Architectures of well-known checkpoints as Hugging Face config fields: no weights, nothing downloaded.
 
-For random-init benchmarks (`bench/gpu.py` builds a checkpoint folder from one) and for lowering the whole train
-step at real shapes from abstract arrays (`jpeft.torch_bridge.hf_load.abstract_params`, the CUDA-lowering test).
-The fields are those of the published `config.json` files that decide shapes and numerics.
+For random-init benchmarks (`bench/gpu.py`: `random_params` fills the base on the device, nothing on disk) and
+for lowering the whole train step at real shapes from abstract arrays (`jpeft.torch_bridge.hf_load.
+abstract_params`, `jpeft.train.abstract_step`). The fields are those of the published `config.json` files that
+decide shapes and numerics.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 from jpeft.errors import ConfigError
 from jpeft.models.config import ModelConfig, from_hf_config
@@ -48,3 +52,23 @@ def hf_config(name: str, **overrides: Any) -> Any:
 def preset_config(name: str, **overrides: Any) -> ModelConfig:
     """jpeft's `ModelConfig` of preset `name`."""
     return from_hf_config(hf_config(name, **overrides))
+
+
+def random_params(cfg: ModelConfig, dtype: Any, quant: Any = None, seed: int = 0) -> dict:
+    """A random base tree for `cfg` (the structure `abstract_params` gives; 4-bit linears with `quant`), made on
+    the default device one leaf at a time: weights N(0, 0.02²) in `dtype`, norm weights 1, 4-bit codes and
+    scales random. For benchmarks: the numbers mean nothing, the shapes, dtypes and layouts are the real ones."""
+    from jpeft.torch_bridge.hf_load import abstract_params
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(cfg, dtype, quant))
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    out = []
+    for (path, leaf), key in zip(leaves, keys):
+        shape, dt = leaf.shape, jnp.dtype(leaf.dtype)
+        if jnp.issubdtype(dt, jnp.integer):
+            out.append(jax.jit(lambda k, s=shape, d=dt: jax.random.randint(k, s, 0, 256).astype(d))(key))
+        elif "norm" in jax.tree_util.keystr(path):
+            out.append(jnp.ones(shape, dt))
+        else:
+            out.append(jax.jit(lambda k, s=shape, d=dt: jax.random.normal(k, s, d) * jnp.asarray(0.02, d))(key))
+    return jax.tree_util.tree_unflatten(treedef, out)
