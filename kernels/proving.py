@@ -85,9 +85,11 @@ def policy() -> Policy:
 
 
 def considered(op: str, platform: str) -> bool:
-    """Whether `auto` proves kernels for `op` on `platform` under the current policy."""
+    """Whether `auto` proves kernels for `op` on `platform` under the current policy. Never in a multi-process
+    run: each process would time its own kernels, and processes that chose differently would trace different
+    programs around the same collectives (`--kernels on` forces the kernels there)."""
     p = policy()
-    return platform in p.platforms and (p.ops is None or op in p.ops)
+    return platform in p.platforms and (p.ops is None or op in p.ops) and jax.process_count() == 1
 
 
 @contextlib.contextmanager
