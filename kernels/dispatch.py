@@ -42,14 +42,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
-from jpeft.errors import ConfigError
+# the mode and the call types live in the leaf module `modes` (also imported by `proving`); re-exported here
+from jpeft.kernels.modes import _MODE, KERNEL_MODES, Candidate, OpCall, check_mode, current_mode, kernel_mode  # noqa: F401
 
-KERNEL_MODES = ("auto", "on", "off")
 PALLAS, INTERPRET, REFERENCE = "pallas", "pallas-interpret", "reference"
 
-_MODE: contextvars.ContextVar[str] = contextvars.ContextVar("jpeft_kernel_mode", default="auto")
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("jpeft_lowering_target", default=None)
 _INJECTED: dict[str, Callable[..., Any]] = {}
 _REPORT: dict[tuple[str, str], set[str]] = {}
@@ -60,66 +58,11 @@ class KernelFallbackWarning(UserWarning):
     """`auto` runs an op's reference because no candidate kernel proved itself (wrong, slower or failing)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """One implementation of an op besides its reference.
-
-    `fn(*args, interpret=bool)` computes what the reference computes (differentiably); `supported` says whether
-    it handles this call's shapes and options; `interpretable`: it can run in Pallas' interpreter off-GPU (jpeft's
-    Pallas kernels); `source`: what identifies its code in the verdict cache (a hash of the kernel's files, or
-    a package version)."""
-
-    name: str
-    fn: Callable[..., Any]
-    supported: bool = True
-    interpretable: bool = False
-    source: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class OpCall:
-    """One call of a fused op, as its public function describes it to `choose`.
-
-    `config`: the static configuration a verdict is valid for (feature sizes, dtypes, options; never the token
-    count). `reference(*args)`: the plain-JAX implementation. `candidates`: in order of preference.
-    `example(size, rng)`: fresh inputs shaped like this call's (`size="check"`: few tokens, for the correctness
-    check; `"time"`: the call's real shapes, for the timing). `grad_argnums`: the arguments the check
-    differentiates."""
-
-    op: str
-    config: tuple
-    reference: Callable[..., Any]
-    candidates: tuple[Candidate, ...] = ()
-    example: Callable[[str, np.random.Generator], tuple] | None = None
-    grad_argnums: tuple[int, ...] = (0,)
-
-
 class Choice(NamedTuple):
     """What `choose` picked: the label the report shows and the function to call with the op's arguments."""
 
     label: str
     fn: Callable[..., Any]
-
-
-def check_mode(mode: object, where: str = "kernels") -> str:
-    """`mode` if it is one of `KERNEL_MODES`, else a ConfigError naming `where`."""
-    if mode not in KERNEL_MODES:
-        raise ConfigError(f"{where}={mode!r} is not a kernel mode; use one of {', '.join(KERNEL_MODES)}")
-    return str(mode)
-
-
-@contextlib.contextmanager
-def kernel_mode(mode: str) -> Iterator[str]:
-    """Trace the block with kernel mode `mode` ("auto", "on", "off")."""
-    token = _MODE.set(check_mode(mode))
-    try:
-        yield mode
-    finally:
-        _MODE.reset(token)
-
-
-def current_mode() -> str:
-    return _MODE.get()
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.cache import cache_dir
-from jpeft.kernels.dispatch import Candidate, OpCall, kernel_mode
+from jpeft.kernels.modes import Candidate, OpCall, kernel_mode
 
 CHECK_TOKENS = 75  # rows (or query positions) of the correctness check: odd, not a block multiple
 TIME_TOKENS = 8192  # the timing's token count is the call's, up to this
