@@ -1,4 +1,4 @@
-"""The `jpeft` command line: `train`, `eval`, `export`, `generate`, `info`, `demo`."""
+"""The `jpeft` command line: `train`, `eval`, `export`, `generate`, `info`, `demo`, `doctor`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 from jpeft.cli_args import add_model_args, add_setting_flags, maybe_adapter, method_in_argv
 from jpeft.cli_estimate import add_estimate_command, cmd_estimate
 from jpeft.cli_train import TRAIN_COMMANDS, add_train_commands
+from jpeft.doctor import add_doctor, cmd_doctor
 from jpeft.errors import JpeftError
 from jpeft.generate import SamplingConfig, generate
 from jpeft.loading import load
@@ -119,11 +120,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", action="store_true")
+    add_doctor(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    commands = {"generate": cmd_generate, "info": cmd_info, "estimate": cmd_estimate, **TRAIN_COMMANDS}
+    commands = {"generate": cmd_generate, "info": cmd_info, "estimate": cmd_estimate, "doctor": cmd_doctor,
+                **TRAIN_COMMANDS}
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     configure_host_memory()  # reuse freed buffers instead of page-faulting them in every step

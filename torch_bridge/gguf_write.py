@@ -35,6 +35,7 @@ from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge.folders import atomic_file, load_tokenizer, source_config
 from jpeft.torch_bridge.gguf import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, _gguf_module
 from jpeft.torch_bridge.merged import hf_tensors
+from jpeft.torch_bridge.tf_compat import gguf_tokenizer_api
 
 __all__ = ["write_gguf", "check_gguf_exportable", "check_gguf_type", "GGUF_TYPES", "GGUF_FAMILIES"]
 
@@ -139,14 +140,12 @@ def _copy_tokenizer_fields(w: Any, src: Path) -> None:
 
 def _pre_tokenizer_name(spec: dict, where: str) -> str:
     """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level pre-tokenizer (plain GPT-2, or a known split regex)."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     regexes = [p["pattern"].get("Regex") for p in parts if p.get("type") == "Split" and "pattern" in p]
-    for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
+    for name, regex in gguf_tokenizer_api().pre_tokenizer_splits.items():
         if regexes == [regex]:
             return name
     warnings.warn(f"{where}: the tokenizer's pre-tokenizer is not one GGUF names; writing "

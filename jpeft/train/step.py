@@ -140,7 +140,7 @@ def train_step(state: dict, base: dict, batch: dict, *, cfg: ModelConfig, method
         updates, opt_state = tx.update(grads, state["opt_state"], state["adapters"])
         adapters = optax.apply_updates(state["adapters"], updates)
         seen = jnp.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size
-        metrics = {"loss": nll_sum / total_tokens, "grad_norm": optax.global_norm(grads), "targets": total_tokens,
+        metrics = {"loss": nll_sum / total_tokens, "grad_norm": optax.tree.norm(grads), "targets": total_tokens,
                    "tokens": jnp.asarray(seen, F32)}
         if cfg.has_experts:
             metrics["router_aux_loss"] = router_sum / accum

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -229,7 +230,7 @@ def test_only_adapters_get_gradients_and_lora_runs_unmerged(ckpt):
 
     def walk(jp):
         for eqn in jp.eqns:
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):  # jax.core's was removed in jax 0.11
                 yield from walk(sub)
             yield eqn
 
