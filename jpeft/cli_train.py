@@ -25,6 +25,7 @@ from jpeft.cli_args import (
     maybe_adapter,
     quant_load_kwargs,
 )
+from jpeft.dtypes import resolve_dtype
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.kernels.dispatch import kernels_report, reset_report
 from jpeft.loading import Model, load, resolve_model_path
@@ -32,12 +33,14 @@ from jpeft.methods import catalog
 from jpeft.methods.export import save_gguf, save_merged
 from jpeft.methods.registry import MethodSpec, check_mergeable
 from jpeft.parallel.mesh import initialize_distributed, is_primary, make_mesh
-from jpeft.torch_bridge.folders import check_export_target, source_config
+from jpeft.torch_bridge.folders import export_owner, source_config
 from jpeft.torch_bridge.gguf_write import GGUF_FAMILIES, GGUF_TYPES, check_gguf_exportable, is_jpeft_gguf
+from jpeft.torch_bridge.hf_load import base_nbytes, read_model_config
+from jpeft.torch_bridge.outputs import check_not_input, claim_output
 from jpeft.torch_bridge.safetensors_io import atomic_write
 from jpeft.train.data import load_jsonl, train_eval_split
 from jpeft.train.evaluate import classification_eval, label_set
-from jpeft.train.fingerprint import check_resume, run_fingerprint
+from jpeft.train.fingerprint import DIGEST_CACHE, DigestCache, check_resume, run_fingerprint
 from jpeft.train.loop import TrainConfig, evaluate, make_rows, run_loop
 from jpeft.train.metrics import format_table
 from jpeft.train.report import format_summary, run_summary
@@ -144,11 +147,17 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         f.write(json.dumps(obj, indent=1, default=str).encode())
 
 
-def _fingerprint(args, model: Model, spec: MethodSpec, config) -> dict:
+def _inputs(args, model: Model) -> dict:
+    """The run's inputs, which its folder may not be, lie inside or hold."""
+    data = {} if args.command == "demo" else {"--data": args.data, "--eval-data": args.eval_data}
+    return {"--model": model.path, **data}
+
+
+def _fingerprint(args, model: Model, spec: MethodSpec, config, digests: DigestCache) -> dict:
     data = {"data": None, "eval_data": None} if args.command == "demo" else {"data": args.data,
                                                                              "eval_data": args.eval_data}
     return run_fingerprint(vars(args), model_path=model.path, method=spec.name,
-                           method_config=dataclasses.asdict(config), data=data)
+                           method_config=dataclasses.asdict(config), data=data, digests=digests)
 
 
 def _check_resume(out: Path, fingerprint: dict, allow_changes: bool) -> None:
@@ -164,14 +173,19 @@ def _check_resume(out: Path, fingerprint: dict, allow_changes: bool) -> None:
 def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bool) -> dict:
     """Build the method, train, save the adapter (or the method's `finish`); returns the final eval record.
 
-    Input errors come first; then the run folder is claimed once for the whole run (`claim_run_folder`: writable,
-    locked, no other run's checkpoints), and `resume` refuses a run whose fingerprint (`jpeft.train.fingerprint`)
-    differs from the saved one."""
+    Input errors come first; then the run folder is claimed once for the whole run (`claim_run_folder`: no input,
+    writable, locked, not another run's: its run.json fingerprint decides), and `resume` refuses a run whose
+    fingerprint (`jpeft.train.fingerprint`) differs from the saved one."""
     spec = catalog.get_method(args.method)
     config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)
     tc = config_from_args(TrainSettings, args).train_config()
-    with claim_run_folder(out, resume):
-        fingerprint = _fingerprint(args, model, spec, config)
+    check_not_input(out, _inputs(args, model), "--out")  # before hashing anything
+    digests = DigestCache(out / DIGEST_CACHE)
+    fingerprint = _fingerprint(args, model, spec, config, digests)
+    with claim_run_folder(out, resume, inputs=_inputs(args, model), fingerprint=fingerprint,
+                          demo=args.command == "demo"):
+        if is_primary():
+            digests.save()
         if resume:
             _check_resume(out, fingerprint, getattr(args, "allow_changes", False))
         return _run_training(args, model, (train_ex, eval_ex), out, resume, spec, config, tc, fingerprint)
@@ -241,26 +255,38 @@ def cmd_eval(args) -> int:
     return 0
 
 
+GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # bytes per value of --gguf-type's matrices
+
+
+def _export_claim(args, model_path: Path):
+    """`outputs.claim_output` for the export's target, with everything that can be checked before loading: the
+    model's config and family, the target (no input, writable, enough space) and, under its lock, its owner."""
+    cfg = read_model_config(model_path)
+    inputs = {"--model": model_path, "--adapter": args.adapter}
+    if args.gguf:
+        check_gguf_exportable(source_config(model_path), str(model_path))  # refuse before loading anything
+        owner = export_owner(overwrite=args.overwrite, flag="--gguf", is_ours=is_jpeft_gguf)
+        return claim_output(args.gguf, flag="--gguf", inputs=inputs, check_owner=owner,
+                            need_bytes=base_nbytes(cfg, GGUF_BYTES[args.gguf_type]))
+    return claim_output(args.merged, flag="--merged", inputs=inputs, check_owner=export_owner(overwrite=args.overwrite),
+                        need_bytes=base_nbytes(cfg, resolve_dtype(args.dtype)))
+
+
 def cmd_export(args) -> int:
-    """Merge any mergeable adapter into its base; unmergeable methods are refused before anything is loaded."""
+    """Merge any mergeable adapter into its base; unmergeable methods, unwritable or foreign targets are refused
+    before anything is loaded, and the target stays locked until it is written."""
     spec = catalog.adapter_spec(args.adapter)
     check_mergeable(spec, f"{args.adapter}: ")
     model_path = resolve_model_path(args.model)
-    sources = {"--model": model_path if model_path.is_dir() else model_path.parent, "--adapter": args.adapter}
-    if args.gguf:
-        check_gguf_exportable(source_config(model_path), str(model_path))  # refuse before loading anything
-        check_export_target(args.gguf, {"--model": model_path, "--adapter": args.adapter}, overwrite=args.overwrite,
-                            flag="--gguf", is_ours=is_jpeft_gguf)
-    else:
-        check_export_target(args.merged, sources, overwrite=args.overwrite)
-    model = load(model_path, "float32", tokenizer=False, allow_torch_bin=args.allow_torch_bin,
-                 **quant_load_kwargs(args))
-    method, adapters = spec.load(Path(args.adapter), model.cfg, model.params)
-    if args.gguf:
-        save_gguf(args.gguf, model.cfg, model.params, method, adapters, model.path, gguf_type=args.gguf_type)
-        print(f"merged GGUF ({spec.name}, {args.gguf_type}) written to {args.gguf}")
-        return 0
-    save_merged(args.merged, model.cfg, model.params, method, adapters, model.path, dtype=args.dtype)
+    with _export_claim(args, model_path):
+        model = load(model_path, "float32", tokenizer=False, allow_torch_bin=args.allow_torch_bin,
+                     **quant_load_kwargs(args))
+        method, adapters = spec.load(Path(args.adapter), model.cfg, model.params)
+        if args.gguf:
+            save_gguf(args.gguf, model.cfg, model.params, method, adapters, model.path, gguf_type=args.gguf_type)
+            print(f"merged GGUF ({spec.name}, {args.gguf_type}) written to {args.gguf}")
+            return 0
+        save_merged(args.merged, model.cfg, model.params, method, adapters, model.path, dtype=args.dtype)
     print(f"merged checkpoint ({spec.name}) written to {args.merged}")
     return 0
 

@@ -128,6 +128,32 @@ def build_params(cfg: ModelConfig, get: Getter, dtype: Any,
     return params
 
 
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of an HF folder or a GGUF file, from its config alone (no weights read): what a command
+    needs to check sizes and families before the expensive load."""
+    path = Path(path)
+    if path.suffix == ".gguf" or _is_gguf(path):
+        from transformers import AutoConfig
+
+        from jpeft.torch_bridge.gguf import read_gguf_config
+
+        raw = dict(read_gguf_config(path))
+        return from_hf_config(AutoConfig.for_model(raw.pop("model_type"), **raw))
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    return from_hf_config(load_hf_config(path))
+
+
+def base_nbytes(cfg: ModelConfig, dtype: Any) -> int:
+    """Bytes of the dense base tensors of `cfg` at `dtype`'s item size (a float: e.g. 34/32 for GGUF q8_0)."""
+    item = dtype if isinstance(dtype, float | int) else jnp.dtype(dtype).itemsize
+    total = 0
+    for p in hf.base_params(cfg):
+        n, layers = int(np.prod(p.shape, dtype=np.int64)), len(p.layer_ids(cfg.num_layers)) if p.layered else 1
+        total += layers * n
+    return int(total * item)
+
+
 def expected_hf_shape(cfg: ModelConfig, name: str) -> tuple[int, ...] | None:
     """The torch-layout shape an HF tensor of this config must have (None for names we do not know)."""
     return hf.expected_shapes(cfg).get(name)
@@ -206,13 +232,9 @@ def _has_safetensors(folder: Path) -> bool:
 
 
 def _load_gguf(path: Path, dtype: Any, quant: Any = None, place: Placer | None = None) -> tuple[ModelConfig, dict]:
-    from transformers import AutoConfig
+    from jpeft.torch_bridge.gguf import gguf_tensor_getter
 
-    from jpeft.torch_bridge.gguf import gguf_tensor_getter, read_gguf_config
-
-    raw = dict(read_gguf_config(path))
-    model_type = raw.pop("model_type")
-    cfg = from_hf_config(AutoConfig.for_model(model_type, **raw))
+    cfg = read_model_config(path)
     read, names = gguf_tensor_getter(path)  # dequantizes one tensor at a time from the memory map
     get = _getter(read, set(names).__contains__, path, cfg)
     kernel = None if quant is None else bnb.quantizing_kernel(get, quant, dtype)

@@ -22,6 +22,7 @@ from jpeft.parallel.mesh import is_primary, make_mesh
 from jpeft.parallel.place import check_batch, gather, place_batch
 from jpeft.parallel.state import shard_run
 from jpeft.sites import Method
+from jpeft.torch_bridge.outputs import ADAPTER_LIMIT
 from jpeft.train import offload
 from jpeft.train.checkpoint import restore_latest, save_checkpoint
 from jpeft.train.data import BatchSchedule, pack_examples, pad_examples, tokenize_examples
@@ -47,9 +48,13 @@ COLLAPSE_STEPS = 3
 
 
 @jax.jit
-def _finite_leaves(state: dict) -> dict:
-    return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
-                                  else jnp.bool_(True), state)
+def _finite_leaves(state: dict) -> tuple[dict, dict]:
+    """(one bool per leaf of `state`: all finite; the largest |x| of each float adapter leaf), where they live."""
+    floats = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)  # noqa: E731
+    finite = jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)) if floats(x) else jnp.bool_(True), state)
+    top = jax.tree_util.tree_map(lambda x: jnp.max(jnp.abs(x)).astype(jnp.float32) if floats(x) and x.size
+                                 else jnp.float32(0), state["adapters"])
+    return finite, top
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype", "max_targets", "kernels"))
@@ -60,17 +65,26 @@ def _first_micro_nll(adapters, base, batch, *, cfg, methods, dtype, max_targets,
 
 
 def check_finite_state(state: dict, step: int, where: Path, loss_after: Callable[[dict], Any] | None = None) -> None:
-    """Refuse to save a train state (TrainingError) whose adapters or optimizer state hold NaN/Inf, or whose
-    adapters make the loss NaN/Inf (`loss_after(adapters)`: the loss of one training batch with them; huge but
-    finite weights, e.g. after `--lr 1e30`, pass the first check and fail this one)."""
-    flags = jax.device_get(_finite_leaves(state))  # one bool per leaf, computed where the leaves live
+    """Refuse to save a train state (TrainingError) whose adapters or optimizer state hold NaN/Inf, whose adapter
+    values exceed `ADAPTER_LIMIT` (float16's range: `--lr 1e30` leaves |lora_B| = 1e30 while the loss stays
+    finite, RMSNorm rescaling it), or whose adapters make the loss NaN/Inf (`loss_after(adapters)`: the loss of
+    one training batch with them)."""
+    flags, top = jax.device_get(_finite_leaves(state))  # one number per leaf, computed where the leaves live
     bad = [jax.tree_util.keystr(k) for k, ok in jax.tree_util.tree_leaves_with_path(flags) if not ok]
     what = f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN/Inf" if bad else ""
+    big = [(jax.tree_util.keystr(k), float(v)) for k, v in jax.tree_util.tree_leaves_with_path(top)
+           if float(v) > ADAPTER_LIMIT]
+    state_is = "is no longer finite"
+    if not bad and big:
+        bad, state_is = [k for k, _ in big], "is out of range"
+        what = (f"adapter values reach |x| = {max(v for _, v in big):.3g} in {', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}, beyond ±{ADAPTER_LIMIT:g} (float16's range, which every export "
+                "must hold)")
     if not bad and loss_after is not None:
         loss = float(loss_after(state["adapters"]))
         what = "" if math.isfinite(loss) else f"with the new adapter weights the loss is {loss}"
     if bad or what:
-        raise TrainingError(f"after step {step} the train state is no longer finite ({what}: the update diverged); "
+        raise TrainingError(f"after step {step} the train state {state_is} ({what}: the update diverged); "
                             f"nothing was saved for this step (earlier checkpoints in {where} and any saved adapter "
                             "are untouched). Lower --lr, check the data, or use float32")
 
@@ -140,7 +154,7 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
 
     Claims `out_dir` for the run first (`claim_run_folder`: writable, this run's, locked) and holds it throughout."""
     tc, out = tc.validate(), Path(out_dir)
-    with claim_run_folder(out, resume):
+    with claim_run_folder(out, resume, inputs={"--model": model.path}):
         return run_loop(model, method, adapters, train_examples, eval_examples, tc, out, resume=resume,
                         progress=progress, on_eval=on_eval)
 

@@ -138,7 +138,7 @@ def test_a_diverged_update_is_never_saved(world, tmp_path, capsys):
     out = tmp_path / "nan"
     err = error_of(capsys, train_args(world["model"], world["data"], out, "--steps", "2", "--lr", "1e30",
                                       "--save-every", "1", "--target-modules", "all-linear"))
-    assert "after step 1 the train state is no longer finite (with the new adapter weights the loss is nan" in err
+    assert "after step 1 the train state is out of range (adapter values reach |x| = 1e+30" in err
     assert not (out / "adapter").exists() and not list((out / "checkpoints").glob("step_*"))
 
 
