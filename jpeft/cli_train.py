@@ -38,8 +38,9 @@ from jpeft.torch_bridge.gguf_write import GGUF_FAMILIES, GGUF_TYPES, check_gguf_
 from jpeft.torch_bridge.hf_load import base_nbytes, read_model_config
 from jpeft.torch_bridge.outputs import check_not_input, claim_output
 from jpeft.torch_bridge.safetensors_io import atomic_write
-from jpeft.train.data import load_jsonl, train_eval_split
-from jpeft.train.evaluate import classification_eval, label_set
+from jpeft.train.batches import train_eval_split
+from jpeft.train.data import load_jsonl
+from jpeft.train.evaluate import classification_eval, label_forms, label_set, warn_label_spelling
 from jpeft.train.fingerprint import DIGEST_CACHE, DigestCache, check_resume, run_fingerprint
 from jpeft.train.loop import TrainConfig, evaluate, make_rows, run_loop
 from jpeft.train.metrics import format_table
@@ -131,14 +132,15 @@ def _split(args, examples):
     return train_eval_split(examples, args.eval_fraction, args.seed)
 
 
-def _run_record(args, model: Model, spec: MethodSpec, config, built, fingerprint: dict) -> dict:
+def _run_record(args, model: Model, spec: MethodSpec, config, built, fingerprint: dict, labels: dict) -> dict:
     """What `run.json` holds from the start: the command line, the model, the method and its config, the
-    parameter counts and the run's fingerprint (`kernels` and `summary` are added at the end)."""
+    parameter counts, the training data's label spellings (`label_forms`, for `jpeft eval`) and the run's
+    fingerprint (`kernels` and `summary` are added at the end)."""
     run = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | type(None))}
     tree = built.adapters.get(built.method.name, built.adapters)
     run.update(model=str(model.path), method=spec.name, method_config=dataclasses.asdict(config),
                trainable_parameters=built.method.num_trainable(tree), base_parameters=model.num_parameters,
-               fingerprint=fingerprint)
+               label_forms=labels, fingerprint=fingerprint)
     return run
 
 
@@ -180,6 +182,8 @@ def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bo
     config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)
     tc = config_from_args(TrainSettings, args).train_config()
     check_not_input(out, _inputs(args, model), "--out")  # before hashing anything
+    if label_set(eval_ex):
+        warn_label_spelling(label_forms(train_ex), label_forms(eval_ex), "--eval-data")
     digests = DigestCache(out / DIGEST_CACHE)
     fingerprint = _fingerprint(args, model, spec, config, digests)
     with claim_run_folder(out, resume, inputs=_inputs(args, model), fingerprint=fingerprint,
@@ -195,7 +199,7 @@ def _run_training(args, model, data, out, resume, spec, config, tc, fingerprint)
     """`run.json` written at the start and once more at the end (with `kernels` and `summary`), by process 0."""
     t0 = time.perf_counter()
     built = spec.build(model, config, jax.random.PRNGKey(args.seed))
-    run = _run_record(args, model, spec, config, built, fingerprint)
+    run = _run_record(args, model, spec, config, built, fingerprint, label_forms(data[0]) if label_set(data[0]) else {})
     if is_primary():
         write_json_atomic(out / "run.json", run)
     reset_report()
@@ -243,13 +247,28 @@ def _print_eval(tag: str, rec: dict) -> None:
         print(f"[{tag}] " + "  ".join(parts))
 
 
+def _check_label_spelling(examples: list[dict], adapter: str | None) -> None:
+    """With an adapter `jpeft train` wrote (OUT/adapter, OUT/run.json beside it), warn when the data spell the
+    labels otherwise than the run's training data did (`label_forms` in run.json)."""
+    if adapter is None or label_set(examples) is None:
+        return
+    try:
+        trained = json.loads((Path(adapter).parent / "run.json").read_text()).get("label_forms")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(trained, dict):
+        warn_label_spelling(trained, label_forms(examples), "--data")
+
+
 def cmd_eval(args) -> int:
-    """`jpeft.train.loop.evaluate` (the training loop's own eval) on a data file, with or without an adapter."""
+    """`jpeft.train.loop.evaluate` (the training loop's own eval) on a data file, with or without an adapter; the
+    settings and the data are checked before the model is loaded."""
+    tc = TrainConfig(max_len=args.max_len, batch_size=args.batch_size, dtype=args.dtype).validate()
+    examples = load_examples(args.data)
     model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=args.allow_torch_bin)
     method, adapters = maybe_adapter(args.adapter, model)
-    examples = load_examples(args.data)
-    tc = TrainConfig(max_len=args.max_len, batch_size=args.batch_size, dtype=args.dtype)
-    rec = evaluate(model, method, adapters, examples, tc, make_rows(model, examples, tc))
+    _check_label_spelling(examples, args.adapter)
+    rec = evaluate(model, method, adapters, examples, tc, make_rows(model, examples, tc, "eval examples"))
     rec.pop("report", None)
     print(json.dumps(rec) if args.json else "  ".join(f"{k}={v:.4f}" for k, v in rec.items()))
     return 0

@@ -78,7 +78,27 @@ def read_json_config(folder: Path) -> tuple[Path, dict]:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    _check_ranks(raw, path, folder / WEIGHTS)
     return path, raw
+
+
+def _check_ranks(raw: dict, path: Path, weights: Path) -> None:
+    """Refuse, before any loader allocates by them, ranks the adapter's tensors cannot hold: a rank-r factor has
+    at least r values, so no rank may exceed the number of values in the weights file (`r: 10**12` would
+    otherwise allocate terabytes before a shape check)."""
+    ranks = {k: raw.get(k) for k in ("r", "init_r", "target_r")}
+    ranks.update({f"rank_pattern[{k!r}]": v for k, v in (raw.get("rank_pattern") or {}).items()}
+                 if isinstance(raw.get("rank_pattern"), dict) else {})
+    ranks = {k: v for k, v in ranks.items() if isinstance(v, int) and not isinstance(v, bool)}
+    if not ranks or not weights.is_file():
+        return
+    limit = SafetensorsFile(weights).numel()
+    bad = {k: v for k, v in ranks.items() if v > limit}
+    if bad:
+        field, value = next(iter(bad.items()))
+        raise CheckpointError(f"{path}: {field}={value} cannot match {weights.name}, whose tensors hold {limit} values "
+                              "in all; the config does not belong to these weights (fix the rank or fetch the "
+                              "adapter again)")
 
 
 def read_adapter_config(folder: str | os.PathLike, peft_type: str) -> tuple[Path, dict]:

@@ -54,6 +54,14 @@ class SafetensorsFile:
     def __contains__(self, name: str) -> bool:
         return name in self._header
 
+    def numel(self) -> int:
+        """How many values the file's tensors hold in all (from the header; malformed entries count 0)."""
+        total = 0
+        for info in self._header.values():
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                total += int(np.prod([int(d) for d in info["shape"]], dtype=np.int64))
+        return total
+
     def get(self, name: str) -> np.ndarray:
         """The tensor `name` as a read-only numpy view in its stored dtype and shape."""
         if name not in self._header:

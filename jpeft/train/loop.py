@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.dtypes import resolve_dtype
+from jpeft.errors import ConfigError, DataError
 from jpeft.models.loaded import Model
 from jpeft.parallel.mesh import is_primary, make_mesh
 from jpeft.parallel.place import check_batch, gather, place_batch
@@ -24,8 +25,9 @@ from jpeft.parallel.state import shard_run
 from jpeft.sites import Method
 from jpeft.torch_bridge.outputs import ADAPTER_LIMIT
 from jpeft.train import offload
+from jpeft.train.batches import BatchSchedule, pack_examples, pad_examples
 from jpeft.train.checkpoint import restore_latest, save_checkpoint
-from jpeft.train.data import BatchSchedule, pack_examples, pad_examples, tokenize_examples
+from jpeft.train.data import tokenize_examples
 from jpeft.train.evaluate import classification_eval, label_set, mean_loss
 from jpeft.train.report import open_sinks
 from jpeft.train.run_folder import TrainingError, claim_run_folder
@@ -98,8 +100,14 @@ class TrainResult:
     opt_state: Any = None  # the final optimizer state (AdaLoRA's rank masks live there)
 
 
-def make_rows(model: Model, examples: Sequence[dict], tc: TrainConfig) -> dict[str, np.ndarray]:
+def make_rows(model: Model, examples: Sequence[dict], tc: TrainConfig, what: str = "examples") -> dict[str, np.ndarray]:
+    """Tokenized, packed (or padded) rows of `examples`. A DataError when no target token is left within
+    `tc.max_len` (every target truncated away): a loss over them would be a meaningless 0."""
     exs = tokenize_examples(examples, model.tokenizer, tc.max_len)
+    if not any(ex.loss_mask[1:].any() for ex in exs):
+        raise DataError(f"none of the {len(examples)} {what} has a target token within --max-len {tc.max_len}: the "
+                        "tokens a loss is taken on (the completion, assistant turns) were all truncated away, so "
+                        "there is nothing to train or score; raise --max-len or shorten the prompts")
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     return pack_examples(exs, tc.max_len, pad) if tc.pack else pad_examples(exs, tc.max_len, pad)
 
@@ -164,9 +172,10 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
              on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
     """`train` in a run folder the caller has already claimed (`claim_run_folder`) and holds: no checks here."""
     sinks = open_sinks(tc.report_to, out) if is_primary() else []  # a missing tensorboardX fails here, before work
-    rows = make_rows(model, train_examples, tc)
-    eval_rows = make_rows(model, eval_examples, tc) if eval_examples else None
-    sched = BatchSchedule(rows, tc.batch_size * tc.grad_accum, tc.seed)
+    rows = make_rows(model, train_examples, tc, "training examples")
+    eval_rows = make_rows(model, eval_examples, tc, "eval examples") if eval_examples else None
+    _check_enough_rows(rows, tc)
+    sched = BatchSchedule(rows, tc.batch_size * tc.grad_accum, tc.seed, drop_last=tc.drop_last)
     total = tc.steps or max(1, math.ceil((tc.epochs or 1.0) * sched.steps_per_epoch))
     tx = build_optimizer(tc.optim, total, (method,))
     run = _place(model, adapters, tx, tc, out / "checkpoints", resume)
@@ -218,6 +227,17 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
                        opt_state=state["opt_state"])
 
 
+def _check_enough_rows(rows: dict[str, np.ndarray], tc: TrainConfig) -> None:
+    """With `drop_last`, one step needs at least `batch_size * grad_accum` rows; say which flags fix it."""
+    n, need = rows["input_ids"].shape[0], tc.batch_size * tc.grad_accum
+    if tc.drop_last and n < need:
+        packed = " (examples packed several to a row)" if tc.pack else ""
+        raise ConfigError(f"the training data fill {n} row(s) of --max-len {tc.max_len} tokens{packed}, fewer than one "
+                          f"step takes (--batch-size {tc.batch_size} x --grad-accum {tc.grad_accum} = {need}), and "
+                          "each epoch's partial batch is dropped: lower --batch-size or --grad-accum, add data, or "
+                          "pass --keep-last-batch (TrainConfig.drop_last=False) to train on it padded with empty rows")
+
+
 @dataclasses.dataclass
 class _Placement:
     """The train state, the base params and the step of a run, on one device or on a mesh."""
@@ -257,7 +277,7 @@ class _StepMeter:
     def __init__(self, lr: Callable[[int], Any], bar: Any, checkpoints: Path):
         self.lr, self.bar, self.checkpoints = lr, bar, checkpoints
         self.t0, self.tokens = time.perf_counter(), 0.0
-        self.zero_grad_steps = 0
+        self.zero_grad_steps, self.learned = 0, False
 
     def record(self, step: int, m: dict) -> dict:
         loss = float(m["loss"])
@@ -268,11 +288,14 @@ class _StepMeter:
                                 "any saved adapter are untouched). Lower --lr, check the data, or use float32")
         grad_norm = float(m["grad_norm"])
         self.zero_grad_steps = self.zero_grad_steps + 1 if grad_norm == 0.0 else 0
+        self.learned = self.learned or grad_norm != 0.0
         if self.zero_grad_steps == COLLAPSE_STEPS:
+            why = ("the adapter no longer learns (collapsed: e.g. --lr too high, or saturated activations); stop and "
+                   "retrain with a lower --lr" if self.learned else "the adapter has had no gradient since the first "
+                   "step, so --lr is not the cause: its output is multiplied by 0 (e.g. --lora-alpha 0) or it does "
+                   "not reach the loss")
             warnings.warn(f"the gradient norm has been exactly 0 for {COLLAPSE_STEPS} steps in a row (steps "
-                          f"{step + 2 - COLLAPSE_STEPS}-{step + 1}): the adapter no longer learns (collapsed: e.g. "
-                          "--lr too high, or saturated activations); stop and retrain with a lower --lr",
-                          CollapseWarning, stacklevel=2)
+                          f"{step + 2 - COLLAPSE_STEPS}-{step + 1}): {why}", CollapseWarning, stacklevel=2)
         self.tokens += float(m["tokens"])
         tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
         self.bar.update(1)
