@@ -43,20 +43,18 @@ from jpeft.errors import CheckpointError, OutputError
 
 #: The largest magnitude a trained adapter tensor may hold: float16's largest finite value.
 ADAPTER_LIMIT = float(np.finfo(np.float16).max)
-_UMASK: list[int] = []
 
 
 def umask() -> int:
-    """The process umask (read once; from /proc where it exists, which does not change it even for a moment)."""
-    if not _UMASK:
-        try:
-            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:"))
-            _UMASK.append(int(line.split()[1], 8))
-        except (OSError, StopIteration, ValueError):
-            old = os.umask(0o022)
-            os.umask(old)
-            _UMASK.append(old)
-    return _UMASK[0]
+    """The process umask, read from /proc where it exists (which, unlike os.umask, does not change it even for a
+    moment: other threads may be creating files)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        old = os.umask(0o022)
+        os.umask(old)
+        return old
 
 
 def open_up(path: str | os.PathLike) -> None:

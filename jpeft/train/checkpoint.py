@@ -7,11 +7,15 @@ exactly where it stopped: same data order, same RNG.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,25 @@ def remove_unfinished(folder: Path) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM for the block and deliver them after it: orbax saves and restores in background
+    threads, which a KeyboardInterrupt in the main thread would leave running into interpreter shutdown (two
+    asyncio tracebacks and a half-committed checkpoint). Outside the main thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {s: signal.signal(s, lambda n, _: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])  # now the usual handler runs (KeyboardInterrupt, or the CLI's)
+
+
 def _discard(path: Path) -> None:
     """Delete a checkpoint folder, renamed first to an unfinished-checkpoint name: a kill during the deletion
     leaves a folder `remove_unfinished` clears, never a half-deleted `step_N` that looks complete."""
@@ -73,9 +96,10 @@ def save_checkpoint(folder: Path, state: Any, keep: int = 2, *, sharded: bool = 
             _discard(path)
     if sharded:
         _sync(f"jpeft-ckpt-clear-{step}")
-    ckpt = _checkpointer()
-    ckpt.save(path, state if sharded else jax.device_get(state))
-    ckpt.wait_until_finished()
+    with signals_deferred():  # orbax commits in background threads: let them finish before Ctrl-C acts
+        ckpt = _checkpointer()
+        ckpt.save(path, state if sharded else jax.device_get(state))
+        ckpt.wait_until_finished()
     if primary:
         for _, old in list_checkpoints(folder)[:-keep]:
             _discard(old)
@@ -103,7 +127,8 @@ def _restore(path: Path, abstract: Any) -> Any:
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        return _checkpointer().restore(path, abstract)
+        with signals_deferred():
+            return _checkpointer().restore(path, abstract)
     finally:
         logger.setLevel(level)
 
