@@ -126,6 +126,8 @@ def _flag(key: str) -> str:
 
 def _change(key: str, old: Any, new: Any) -> str:
     """One changed field as text; a model file as its name and short digests."""
+    if key in ("model_files", "model_id"):
+        return f"{key} ({'not recorded' if old is None else 'recorded'} in the saved run)"
     if key.startswith("model_files."):
         short = lambda d: "(absent)" if d is None else f"sha256 {d[:12]}"  # noqa: E731
         return f"the model's {key[len('model_files.'):]} ({short(old)} -> {short(new)})"
@@ -155,6 +157,10 @@ def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any], *,
     if saved is None:
         raise ResumeMismatch(f"{where} has no run fingerprint (written by an older jpeft, or not a jpeft run); cannot "
                              "check that --resume continues the same run: start a new run in a new --out")
+    if "model_files" not in saved and "model_files" in current:
+        raise ResumeMismatch(f"{where} was written by an older jpeft, whose fingerprint did not hash the model's "
+                             "files; --resume cannot check that this run continues on the same model: start a new run "
+                             "in a new --out")
     found = changes(saved, current)
     unsafe = [c for c in found if c[0].split(".")[0] not in SAFE_CHANGES]
     safe = [c for c in found if c[0].split(".")[0] in SAFE_CHANGES]
