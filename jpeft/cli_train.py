@@ -213,7 +213,7 @@ def _run_training(args, model, data, out, resume, spec, config, tc, fingerprint)
     else:
         spec.save(out / "adapter", model.cfg, built.method, res.adapters, **built.export_kwargs)
     summary = run_summary(res.history, res.eval, out / "adapter", run["trainable_parameters"],
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, model.load_seconds)
     run.update(kernels=kernels, summary=summary)
     write_json_atomic(out / "run.json", run)
     print(format_summary(summary))
@@ -225,6 +225,7 @@ def _load_for_training(args) -> Model:
     mesh = None if args.mesh is None else make_mesh(args.mesh)  # a bad mesh fails before the model is read
     model = load(args.model, args.dtype, kernels=args.kernels, mesh=mesh,
                  allow_torch_bin=getattr(args, "allow_torch_bin", False),
+                 host_memory=getattr(args, "host_memory", "auto"),
                  **quant_load_kwargs(args, catalog.get_method(args.method)))
     if model.tokenizer is None:
         raise JpeftError(f"{model.path}: no tokenizer files; training needs the checkpoint's tokenizer")
@@ -265,7 +266,8 @@ def cmd_eval(args) -> int:
     settings and the data are checked before the model is loaded."""
     tc = TrainConfig(max_len=args.max_len, batch_size=args.batch_size, dtype=args.dtype).validate()
     examples = load_examples(args.data)
-    model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=args.allow_torch_bin)
+    model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=args.allow_torch_bin,
+                 host_memory=args.host_memory)
     method, adapters = maybe_adapter(args.adapter, model)
     _check_label_spelling(examples, args.adapter)
     rec = evaluate(model, method, adapters, examples, tc, make_rows(model, examples, tc, "eval examples"))
@@ -296,10 +298,10 @@ def cmd_export(args) -> int:
     before anything is loaded, and the target stays locked until it is written."""
     spec = catalog.adapter_spec(args.adapter)
     check_mergeable(spec, f"{args.adapter}: ")
-    model_path = resolve_model_path(args.model)
+    model_path = resolve_model_path(args.model, allow_torch_bin=args.allow_torch_bin)
     with _export_claim(args, model_path):
         model = load(model_path, "float32", tokenizer=False, allow_torch_bin=args.allow_torch_bin,
-                     **quant_load_kwargs(args))
+                     host_memory=args.host_memory, **quant_load_kwargs(args))
         method, adapters = spec.load(Path(args.adapter), model.cfg, model.params)
         if args.gguf:
             save_gguf(args.gguf, model.cfg, model.params, method, adapters, model.path, gguf_type=args.gguf_type)
