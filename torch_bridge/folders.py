@@ -137,9 +137,9 @@ def export_owner(*, overwrite: bool, flag: str = "--merged",
             return
         ours = is_ours(t) if is_ours is not None else (t / EXPORT_MARKER).exists()
         if not ours:
-            what = "the file exists" if is_ours is not None else "the folder exists and holds files"
-            raise CheckpointError(f"{flag} {target}: {what} jpeft did not write; choose a new output {noun} (nothing "
-                                  "was written)")
+            what = ("the file exists and jpeft did not write it" if is_ours is not None
+                    else "the folder exists and holds files jpeft did not write")
+            raise CheckpointError(f"{flag} {target}: {what}; choose a new output {noun} (nothing was written)")
         if not overwrite:
             raise CheckpointError(f"{flag} {target}: holds an earlier jpeft export; pass --overwrite to replace it, "
                                   f"or choose a new output {noun}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import warnings
 
 import numpy as np
@@ -105,10 +104,10 @@ def test_a_huge_row_is_not_tokenized_whole():
             (cut,) = tokenize_examples([{"text": text}], tok, 32)
         assert cut.input_ids.tolist() == whole.input_ids.tolist()
     huge = [{"text": "apple banana " * 2_500_000}, {"prompt": "is it? " * 800_000, "completion": " yes"}]  # 2 x ~30 MB
-    tok.longest, t0 = 0, time.perf_counter()
+    tok.longest = 0
     with pytest.warns(UserWarning, match="at least"):
         tokenize_examples(huge, tok, 32)
-    assert tok.longest <= 4 * LONG_FIELD and time.perf_counter() - t0 < 20
+    assert tok.longest <= 4 * LONG_FIELD  # prefixes only: the 30 MB text is never handed to the tokenizer
 
 
 def test_eval_labels_spelled_otherwise_than_in_training_warn(world, tmp_path, capsys):
@@ -162,9 +161,8 @@ def test_broken_configs_tokenizers_and_adapters_are_named_errors(world, tmp_path
     shutil.copytree(world["run"] / "adapter", adapter)
     conf = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**conf, "r": 10**12}))
-    t0 = time.perf_counter()
     err = error_of(capsys, ["generate", "--model", str(world["model"]), "--adapter", str(adapter), "--input-ids", "1"])
-    assert "r=1000000000000 cannot match adapter_model.safetensors" in err and time.perf_counter() - t0 < 60
+    assert "r=1000000000000 cannot match adapter_model.safetensors" in err  # checked before any [r, d] allocation
 
 
 def test_config_with_fewer_layers_than_the_weights_names_the_unused_tensors(world, tmp_path):
