@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -121,6 +122,27 @@ class CheckpointFallbackWarning(UserWarning):
     """The newest checkpoint could not be restored; the run resumed from an older, intact one."""
 
 
+def _drop_closed_loop_callbacks() -> None:
+    """Install (once per process) an unraisable-exception hook that drops the noise of a failed restore.
+
+    When one read of a damaged checkpoint fails, orbax's event loop closes while tensorstore still completes the
+    other reads; each completion calls `loop.call_soon_threadsafe` on the closed loop, and Python prints its
+    `RuntimeError('Event loop is closed')` as a traceback, at any later moment. Exactly that error is dropped;
+    every other unraisable exception goes to the hook that was installed before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "jpeft_drops_closed_loop", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.jpeft_drops_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def _restore(path: Path, abstract: Any) -> Any:
     """Restore one checkpoint folder, with orbax's own error logging silenced (the caller names the failure)."""
     logger = logging.getLogger("absl")
@@ -150,6 +172,7 @@ def restore_latest(folder: Path, like: Any, shardings: Any = None) -> Any | None
         abstract = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), like,
                                           shardings)
     failed: list[tuple[Path, str]] = []
+    _drop_closed_loop_callbacks()  # before the first try: the noise of a failed one may come at once
     for _, path in reversed(found):
         try:
             state = _restore(path.absolute(), abstract)
