@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -124,17 +127,47 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_STOPPED_BY: list[int] = []  # the signal that stopped the command (SIGTERM is turned into KeyboardInterrupt)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _STOPPED_BY.append(signum)
+    raise KeyboardInterrupt
+
+
+def _stopped(command: str) -> int:
+    """One line for a command stopped by Ctrl-C / SIGTERM (every temp file and lock was released on the way out);
+    the exit status is 128 + the signal, as a shell reports it."""
+    signum = _STOPPED_BY[-1] if _STOPPED_BY else signal.SIGINT
+    what = {"train": "the last checkpoint is intact: rerun with --resume to continue",
+            "demo": "rerun `jpeft demo` to start again",
+            "export": "nothing was written under the output name"}.get(command, "nothing was written")
+    print(f"jpeft {command}: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr)
+    return 128 + int(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "info": cmd_info, "estimate": cmd_estimate, "doctor": cmd_doctor,
                 **TRAIN_COMMANDS}
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     configure_host_memory()  # reuse freed buffers instead of page-faulting them in every step
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return commands[args.command](args)
     except JpeftError as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an I/O error no check could foresee: one line naming the file
+        where = f": {e.filename}" if e.filename else ""
+        print(f"jpeft {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return _stopped(args.command)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

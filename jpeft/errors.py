@@ -36,3 +36,8 @@ class MissingDependencyError(JpeftError, ImportError):
 
 class ShardingError(ConfigError):
     """A device mesh or a partition rule does not fit the devices or a tensor (names the axis and tensor)."""
+
+
+class OutputError(JpeftError):
+    """An output path cannot be used or written (names the path, why, and that nothing was written)."""
+

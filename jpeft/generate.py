@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, JpeftError
 from jpeft.kernels.dispatch import kernel_mode
 from jpeft.models.config import ModelConfig
 from jpeft.models.model import forward, init_cache
@@ -83,11 +84,33 @@ def pick_token(logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("cfg", "methods", "sampling", "kernels"))
 def _step(params, adapters, cache, ids, mask, rng, *, cfg, methods, sampling, kernels="auto"):
-    """One decoding call -> (next tokens `[B]`, new cache, the last position's fp32 logits `[B, V]`)."""
+    """One decoding call -> (next tokens `[B]`, new cache, the last position's fp32 logits `[B, V]`, finite `[B]`)."""
     with kernel_mode(kernels):
         logits, cache = forward(params, cfg, ids, adapters=adapters, methods=methods, attention_mask=mask,
                                 cache=cache)
-    return pick_token(logits[:, -1], rng, sampling), cache, logits[:, -1]
+    last = logits[:, -1]
+    return pick_token(last, rng, sampling), cache, last, jnp.all(jnp.isfinite(last), axis=-1)
+
+
+def _check_positions(cfg: ModelConfig, prompt_len: int, sampling: SamplingConfig) -> SamplingConfig:
+    """A prompt longer than the model's positions is refused; new tokens past them are cut, with a warning."""
+    limit = cfg.max_position_embeddings
+    if prompt_len > limit:
+        raise ConfigError(f"the prompt has {prompt_len} tokens but the model has {limit} positions "
+                          "(max_position_embeddings in config.json); shorten the prompt")
+    if prompt_len + sampling.max_new_tokens > limit:
+        warnings.warn(f"the prompt ({prompt_len} tokens) plus max_new_tokens={sampling.max_new_tokens} exceeds the "
+                      f"model's {limit} positions; generating at most {limit - prompt_len} new tokens", stacklevel=3)
+        return dataclasses.replace(sampling, max_new_tokens=limit - prompt_len)
+    return sampling
+
+
+def _check_logits(ok: np.ndarray, new: int) -> None:
+    if not ok.all():
+        rows = [int(i) for i in np.nonzero(~ok)[0]]
+        raise JpeftError(f"the model's logits are NaN/Inf (rows {rows[:5]}, new token {new + 1}): a base weight or "
+                         "the adapter is not finite, or overflows; no text was generated. Check the checkpoint (or "
+                         "the adapter: a diverged run?)")
 
 
 def generate(params: dict, cfg: ModelConfig, input_ids: Any, attention_mask: Any = None, *,
@@ -104,6 +127,7 @@ def generate(params: dict, cfg: ModelConfig, input_ids: Any, attention_mask: Any
     sampling = sampling.validate()
     ids, mask = left_align(np.asarray(input_ids), attention_mask)
     b, t = ids.shape
+    sampling = _check_positions(cfg, int(mask.sum(axis=1).max()), sampling)
     eos = set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     size = t + max(sampling.max_new_tokens, 1)
     cache = init_cache(cfg, b, size, cache_dtype)
@@ -120,7 +144,8 @@ def generate(params: dict, cfg: ModelConfig, input_ids: Any, attention_mask: Any
             cur_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, hist_ids.shape[1] - t)), constant_values=1), jnp.int32)
         seen += int(step > 0)
         rng, sub = jax.random.split(rng)
-        tok, cache, last = _step(params, adapters or {}, cache, cur_ids, cur_mask, sub, **kw)
+        tok, cache, last, ok = _step(params, adapters or {}, cache, cur_ids, cur_mask, sub, **kw)
+        _check_logits(np.asarray(ok) | done, step)
         if scores is not None:
             scores.append(np.asarray(last))
         tok_np = np.asarray(tok)

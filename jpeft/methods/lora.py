@@ -35,7 +35,7 @@ from jpeft.errors import CheckpointError, ConfigError
 from jpeft.kernels.lora import lora_delta
 from jpeft.kernels.lora_linear import lora_linear_group
 from jpeft.methods import lora_experts, modules_to_save, targeting
-from jpeft.methods.common import dropout, hp, method_tree, replace_linears
+from jpeft.methods.common import dropout, hp, method_tree, replace_linears, warn_zero_scale
 from jpeft.methods.pissa import as_plain_lora, pissa_base, pissa_factors, rank_mask
 from jpeft.methods.registry import MethodSpec, register_method
 from jpeft.models.config import ModelConfig
@@ -107,6 +107,7 @@ class LoraConfig:
             bad("loraplus_lr_ratio", "must be > 0 (LoRA+ suggests 2..16), or None to turn LoRA+ off")
         if self.target_parameters:
             lora_experts.check_supported(self, type(self).__name__)
+        warn_zero_scale(self)
         return self
 
 

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import jpeft
 from jpeft.cli import main
-from jpeft.errors import ConfigError, MissingDependencyError
+from jpeft.errors import ConfigError, MissingDependencyError, OutputError
 from jpeft.methods.catalog import get_method
 from jpeft.methods.export import save_gguf
 from jpeft.torch_bridge import gguf_write
@@ -88,11 +88,13 @@ def test_a_gguf_export_never_replaces_a_file_it_did_not_write(runs, capsys):
     foreign = d / "someone-elses.gguf"
     foreign.write_bytes(b"not ours")
     base = ["export", "--model", str(d / "ckpt"), "--adapter", str(d / "adapter"), "--gguf"]
-    for argv in (base + [str(foreign), "--overwrite"], base + [str(d / "ckpt" / "config.json")]):
+    config = (d / "ckpt" / "config.json").read_bytes()
+    for argv, says in ((base + [str(foreign), "--overwrite"], "jpeft did not write it"),
+                       (base + [str(d / "ckpt" / "config.json")], "lies inside the --model folder")):
         capsys.readouterr()
         assert main(argv) == 2
-        assert "jpeft did not write it" in capsys.readouterr().err
-    assert foreign.read_bytes() == b"not ours"
+        assert says in capsys.readouterr().err
+    assert foreign.read_bytes() == b"not ours" and (d / "ckpt" / "config.json").read_bytes() == config
     name = _export(d, "f32")
     assert main(base + [str(d / name)]) == 2 and "--overwrite" in capsys.readouterr().err
 
@@ -199,6 +201,6 @@ def test_crash_mid_write_leaves_nothing(runs, monkeypatch, tmp_path):
         raise OSError("disk full")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=r"x.gguf: not written \(disk full\)"):  # one named error, no traceback
         save_gguf(tmp_path / "x.gguf", model.cfg, model.params, method, adapters, d / "ckpt")
     assert not list(tmp_path.iterdir())
