@@ -34,12 +34,12 @@ def decode_round(model, adapters: dict, methods: tuple, prompt_len: int, tokens:
     kw = dict(cfg=cfg, methods=methods, sampling=SamplingConfig(max_new_tokens=tokens))
     rng = jax.random.PRNGKey(0)
     cache = init_cache(cfg, 1, prompt_len + tokens + 1)
-    tok, cache = _step(model.params, adapters, cache, ids, jnp.ones_like(ids), rng, **kw)
+    tok, cache, _ = _step(model.params, adapters, cache, ids, jnp.ones_like(ids), rng, **kw)
     tok.block_until_ready()
     one = jnp.ones((1, 1), jnp.int32)
     t0 = time.perf_counter()
     for _ in range(tokens):
-        tok, cache = _step(model.params, adapters, cache, tok[:, None], one, rng, **kw)
+        tok, cache, _ = _step(model.params, adapters, cache, tok[:, None], one, rng, **kw)
     tok.block_until_ready()
     return (time.perf_counter() - t0) / tokens
 

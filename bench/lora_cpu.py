@@ -46,7 +46,8 @@ AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name).save_pretrained(o
 ROWS = r"""
 import sys, json, numpy as np
 import jpeft
-from jpeft.train.data import BatchSchedule, load_jsonl
+from jpeft.train.batches import BatchSchedule
+from jpeft.train.data import load_jsonl
 from jpeft.train.loop import TrainConfig, make_rows
 model_dir, data, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 model = jpeft.load(model_dir, tokenizer=True)

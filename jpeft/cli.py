@@ -1,11 +1,14 @@
-"""The `jpeft` command line: `train`, `eval`, `export`, `generate`, `info`, `demo`."""
+"""The `jpeft` command line: `train`, `eval`, `export`, `generate`, `info`, `demo`, `doctor`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,9 +23,11 @@ from jpeft.cli_args import (
 )
 from jpeft.cli_estimate import add_estimate_command, cmd_estimate
 from jpeft.cli_train import TRAIN_COMMANDS, add_train_commands
+from jpeft.doctor import add_doctor, cmd_doctor
 from jpeft.errors import JpeftError
 from jpeft.generate import SamplingConfig, generate
 from jpeft.loading import load
+from jpeft.models.describe import features
 from jpeft.runtime import configure_host_memory
 from jpeft.train.data import render_chat
 from jpeft.train.estimate import tree_bytes
@@ -105,12 +110,13 @@ def cmd_info(args) -> int:
         "head_dim": c.head_dim, "vocab_size": c.vocab_size, "tied_embeddings": c.tie_word_embeddings,
         "sliding_windows": sorted(set(c.layer_windows) - {0}), "parameters": model.num_parameters,
         "dtype": ",".join(dtypes), "bytes": tree_bytes(model.params), "load_seconds": model.load_seconds,
+        "features": features(c),
     }
     if args.json:
         print(json.dumps(info))
     else:
         for k, v in info.items():
-            print(f"{k:18s} {v}")
+            print(f"{k:18s} {'; '.join(v) if k == 'features' else v}")
     return 0
 
 
@@ -127,19 +133,51 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     add_quant_flags(p, None)
     p.add_argument("--json", action="store_true")
+    add_doctor(sub)
     return parser
 
 
+_STOPPED_BY: list[int] = []  # the signal that stopped the command (SIGTERM is turned into KeyboardInterrupt)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _STOPPED_BY.append(signum)
+    raise KeyboardInterrupt
+
+
+def _stopped(command: str) -> int:
+    """One line for a command stopped by Ctrl-C / SIGTERM (every temp file and lock was released on the way out);
+    the exit status is 128 + the signal, as a shell reports it."""
+    signum = _STOPPED_BY[-1] if _STOPPED_BY else signal.SIGINT
+    what = {"train": "the last checkpoint is intact: rerun with --resume to continue",
+            "demo": "rerun `jpeft demo` to start again",
+            "export": "nothing was written under the output name"}.get(command, "nothing was written")
+    print(f"jpeft {command}: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr)
+    return 128 + int(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    commands = {"generate": cmd_generate, "info": cmd_info, "estimate": cmd_estimate, **TRAIN_COMMANDS}
+    commands = {"generate": cmd_generate, "info": cmd_info, "estimate": cmd_estimate, "doctor": cmd_doctor,
+                **TRAIN_COMMANDS}
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     configure_host_memory()  # reuse freed buffers instead of page-faulting them in every step
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return commands[args.command](args)
     except JpeftError as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an I/O error no check could foresee: one line naming the file
+        where = f": {e.filename}" if e.filename else ""
+        print(f"jpeft {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return _stopped(args.command)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from jpeft.cli_args import (
     quant_load_kwargs,
 )
 from jpeft.cli_estimate import add_memory_check_flag, check_memory
+from jpeft.dtypes import resolve_dtype
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.kernels.dispatch import kernels_report, reset_report
 from jpeft.loading import Model, load, resolve_model_path
@@ -33,12 +34,15 @@ from jpeft.methods import catalog
 from jpeft.methods.export import save_gguf, save_merged
 from jpeft.methods.registry import MethodSpec, check_mergeable
 from jpeft.parallel.mesh import initialize_distributed, is_primary, make_mesh
-from jpeft.torch_bridge.folders import check_export_target, source_config
+from jpeft.torch_bridge.folders import export_owner, source_config
 from jpeft.torch_bridge.gguf_write import GGUF_FAMILIES, GGUF_TYPES, check_gguf_exportable, is_jpeft_gguf
+from jpeft.torch_bridge.hf_load import base_nbytes, read_model_config
+from jpeft.torch_bridge.outputs import check_not_input, claim_output
 from jpeft.torch_bridge.safetensors_io import atomic_write
-from jpeft.train.data import load_jsonl, train_eval_split
-from jpeft.train.evaluate import classification_eval, label_set
-from jpeft.train.fingerprint import check_resume, run_fingerprint
+from jpeft.train.batches import train_eval_split
+from jpeft.train.data import load_jsonl
+from jpeft.train.evaluate import classification_eval, label_forms, label_set, warn_label_spelling
+from jpeft.train.fingerprint import DIGEST_CACHE, DigestCache, check_resume, run_fingerprint
 from jpeft.train.loop import TrainConfig, evaluate, make_rows, run_loop
 from jpeft.train.metrics import format_table
 from jpeft.train.report import format_summary, run_summary
@@ -130,14 +134,15 @@ def _split(args, examples):
     return train_eval_split(examples, args.eval_fraction, args.seed)
 
 
-def _run_record(args, model: Model, spec: MethodSpec, config, built, fingerprint: dict) -> dict:
+def _run_record(args, model: Model, spec: MethodSpec, config, built, fingerprint: dict, labels: dict) -> dict:
     """What `run.json` holds from the start: the command line, the model, the method and its config, the
-    parameter counts and the run's fingerprint (`kernels` and `summary` are added at the end)."""
+    parameter counts, the training data's label spellings (`label_forms`, for `jpeft eval`) and the run's
+    fingerprint (`kernels` and `summary` are added at the end)."""
     run = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | type(None))}
     tree = built.adapters.get(built.method.name, built.adapters)
     run.update(model=str(model.path), method=spec.name, method_config=dataclasses.asdict(config),
                trainable_parameters=built.method.num_trainable(tree), base_parameters=model.num_parameters,
-               fingerprint=fingerprint)
+               label_forms=labels, fingerprint=fingerprint)
     return run
 
 
@@ -146,11 +151,17 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         f.write(json.dumps(obj, indent=1, default=str).encode())
 
 
-def _fingerprint(args, model: Model, spec: MethodSpec, config) -> dict:
+def _inputs(args, model: Model) -> dict:
+    """The run's inputs, which its folder may not be, lie inside or hold."""
+    data = {} if args.command == "demo" else {"--data": args.data, "--eval-data": args.eval_data}
+    return {"--model": model.path, **data}
+
+
+def _fingerprint(args, model: Model, spec: MethodSpec, config, digests: DigestCache) -> dict:
     data = {"data": None, "eval_data": None} if args.command == "demo" else {"data": args.data,
                                                                              "eval_data": args.eval_data}
     return run_fingerprint(vars(args), model_path=model.path, method=spec.name,
-                           method_config=dataclasses.asdict(config), data=data)
+                           method_config=dataclasses.asdict(config), data=data, digests=digests)
 
 
 def _check_resume(out: Path, fingerprint: dict, allow_changes: bool) -> None:
@@ -166,14 +177,21 @@ def _check_resume(out: Path, fingerprint: dict, allow_changes: bool) -> None:
 def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bool) -> dict:
     """Build the method, train, save the adapter (or the method's `finish`); returns the final eval record.
 
-    Input errors come first; then the run folder is claimed once for the whole run (`claim_run_folder`: writable,
-    locked, no other run's checkpoints), and `resume` refuses a run whose fingerprint (`jpeft.train.fingerprint`)
-    differs from the saved one."""
+    Input errors come first; then the run folder is claimed once for the whole run (`claim_run_folder`: no input,
+    writable, locked, not another run's: its run.json fingerprint decides), and `resume` refuses a run whose
+    fingerprint (`jpeft.train.fingerprint`) differs from the saved one."""
     spec = catalog.get_method(args.method)
     config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)
     tc = config_from_args(TrainSettings, args).train_config()
-    with claim_run_folder(out, resume):
-        fingerprint = _fingerprint(args, model, spec, config)
+    check_not_input(out, _inputs(args, model), "--out")  # before hashing anything
+    if label_set(eval_ex):
+        warn_label_spelling(label_forms(train_ex), label_forms(eval_ex), "--eval-data")
+    digests = DigestCache(out / DIGEST_CACHE)
+    fingerprint = _fingerprint(args, model, spec, config, digests)
+    with claim_run_folder(out, resume, inputs=_inputs(args, model), fingerprint=fingerprint,
+                          demo=args.command == "demo"):
+        if is_primary():
+            digests.save()
         if resume:
             _check_resume(out, fingerprint, getattr(args, "allow_changes", False))
         return _run_training(args, model, (train_ex, eval_ex), out, resume, spec, config, tc, fingerprint)
@@ -183,7 +201,7 @@ def _run_training(args, model, data, out, resume, spec, config, tc, fingerprint)
     """`run.json` written at the start and once more at the end (with `kernels` and `summary`), by process 0."""
     t0 = time.perf_counter()
     built = spec.build(model, config, jax.random.PRNGKey(args.seed))
-    run = _run_record(args, model, spec, config, built, fingerprint)
+    run = _run_record(args, model, spec, config, built, fingerprint, label_forms(data[0]) if label_set(data[0]) else {})
     if is_primary():
         write_json_atomic(out / "run.json", run)
     reset_report()
@@ -233,39 +251,66 @@ def _print_eval(tag: str, rec: dict) -> None:
         print(f"[{tag}] " + "  ".join(parts))
 
 
+def _check_label_spelling(examples: list[dict], adapter: str | None) -> None:
+    """With an adapter `jpeft train` wrote (OUT/adapter, OUT/run.json beside it), warn when the data spell the
+    labels otherwise than the run's training data did (`label_forms` in run.json)."""
+    if adapter is None or label_set(examples) is None:
+        return
+    try:
+        trained = json.loads((Path(adapter).parent / "run.json").read_text()).get("label_forms")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(trained, dict):
+        warn_label_spelling(trained, label_forms(examples), "--data")
+
+
 def cmd_eval(args) -> int:
-    """`jpeft.train.loop.evaluate` (the training loop's own eval) on a data file, with or without an adapter."""
+    """`jpeft.train.loop.evaluate` (the training loop's own eval) on a data file, with or without an adapter; the
+    settings and the data are checked before the model is loaded."""
+    tc = TrainConfig(max_len=args.max_len, batch_size=args.batch_size, dtype=args.dtype).validate()
+    examples = load_examples(args.data)
     model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=args.allow_torch_bin,
                  host_memory=args.host_memory)
     method, adapters = maybe_adapter(args.adapter, model)
-    examples = load_examples(args.data)
-    tc = TrainConfig(max_len=args.max_len, batch_size=args.batch_size, dtype=args.dtype)
-    rec = evaluate(model, method, adapters, examples, tc, make_rows(model, examples, tc))
+    _check_label_spelling(examples, args.adapter)
+    rec = evaluate(model, method, adapters, examples, tc, make_rows(model, examples, tc, "eval examples"))
     rec.pop("report", None)
     print(json.dumps(rec) if args.json else "  ".join(f"{k}={v:.4f}" for k, v in rec.items()))
     return 0
 
 
+GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # bytes per value of --gguf-type's matrices
+
+
+def _export_claim(args, model_path: Path):
+    """`outputs.claim_output` for the export's target, with everything that can be checked before loading: the
+    model's config and family, the target (no input, writable, enough space) and, under its lock, its owner."""
+    cfg = read_model_config(model_path)
+    inputs = {"--model": model_path, "--adapter": args.adapter}
+    if args.gguf:
+        check_gguf_exportable(source_config(model_path), str(model_path))  # refuse before loading anything
+        owner = export_owner(overwrite=args.overwrite, flag="--gguf", is_ours=is_jpeft_gguf)
+        return claim_output(args.gguf, flag="--gguf", inputs=inputs, check_owner=owner,
+                            need_bytes=base_nbytes(cfg, GGUF_BYTES[args.gguf_type]))
+    return claim_output(args.merged, flag="--merged", inputs=inputs, check_owner=export_owner(overwrite=args.overwrite),
+                        need_bytes=base_nbytes(cfg, resolve_dtype(args.dtype)))
+
+
 def cmd_export(args) -> int:
-    """Merge any mergeable adapter into its base; unmergeable methods are refused before anything is loaded."""
+    """Merge any mergeable adapter into its base; unmergeable methods, unwritable or foreign targets are refused
+    before anything is loaded, and the target stays locked until it is written."""
     spec = catalog.adapter_spec(args.adapter)
     check_mergeable(spec, f"{args.adapter}: ")
     model_path = resolve_model_path(args.model, allow_torch_bin=args.allow_torch_bin)
-    sources = {"--model": model_path if model_path.is_dir() else model_path.parent, "--adapter": args.adapter}
-    if args.gguf:
-        check_gguf_exportable(source_config(model_path), str(model_path))  # refuse before loading anything
-        check_export_target(args.gguf, {"--model": model_path, "--adapter": args.adapter}, overwrite=args.overwrite,
-                            flag="--gguf", is_ours=is_jpeft_gguf)
-    else:
-        check_export_target(args.merged, sources, overwrite=args.overwrite)
-    model = load(model_path, "float32", tokenizer=False, allow_torch_bin=args.allow_torch_bin,
-                 host_memory=args.host_memory, **quant_load_kwargs(args))
-    method, adapters = spec.load(Path(args.adapter), model.cfg, model.params)
-    if args.gguf:
-        save_gguf(args.gguf, model.cfg, model.params, method, adapters, model.path, gguf_type=args.gguf_type)
-        print(f"merged GGUF ({spec.name}, {args.gguf_type}) written to {args.gguf}")
-        return 0
-    save_merged(args.merged, model.cfg, model.params, method, adapters, model.path, dtype=args.dtype)
+    with _export_claim(args, model_path):
+        model = load(model_path, "float32", tokenizer=False, allow_torch_bin=args.allow_torch_bin,
+                     host_memory=args.host_memory, **quant_load_kwargs(args))
+        method, adapters = spec.load(Path(args.adapter), model.cfg, model.params)
+        if args.gguf:
+            save_gguf(args.gguf, model.cfg, model.params, method, adapters, model.path, gguf_type=args.gguf_type)
+            print(f"merged GGUF ({spec.name}, {args.gguf_type}) written to {args.gguf}")
+            return 0
+        save_merged(args.merged, model.cfg, model.params, method, adapters, model.path, dtype=args.dtype)
     print(f"merged checkpoint ({spec.name}) written to {args.merged}")
     return 0
 

@@ -14,6 +14,10 @@ class ConfigError(JpeftError, ValueError):
     """A configuration value is invalid (names the field and the allowed values)."""
 
 
+class UnsupportedModelError(ConfigError):
+    """A checkpoint's `model_type` is a family jpeft has no decoder for (names it and lists the supported ones)."""
+
+
 class CheckpointError(JpeftError, ValueError):
     """A checkpoint file or folder is missing, malformed or incompatible (names the file/key)."""
 
@@ -32,3 +36,8 @@ class MissingDependencyError(JpeftError, ImportError):
 
 class ShardingError(ConfigError):
     """A device mesh or a partition rule does not fit the devices or a tensor (names the axis and tensor)."""
+
+
+class OutputError(JpeftError):
+    """An output path cannot be used or written (names the path, why, and that nothing was written)."""
+

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jpeft.errors import ConfigError
+
 F32 = jnp.float32
 NEG = float(jnp.finfo(F32).min)
 
@@ -159,3 +161,35 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, s
     query that has at least one allowed key (a query with none averages the values its block reads).
     """
     return _attention(q, k, v, allowed, float(scale), float(softcap) if softcap else None, int(causal_blocks))
+
+
+def dense_mask(batch: int, q_len: int, kv_len: int, *, q_segment_ids: jax.Array | None = None,
+               kv_segment_ids: jax.Array | None = None, kv_valid: jax.Array | None = None, causal: bool = True,
+               window: int | jax.Array = 0) -> jax.Array:
+    """`allowed [B, T, S]` bool: the visibility rule of `jpeft.kernels.flash_attention` as a dense mask.
+
+    `window` may be a traced int32 scalar; `window <= 0` means unlimited. Segment ids come both or neither.
+    """
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ConfigError("flash_attention: pass both q_segment_ids [B, T] and kv_segment_ids [B, S], or neither")
+    t, s = jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :]
+    window = jnp.asarray(window, jnp.int32)
+    allowed = (window <= 0) | (t - s < window)
+    if causal:
+        allowed = allowed & (s <= t)
+    allowed = jnp.broadcast_to(allowed, (batch, q_len, kv_len))
+    if q_segment_ids is not None:
+        allowed = allowed & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+    if kv_valid is not None:
+        allowed = allowed & kv_valid[:, None, :].astype(bool)
+    return allowed
+
+
+def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                              q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+                              kv_valid: jax.Array | None = None, causal: bool = True,
+                              window: int | jax.Array = 0, softcap: float | None = None) -> jax.Array:
+    """`attention_reference` (plain autodiff) with the mask `dense_mask` builds: the numerics we test against."""
+    allowed = dense_mask(q.shape[0], q.shape[1], k.shape[1], q_segment_ids=q_segment_ids,
+                         kv_segment_ids=kv_segment_ids, kv_valid=kv_valid, causal=causal, window=window)
+    return attention_reference(q, k, v, allowed, scale=scale, softcap=softcap)

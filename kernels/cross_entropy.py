@@ -24,10 +24,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jpeft.kernels.cross_entropy_pallas import pallas_linear_cross_entropy
-from jpeft.kernels.cross_entropy_pallas import supported as pallas_supported
-from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
+from jpeft.kernels import cross_entropy_pallas as lce_pallas
+from jpeft.kernels.dispatch import OpCall, choose
+from jpeft.kernels.proving import normal, tokens_for
+from jpeft.kernels.tiling import pallas_candidate
 
 F32 = jnp.float32
 CHUNK_ELEMENTS = 1 << 23  # fp32 logits per chunk: 32 MiB
@@ -160,12 +162,26 @@ def linear_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, *, softc
     tied embedding table), labels `[N]` int. Never holds more than `chunk_size × V` logits (default: 32 MiB
     worth). Differentiable in h and w.
     """
-    wt = w.T if w_vd else w  # a view for the shape checks; only the Pallas path below materializes it
-    impl = choose("cross_entropy", supported=pallas_supported(h, wt, labels))
-    if impl == REFERENCE:  # the chunked custom VJP below
-        chunk = chunk_size or default_chunk_size(h.shape[0], wt.shape[1])
-        return _lce(h, w, labels.astype(jnp.int32), softcap or None, int(chunk), bool(w_vd))
-    return pallas_linear_cross_entropy(h, wt, labels, softcap=softcap, interpret=impl == INTERPRET)
+    vd, cap = bool(w_vd), float(softcap) if softcap else None
+    wt = w.T if vd else w  # a view for the shape checks; only the Pallas path below materializes it
+    d, v = wt.shape
+
+    def reference(h, w, labels):
+        chunk = chunk_size or default_chunk_size(h.shape[0], v)
+        return _lce(h, w, labels.astype(jnp.int32), cap, int(chunk), vd)
+
+    def kernel(h, w, labels, *, interpret):
+        return lce_pallas.pallas_linear_cross_entropy(h, w.T if vd else w, labels, softcap=cap, interpret=interpret)
+
+    def example(size: str, rng) -> tuple:
+        n = tokens_for(size, h.shape[0])
+        labels = jnp.asarray(np.where(rng.random(n) < 0.1, -100, rng.integers(0, v, n)), jnp.int32)
+        return normal(rng, (n, d), h.dtype), normal(rng, w.shape, w.dtype, d ** -0.5), labels
+
+    cand = pallas_candidate(kernel, lce_pallas.__file__, lce_pallas.GPU_BACKEND, lce_pallas.supported(h, wt, labels))
+    call = OpCall("cross_entropy", (d, v, str(h.dtype), str(w.dtype), cap, vd), reference, (cand,), example,
+                  grad_argnums=(0, 1))
+    return choose(call).fn(h, w, labels)
 
 
 def linear_cross_entropy_reference(h: jax.Array, w: jax.Array, labels: jax.Array, *,

@@ -31,13 +31,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+from jax.experimental.pallas import triton as pl_triton
 
 from jpeft.errors import ConfigError
 from jpeft.kernels.tiling import block_size, compiler_params, pad2, pad_to, round_up
 
 F32 = jnp.float32
 NEG = float(jnp.finfo(F32).min)
+GPU_BACKEND = "triton"  # this file's Pallas GPU backend (jpeft.kernels.tiling)
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -65,7 +66,7 @@ def _logits(h_ref, w_ref, rows, j, cfg: _Config):
 
     def k_step(k, z):
         ks = pl.ds(pl.multiple_of(k * bd, bd), bd)
-        return z + plgpu.dot(h_ref[rows, ks], w_ref[ks, cols])
+        return z + pl_triton.dot(h_ref[rows, ks], w_ref[ks, cols])
 
     n_rows = cfg.block_n
     z = lax.fori_loop(0, w_ref.shape[0] // bd, k_step, jnp.zeros((n_rows, bv), F32))
@@ -120,7 +121,7 @@ def _dh_kernel(h_ref, w_ref, lab_ref, lse_ref, g_ref, dh_ref, *, cfg: _Config):
 
         def k_step(k, _):
             ks = pl.ds(pl.multiple_of(k * bd, bd), bd)
-            dh_ref[:, ks] = dh_ref[:, ks] + plgpu.dot(d, w_ref[ks, cols], trans_b=True)
+            dh_ref[:, ks] = dh_ref[:, ks] + pl_triton.dot(d, w_ref[ks, cols], trans_b=True)
             return 0
 
         return lax.fori_loop(0, n_k, k_step, 0)
@@ -144,7 +145,7 @@ def _dw_kernel(h_ref, w_ref, lab_ref, lse_ref, g_ref, dw_ref, *, cfg: _Config):
 
         def k_step(k, _):
             ks = pl.ds(pl.multiple_of(k * bd, bd), bd)
-            dw_ref[ks, :] = dw_ref[ks, :] + plgpu.dot(h_ref[rows, ks], d, trans_a=True)
+            dw_ref[ks, :] = dw_ref[ks, :] + pl_triton.dot(h_ref[rows, ks], d, trans_a=True)
             return 0
 
         return lax.fori_loop(0, n_k, k_step, 0)
@@ -170,7 +171,8 @@ def _fwd_call(hp, wp, labp, cfg: _Config):
         in_specs=[pl.BlockSpec((bn, dp), lambda i: (i, 0)), pl.BlockSpec((dp, vp), lambda i: (0, 0)), row],
         out_specs=[row, row],
         out_shape=[jax.ShapeDtypeStruct((np_,), F32), jax.ShapeDtypeStruct((np_,), F32)],
-        compiler_params=compiler_params(num_stages=2), interpret=cfg.interpret, name="linear_cross_entropy_fwd",
+        compiler_params=compiler_params(GPU_BACKEND, num_stages=2), interpret=cfg.interpret,
+        name="linear_cross_entropy_fwd",
     )(hp, wp, labp)
 
 
@@ -184,7 +186,8 @@ def _dh_call(hp, wp, labp, lse, g, cfg: _Config):
         functools.partial(_dh_kernel, cfg=cfg), grid=(np_ // bn,),
         in_specs=[block, pl.BlockSpec((dp, vp), lambda i: (0, 0)), row, row, row],
         out_specs=block, out_shape=jax.ShapeDtypeStruct((np_, dp), F32),
-        compiler_params=compiler_params(num_stages=2), interpret=cfg.interpret, name="linear_cross_entropy_dh",
+        compiler_params=compiler_params(GPU_BACKEND, num_stages=2), interpret=cfg.interpret,
+        name="linear_cross_entropy_dh",
     )(hp, wp, labp, lse, g)
 
 
@@ -197,7 +200,8 @@ def _dw_call(hp, wp, labp, lse, g, cfg: _Config):
         in_specs=[pl.BlockSpec((np_, dp), lambda j: (0, 0)), pl.BlockSpec((dp, vp), lambda j: (0, 0)),
                   whole, whole, whole],
         out_specs=pl.BlockSpec((dp, cfg.block_v), lambda j: (0, j)), out_shape=jax.ShapeDtypeStruct((dp, vp), F32),
-        compiler_params=compiler_params(num_stages=2), interpret=cfg.interpret, name="linear_cross_entropy_dw",
+        compiler_params=compiler_params(GPU_BACKEND, num_stages=2), interpret=cfg.interpret,
+        name="linear_cross_entropy_dw",
     )(hp, wp, labp, lse, g)
 
 

@@ -30,19 +30,23 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+from jax.experimental.pallas import triton as pl_triton
 
 from jpeft.errors import ConfigError
-from jpeft.kernels.attention import attention, attention_reference
+from jpeft.kernels import attention_maintained
+from jpeft.kernels.attention import attention, dense_mask, flash_attention_reference  # noqa: F401 (re-exported)
 from jpeft.kernels.attention_blockwise import blockwise_attention
-from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
-from jpeft.kernels.tiling import block_size, compiler_params, pad_to, pow2_tile, round_up
+from jpeft.kernels.dispatch import OpCall, choose
+from jpeft.kernels.proving import TIME_TOKENS, normal, tokens_for
+from jpeft.kernels.tiling import block_size, compiler_params, pad_to, pallas_candidate, pow2_tile, round_up
 
 F32 = jnp.float32
 NEG = float(jnp.finfo(F32).min)
+GPU_BACKEND = "triton"  # this file's Pallas GPU backend (jpeft.kernels.tiling)
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Where the kernel does not run, sequences of at least this many keys take the blockwise pure-JAX path
 # (`jpeft.kernels.attention_blockwise`: no [T, S] array) instead of the dense-mask one (measured on the
@@ -61,47 +65,12 @@ class _Config(NamedTuple):
     interpret: bool
 
 
-# ------------------------------------------------------------------------------------ dense reference
-
-
-def dense_mask(batch: int, q_len: int, kv_len: int, *, q_segment_ids: jax.Array | None = None,
-               kv_segment_ids: jax.Array | None = None, kv_valid: jax.Array | None = None, causal: bool = True,
-               window: int | jax.Array = 0) -> jax.Array:
-    """`allowed [B, T, S]` bool: the visibility rule of the module docstring as a dense mask.
-
-    `window` may be a traced int32 scalar; `window <= 0` means unlimited. Segment ids come both or neither.
-    """
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ConfigError("flash_attention: pass both q_segment_ids [B, T] and kv_segment_ids [B, S], or neither")
-    t, s = jnp.arange(q_len)[:, None], jnp.arange(kv_len)[None, :]
-    window = jnp.asarray(window, jnp.int32)
-    allowed = (window <= 0) | (t - s < window)
-    if causal:
-        allowed = allowed & (s <= t)
-    allowed = jnp.broadcast_to(allowed, (batch, q_len, kv_len))
-    if q_segment_ids is not None:
-        allowed = allowed & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
-    if kv_valid is not None:
-        allowed = allowed & kv_valid[:, None, :].astype(bool)
-    return allowed
-
-
-def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                              q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
-                              kv_valid: jax.Array | None = None, causal: bool = True,
-                              window: int | jax.Array = 0, softcap: float | None = None) -> jax.Array:
-    """`attention_reference` (plain autodiff) with the mask `dense_mask` builds: the numerics we test against."""
-    allowed = dense_mask(q.shape[0], q.shape[1], k.shape[1], q_segment_ids=q_segment_ids,
-                         kv_segment_ids=kv_segment_ids, kv_valid=kv_valid, causal=causal, window=window)
-    return attention_reference(q, k, v, allowed, scale=scale, softcap=softcap)
-
-
 # ------------------------------------------------------------------------------------ kernel pieces
 
 
 def _scores(q, k, cfg: _Config):
     """fp32 scores `[bq, bk]` of a query and a key block, and d(capped)/d(raw) (or None)."""
-    z = plgpu.dot(q, k, trans_b=True) * cfg.scale
+    z = pl_triton.dot(q, k, trans_b=True) * cfg.scale
     if not cfg.softcap:
         return z, None
     tz = jnp.tanh(z / cfg.softcap)
@@ -145,7 +114,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, kok_ref, win_ref, o_ref
         p = jnp.where(vis, jnp.exp(s - m_new[:, None]), 0.0)
         corr = jnp.exp(m - m_new)  # rescales what earlier blocks summed under the old row max
         v = v_ref[ks, :]
-        acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        acc = acc * corr[:, None] + pl_triton.dot(p.astype(v.dtype), v)
         return acc, m_new, l * corr + jnp.sum(p, axis=1)
 
     lo, hi = _key_blocks(q0, window, k_ref.shape[0] // bk, cfg)
@@ -162,7 +131,7 @@ def _grad_scores(q, k, v, do, lse, delta, vis, cfg: _Config):
     """dL/d(raw scores) `[bq, bk]` (fp32, before the scale) and the probabilities `[bq, bk]`."""
     s, dcap = _scores(q, k, cfg)
     p = jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
-    ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None])
+    ds = p * (pl_triton.dot(do, v, trans_b=True) - delta[:, None])
     return (ds if dcap is None else ds * dcap), p
 
 
@@ -178,7 +147,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, kok_ref, win_ref, do_ref
         k = k_ref[ks, :]
         vis = _visible(q0, j * bk, q_seg, kseg_ref[ks], kok_ref[ks], window, cfg)
         ds, _ = _grad_scores(q, k, v_ref[ks, :], do, lse, delta, vis, cfg)
-        return dq + plgpu.dot(ds.astype(k.dtype), k)
+        return dq + pl_triton.dot(ds.astype(k.dtype), k)
 
     lo, hi = _key_blocks(q0, window, k_ref.shape[0] // bk, cfg)
     dq = lax.fori_loop(lo, hi, step, jnp.zeros((bq, q_ref.shape[-1]), F32))
@@ -202,8 +171,8 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, qseg_ref, k_ref, v_ref, kseg
             q, do = q_ref[qs, g, :], do_ref[qs, g, :]
             vis = _visible(i * bq, k0, qseg_ref[qs], k_seg, k_ok, window, cfg)
             ds, p = _grad_scores(q, k, v, do, lse_ref[g, qs], delta_ref[g, qs], vis, cfg)
-            dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-            return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True), dv
+            dv = dv + pl_triton.dot(p.astype(do.dtype), do, trans_a=True)
+            return dk + pl_triton.dot(ds.astype(q.dtype), q, trans_a=True), dv
 
         return lax.fori_loop(lo, hi, step, carry)
 
@@ -235,7 +204,7 @@ def _fwd_call(qp, kp, vp, qseg, kseg, kok, window, cfg: _Config):
         out_specs=[pl.BlockSpec((None, cfg.block_q, None, dp), lambda b, h, i: (b, i, h, 0)),
                    pl.BlockSpec((None, None, cfg.block_q), lambda b, h, i: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, dp), vp.dtype), jax.ShapeDtypeStruct((b, h, tp), F32)],
-        compiler_params=compiler_params(num_stages=2), interpret=cfg.interpret, name="flash_attention_fwd",
+        compiler_params=compiler_params(GPU_BACKEND, num_stages=2), interpret=cfg.interpret, name="flash_attention_fwd",
     )(qp, kp, vp, qseg, kseg, kok, window)
 
 
@@ -251,7 +220,7 @@ def _bwd_call(qp, kp, vp, dop, lse, delta, qseg, kseg, kok, window, cfg: _Config
                   row_q, row_q],
         out_specs=pl.BlockSpec((None, bq, None, dp), lambda b, h, i: (b, i, h, 0)),
         out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
-        compiler_params=compiler_params(num_stages=2), interpret=cfg.interpret, name="flash_attention_dq",
+        compiler_params=compiler_params(GPU_BACKEND, num_stages=2), interpret=cfg.interpret, name="flash_attention_dq",
     )(qp, kp, vp, qseg, kseg, kok, window, dop, lse, delta)
     group = pl.BlockSpec((None, tp, g, dp), lambda b, kk, j: (b, 0, kk, 0))  # the G query heads of kv head kk
     group_rows = pl.BlockSpec((None, g, tp), lambda b, kk, j: (b, kk, 0))
@@ -263,7 +232,8 @@ def _bwd_call(qp, kp, vp, dop, lse, delta, qseg, kseg, kok, window, cfg: _Config
                   block, block, row_k, row_k, pl.BlockSpec((), lambda b, kk, j: ())],
         out_specs=[block, block],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)],
-        compiler_params=compiler_params(num_stages=2), interpret=cfg.interpret, name="flash_attention_dkdv",
+        compiler_params=compiler_params(GPU_BACKEND, num_stages=2), interpret=cfg.interpret,
+        name="flash_attention_dkdv",
     )(qp, dop, lse, delta, qseg, kp, vp, kseg, kok, window)
     return dq, dk, dv
 
@@ -321,6 +291,17 @@ def _supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
             and q.dtype == k.dtype == v.dtype and any(q.dtype == d for d in _KERNEL_DTYPES))
 
 
+class _Options(NamedTuple):
+    """The static options of one `flash_attention` call."""
+
+    scale: float
+    softcap: float | None
+    causal: bool
+    causal_blocks: int
+    block_q: int
+    block_k: int
+
+
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                     q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
                     kv_valid: jax.Array | None = None, causal: bool = True, window: int | jax.Array = 0,
@@ -330,29 +311,69 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
 
     q `[B, T, H, hd]`, k/v `[B, S, K, hd]`; `q_segment_ids [B, T]` / `kv_segment_ids [B, S]` int32 (both or
     neither), `kv_valid [B, S]` bool (False: a padding key nobody sees); `window` an int or a traced int32
-    scalar (≤ 0: unlimited). Picks its implementation with `choose("attention")`: the Pallas kernel (compiled
-    on GPU, interpreted under kernel mode "on" elsewhere) or, as the reference, `jpeft.kernels.attention.attention`
-    with the dense mask (`causal_blocks` goes to that path only), or from `BLOCKWISE_FROM` keys on
-    `jpeft.kernels.attention_blockwise.blockwise_attention`. `block_q`/`block_k`: kernel tile sizes.
+    scalar (≤ 0: unlimited). The one place attention picks its implementation (`choose("attention")`): this
+    file's Pallas kernel (compiled on GPU, interpreted under kernel mode "on" elsewhere), under `auto` also cuDNN
+    or tokamax where they handle the call and prove faster (`jpeft.kernels.attention_maintained`), or the
+    reference: `jpeft.kernels.attention.attention` with the dense mask (`causal_blocks` goes to that path only),
+    from `BLOCKWISE_FROM` keys `jpeft.kernels.attention_blockwise.blockwise_attention`. `block_q`/`block_k`:
+    kernel tile sizes.
     """
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ConfigError("flash_attention: pass both q_segment_ids [B, T] and kv_segment_ids [B, S], or neither")
-    impl = choose("attention", supported=_supported(q, k, v))
-    if impl == REFERENCE and k.shape[1] >= BLOCKWISE_FROM:  # long: never a [T, S] array (CPU path)
-        return blockwise_attention(q, k, v, scale=scale, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                   kv_valid=kv_valid, causal=causal, window=window, softcap=softcap)
-    if impl == REFERENCE:
-        allowed = dense_mask(q.shape[0], q.shape[1], k.shape[1], q_segment_ids=q_segment_ids,
-                             kv_segment_ids=kv_segment_ids, kv_valid=kv_valid, causal=causal, window=window)
-        return attention(q, k, v, allowed, scale=scale, softcap=softcap, causal_blocks=causal_blocks if causal else 1)
+    opts = _Options(float(scale), float(softcap) if softcap else None, bool(causal), int(causal_blocks),
+                    block_q, block_k)
+    args = (q, k, v, q_segment_ids, kv_segment_ids, kv_valid, jnp.asarray(window, jnp.int32))
+    windowed = not isinstance(window, int) or window > 0
+    return choose(_op_call(q, k, v, args, opts, windowed)).fn(*args)
+
+
+def _reference(q, k, v, qseg, kseg, kok, window, *, opts: _Options) -> jax.Array:
+    """The pure-JAX path: blockwise from `BLOCKWISE_FROM` keys (never a [T, S] array), else the dense mask."""
+    if k.shape[1] >= BLOCKWISE_FROM:
+        return blockwise_attention(q, k, v, scale=opts.scale, q_segment_ids=qseg, kv_segment_ids=kseg,
+                                   kv_valid=kok, causal=opts.causal, window=window, softcap=opts.softcap)
+    allowed = dense_mask(q.shape[0], q.shape[1], k.shape[1], q_segment_ids=qseg, kv_segment_ids=kseg,
+                         kv_valid=kok, causal=opts.causal, window=window)
+    return attention(q, k, v, allowed, scale=opts.scale, softcap=opts.softcap,
+                     causal_blocks=opts.causal_blocks if opts.causal else 1)
+
+
+def _pallas(q, k, v, qseg, kseg, kok, window, *, opts: _Options, interpret: bool) -> jax.Array:
+    """This file's kernel: pads T and S to blocks (padded keys invisible) and runs the custom VJP."""
     (b, t), s = q.shape[:2], k.shape[1]
-    cfg = _Config(float(scale), float(softcap) if softcap else None, bool(causal),
-                  block_size(block_q, t, "flash_attention: block_q"),
-                  block_size(block_k, s, "flash_attention: block_k"), impl == INTERPRET)
+    cfg = _Config(opts.scale, opts.softcap, opts.causal, block_size(opts.block_q, t, "flash_attention: block_q"),
+                  block_size(opts.block_k, s, "flash_attention: block_k"), interpret)
     tp, sp = round_up(t, cfg.block_q), round_up(s, cfg.block_k)
-    qseg = jnp.zeros((b, t), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
-    kseg = jnp.zeros((b, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
-    kok = jnp.ones((b, s), jnp.int32) if kv_valid is None else kv_valid.astype(jnp.int32)  # padded keys: 0
-    window = jnp.asarray(window, jnp.int32)
+    qseg = jnp.zeros((b, t), jnp.int32) if qseg is None else qseg.astype(jnp.int32)
+    kseg = jnp.zeros((b, s), jnp.int32) if kseg is None else kseg.astype(jnp.int32)
+    kok = jnp.ones((b, s), jnp.int32) if kok is None else kok.astype(jnp.int32)  # padded keys: 0
     window = jnp.where(window > 0, jnp.minimum(window, tp + sp), 0)  # no int32 overflow in the block bounds
     return _flash(q, k, v, pad_to(qseg, {1: tp}), pad_to(kseg, {1: sp}), pad_to(kok, {1: sp}), window, cfg)
+
+
+def _op_call(q, k, v, args: tuple, opts: _Options, windowed: bool) -> OpCall:
+    """The `choose` description of one call: static configuration, reference, candidates, example inputs."""
+    (b, t, h, hd), s, kh = q.shape, k.shape[1], k.shape[2]
+    has_seg, has_valid = args[3] is not None, args[5] is not None
+
+    def example(size: str, rng) -> tuple:
+        te, se = tokens_for(size, t), tokens_for(size, s)
+        be = min(b, 2) if size == "check" else max(1, min(b, TIME_TOKENS // te))
+        seg = lambda n: jnp.asarray(np.where(np.arange(n) < n * 2 // 3, 1, 2) * (np.arange(n) < n - 4),  # noqa: E731
+                                    jnp.int32)[None].repeat(be, 0)
+        kseg = seg(se)
+        return (normal(rng, (be, te, h, hd), q.dtype), normal(rng, (be, se, kh, hd), k.dtype),
+                normal(rng, (be, se, kh, hd), v.dtype), seg(te) if has_seg else None, kseg if has_seg else None,
+                kseg > 0 if has_valid else None, jnp.int32(max(1, te // 3) if windowed else 0))
+
+    def allowed_of(q, k, qseg, kseg, kok, window):
+        return dense_mask(q.shape[0], q.shape[1], k.shape[1], q_segment_ids=qseg, kv_segment_ids=kseg,
+                          kv_valid=kok, causal=opts.causal, window=window)
+
+    maintained = attention_maintained.candidates(q, k, v, scale=opts.scale, softcap=opts.softcap,
+                                                 allowed_of=allowed_of)
+    own = pallas_candidate(functools.partial(_pallas, opts=opts), __file__, GPU_BACKEND, _supported(q, k, v))
+    config = (h, kh, hd, str(q.dtype), opts.scale, opts.softcap, opts.causal, windowed, has_seg, has_valid,
+              opts.block_q, opts.block_k)
+    return OpCall("attention", config, functools.partial(_reference, opts=opts), (own, *maintained), example,
+                  grad_argnums=(0, 1, 2))

@@ -38,11 +38,22 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jpeft.errors import ConfigError
-from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
+from jpeft.kernels.dispatch import OpCall, choose
 from jpeft.kernels.lora import lora_delta, lora_delta_reference
-from jpeft.kernels.tiling import TILE_FEATURES, TILE_TOKENS, compiler_params, pad2, pow2_tile, round_up, tile_size
+from jpeft.kernels.proving import normal, tokens_for
+from jpeft.kernels.tiling import (
+    TILE_FEATURES,
+    TILE_TOKENS,
+    compiler_params,
+    pad2,
+    pallas_candidate,
+    pow2_tile,
+    round_up,
+    tile_size,
+)
 
 _F32 = jnp.float32
+GPU_BACKEND = "triton"  # this file's Pallas GPU backend (jpeft.kernels.tiling)
 _NT = (((1,), (1,)), ((), ()))  # dot_general: contract the last dims of both operands (a @ bᵀ)
 _TN = (((0,), (0,)), ((), ()))  # dot_general: contract the first dims of both operands (aᵀ @ b)
 
@@ -110,7 +121,7 @@ def matmul_plus_lowrank(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, 
         in_specs=specs,
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((n_p, m_p), dt),
-        compiler_params=compiler_params(num_stages=3),
+        compiler_params=compiler_params(GPU_BACKEND, num_stages=3),
         interpret=interpret,
         name="matmul_plus_lowrank",
     )(*operands)
@@ -227,11 +238,33 @@ def lora_linear_group(x: jax.Array, ws: Sequence[jax.Array], as_: Sequence[jax.A
                           f"{len(scales)} scales and {len(biases)} biases; pass one of each per projection.")
     for k, (w, a, b, bias) in enumerate(zip(ws, as_, bs, biases)):
         _check(x, w, a, b, bias, k)
-    impl = choose("lora_linear")
-    if impl == REFERENCE:
+    call = _op_call(x, tuple(ws), tuple(as_), tuple(bs), tuple(jnp.asarray(s) for s in scales), tuple(biases))
+    return choose(call).fn(x, tuple(ws), tuple(as_), tuple(bs), tuple(jnp.asarray(s) for s in scales),
+                           tuple(biases))
+
+
+def _op_call(x, ws, as_, bs, scales, biases) -> OpCall:
+    """The `choose` description of one grouped call (static configuration: I, every O and r, dtypes, biases)."""
+    rows = max(1, x.size // max(x.shape[-1], 1))
+
+    def reference(x, ws, as_, bs, scales, biases):
         return tuple(_unfused(x, w, a, b, s, bias) for w, a, b, s, bias in zip(ws, as_, bs, scales, biases))
-    scales = tuple(jnp.asarray(s) for s in scales)
-    return _group(x, tuple(ws), tuple(as_), tuple(bs), scales, tuple(biases), impl == INTERPRET)
+
+    def kernel(x, ws, as_, bs, scales, biases, *, interpret):
+        return _group(x, ws, as_, bs, scales, biases, interpret)
+
+    def example(size: str, rng) -> tuple:
+        n, i = tokens_for(size, rows), x.shape[-1]
+        like = lambda arr, scale: normal(rng, arr.shape, arr.dtype, scale)  # noqa: E731
+        return (normal(rng, (n, i), x.dtype), tuple(like(w, i ** -0.5) for w in ws),
+                tuple(like(a, i ** -0.5) for a in as_), tuple(like(b, 0.1) for b in bs),
+                tuple(jnp.asarray(2.0, s.dtype) for s in scales),
+                tuple(None if b is None else like(b, 0.1) for b in biases))
+
+    config = (x.shape[-1], str(x.dtype), tuple((w.shape[-1], a.shape[-1], str(w.dtype), str(a.dtype), b is not None)
+                                               for w, a, b in zip(ws, as_, biases)))
+    return OpCall("lora_linear", config, reference, (pallas_candidate(kernel, __file__, GPU_BACKEND),), example,
+                  grad_argnums=(0, 2, 3, 4))
 
 
 def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array | float,

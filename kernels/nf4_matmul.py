@@ -32,12 +32,22 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from jpeft.errors import ConfigError
-from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
-from jpeft.kernels.tiling import TILE_FEATURES, TILE_TOKENS, compiler_params, pad2, round_up, tile_size
-from jpeft.quant.blockwise import QuantizedWeight, block_scales, dequantize_4bit
+from jpeft.kernels.dispatch import OpCall, choose
+from jpeft.kernels.proving import normal, tokens_for
+from jpeft.kernels.tiling import (
+    TILE_FEATURES,
+    TILE_TOKENS,
+    compiler_params,
+    pad2,
+    pallas_candidate,
+    round_up,
+    tile_size,
+)
+from jpeft.quant.blockwise import QuantizedWeight, block_scales, dequantize_4bit, quantize_4bit
 from jpeft.quant.codes import FOUR_BIT_DECODE
 
 _F32 = jnp.float32
+GPU_BACKEND = "triton"  # this file's Pallas GPU backend (jpeft.kernels.tiling)
 _NT = (((1,), (1,)), ((), ()))  # dot_general: a @ bᵀ
 
 
@@ -184,7 +194,7 @@ def _pallas(x2: jax.Array, qw: QuantizedWeight, transposed: bool, interpret: boo
         in_specs=specs,
         out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct((n_p, out_cols), x2.dtype),
-        compiler_params=compiler_params(num_stages=3),
+        compiler_params=compiler_params(GPU_BACKEND, num_stages=3),
         interpret=interpret,
         name="nf4_matmul_bwd" if transposed else "nf4_matmul",
     )(x2, packed, scales)
@@ -227,8 +237,16 @@ def nf4_matmul(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype | str
     if len(qw.shape) != 2 or x.shape[-1] != qw.shape[1]:
         raise ConfigError(f"nf4_matmul: x [..., {x.shape[-1]}] does not contract with W {list(qw.shape)} "
                           "[out, in]; pass a 2-D torch-layout weight whose in_features equal x's last dim.")
-    impl = choose("nf4_matmul", supported=kernel_supports(qw))
-    if impl == REFERENCE:
-        return nf4_matmul_reference(x, qw, compute_dtype)
     cd = jnp.dtype(x.dtype if compute_dtype is None else compute_dtype)
-    return _nf4_matmul(x, qw, cd, impl == INTERPRET)
+    rows = max(1, x.size // max(x.shape[-1], 1))
+
+    def example(size: str, rng) -> tuple:
+        w = normal(rng, tuple(qw.shape), qw.dtype, qw.shape[1] ** -0.5)
+        return (normal(rng, (tokens_for(size, rows), qw.shape[1]), x.dtype),
+                quantize_4bit(w, qw.quant_type, qw.blocksize, qw.double_quant))
+
+    kernel = lambda x, qw, *, interpret: _nf4_matmul(x, qw, cd, interpret)  # noqa: E731
+    config = (tuple(qw.shape), qw.quant_type, qw.blocksize, qw.double_quant, str(qw.dtype), str(x.dtype), cd.name)
+    call = OpCall("nf4_matmul", config, lambda x, qw: nf4_matmul_reference(x, qw, cd),
+                  (pallas_candidate(kernel, __file__, GPU_BACKEND, kernel_supports(qw)),), example)
+    return choose(call).fn(x, qw)

@@ -25,10 +25,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
-from jpeft.kernels.tiling import compiler_params, pad2
+from jpeft.kernels.dispatch import OpCall, choose
+from jpeft.kernels.proving import normal, tokens_for
+from jpeft.kernels.tiling import compiler_params, pad2, pallas_candidate
 
 F32 = jnp.float32
+GPU_BACKEND = "triton"  # this file's Pallas GPU backend (jpeft.kernels.tiling)
 BLOCK_ELEMENTS = 4096  # elements of one [rows, D] block a program holds at once
 MAX_PROGRAMS_BWD = 256  # the backward aims at about this many programs (one dw partial row each)
 
@@ -72,7 +74,7 @@ def _forward(x, w, eps, offset, interpret):
         in_specs=[pl.BlockSpec((br, dp), lambda i: (i, 0)), pl.BlockSpec((1, dp), lambda i: (0, 0))],
         out_specs=(pl.BlockSpec((br, dp), lambda i: (i, 0)), pl.BlockSpec((br,), lambda i: (i,))),
         interpret=interpret,
-        compiler_params=compiler_params(),
+        compiler_params=compiler_params(GPU_BACKEND),
         name="rms_norm_fwd",
     )(pad2(x2, npad, dp), pad2(w.reshape(1, d), 1, dp))
     return y[:n, :d].reshape(x.shape), r[:n]
@@ -111,7 +113,7 @@ def _backward(x, w, r, dy, offset, interpret):
                   pl.BlockSpec((rows,), lambda i: (i,)), pl.BlockSpec((rows, dp), lambda i: (i, 0))],
         out_specs=(pl.BlockSpec((rows, dp), lambda i: (i, 0)), pl.BlockSpec((1, dp), lambda i: (i, 0))),
         interpret=interpret,
-        compiler_params=compiler_params(),
+        compiler_params=compiler_params(GPU_BACKEND),
         name="rms_norm_bwd",
     )(pad2(x2, npad, dp), pad2(w.reshape(1, d), 1, dp), jnp.pad(r, (0, npad - n)), pad2(dy2, npad, dp))
     return dx[:n, :d].reshape(x.shape), jnp.sum(dw[:, :d], axis=0).astype(w.dtype)
@@ -138,10 +140,17 @@ _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 def rms_norm(x: jax.Array, w: jax.Array, *, eps: float, offset: float = 0.0) -> jax.Array:
     """RMSNorm of x `[..., D]` with weight w `[D]` (scale `offset + w`), fp32 inside, x's dtype out.
 
-    Runs the Pallas kernel or the reference as `jpeft.kernels.dispatch.choose("rms_norm")` says; both
-    are differentiable in x and w.
+    The one place the op picks its implementation (`jpeft.kernels.dispatch.choose("rms_norm")`): the Pallas
+    kernel or the reference; both are differentiable in x and w.
     """
-    impl = choose("rms_norm")
-    if impl == REFERENCE:
-        return rms_norm_reference(x, w, eps=eps, offset=offset)
-    return _rms_norm(x, w, float(eps), float(offset), impl == INTERPRET)
+    eps, offset = float(eps), float(offset)
+    d, rows = x.shape[-1], max(1, x.size // max(x.shape[-1], 1))
+
+    def example(size: str, rng) -> tuple:
+        return normal(rng, (tokens_for(size, rows), d), x.dtype), offset + normal(rng, (d,), w.dtype, 0.1)
+
+    kernel = lambda x, w, *, interpret: _rms_norm(x, w, eps, offset, interpret)  # noqa: E731
+    call = OpCall("rms_norm", (d, str(x.dtype), str(w.dtype), eps, offset),
+                  functools.partial(rms_norm_reference, eps=eps, offset=offset),
+                  (pallas_candidate(kernel, __file__, GPU_BACKEND),), example, grad_argnums=(0, 1))
+    return choose(call).fn(x, w)

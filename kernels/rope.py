@@ -28,10 +28,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
-from jpeft.kernels.tiling import compiler_params
+from jpeft.kernels.dispatch import OpCall, choose
+from jpeft.kernels.proving import normal, tokens_for
+from jpeft.kernels.tiling import compiler_params, pallas_candidate
 
 F32 = jnp.float32
+GPU_BACKEND = "triton"  # this file's Pallas GPU backend (jpeft.kernels.tiling)
 BLOCK_ELEMENTS = 2048  # elements of one `[rows, 2, hd/2]` head block a program rotates
 
 
@@ -105,7 +107,7 @@ def _rotate(q, k, cos, sin, sign, interpret):
         in_specs=[row_spec, row_spec, q_spec, k_spec],
         out_specs=(q_spec, k_spec),
         interpret=interpret,
-        compiler_params=compiler_params(),
+        compiler_params=compiler_params(GPU_BACKEND),
         name="rope_qk",
     )(table(cos), table(sin), heads(q), heads(k))
     back = lambda o, x: o[:n, :, :, :half].reshape(x.shape)  # noqa: E731
@@ -133,11 +135,19 @@ _rope.defvjp(_rope_fwd, _rope_bwd)
 def rope_qk(q: jax.Array, k: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Rotate-half RoPE of q `[B, T, H, hd]` and k `[B, T, K, hd]` by cos/sin `[B, T, hd/2]` (fp32).
 
-    Runs the Pallas kernel or the reference as `jpeft.kernels.dispatch.choose("rope")` says. Both are
-    differentiable in q and k; cos and sin get no gradient (they are stopped here).
+    The one place the op picks its implementation (`jpeft.kernels.dispatch.choose("rope")`): the Pallas kernel or
+    the reference. Both are differentiable in q and k; cos and sin get no gradient (they are stopped here).
     """
     cos, sin = jax.lax.stop_gradient(cos), jax.lax.stop_gradient(sin)
-    impl = choose("rope")
-    if impl == REFERENCE:
-        return rope_reference(q, k, cos, sin)
-    return _rope(q, k, cos, sin, impl == INTERPRET)
+    (b, t, h, hd), kh = q.shape, k.shape[2]
+
+    def example(size: str, rng) -> tuple:
+        n = tokens_for(size, b * t)
+        ang = jnp.asarray(rng.uniform(0, 6.3, (1, n, hd // 2)), F32)
+        return (normal(rng, (1, n, h, hd), q.dtype), normal(rng, (1, n, kh, hd), k.dtype), jnp.cos(ang),
+                jnp.sin(ang))
+
+    kernel = lambda q, k, cos, sin, *, interpret: _rope(q, k, cos, sin, interpret)  # noqa: E731
+    call = OpCall("rope", (h, kh, hd, str(q.dtype), str(k.dtype)), rope_reference,
+                  (pallas_candidate(kernel, __file__, GPU_BACKEND),), example, grad_argnums=(0, 1))
+    return choose(call).fn(q, k, cos, sin)

@@ -28,10 +28,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jpeft.errors import ConfigError
-from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
-from jpeft.kernels.tiling import compiler_params
+from jpeft.kernels.dispatch import OpCall, choose
+from jpeft.kernels.proving import normal, tokens_for
+from jpeft.kernels.tiling import compiler_params, pallas_candidate
 
 F32 = jnp.float32
+GPU_BACKEND = "triton"  # this file's Pallas GPU backend (jpeft.kernels.tiling)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 BLOCK_ELEMENTS = 2048  # elements a program processes
 
@@ -108,7 +110,7 @@ def _elementwise(kernel, ins, out_dtypes, name, interpret):
         in_specs=[spec] * len(ins),
         out_specs=tuple(spec for _ in out_dtypes),
         interpret=interpret,
-        compiler_params=compiler_params(),
+        compiler_params=compiler_params(GPU_BACKEND),
         name=name,
     )(*flat)
     return tuple(o[:m].reshape(shape) for o in outs)
@@ -137,13 +139,21 @@ _glu.defvjp(_glu_fwd, _glu_bwd)
 def glu(gate: jax.Array, up: jax.Array, activation: str) -> jax.Array:
     """`act(gate) · up` for gate, up `[...]` (same shape), fp32 inside, the inputs' dtype out.
 
-    activation: "silu", "gelu" (exact) or "gelu_tanh". Runs the Pallas kernel or the reference as
-    `jpeft.kernels.dispatch.choose("swiglu")` says; both are differentiable in gate and up.
+    activation: "silu", "gelu" (exact) or "gelu_tanh". The one place the op picks its implementation
+    (`jpeft.kernels.dispatch.choose("swiglu")`): the Pallas kernel or the reference; both are differentiable
+    in gate and up.
     """
     _check(activation)
     if gate.shape != up.shape:
         raise ValueError(f"glu: gate {gate.shape} and up {up.shape} must have the same shape")
-    impl = choose("swiglu")
-    if impl == REFERENCE:
-        return glu_reference(gate, up, activation)
-    return _glu(gate, up, activation, impl == INTERPRET)
+    width, rows = gate.shape[-1], max(1, gate.size // max(gate.shape[-1], 1))
+
+    def example(size: str, rng) -> tuple:
+        n = tokens_for(size, rows)
+        return normal(rng, (n, width), gate.dtype, 2.0), normal(rng, (n, width), up.dtype)
+
+    kernel = lambda g, u, *, interpret: _glu(g, u, activation, interpret)  # noqa: E731
+    call = OpCall("swiglu", (activation, width, str(gate.dtype), str(up.dtype)),
+                  functools.partial(glu_reference, activation=activation),
+                  (pallas_candidate(kernel, __file__, GPU_BACKEND),), example, grad_argnums=(0, 1))
+    return choose(call).fn(gate, up)

@@ -81,7 +81,7 @@ def _graph() -> dict:
 
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (  # lowest first
-    ("base", ("jpeft.errors", "jpeft.dtypes")),
+    ("base", ("jpeft.errors", "jpeft.dtypes", "jpeft.cache")),
     ("quant", ("jpeft.quant",)),
     ("kernels", ("jpeft.kernels",)),
     ("sites", ("jpeft.sites",)),  # the site protocol: what models and methods share

@@ -51,6 +51,79 @@ VARIANTS: dict[tuple[str, str], dict] = {
     ("llama", "mesh"): dict(intermediate_size=128, num_hidden_layers=2),
 }
 
+# Dense families of issue 21 (recipes checked against transformers in /work/notes/families.md): head dims that
+# are no power of two, GQA ratio 3, windows shorter than the prompts, partial rotary with an odd number of
+# frequency pairs, longrope on both sides of its switch, local/global and NoPE layers.
+_LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.8, 1.81, 1.23, 1.06, 1.59],
+                 long_factor=[4.2, 3.93, 5.13, 3.57, 2.84])
+_G3_TEXT = dict(hidden_size=72, intermediate_size=100, num_attention_heads=6, num_key_value_heads=2, head_dim=20,
+                sliding_window=5, query_pre_attn_scalar=24,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})
+_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+               patch_size=14)
+DENSE21_VARIANTS: dict[tuple[str, str], dict] = {
+    ("gemma3_text", "gqa3_window_linear"): dict(_G3_TEXT, final_logit_softcapping=3.0),
+    ("gemma3_text", "untied_pattern2"): dict(_G3_TEXT, layer_types=None, sliding_window_pattern=2,
+                                             tie_word_embeddings=False),
+    # the text tower of the multimodal model (`text_config`; BASE is merged into it by make_checkpoint)
+    ("gemma3", "text_tower"): dict(text_config=_G3_TEXT, vision_config=_VISION, mm_tokens_per_image=4,
+                                   image_token_index=127, boi_token_index=125, eoi_token_index=126),
+    ("phi3", "longrope_partial_window"): dict(hidden_size=120, intermediate_size=100, num_attention_heads=6,
+                                              num_key_value_heads=2, max_position_embeddings=64,
+                                              original_max_position_embeddings=16, sliding_window=5,
+                                              partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1,
+                                              eos_token_id=2, rope_parameters=_LONGROPE),
+    ("phi3", "plain_tied"): dict(hidden_size=120, num_attention_heads=6, num_key_value_heads=2, pad_token_id=0,
+                                 tie_word_embeddings=True),
+    ("olmo2", "fullwidth_qknorm"): dict(num_attention_heads=6, num_key_value_heads=2, head_dim=20, attention_bias=True),
+    ("granite", "multipliers"): dict(num_attention_heads=6, num_key_value_heads=2, head_dim=20,
+                                     embedding_multiplier=12.0, attention_multiplier=0.03, residual_multiplier=0.22,
+                                     logits_scaling=8.0, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    ("smollm3", "nope_window"): dict(num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, head_dim=20,
+                                     no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4,
+                                     pad_token_id=0),
+}
+VARIANTS.update(DENSE21_VARIANTS)
+# Other sizes and options of the same families (run by the slow tests): legacy config spellings, odd partial
+# rotary widths, MQA, more window patterns and NoPE intervals, other multipliers, no biases.
+_LONG9 = dict(rope_type="longrope", rope_theta=500.0, short_factor=[1.0, 1.1, 1.3, 1.2, 1.0, 1.5, 1.1, 1.05, 1.2],
+              long_factor=[2.0, 3.5, 1.5, 6.0, 4.0, 2.5, 3.0, 5.0, 2.2], attention_factor=1.3)
+DENSE21_MORE: dict[tuple[str, str], dict] = {
+    ("gemma3_text", "legacy_rope_pattern3"): dict(hidden_size=72, intermediate_size=100, num_hidden_layers=4,
+                                                  num_attention_heads=6, num_key_value_heads=2, head_dim=24,
+                                                  sliding_window=3, sliding_window_pattern=3, rope_theta=50000.0,
+                                                  rope_local_base_freq=100.0, query_pre_attn_scalar=24,
+                                                  rope_scaling={"rope_type": "linear", "factor": 4.0},
+                                                  attention_bias=True, tie_word_embeddings=False),
+    ("gemma3", "untied_softcap_ignored"): dict(text_config=dict(_G3_TEXT, final_logit_softcapping=0.5,
+                                                                num_key_value_heads=1),
+                                               vision_config=_VISION, mm_tokens_per_image=4, image_token_index=127,
+                                               boi_token_index=125, eoi_token_index=126, tie_word_embeddings=False),
+    ("phi3", "partial075_odd_mqa"): dict(hidden_size=120, intermediate_size=72, num_attention_heads=6,
+                                         num_key_value_heads=1, partial_rotary_factor=0.75, pad_token_id=0,
+                                         sliding_window=3),
+    ("phi3", "longrope075_gqa3_untied"): dict(hidden_size=144, num_attention_heads=6, num_key_value_heads=2,
+                                              partial_rotary_factor=0.75, max_position_embeddings=40,
+                                              original_max_position_embeddings=12, pad_token_id=0,
+                                              rope_parameters=_LONG9),
+    ("phi3", "legacy_su"): dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=4, pad_token_id=0,
+                                original_max_position_embeddings=14, max_position_embeddings=64,
+                                rope_scaling=dict(type="su", short_factor=[1.0 + 0.1 * i for i in range(12)],
+                                                  long_factor=[3.0 - 0.1 * i for i in range(12)])),
+    ("olmo2", "nobias_linear"): dict(num_key_value_heads=1, rope_parameters=dict(rope_type="linear", factor=2.0,
+                                                                               rope_theta=5000.0)),
+    ("granite", "untied_mults"): dict(hidden_size=72, intermediate_size=100, num_attention_heads=6,
+                                      num_key_value_heads=3, embedding_multiplier=1.0, attention_multiplier=0.1,
+                                      residual_multiplier=1.0, logits_scaling=2.5, tie_word_embeddings=False),
+    ("smollm3", "interval3_nowindow"): dict(num_hidden_layers=5, num_attention_heads=6, num_key_value_heads=2,
+                                            no_rope_layer_interval=3, pad_token_id=0, tie_word_embeddings=False),
+    ("smollm3", "explicit_list"): dict(num_hidden_layers=4, no_rope_layers=[1, 0, 0, 1], pad_token_id=0,
+                                       use_sliding_window=True, sliding_window=5),
+}
+VARIANTS.update(DENSE21_MORE)
+
 # Mixture-of-experts families: several expert counts, top-k, renormalisation and dense/MoE layer patterns.
 MOE_VARIANTS: dict[tuple[str, str], dict] = {
     ("mixtral", "e4k2_window"): dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5),
@@ -67,9 +140,22 @@ VARIANTS.update(MOE_VARIANTS)
 def hf_classes(family: str):
     import transformers as tf
 
+    if family == "gemma3":  # multimodal: the text-only forward of the image-text model
+        return tf.Gemma3Config, tf.Gemma3ForConditionalGeneration
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig, tf.Gemma3ForCausalLM
     names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-             "gemma2": "Gemma2", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe"}[family]
+             "gemma2": "Gemma2", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe",
+             "phi3": "Phi3", "olmo2": "Olmo2", "granite": "Granite", "smollm3": "SmolLM3"}[family]
     return getattr(tf, names + "Config"), getattr(tf, names + "ForCausalLM")
+
+
+def config_kwargs(family: str, variant: str) -> dict:
+    """BASE merged with the variant (into `text_config` for a multimodal checkpoint)."""
+    kw = VARIANTS[(family, variant)]
+    if "text_config" in kw:
+        return {**kw, "text_config": {**BASE, **kw["text_config"]}}
+    return {**BASE, **kw}
 
 
 def make_checkpoint(family: str, variant: str, folder, seed: int = 0):
@@ -77,8 +163,7 @@ def make_checkpoint(family: str, variant: str, folder, seed: int = 0):
     import torch
 
     cfg_cls, model_cls = hf_classes(family)
-    kwargs = {**BASE, **VARIANTS[(family, variant)]}
-    cfg = cfg_cls(**kwargs)
+    cfg = cfg_cls(**config_kwargs(family, variant))
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases so their handling is exercised
@@ -139,7 +224,11 @@ def make_trainable_checkpoint(folder, family: str = "llama", variant: str = "gqa
     kw = dict(VARIANTS[(family, variant)])
     if initializer_range is not None:
         kw["initializer_range"] = initializer_range
-    VARIANTS[(family, variant + "_tok")] = {**kw, "vocab_size": max(len(tok), vocab_size or 0)}
+    sizes = {"vocab_size": max(len(tok), vocab_size or 0), **({} if initializer_range is None else
+                                                                {"initializer_range": initializer_range})}
+    if "text_config" in kw:  # multimodal: the text tower holds the vocabulary
+        kw["text_config"] = {**kw["text_config"], **sizes}
+    VARIANTS[(family, variant + "_tok")] = {**kw, **sizes}
     model = make_checkpoint(family, variant + "_tok", folder, seed)
     tok.save_pretrained(folder)
     return model, tok

@@ -188,6 +188,9 @@ def save_quantized(folder: str | Path, cfg: ModelConfig, params: dict, source_fo
     The write is atomic (a temp folder renamed into place).
     """
     src = Path(source_folder_or_gguf)
+    if cfg.model_type == hf.TEXT_TOWER:  # bnb would expect the vision tower's linears 4-bit too
+        raise ConfigError(f"saving a 4-bit {cfg.model_type} checkpoint is not supported: jpeft holds only the text "
+                          "tower of this multimodal model; export a merged checkpoint (jpeft export --merged) instead")
     first = _first_kernel(params)
     dt = jnp.dtype(first.weight.dtype if dtype is None else dtype)
     tensors = quantized_hf_tensors(cfg, params, dt)

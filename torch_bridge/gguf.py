@@ -27,6 +27,7 @@ import numpy as np
 
 from jpeft.errors import CheckpointError, MissingDependencyError
 from jpeft.torch_bridge import hf_names as hf
+from jpeft.torch_bridge.tf_compat import gguf_tokenizer_api, tokenizer_kwargs
 
 __all__ = ["read_gguf_config", "iter_gguf_tensors", "load_gguf_tokenizer", "SUPPORTED_ARCHITECTURES"]
 
@@ -314,13 +315,13 @@ def gguf_tensor_getter(path: str | os.PathLike, dtype: Any = np.float32
 def _tokenizer_fields(reader: Any) -> tuple[dict, dict]:
     """``(tokenizer_dict, tokenizer_kwargs)`` of a GGUF file, named as transformers' GGUF conversion expects.
 
-    The keys come from transformers' own ``GGUF_TOKENIZER_MAPPING``; the values are read with the ``gguf``
+    The keys come from transformers' own ``GGUF_TOKENIZER_MAPPING`` (`tf_compat`); the values are read with the ``gguf``
     package, so no torch is needed (transformers' GGUF reader imports torch).
     """
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+    mapping = gguf_tokenizer_api().mapping
 
     def grouped(group: str) -> dict:
-        renames = GGUF_TOKENIZER_MAPPING[group]
+        renames = mapping[group]
         return {name: _field(reader, f"tokenizer.{key}") for key, name in renames.items()
                 if f"tokenizer.{key}" in reader.fields}
 
@@ -352,12 +353,11 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> Any:
     """
     path, reader = _open(path)
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     try:
         tokenizer_dict, kwargs = _tokenizer_fields(reader)
-        backend, extra = convert_gguf_tokenizer(_field(reader, "general.architecture"), tokenizer_dict)
-        return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs, **extra)
+        backend, extra = gguf_tokenizer_api().convert(_field(reader, "general.architecture"), tokenizer_dict)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_kwargs(kwargs, extra))
     except Exception as err:
         raise CheckpointError(
             f"transformers could not build a tokenizer from '{path}' ({type(err).__name__}: {err}). "

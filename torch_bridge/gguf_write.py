@@ -35,6 +35,8 @@ from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge.folders import atomic_file, load_tokenizer, source_config
 from jpeft.torch_bridge.gguf import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, _gguf_module
 from jpeft.torch_bridge.merged import hf_tensors
+from jpeft.torch_bridge.outputs import bad_values, describe
+from jpeft.torch_bridge.tf_compat import gguf_tokenizer_api
 
 __all__ = ["write_gguf", "check_gguf_exportable", "check_gguf_type", "GGUF_TYPES", "GGUF_FAMILIES"]
 
@@ -101,6 +103,20 @@ def _encode(gguf: Any, name: str, w: np.ndarray, kind: str) -> tuple[np.ndarray,
     return w.astype(np.float16), None  # f16, and q8_0 rows that hold no whole block (llama.cpp's fallback)
 
 
+def _check_encoded(gguf: Any, name: str, source: np.ndarray, data: np.ndarray, raw: Any, kind: str) -> None:
+    """Refuse a tensor whose values as written (f16 / bf16 / q8_0 decoded back) hold NaN/Inf: a weight beyond the
+    type's range (f16: 65504) or a NaN in the merged weights. The temp file is removed; nothing is written."""
+    bad = bad_values({name: data if raw is None else gguf.quants.dequantize(data, raw)})
+    if not bad:
+        return
+    if np.isfinite(source).all():
+        why = (f"the merged weights (|x| up to {float(np.max(np.abs(source))):.3g}) overflow --gguf-type {kind}; "
+               "use --gguf-type f32 (or bf16)")
+    else:
+        why = "the merged weights already hold NaN/Inf (a base weight or the adapter is not finite)"
+    raise CheckpointError(f"GGUF tensor {describe(bad)}: {why}; nothing was written")
+
+
 def _file_type(gguf: Any, kind: str) -> int:
     t = gguf.LlamaFileType
     return {"f32": t.ALL_F32, "f16": t.MOSTLY_F16, "bf16": t.MOSTLY_BF16, "q8_0": t.MOSTLY_Q8_0}[kind]
@@ -139,14 +155,12 @@ def _copy_tokenizer_fields(w: Any, src: Path) -> None:
 
 def _pre_tokenizer_name(spec: dict, where: str) -> str:
     """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level pre-tokenizer (plain GPT-2, or a known split regex)."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     regexes = [p["pattern"].get("Regex") for p in parts if p.get("type") == "Split" and "pattern" in p]
-    for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
+    for name, regex in gguf_tokenizer_api().pre_tokenizer_splits.items():
         if regexes == [regex]:
             return name
     warnings.warn(f"{where}: the tokenizer's pre-tokenizer is not one GGUF names; writing "
@@ -260,7 +274,9 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, merged: dict, source_f
                 t = _interleave_rotary(t, cfg.num_heads)
             elif arch == "llama" and ".attn_k." in name:
                 t = _interleave_rotary(t, cfg.num_kv_heads)
-            data, raw = _encode(gguf, name, t, gguf_type)
+            with np.errstate(over="ignore"):  # an overflow is refused by name below, not as a numpy warning
+                data, raw = _encode(gguf, name, t, gguf_type)
+            _check_encoded(gguf, name, t, data, raw, gguf_type)
             w.add_tensor(name, data, raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
-from jpeft.models.config import SUPPORTED_FAMILIES, ModelConfig, from_hf_config
+from jpeft.models.config import SUPPORTED_FAMILIES, ModelConfig, from_hf_config, unsupported_family
 from jpeft.quant.blockwise import quantize_4bit
 from jpeft.quant.kernel import QuantizedKernel
 from jpeft.torch_bridge import bnb_checkpoint as bnb
@@ -47,15 +48,37 @@ def load_hf_config(folder: Path) -> Any:
     if raw["model_type"] not in SUPPORTED_FAMILIES:
         custom = (f" and asks for custom code (auto_map {sorted(raw['auto_map'])}); jpeft never runs code from a "
                   "checkpoint") if raw.get("auto_map") else ""
-        raise ConfigError(f"{path}: model_type={raw['model_type']!r} is not supported{custom}; supported: "
-                          f"{', '.join(SUPPORTED_FAMILIES)}")
+        raise unsupported_family(str(path), raw["model_type"], custom)
     if raw.get("auto_map"):
         warnings.warn(f"{path}: auto_map (custom code) is ignored; using jpeft's own {raw['model_type']} "
                       "implementation", stacklevel=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "auto_map"})
-    return hf
+    _check_config_fields(raw, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "auto_map"})
+    except Exception as e:  # transformers validates in several ways (strict dataclasses, torch lookups)
+        cause = e.__cause__ or e
+        raise ConfigError(f"{path}: transformers rejects this config ({type(cause).__name__}: "
+                          f"{str(cause).strip().splitlines()[-1].strip()}); fix config.json") from None
+
+
+_CONFIG_DTYPES = ("float32", "float16", "bfloat16", "float64", "auto")
+
+
+def _check_config_fields(raw: dict, path: Path) -> None:
+    """The config.json fields transformers would fail on with a traceback: the dtype name, and a hidden size the
+    attention heads do not divide (without an explicit head_dim)."""
+    for key in ("dtype", "torch_dtype"):
+        value = raw.get(key)
+        if value is not None and str(value).replace("torch.", "") not in _CONFIG_DTYPES:
+            raise ConfigError(f"{path}: {key}={value!r} is not a dtype; use one of {', '.join(_CONFIG_DTYPES)} (it is "
+                              "the dtype the weights were saved in)")
+    hidden, heads = raw.get("hidden_size"), raw.get("num_attention_heads")
+    if raw.get("head_dim") is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0 \
+            and hidden % heads:
+        raise ConfigError(f"{path}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} and there is "
+                          "no head_dim: the head size is undefined; fix config.json (or set head_dim)")
 
 
 def _oriented(a: np.ndarray, transpose: bool, dtype: Any) -> np.ndarray:
@@ -75,8 +98,9 @@ def _expert_layer(get: Getter, cfg: ModelConfig, p: hf.HFParam, layer: int) -> n
 
 def base_nbytes(cfg: ModelConfig, dtype: Any, quant: Any = None) -> int:
     """Bytes of the base params `build_params` makes for `cfg` in `dtype` (4-bit linears with `quant`, a
-    `bnb_checkpoint.QuantSpec`): codes, block statistics and the dense rest. From the config alone."""
-    item, total = jnp.dtype(dtype).itemsize, 0
+    `bnb_checkpoint.QuantSpec`): codes, block statistics and the dense rest. From the config alone. `dtype` may
+    also be a number of bytes per value (a float: e.g. 34/32 for GGUF q8_0 matrices)."""
+    item, total = (dtype if isinstance(dtype, float | int) else jnp.dtype(dtype).itemsize), 0
     for p in hf.base_params(cfg):
         n, layers = int(np.prod(p.shape, dtype=np.int64)), len(p.layer_ids(cfg.num_layers)) if p.layered else 1
         if quant is not None and p.module is not None:  # per layer: codes, absmax (+ nested absmax and offset)
@@ -85,7 +109,7 @@ def base_nbytes(cfg: ModelConfig, dtype: Any, quant: Any = None) -> int:
             total += layers * ((n + 1) // 2 + stats)
         else:
             total += layers * n * item
-    return total
+    return int(total)
 
 
 def build_params(cfg: ModelConfig, get: Getter, dtype: Any,
@@ -119,6 +143,23 @@ def build_params(cfg: ModelConfig, get: Getter, dtype: Any,
             value = arena.cast(np.asarray(get(p.name)), np_dtype)
         hf.set_path(params, p.path, value if place is None else place(p.path, value))
     return params
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of an HF folder or a GGUF file, from its config alone (no weights read): what a command
+    needs to check sizes and families before the expensive load."""
+    path = Path(path)
+    if path.suffix == ".gguf" or _is_gguf(path):
+        from transformers import AutoConfig
+
+        from jpeft.torch_bridge.gguf import read_gguf_config
+
+        raw = dict(read_gguf_config(path))
+        return from_hf_config(AutoConfig.for_model(raw.pop("model_type"), **raw))
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    return from_hf_config(load_hf_config(path))
+
 
 
 def abstract_params(cfg: ModelConfig, dtype: Any, quant: Any = None) -> dict:
@@ -218,12 +259,33 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_b
         return cfg, build_params(cfg, _getter(tensors.__getitem__, tensors.__contains__, path, cfg), dtype,
                                  place=place, arena=arena)
     index = open_checkpoint(path)
+    warn_unused_layers(cfg, index, path)
     get = _getter(lambda n: index[n].get(n), index.__contains__, path, cfg)
     kernel = None if quant is None else bnb.quantizing_kernel(get, quant, dtype, arena)
     if raw_qc is not None:
         dense = functools.partial(_dense_kernel, get, jnp.dtype(dtype), arena)
         kernel = bnb.prequantized_kernel(path, bnb.LazyTensors(index), raw_qc, dense, dtype, quant, arena)
     return cfg, build_params(cfg, get, dtype, kernel, place, arena)
+
+
+class UnusedTensorsWarning(UserWarning):
+    """The checkpoint holds layers config.json does not use (its num_hidden_layers is smaller)."""
+
+
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def warn_unused_layers(cfg: ModelConfig, names: Iterable[str], where: Path) -> list[str]:
+    """Warn when the weights have layers beyond config.json's `num_hidden_layers` (they would be silently
+    ignored: a config.json from another model, or a truncated one). Returns those tensor names."""
+    found = ((int(m.group(1)), n) for n in names if (m := _LAYER_INDEX.match(n)))
+    extra = sorted((i, n) for i, n in found if i >= cfg.num_layers)
+    if extra:
+        layers = sorted({i for i, _ in extra})
+        warnings.warn(f"{where}: config.json has num_hidden_layers={cfg.num_layers} but the weights hold layers up to "
+                      f"{layers[-1]}: {len(extra)} tensors (layers {layers[0]}-{layers[-1]}, e.g. {extra[0][1]}) are "
+                      "not used; is config.json from this checkpoint?", UnusedTensorsWarning, stacklevel=3)
+    return [n for _, n in extra]
 
 
 def _dense_kernel(get: Getter, dtype: Any, arena: HostArena, names: list[str]) -> jax.Array:
@@ -243,13 +305,9 @@ def _has_safetensors(folder: Path) -> bool:
 
 def _load_gguf(path: Path, dtype: Any, quant: Any = None, place: Placer | None = None,
                host_memory: str = "auto") -> tuple[ModelConfig, dict]:
-    from transformers import AutoConfig
+    from jpeft.torch_bridge.gguf import gguf_tensor_getter
 
-    from jpeft.torch_bridge.gguf import gguf_tensor_getter, read_gguf_config
-
-    raw = dict(read_gguf_config(path))
-    model_type = raw.pop("model_type")
-    cfg = from_hf_config(AutoConfig.for_model(model_type, **raw))
+    cfg = read_model_config(path)
     read, names = gguf_tensor_getter(path)  # dequantizes one tensor at a time from the memory map
     get = _getter(read, set(names).__contains__, path, cfg)
     arena = HostArena.choose(host_memory, base_nbytes(cfg, dtype, quant))

@@ -14,6 +14,13 @@ The jpeft base tree (`params`) stacks per-layer tensors on a leading axis `L`:
                 "mlp": {"gate_proj" | "up_proj" | "down_proj": {"kernel": [L, in, out], "bias": [L, out]}}}}
 
 Linear kernels are stored `[in, out]` (JAX layout), i.e. the transpose of torch's `[out, in]` weight.
+phi3 keeps its fused projections fused (`self_attn.qkv_proj [L, D, q+2kv]`, `mlp.gate_up_proj [L, D, 2I]`, as
+its checkpoints and peft name them); olmo2's q/k norms span the whole projection (`q_norm [L, H·hd]`).
+
+The multimodal gemma3 checkpoint holds the decoder as its text tower: tensors `language_model.model.*` on disk
+(`model.language_model.*` in transformers' memory, also read) and modules `model.language_model.layers.N...`
+for peft (`module_prefix`); the vision tower and projector are not part of the jpeft tree and are copied
+through unchanged by the merged export (`foreign_tensor`).
 
 Mixture-of-experts layers (mixtral, qwen3_moe) hold, instead of the dense MLP projections, the router and the
 experts with the expert axis first (after the layer axis), in the JAX `[in, out]` layout:
@@ -42,9 +49,31 @@ ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 LINEAR_SITES: tuple[tuple[str, str], ...] = tuple([("self_attn", p) for p in ATTN_PROJ] +
                                                   [("mlp", p) for p in MLP_PROJ])
+# phi3's fused projections, and every site in display order (rank tables)
+FUSED_SITES = (("self_attn", "qkv_proj"), ("mlp", "gate_up_proj"))
+SITE_ORDER = (FUSED_SITES[0],) + LINEAR_SITES[:5] + (FUSED_SITES[1],) + LINEAR_SITES[5:]
 PEFT_PREFIX = "base_model.model."  # peft's prefix for keys of modules of the wrapped transformers model
 # Whole modules peft's `modules_to_save` can copy: jpeft top-level param key -> HF module path.
 SAVEABLE_MODULES = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head", "norm": "model.norm"}
+TEXT_TOWER = "gemma3"  # the family whose decoder is the text tower of a multimodal checkpoint
+
+
+def module_prefix(cfg: ModelConfig | None) -> str:
+    """The decoder's transformers module path (what peft matches and keys by): `model.`, or
+    `model.language_model.` for the text tower of a multimodal gemma3."""
+    return "model.language_model." if cfg is not None and cfg.model_type == TEXT_TOWER else "model."
+
+
+def tensor_prefix(cfg: ModelConfig) -> str:
+    """The checkpoint's name prefix of decoder tensors: `model.`, or the hub's `language_model.model.` (gemma3)."""
+    return "language_model.model." if cfg.model_type == TEXT_TOWER else "model."
+
+
+def foreign_tensor(cfg: ModelConfig, name: str) -> bool:
+    """Whether a checkpoint tensor lies outside the decoder jpeft builds (a multimodal model's vision tower and
+    projector): kept unchanged by merged exports."""
+    return cfg.model_type == TEXT_TOWER and not name.startswith(("language_model.", "model.language_model.",
+                                                                 "lm_head."))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +108,10 @@ class HFParam:
 _LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 
-def layer_module(layer: int, path: str) -> str:
-    """The HF path of module `path` inside decoder layer `layer`, e.g. `model.layers.0.self_attn.q_proj`."""
-    return f"model.layers.{layer}.{path}"
+def layer_module(layer: int, path: str, cfg: ModelConfig | None = None) -> str:
+    """The HF path of module `path` inside decoder layer `layer`, e.g. `model.layers.0.self_attn.q_proj` (pass
+    `cfg` for the multimodal gemma3 text tower: `model.language_model.layers.0...`)."""
+    return f"{module_prefix(cfg)}layers.{layer}.{path}"
 
 
 def layer_tensor(layer: int, path: str, kind: str = "weight") -> str:
@@ -100,20 +130,25 @@ def global_tensor(key: str) -> str:
     return f"{SAVEABLE_MODULES[key]}.weight"
 
 
-def linear_module(layer: int, block: str, proj: str) -> str:
-    """The HF module path of a linear site, e.g. `model.layers.0.self_attn.q_proj`."""
-    return layer_module(layer, f"{block}.{proj}")
+def linear_module(layer: int, block: str, proj: str, cfg: ModelConfig | None = None) -> str:
+    """The HF module path of a linear site, e.g. `model.layers.0.self_attn.q_proj` (pass `cfg` for the
+    multimodal gemma3 text tower: `model.language_model.layers.0...`)."""
+    return layer_module(layer, f"{block}.{proj}", cfg)
 
 
 def linear_sites(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
     """The (block, proj) linear sites of every layer: the attention projections, and the dense MLP's in models
-    without MoE layers (the dense MLPs of mixed dense/MoE models are not adapter sites)."""
-    return LINEAR_SITES[:len(ATTN_PROJ)] if cfg.has_experts else LINEAR_SITES
+    without MoE layers (the dense MLPs of mixed dense/MoE models are not adapter sites); phi3's fused
+    `qkv_proj` / `gate_up_proj` in place of the projections they hold."""
+    fused = {**({p: "qkv_proj" for p in ATTN_PROJ[:3]} if cfg.fused_qkv else {}),
+             **({p: "gate_up_proj" for p in MLP_PROJ[:2]} if cfg.fused_gate_up else {})}
+    sites = [(b, fused.get(p, p)) for b, p in LINEAR_SITES if not (b == "mlp" and cfg.has_experts)]
+    return tuple(dict.fromkeys(sites))  # in order, each fused site once
 
 
 def linear_module_names(cfg: ModelConfig) -> list[str]:
     """HF names of every linear of the decoder blocks, layer by layer (what peft's targeting matches)."""
-    return [linear_module(i, b, p) for i in range(cfg.num_layers) for b, p in linear_sites(cfg)]
+    return [linear_module(i, b, p, cfg) for i in range(cfg.num_layers) for b, p in linear_sites(cfg)]
 
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # peft `target_parameters` names (`mlp.experts.<name>`)
@@ -178,13 +213,24 @@ def router_name(cfg: ModelConfig) -> str:
 
 
 def v5_name(name: str) -> str:
-    """The transformers-5 in-memory spelling of a hub tensor name (mixtral's `block_sparse_moe` -> `mlp`)."""
+    """The transformers-5 in-memory spelling of a hub tensor name (mixtral's `block_sparse_moe` -> `mlp`; the
+    gemma3 text tower's `language_model.model.` -> `model.language_model.`, `language_model.lm_head` -> `lm_head`)."""
+    if name.startswith("language_model.model."):
+        name = "model.language_model." + name[len("language_model.model."):]
+    elif name.startswith("language_model."):
+        name = name[len("language_model."):]
     return name.replace(".block_sparse_moe.", ".mlp.")
+
+
+def saveable_modules(cfg: ModelConfig) -> dict[str, str]:
+    """`SAVEABLE_MODULES` with this model's module paths (the multimodal gemma3 text tower is prefixed)."""
+    pre = module_prefix(cfg)
+    return {k: v.replace("model.", pre, 1) if v.startswith("model.") else v for k, v in SAVEABLE_MODULES.items()}
 
 
 def model_modules(cfg: ModelConfig) -> list[str]:
     """HF names of every module an adapter file may address: the linears and the saveable whole modules."""
-    return linear_module_names(cfg) + list(SAVEABLE_MODULES.values())
+    return linear_module_names(cfg) + list(saveable_modules(cfg).values())
 
 
 def peft_key(module: str, what: str) -> str:
@@ -201,16 +247,18 @@ def linear_in_out(cfg: ModelConfig, proj: str) -> tuple[int, int]:
     """(in_features, out_features) of a projection."""
     d, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
     return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, i),
-            "up_proj": (d, i), "down_proj": (i, d)}[proj]
+            "up_proj": (d, i), "down_proj": (i, d), "qkv_proj": (d, q + 2 * kv), "gate_up_proj": (d, 2 * i)}[proj]
 
 
 def linear_has_bias(cfg: ModelConfig, proj: str) -> bool:
     if proj == "o_proj":
         return cfg.o_bias
-    return cfg.attention_bias if proj in ATTN_PROJ else cfg.mlp_bias
+    return cfg.attention_bias if proj in ATTN_PROJ + ("qkv_proj",) else cfg.mlp_bias
 
 
 def layer_norm_names(cfg: ModelConfig) -> list[str]:
+    if cfg.post_norm:  # olmo2: norms on the sub-block outputs only
+        return ["post_attention_layernorm", "post_feedforward_layernorm"]
     names = ["input_layernorm", "post_attention_layernorm"]
     if cfg.sandwich_norm:
         names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
@@ -237,42 +285,47 @@ def _moe_params(cfg: ModelConfig) -> list[HFParam]:
 @functools.lru_cache(maxsize=32)
 def base_params(cfg: ModelConfig) -> tuple[HFParam, ...]:
     """Every tensor of the base model, in loading order."""
-    d = cfg.hidden_size
-    out = [HFParam(("layers", n), f"model.layers.{{i}}.{n}.weight", (d,)) for n in layer_norm_names(cfg)]
+    d, v, pre = cfg.hidden_size, cfg.vocab_size, tensor_prefix(cfg)
+    out = [HFParam(("layers", n), f"{pre}layers.{{i}}.{n}.weight", (d,)) for n in layer_norm_names(cfg)]
     for block, proj in linear_sites(cfg):
         d_in, d_out = linear_in_out(cfg, proj)
-        module = f"model.layers.{{i}}.{block}.{proj}"
+        module = f"{pre}layers.{{i}}.{block}.{proj}"
         out.append(HFParam(("layers", block, proj, "kernel"), module + ".weight", (d_out, d_in), True, module))
         if linear_has_bias(cfg, proj):
             out.append(HFParam(("layers", block, proj, "bias"), module + ".bias", (d_out,)))
     if cfg.has_experts:
         out += _moe_params(cfg)
-    if cfg.qk_norm:
-        out += [HFParam(("layers", "self_attn", n), f"model.layers.{{i}}.self_attn.{n}.weight", (cfg.head_dim,))
-                for n in ("q_norm", "k_norm")]
-    out += [saveable_param(cfg, "embed_tokens"), saveable_param(cfg, "norm")]
-    if not cfg.tie_word_embeddings:
-        out.append(saveable_param(cfg, "lm_head"))
+    if cfg.qk_norm:  # per head (qwen3, gemma3) or over the whole projection (olmo2)
+        widths = (cfg.q_size, cfg.kv_size) if cfg.qk_norm_full else (cfg.head_dim, cfg.head_dim)
+        out += [HFParam(("layers", "self_attn", n), f"{pre}layers.{{i}}.self_attn.{n}.weight", (w,))
+                for n, w in zip(("q_norm", "k_norm"), widths)]
+    out += [HFParam(("embed_tokens",), f"{pre}embed_tokens.weight", (v, d)),
+            HFParam(("norm",), f"{pre}norm.weight", (d,))]
+    if not cfg.tie_word_embeddings:  # gemma3 hub checkpoints: `language_model.lm_head.weight`
+        head = "language_model.lm_head.weight" if cfg.model_type == TEXT_TOWER else "lm_head.weight"
+        out.append(HFParam(("lm_head", "kernel"), head, (v, d), True))
     return tuple(out)
 
 
 def saveable_param(cfg: ModelConfig, module: str) -> HFParam:
-    """The tensor of a `modules_to_save` module (`embed_tokens`, `lm_head` or `norm`), as in `base_params`."""
+    """The tensor of a `modules_to_save` module (`embed_tokens`, `lm_head` or `norm`) under its transformers
+    module path (peft's key; for all but the gemma3 text tower also the checkpoint name)."""
     d, v = cfg.hidden_size, cfg.vocab_size
-    return {"embed_tokens": HFParam(("embed_tokens",), global_tensor("embed_tokens"), (v, d)),
-            "norm": HFParam(("norm",), global_tensor("norm"), (d,)),
+    paths = saveable_modules(cfg)
+    return {"embed_tokens": HFParam(("embed_tokens",), paths["embed_tokens"] + ".weight", (v, d)),
+            "norm": HFParam(("norm",), paths["norm"] + ".weight", (d,)),
             "lm_head": HFParam(("lm_head", "kernel"), global_tensor("lm_head"), (v, d), True)}[module]
 
 
 @functools.lru_cache(maxsize=32)
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> torch-layout shape, for every base tensor of this config (the tied lm_head too; for
-    experts both the fused and the per-expert names, and mixtral's router under both spellings)."""
+    experts both the fused and the per-expert names; hub names also in their transformers-5 spelling, see
+    `v5_name`: mixtral's router, the gemma3 text tower)."""
     out = {n: p.shape for p in base_params(cfg) for n in p.names(cfg.num_layers)}
     out.setdefault(global_tensor("lm_head"), (cfg.vocab_size, cfg.hidden_size))
+    out.update({v5_name(n): shape for n, shape in list(out.items())})
     for p in base_params(cfg):
-        if p.name == router_name(cfg):
-            out.update({v5_name(n): p.shape for n in p.names(cfg.num_layers)})
         if p.experts:
             for i in p.layer_ids(cfg.num_layers):
                 out.update({n: p.shape[1:] if p.experts == "down_proj" else (p.shape[1] // 2, p.shape[2])

@@ -32,17 +32,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from jpeft.cache import cache_dir
+
 ALIGN = 64  # XLA:CPU's minimum buffer alignment: host arrays aligned to it are adopted without a copy
 PAGE = 4096
 DISK_FROM_BYTES = 1 << 28  # `auto`: bases from 256 MiB up live in a memory-mapped file
 HOST_MEMORY_MODES = ("auto", "disk", "memory")
-
-
-def cache_dir() -> Path:
-    """jpeft's cache folder: `JPEFT_CACHE_DIR`, else `$XDG_CACHE_HOME/jpeft`, else `~/.cache/jpeft`."""
-    if os.environ.get("JPEFT_CACHE_DIR"):
-        return Path(os.environ["JPEFT_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "jpeft"
 
 
 def _ram_filesystem(folder: Path) -> bool:

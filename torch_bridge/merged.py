@@ -19,6 +19,7 @@ from jpeft.models.config import ModelConfig
 from jpeft.quant.kernel import dense_kernel
 from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge.folders import source_config, write_hf_checkpoint
+from jpeft.torch_bridge.safetensors_io import open_checkpoint
 
 
 def hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> dict[str, np.ndarray]:
@@ -43,14 +44,24 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> dict[str, np.ndarr
     return out
 
 
+def foreign_tensors(cfg: ModelConfig, src: Path, dtype: Any) -> dict[str, np.ndarray]:
+    """The source checkpoint's tensors outside the decoder (multimodal gemma3: vision tower and projector), cast
+    to `dtype` and otherwise unchanged, so that the merged folder is the whole model again."""
+    if src.is_file() or cfg.model_type != hf.TEXT_TOWER:
+        return {}
+    index = open_checkpoint(src)
+    return {n: np.ascontiguousarray(np.asarray(jnp.asarray(index[n].get(n)).astype(dtype)))
+            for n in index if hf.foreign_tensor(cfg, n)}
+
+
 def write_merged(folder: str | os.PathLike, cfg: ModelConfig, merged: dict, source_folder_or_gguf: str | os.PathLike,
                  dtype: Any = "float32") -> Path:
     """Write the base tree `merged` as a full transformers checkpoint (config, model.safetensors, tokenizer)
-    next to the source's config and tokenizer; tensors in `dtype`."""
+    next to the source's config and tokenizer; tensors in `dtype` (a multimodal source's other tensors too)."""
     src = Path(source_folder_or_gguf)
     conf = source_config(src)
     jdt = jnp.dtype(resolve_dtype(dtype))
-    tensors = hf_tensors(cfg, merged, jdt)
+    tensors = {**foreign_tensors(cfg, src, jdt), **hf_tensors(cfg, merged, jdt)}
     conf["dtype"] = jdt.name
     conf.pop("torch_dtype", None)
     conf.pop("quantization_config", None)  # the merged weights are dense, even from a 4-bit base

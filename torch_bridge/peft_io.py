@@ -20,6 +20,7 @@ import numpy as np
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.torch_bridge.folders import atomic_folder
 from jpeft.torch_bridge.hf_names import PEFT_PREFIX
+from jpeft.torch_bridge.outputs import ADAPTER_LIMIT, bad_values, describe
 from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
 
 CONFIG = "adapter_config.json"
@@ -40,16 +41,24 @@ LORA_OFF_FIELDS = {
 def write_adapter(folder: str | os.PathLike, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray],
                   weights: str = WEIGHTS) -> Path:
     """Atomically write `adapter_config.json` (keys sorted) and `weights` (fp32, `{"format": "pt"}`); refuses
-    (CheckpointError, nothing written) tensors with NaN/Inf values."""
+    (CheckpointError, nothing written) tensors with NaN/Inf values or magnitudes beyond `ADAPTER_LIMIT`."""
     arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
-    bad = [k for k, a in arrays.items() if not np.isfinite(a).all()]
-    if bad:
-        raise CheckpointError(f"{folder}: not written: tensors {bad[:3]}{' ...' if len(bad) > 3 else ''} hold NaN/Inf "
-                              "values (the training run diverged); retrain, e.g. with a lower --lr")
+    check_adapter_values(arrays, str(folder))
     with atomic_folder(folder) as tmp:
         (tmp / CONFIG).write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
-        save_file(arrays, tmp / weights, metadata={"format": "pt"})
+        save_file(arrays, tmp / weights, metadata={"format": "pt"}, check=False)
     return Path(folder)
+
+
+def check_adapter_values(arrays: Mapping[str, np.ndarray], where: str, *, reading: bool = False) -> None:
+    """Refuse adapter tensors that are not finite or exceed `ADAPTER_LIMIT` (float16's range): the values of a
+    diverged run (e.g. `--lr 1e30`), which no export could hold."""
+    bad = bad_values(arrays, limit=ADAPTER_LIMIT)
+    if bad:
+        what = "cannot be used" if reading else "not written"
+        raise CheckpointError(f"{where}: {what}: adapter tensors {describe(bad)} are not finite or out of range "
+                              f"(adapter values must be finite and within ±{ADAPTER_LIMIT:g}, float16's range; larger "
+                              "ones come from a run that diverged); retrain, e.g. with a lower --lr")
 
 
 def json_number(x: float) -> int | float:
@@ -69,7 +78,27 @@ def read_json_config(folder: Path) -> tuple[Path, dict]:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    _check_ranks(raw, path, folder / WEIGHTS)
     return path, raw
+
+
+def _check_ranks(raw: dict, path: Path, weights: Path) -> None:
+    """Refuse, before any loader allocates by them, ranks the adapter's tensors cannot hold: a rank-r factor has
+    at least r values, so no rank may exceed the number of values in the weights file (`r: 10**12` would
+    otherwise allocate terabytes before a shape check)."""
+    ranks = {k: raw.get(k) for k in ("r", "init_r", "target_r")}
+    ranks.update({f"rank_pattern[{k!r}]": v for k, v in (raw.get("rank_pattern") or {}).items()}
+                 if isinstance(raw.get("rank_pattern"), dict) else {})
+    ranks = {k: v for k, v in ranks.items() if isinstance(v, int) and not isinstance(v, bool)}
+    if not ranks or not weights.is_file():
+        return
+    limit = SafetensorsFile(weights).numel()
+    bad = {k: v for k, v in ranks.items() if v > limit}
+    if bad:
+        field, value = next(iter(bad.items()))
+        raise CheckpointError(f"{path}: {field}={value} cannot match {weights.name}, whose tensors hold {limit} values "
+                              "in all; the config does not belong to these weights (fix the rank or fetch the "
+                              "adapter again)")
 
 
 def read_adapter_config(folder: str | os.PathLike, peft_type: str) -> tuple[Path, dict]:
@@ -134,9 +163,7 @@ class AdapterTensors:
                                   f"adapter_config.json need {list(shape)}; was the adapter trained on another model?")
         self.used.add(key)
         x = np.asarray(x, np.float32)
-        if not np.isfinite(x).all():
-            raise CheckpointError(f"{self.path}: tensor {key!r} holds {int(np.sum(~np.isfinite(x)))} NaN/Inf values "
-                                  "(written by a run that diverged?); retrain it, e.g. with a lower --lr")
+        check_adapter_values({key: x}, str(self.path), reading=True)
         return x
 
     def check_all_used(self, modules: Iterable[str] | None = None) -> None:
@@ -146,6 +173,11 @@ class AdapterTensors:
         if not extra:
             return
         key, why = extra[0], "is not described by adapter_config.json (or names no module of this model)"
+        if any(f".{part}." in key for part in ("vision_tower", "multi_modal_projector")):
+            raise CheckpointError(
+                f"{self.path}: tensor {key!r} adapts the vision side of a multimodal model; jpeft holds only the text "
+                "tower, so it cannot use this adapter. In peft, limit target_modules to the language model, e.g. "
+                r"r'.*language_model.*\.(q_proj|v_proj)'")
         if modules is not None:
             known = any(key.startswith(f"{PEFT_PREFIX}{m}.") for m in modules)
             why = "is not targeted by adapter_config.json" if known else "names no module of this model"

@@ -7,6 +7,7 @@ loader can cast and place one tensor at a time without a second whole-model copy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -18,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from jpeft.errors import CheckpointError
+from jpeft.torch_bridge.outputs import check_written_values, named_write_error, open_up
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -52,6 +54,14 @@ class SafetensorsFile:
     def __contains__(self, name: str) -> bool:
         return name in self._header
 
+    def numel(self) -> int:
+        """How many values the file's tensors hold in all (from the header; malformed entries count 0)."""
+        total = 0
+        for info in self._header.values():
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                total += int(np.prod([int(d) for d in info["shape"]], dtype=np.int64))
+        return total
+
     def get(self, name: str) -> np.ndarray:
         """The tensor `name` as a read-only numpy view in its stored dtype and shape."""
         if name not in self._header:
@@ -78,8 +88,9 @@ class SafetensorsFile:
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
-              metadata: Mapping[str, str] | None = None) -> None:
-    """Write `tensors` to `path` atomically (temp file in the same folder, fsync, rename)."""
+              metadata: Mapping[str, str] | None = None, *, check: bool = True) -> None:
+    """Write `tensors` to `path` atomically (temp file in the same folder, fsync, rename). Float tensors must be
+    finite in the dtype written (`outputs.check_written_values`; `check=False`: the caller has checked them)."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset, arrays = 0, []
     for name in sorted(tensors):
@@ -89,6 +100,8 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
         header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
         arrays.append(a)
+    if check:
+        check_written_values(dict(zip(sorted(tensors), arrays)), str(path))
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with atomic_write(path) as f:
@@ -99,27 +112,43 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
 
 
 class atomic_write:  # noqa: N801 - used like open()
-    """Context manager: a binary file written to a temp name and renamed into place on success."""
+    """Context manager: a binary file written to a temp name and renamed into place on success, with the umask's
+    permissions; an OSError (full disk, read-only) is one OutputError and leaves nothing behind."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        with named_write_error(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         self.f = os.fdopen(fd, "wb")
         return self.f
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            os.replace(self.tmp, self.path)
-        else:
-            self.f.close()
-            os.unlink(self.tmp)
+            try:
+                with named_write_error(self.path):
+                    self.f.flush()
+                    os.fsync(self.f.fileno())
+                    self.f.close()
+                    open_up(self.tmp)
+                    os.replace(self.tmp, self.path)
+            except BaseException:
+                self._discard()
+                raise
+            return False
+        self._discard()
+        if isinstance(exc, OSError):
+            with named_write_error(self.path):
+                raise exc
         return False
+
+    def _discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
 
 
 def open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:

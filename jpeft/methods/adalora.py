@@ -211,7 +211,7 @@ def save_adalora_adapter(folder: str | os.PathLike, cfg: ModelConfig, method: Ad
     for block, proj in method.sites:
         t = {k: np.asarray(v, np.float32) for k, v in tree["layers"][block][proj].items()}
         for i in range(t["lora_E"].shape[0]):
-            name = hf.linear_module(i, block, proj)
+            name = hf.linear_module(i, block, proj, cfg)
             idx = np.flatnonzero(full[(block, proj)][i])
             names.append(name)
             pattern[f"{name}.lora_E"] = full[(block, proj)][i].tolist()
@@ -251,7 +251,7 @@ def load_adalora_adapter(folder: str | os.PathLike, cfg: ModelConfig, params: di
         n_layers, d_in, d_out = params["layers"][block][proj]["kernel"].shape
         a, e, b = (np.zeros(s, np.float32) for s in ((n_layers, d_in, r), (n_layers, r), (n_layers, r, d_out)))
         for i in range(n_layers):
-            name = hf.linear_module(i, block, proj)
+            name = hf.linear_module(i, block, proj, cfg)
             mask = np.asarray(pattern.get(f"{name}.lora_E", [True] * r), bool)
             if mask.shape != (r,):
                 raise CheckpointError(f"{path}: rank_pattern[{name}.lora_E] has {mask.size} entries, init_r={r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -81,6 +82,21 @@ def parse_bool_or_name(text: str) -> bool | str:
 
 PARSERS: dict[str, Callable[[str], Any]] = {"targets": parse_targets, "names": parse_names, "ints": parse_ints,
                                            "json": parse_json_dict, "bool_or_name": parse_bool_or_name}
+
+
+class ZeroScaleWarning(UserWarning):
+    """An adapter's scale (lora_alpha / r) is 0: it changes nothing and gets no gradient."""
+
+
+def warn_zero_scale(config: Any) -> None:
+    """Warn when `config.lora_alpha` (or an `alpha_pattern` value) is 0: the scale lora_alpha / r is then 0, so the
+    adapter has no effect and every gradient is exactly 0 (training "collapses" from step 1, whatever --lr)."""
+    zero = ["lora_alpha"] if getattr(config, "lora_alpha", None) == 0 else []
+    zero += [f"alpha_pattern[{k!r}]" for k, v in (getattr(config, "alpha_pattern", None) or {}).items() if v == 0]
+    if zero:
+        warnings.warn(f"{type(config).__name__}: {', '.join(zero)} = 0 makes the adapter's scale lora_alpha / r = 0: "
+                      "the adapter has no effect and gets no gradient (training cannot change it); use e.g. "
+                      "--lora-alpha 16 (peft's default is 8)", ZeroScaleWarning, stacklevel=3)
 
 
 def check_dropout(p: Any, where: str) -> None:

@@ -39,7 +39,12 @@ from jpeft.torch_bridge import peft_io
 F32 = jnp.float32
 # peft's TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING for the supported families.
 DEFAULT_TARGETS = {"llama": ["k_proj", "v_proj", "down_proj"], "mistral": ["k_proj", "v_proj", "down_proj"],
-                   **{f: ["q_proj", "v_proj", "down_proj"] for f in ("gemma", "gemma2", "qwen2", "qwen3")}}
+                   **{f: ["q_proj", "v_proj", "down_proj"] for f in ("gemma", "gemma2", "qwen2", "qwen3",
+                                                                     "gemma3_text")}}
+# jpeft's choice where peft has none: gemma3_text's for the multimodal text tower, llama's for the other
+# llama-like families, and for phi3 its fused projections holding the same modules.
+DEFAULT_TARGETS.update(gemma3=DEFAULT_TARGETS["gemma3_text"], phi3=["qkv_proj", "down_proj"],
+                       **{f: DEFAULT_TARGETS["llama"] for f in ("olmo2", "granite", "smollm3")})
 DEFAULT_FEEDFORWARD = ["down_proj"]
 
 
@@ -133,7 +138,7 @@ def resolve(cfg: ModelConfig, ic: IA3Config) -> IA3:
         raise ConfigError(f"IA3Config.feedforward_modules={ff!r} must be a subset of target_modules={targets!r}")
     sites = []
     for (block, proj), active in site_layers(cfg, chosen).items():
-        kinds = {_is_ff(ff, hf.linear_module(i, block, proj)) for i, on in enumerate(active) if on}
+        kinds = {_is_ff(ff, hf.linear_module(i, block, proj, cfg)) for i, on in enumerate(active) if on}
         if len(kinds) > 1:
             raise ConfigError(f"IA3Config.feedforward_modules={ff!r} marks {proj} as feed-forward in some "
                               "layers only; jpeft needs the same choice in every layer")
@@ -183,8 +188,8 @@ def merge_ia3(params: dict, method: IA3, adapters: dict) -> dict:
     return replace_linears(params, new)
 
 
-def _key(i: int, block: str, proj: str) -> str:
-    return hf.peft_key(hf.linear_module(i, block, proj), "ia3_l")
+def _key(cfg: ModelConfig, i: int, block: str, proj: str) -> str:
+    return hf.peft_key(hf.linear_module(i, block, proj, cfg), "ia3_l")
 
 
 def save_peft_ia3(folder: str | Path, cfg: ModelConfig, method: IA3, adapters: dict,
@@ -195,9 +200,9 @@ def save_peft_ia3(folder: str | Path, cfg: ModelConfig, method: IA3, adapters: d
     for info in method.sites:
         v = _vectors(method, tree, info)
         for i in (i for i, on in enumerate(info.active) if on):
-            names.append(hf.linear_module(i, info.block, info.proj))
+            names.append(hf.linear_module(i, info.block, info.proj, cfg))
             ff += [names[-1]] if info.feedforward else []
-            tensors[_key(i, info.block, info.proj)] = v[i][None, :] if info.feedforward else v[i][:, None]
+            tensors[_key(cfg, i, info.block, info.proj)] = v[i][None, :] if info.feedforward else v[i][:, None]
     config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
               "revision": None, "inference_mode": True, "auto_mapping": None, "peft_version": peft_io.PEFT_VERSION,
               "target_modules": sorted(names), "feedforward_modules": sorted(ff), "exclude_modules": None,
@@ -222,7 +227,7 @@ def load_peft_ia3(folder: str | Path, cfg: ModelConfig, params: dict | None = No
         v = np.ones((cfg.num_layers, width), np.float32)
         for i in (i for i, on in enumerate(info.active) if on):
             shape = (1, width) if info.feedforward else (width, 1)
-            v[i] = f.take(_key(i, info.block, info.proj), shape, "adapter_config.json targets it").reshape(-1)
+            v[i] = f.take(_key(cfg, i, info.block, info.proj), shape, "adapter_config.json targets it").reshape(-1)
         layers.setdefault(info.block, {})[info.proj] = {"ia3_l": jnp.asarray(v)}
     f.check_all_used(hf.model_modules(cfg))
     return method, {"ia3": {"layers": layers}}

@@ -35,7 +35,7 @@ from jpeft.errors import CheckpointError, ConfigError
 from jpeft.kernels.lora import lora_delta
 from jpeft.kernels.lora_linear import lora_linear_group
 from jpeft.methods import lora_experts, modules_to_save, targeting
-from jpeft.methods.common import dropout, hp, method_tree, replace_linears
+from jpeft.methods.common import dropout, hp, method_tree, replace_linears, warn_zero_scale
 from jpeft.methods.pissa import as_plain_lora, pissa_base, pissa_factors, rank_mask
 from jpeft.methods.registry import MethodSpec, register_method
 from jpeft.models.config import ModelConfig
@@ -107,6 +107,7 @@ class LoraConfig:
             bad("loraplus_lr_ratio", "must be > 0 (LoRA+ suggests 2..16), or None to turn LoRA+ off")
         if self.target_parameters:
             lora_experts.check_supported(self, type(self).__name__)
+        warn_zero_scale(self)
         return self
 
 
@@ -241,7 +242,7 @@ def resolve(cfg: ModelConfig, lc: LoraConfig) -> LoRA:
                                   set(params)) for p in hf.EXPERT_PARAMS if any(n.endswith("." + p) for n in params))
     sites = []
     for (block, proj), flags in targeting.site_layers(cfg, chosen).items():
-        names = [hf.linear_module(i, block, proj) for i in range(cfg.num_layers)]
+        names = [hf.linear_module(i, block, proj, cfg) for i in range(cfg.num_layers)]
         ranks = tuple(int(targeting.pattern_value(lc.rank_pattern, n, lc.r)) if on else 0
                       for n, on in zip(names, flags))
         alphas = tuple(targeting.pattern_value(lc.alpha_pattern, n, lc.lora_alpha, "alpha_pattern") if on else 0
@@ -347,7 +348,7 @@ def _lora_tensors(cfg: ModelConfig, method: LoRA, tree: dict, initial: dict | No
         for i, (r, alpha) in enumerate(zip(info.ranks, info.alphas)):
             if r == 0:
                 continue
-            name = hf.linear_module(i, info.block, info.proj)
+            name = hf.linear_module(i, info.block, info.proj, cfg)
             a = np.asarray(t["lora_A"][i, :, :r], np.float32).T  # [r, in]
             b = np.asarray(t["lora_B"][i, :r, :], np.float32).T  # [out, r]
             if t0 is not None:  # PiSSA: W_res + s·B·A == W + s·[B, −B0]·[A; A0]
@@ -429,7 +430,7 @@ def load_peft_adapter(folder: str | Path, cfg: ModelConfig, params: dict) -> tup
         a, b = np.zeros((n_layers, d_in, r_max), np.float32), np.zeros((n_layers, r_max, d_out), np.float32)
         m = np.array(jnp.linalg.norm(dense_kernel(w), axis=1)) if method.use_dora else None
         for i, r in ((i, r) for i, r in enumerate(info.ranks) if r):
-            name = hf.linear_module(i, info.block, info.proj)
+            name = hf.linear_module(i, info.block, info.proj, cfg)
             why = f"adapter_config.json targets {name}"
             a[i, :, :r] = f.take(hf.peft_key(name, "lora_A.weight"), (r, d_in), why).T
             b[i, :r, :] = f.take(hf.peft_key(name, "lora_B.weight"), (d_out, r), why).T

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError
+from jpeft.kernels.ragged_dot import ragged_dot
 from jpeft.methods import targeting
 from jpeft.models.config import ModelConfig
 from jpeft.torch_bridge import hf_names as hf
@@ -90,8 +91,8 @@ def init_expert_site(key: jax.Array, cfg: ModelConfig, name: str, ranks: tuple[i
 def grouped_delta(x: jax.Array, a: jax.Array, b: jax.Array, group_sizes: jax.Array, scale: jax.Array) -> jax.Array:
     """`s · ragged_dot(ragged_dot(x, A), B)`: x `[M, in]` sorted by expert, A `[E, in, r]`, B `[E, r, out]`,
     group_sizes `[E]` -> `[M, out]` (fp32 adapter weights cast to x's dtype)."""
-    h = jax.lax.ragged_dot(x, a.astype(x.dtype), group_sizes)
-    return jax.lax.ragged_dot(h, b.astype(x.dtype), group_sizes) * scale.astype(x.dtype)
+    h = ragged_dot(x, a.astype(x.dtype), group_sizes)
+    return ragged_dot(h, b.astype(x.dtype), group_sizes) * scale.astype(x.dtype)
 
 
 def merged_experts(w: Any, a: jax.Array, b: jax.Array, scales: tuple[float, ...]) -> jax.Array:

@@ -20,7 +20,7 @@ import numpy as np
 from jpeft.errors import ConfigError
 from jpeft.methods.lora import LoRA, LoraSite
 from jpeft.methods.targeting import Site
-from jpeft.torch_bridge.hf_names import LINEAR_SITES as ALL_SITES
+from jpeft.torch_bridge.hf_names import SITE_ORDER as ALL_SITES
 
 
 def diagonal_to_lora(factors: Mapping[Site, tuple], keep: Mapping[Site, np.ndarray], scale: float

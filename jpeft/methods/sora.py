@@ -28,7 +28,7 @@ import optax
 
 from jpeft.errors import ConfigError
 from jpeft.kernels.lora import lora_delta
-from jpeft.methods.common import dropout, hp, method_tree
+from jpeft.methods.common import dropout, hp, method_tree, warn_zero_scale
 from jpeft.methods.lora import merge_lora, save_peft_adapter
 from jpeft.methods.ranks import diagonal_to_lora, report_ranks
 from jpeft.methods.registry import Built, MethodSpec, register_method
@@ -98,6 +98,7 @@ class SoraConfig:
             if isinstance(self.xi_stages, bool) or not isinstance(self.xi_stages, int) or self.xi_stages < 1:
                 bad("xi_stages", "must be an integer >= 1")
             sora_xi_schedule(self.xi_schedule, self.xi, self.xi_max, self.xi_stages)  # exp_linear needs xi > 0
+        warn_zero_scale(self)
         return self
 
     def xi_values(self) -> tuple[float, ...]:

@@ -29,7 +29,13 @@ from jpeft.torch_bridge.hf_names import linear_module, linear_module_names, line
 # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (also VeRA's) for the supported families. None for the
 # MoE families: peft 0.21 on transformers 5 rewrites their config (v4 -> v5 MoE conversion) so that no default
 # applies and an adapter must name its targets.
-DEFAULT_TARGETS = {f: ["q_proj", "v_proj"] for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")}
+DEFAULT_TARGETS = {f: ["q_proj", "v_proj"] for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                                     "gemma3_text")}
+# jpeft's own defaults where peft 0.21 has none (`LoraConfig()` raises there): the same q_proj/v_proj as for
+# every llama-like family, and for phi3 the fused qkv_proj that holds them. Exported adapter_config.json files
+# always name the modules exactly, so peft loads them; for the multimodal gemma3 only text-tower modules.
+DEFAULT_TARGETS.update({f: ["q_proj", "v_proj"] for f in ("gemma3", "olmo2", "granite", "smollm3")})
+DEFAULT_TARGETS["phi3"] = ["qkv_proj"]
 MOE_HINT = ("; in mixture-of-experts models the expert projections are adapted with target_parameters "
             "(--target-parameters mlp.experts.gate_up_proj,mlp.experts.down_proj) and only attention projections are "
             "modules")
@@ -152,7 +158,7 @@ def site_layers(cfg: ModelConfig, chosen: list[str] | set[str]) -> dict[Site, tu
     chosen = set(chosen)
     out = {}
     for block, proj in linear_sites(cfg):
-        flags = tuple(linear_module(i, block, proj) in chosen for i in range(cfg.num_layers))
+        flags = tuple(linear_module(i, block, proj, cfg) in chosen for i in range(cfg.num_layers))
         if any(flags):
             out[(block, proj)] = flags
     return out

@@ -202,7 +202,7 @@ def save_vera(folder: str | Path, cfg: ModelConfig, method: VeRA, adapters: dict
     for s in method.sites:
         t = tree["layers"][s.block][s.proj]
         for i in (i for i, on in enumerate(s.active) if on):
-            names.append(hf.linear_module(i, s.block, s.proj))
+            names.append(hf.linear_module(i, s.block, s.proj, cfg))
             tensors[hf.peft_key(names[-1], "vera_lambda_d")] = np.asarray(t["vera_lambda_d"][i])
             tensors[hf.peft_key(names[-1], "vera_lambda_b")] = np.asarray(t["vera_lambda_b"][i])
     config = {"peft_type": "VERA", "task_type": "CAUSAL_LM", "peft_version": peft_io.PEFT_VERSION,
@@ -251,7 +251,7 @@ def load_vera(folder: str | Path, cfg: ModelConfig, params: dict | None = None) 
         lam_d, lam_b = np.full((cfg.num_layers, method.r), vc.d_initial, np.float32), np.zeros(
             (cfg.num_layers, s.d_out), np.float32)
         for i in (i for i, on in enumerate(s.active) if on):
-            name, why = hf.linear_module(i, s.block, s.proj), "adapter_config.json targets it"
+            name, why = hf.linear_module(i, s.block, s.proj, cfg), "adapter_config.json targets it"
             lam_d[i] = f.take(hf.peft_key(name, "vera_lambda_d"), (method.r,), why)
             lam_b[i] = f.take(hf.peft_key(name, "vera_lambda_b"), (s.d_out,), why)
         tree["layers"].setdefault(s.block, {})[s.proj] = {"vera_lambda_d": jnp.asarray(lam_d),

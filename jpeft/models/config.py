@@ -1,24 +1,25 @@
 """`ModelConfig`: everything the decoder needs to know, and the mapping from HF configs.
 
 One frozen, hashable dataclass drives one decoder implementation for the HF families llama, mistral,
-qwen2, qwen3, gemma, gemma2 and the mixture-of-experts families mixtral and qwen3_moe. The mapping reads a
-`transformers` config object (so HF's own defaults for missing keys apply) and never needs torch.
+qwen2, qwen3, gemma, gemma2, gemma3 (text and the text tower of the multimodal model), phi3, olmo2, granite,
+smollm3 and the mixture-of-experts families mixtral and qwen3_moe. The mapping reads a `transformers` config
+object (so HF's own defaults for missing keys apply) and never needs torch; what is particular to the newer
+dense families is in `jpeft.models.families`, RoPE in `jpeft.models.rope_params`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
+from jpeft.errors import ConfigError, UnsupportedModelError
+from jpeft.models import families
+from jpeft.models.rope_params import SUPPORTED_ROPE, rope_fields, rope_frequencies  # noqa: F401 (re-exported)
 
-from jpeft.errors import ConfigError
-
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "qwen3_moe")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "qwen3_moe",
+                      *families.DENSE_FAMILIES)
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
-SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 _ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -34,7 +35,11 @@ class ModelConfig:
     """Architecture of a decoder-only LM (static: used as a jit static argument).
 
     `layer_windows[i]` is the sliding-window size of layer i (0 = global attention). `rope_inv_freq` is
-    the per-frequency inverse wavelength `[head_dim // 2]` (already scaled for linear/llama3/yarn).
+    the per-frequency inverse wavelength `[rope_dim // 2]` (already scaled for linear/llama3/yarn/longrope);
+    `rope_dim` (= `rotary_dim` or the head dim) leading entries of each head are rotated, the rest pass through.
+    Layers may use different RoPE tables: `layer_rope[i]` indexes `((rope_inv_freq, rope_attention_scaling),
+    *rope_tables)` (gemma3: local vs global bases; smollm3: an all-zero table = no RoPE). longrope (phi3):
+    `rope_long_inv_freq` replaces `rope_inv_freq` in a call whose largest position is `>= rope_long_after`.
 
     Mixture of experts (mixtral, qwen3_moe): `moe_layers[i]` says whether layer i's MLP is a sparse block of
     `num_experts` SwiGLU experts (width `moe_intermediate_size`) of which each token uses the top
@@ -58,14 +63,25 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # qwen3: RMSNorm over head_dim of q and k before RoPE
+    qk_norm_full: bool = False  # olmo2: the q/k norms span the whole projection (H·hd, K·hd), before the head split
     sandwich_norm: bool = False  # gemma2: post-attention and pre/post feed-forward norms
+    post_norm: bool = False  # olmo2: only post-attention/post-feed-forward norms on the sub-block outputs
+    fused_qkv: bool = False  # phi3: one qkv_proj [D, q+2kv] instead of q/k/v_proj (split after the matmul)
+    fused_gate_up: bool = False  # phi3: one gate_up_proj [D, 2I] (gate first) instead of gate/up_proj
     embed_scale: float | None = None  # gemma: sqrt(hidden_size), rounded to the param dtype
     query_scale: float = 1.0  # multiplier of q·k (head_dim**-0.5 or query_pre_attn_scalar**-0.5)
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    residual_multiplier: float = 1.0  # granite: each sub-block output is scaled before the residual add
+    logits_divisor: float = 1.0  # granite's logits_scaling: logits = lm_head(h) / logits_divisor
     layer_windows: tuple[int, ...] = ()
     rope_inv_freq: tuple[float, ...] = ()
     rope_attention_scaling: float = 1.0
+    rotary_dim: int = 0  # 0 = head_dim (phi3: int(head_dim · partial_rotary_factor))
+    rope_tables: tuple[tuple[tuple[float, ...], float], ...] = ()  # more (inv_freq, scaling) tables, index 1..
+    layer_rope: tuple[int, ...] = ()  # per layer: which table (() = table 0 everywhere)
+    rope_long_inv_freq: tuple[float, ...] = ()  # longrope: the long-context set ...
+    rope_long_after: int = 0  # ... used when a call's largest position + 1 exceeds this
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
@@ -86,6 +102,11 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """The rotated width of each head (the head dim unless partial rotary)."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def has_experts(self) -> bool:
@@ -115,84 +136,20 @@ class ModelConfig:
             )
         if len(self.layer_windows) != self.num_layers:
             raise ConfigError(f"layer_windows has {len(self.layer_windows)} entries, expected {self.num_layers}")
-        if len(self.rope_inv_freq) * 2 != self.head_dim:
-            raise ConfigError(f"RoPE frequencies {len(self.rope_inv_freq)} do not cover head_dim={self.head_dim}")
+        tables = [self.rope_inv_freq, self.rope_long_inv_freq or self.rope_inv_freq] + [t for t, _ in self.rope_tables]
+        if any(len(t) * 2 != self.rope_dim for t in tables) or self.rope_dim > self.head_dim:
+            raise ConfigError(f"RoPE frequencies {[len(t) for t in tables]} do not cover the rotary width "
+                              f"{self.rope_dim} (head_dim={self.head_dim})")
+        if self.layer_rope and (len(self.layer_rope) != self.num_layers
+                                or not all(0 <= i <= len(self.rope_tables) for i in self.layer_rope)):
+            raise ConfigError(f"layer_rope={self.layer_rope} must give one of the {len(self.rope_tables) + 1} RoPE "
+                              f"tables for each of the {self.num_layers} layers")
         if self.moe_layers and len(self.moe_layers) != self.num_layers:
             raise ConfigError(f"moe_layers has {len(self.moe_layers)} entries, expected {self.num_layers}")
         if self.has_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
                               f"{self.num_experts}; fix the config.json")
         return self
-
-
-def _rope_default_inv_freq(theta: float, dim: int) -> np.ndarray:
-    # Same float32 arithmetic as transformers: base ** (arange(0, dim, 2) / dim) in fp32.
-    exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    return (np.float32(1.0) / (np.float32(theta) ** exps)).astype(np.float32)
-
-
-def _rope_llama3(inv: np.ndarray, p: Mapping[str, Any]) -> np.ndarray:
-    factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
-    old = float(p["original_max_position_embeddings"])
-    low_wl, high_wl = old / low, old / high
-    wavelen = (2 * math.pi / inv).astype(np.float32)
-    out = np.where(wavelen > low_wl, inv / factor, inv).astype(np.float32)
-    smooth = (old / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * out / factor + smooth * out
-    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
-    return np.where(medium, smoothed, out).astype(np.float32)
-
-
-def _rope_yarn(theta: float, dim: int, p: Mapping[str, Any], max_pos: int) -> tuple[np.ndarray, float]:
-    factor = p.get("factor")
-    orig = p.get("original_max_position_embeddings") or max_pos
-    if factor is None:
-        factor = max_pos / orig
-    factor = float(factor)
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attn = p.get("attention_factor")
-    if attn is None:
-        ms, msa = p.get("mscale"), p.get("mscale_all_dim")
-        attn = mscale(factor, ms) / mscale(factor, msa) if (ms and msa) else mscale(factor)
-    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
-
-    def corr_dim(rot: float) -> float:
-        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(theta))
-
-    lo, hi = corr_dim(beta_fast), corr_dim(beta_slow)
-    if p.get("truncate", True):
-        lo, hi = math.floor(lo), math.ceil(hi)
-    lo, hi = max(lo, 0), min(hi, dim - 1)
-    if lo == hi:
-        hi += 0.001
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - lo) / (hi - lo), 0, 1).astype(np.float32)
-    pos_freqs = np.float32(theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
-    extra, inter = 1.0 / pos_freqs, 1.0 / (np.float32(factor) * pos_freqs)
-    keep = 1 - ramp
-    return (inter * (1 - keep) + extra * keep).astype(np.float32), float(attn)
-
-
-def rope_frequencies(params: Mapping[str, Any], head_dim: int, max_pos: int) -> tuple[np.ndarray, float]:
-    """Inverse frequencies `[head_dim // 2]` and the cos/sin scaling for an HF `rope_parameters` dict."""
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = float(params.get("rope_theta", 10000.0))
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError("rope_parameters.partial_rotary_factor != 1 is not supported; use a full-rotary model")
-    inv = _rope_default_inv_freq(theta, head_dim)
-    if rope_type == "default":
-        return inv, 1.0
-    if rope_type == "linear":
-        return (inv / np.float32(params["factor"])).astype(np.float32), 1.0
-    if rope_type == "llama3":
-        return _rope_llama3(inv, params), 1.0
-    if rope_type == "yarn":
-        return _rope_yarn(theta, head_dim, params, max_pos)
-    raise ConfigError(
-        f"rope_parameters.rope_type={rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE)}"
-    )
 
 
 def _eos_ids(hf: Any) -> tuple[int, ...]:
@@ -230,19 +187,26 @@ def _moe_fields(hf: Any, family: str) -> dict:
                 output_router_logits=bool(hf.output_router_logits))
 
 
+def unsupported_family(where: str, family: Any, why: str = "") -> UnsupportedModelError:
+    """The one refusal of a `model_type` jpeft has no decoder for: names it and lists `SUPPORTED_FAMILIES`."""
+    return UnsupportedModelError(f"{where}: model_type={family!r} is not supported{why}; supported: "
+                                 f"{', '.join(SUPPORTED_FAMILIES)}")
+
+
 def from_hf_config(hf: Any) -> ModelConfig:
     """Map a `transformers.PretrainedConfig` of a supported family to a `ModelConfig`."""
     family = getattr(hf, "model_type", None)
     if family not in SUPPORTED_FAMILIES:
-        raise ConfigError(
-            f"config.json model_type={family!r} is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
-        )
+        raise unsupported_family("config.json", family)
+    hf, top = families.text_config(hf), hf
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    extra = families.family_fields(hf, top, family, head_dim)
     rope = dict(hf.rope_parameters or {})
-    if rope and all(isinstance(v, Mapping) for v in rope.values()):
+    if rope and all(isinstance(v, Mapping) for v in rope.values()) and "rope_inv_freq" not in extra:
         raise ConfigError("config.json has per-layer-type rope_parameters, which this family does not use")
-    inv, attn_scale = rope_frequencies(rope, head_dim, hf.max_position_embeddings)
+    if "rope_inv_freq" not in extra:
+        extra = {**rope_fields(rope, head_dim, hf.max_position_embeddings), **extra}
     act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
     if family == "gemma" and act == "gelu":
         act = "gelu_pytorch_tanh"  # transformers rewrites this legacy value the same way
@@ -251,7 +215,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
     gemma = family in ("gemma", "gemma2")
     qscale = (hf.query_pre_attn_scalar ** -0.5) if family == "gemma2" else head_dim**-0.5
     bias = bool(getattr(hf, "attention_bias", False))
-    return ModelConfig(
+    fields = dict(
         model_type=family,
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
@@ -273,12 +237,11 @@ def from_hf_config(hf: Any) -> ModelConfig:
         attn_softcap=getattr(hf, "attn_logit_softcapping", None) if family == "gemma2" else None,
         final_softcap=getattr(hf, "final_logit_softcapping", None) if family == "gemma2" else None,
         layer_windows=_layer_windows(hf, family, hf.num_hidden_layers),
-        rope_inv_freq=tuple(float(x) for x in inv),
-        rope_attention_scaling=attn_scale,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         max_position_embeddings=int(hf.max_position_embeddings),
         bos_token_id=getattr(hf, "bos_token_id", None),
         eos_token_ids=_eos_ids(hf),
         pad_token_id=getattr(hf, "pad_token_id", None),
         **_moe_fields(hf, family),
-    ).validate()
+    )
+    return ModelConfig(**{**fields, **extra}).validate()

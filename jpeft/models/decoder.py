@@ -1,4 +1,5 @@
-"""One decoder-only transformer for llama, mistral, qwen2, qwen3, gemma, gemma2, mixtral and qwen3_moe.
+"""One decoder-only transformer for llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo2, granite,
+smollm3, mixtral and qwen3_moe (each a set of `ModelConfig` options).
 
 Parameters are a plain pytree (see `jpeft.models.params`); layers are stacked on a leading axis and
 run under `jax.lax.scan`, so compile time does not grow with depth. Per-layer differences (sliding vs
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jpeft.errors import ConfigError
 from jpeft.kernels import rms_norm as fused_norm
 from jpeft.kernels.attention import attention
 from jpeft.kernels.flash_attention import flash_attention
@@ -41,11 +43,38 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array
     return fused_norm.rms_norm(x, w, eps=eps, offset=offset)
 
 
-def rope(q: jax.Array, k: jax.Array, positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+def rope_table(cfg: ModelConfig, positions: jax.Array, layer: jax.Array | int | None) -> tuple[jax.Array, Any]:
+    """This layer's inverse frequencies `[rope_dim // 2]` fp32 and cos/sin scaling.
+
+    `layer_rope` picks one of the tables with the (scanned) layer index; longrope switches to the long set for
+    the whole call once its largest position reaches `rope_long_after` (as transformers decides per forward).
+    """
+    inv, scale = jnp.asarray(cfg.rope_inv_freq, F32), cfg.rope_attention_scaling
+    if cfg.rope_long_inv_freq:
+        long = jnp.max(positions) + 1 > cfg.rope_long_after
+        inv = jnp.where(long, jnp.asarray(cfg.rope_long_inv_freq, F32), inv)
+    if cfg.layer_rope:
+        if layer is None:
+            raise ConfigError("this model picks a RoPE table per layer (layer_rope); pass the layer index "
+                              "(SiteContext.layer)")
+        tables = [inv] + [jnp.asarray(t, F32) for t, _ in cfg.rope_tables]
+        pick = jnp.asarray(cfg.layer_rope, jnp.int32)[layer]
+        inv = jnp.stack(tables)[pick]
+        scale = jnp.asarray([scale] + [s for _, s in cfg.rope_tables], F32)[pick]
+    return inv, scale
+
+
+def rope(q: jax.Array, k: jax.Array, positions: jax.Array, cfg: ModelConfig,
+         layer: jax.Array | int | None = None) -> tuple[jax.Array, jax.Array]:
     """Rotate-half RoPE of q `[B, T, H, hd]` and k `[B, T, K, hd]` at positions `[B, T]` (angles in fp32;
-    `jpeft.kernels.rope`: the Pallas kernel or the plain formula, as the kernel mode says)."""
-    cos, sin = rope_tables(positions, jnp.asarray(cfg.rope_inv_freq, F32), cfg.rope_attention_scaling)
-    return rope_qk(q, k, cos, sin)
+    `jpeft.kernels.rope`: the Pallas kernel or the plain formula, as the kernel mode says). With partial
+    rotary only the leading `rope_dim` entries of each head turn; `layer` selects the layer's table."""
+    cos, sin = rope_tables(positions, *rope_table(cfg, positions, layer))
+    rd = cfg.rope_dim
+    if rd == q.shape[-1]:
+        return rope_qk(q, k, cos, sin)
+    qr, kr = rope_qk(q[..., :rd], k[..., :rd], cos, sin)
+    return jnp.concatenate([qr, q[..., rd:]], axis=-1), jnp.concatenate([kr, k[..., rd:]], axis=-1)
 
 
 def _linears(sites: Sequence[Site], x: jax.Array, bases: Sequence[Any], layer: LayerContext) -> list[jax.Array]:
@@ -109,14 +138,21 @@ def _qkv(x: jax.Array, ap: dict, layer: LayerContext, mask: MaskInfo) -> tuple[j
     """q `[B, T, H, hd]`, k, v `[B, T, K, hd]` after q/k-norm and RoPE (named for the remat policy)."""
     b, t, _ = x.shape
     cfg = layer.cfg
-    names = ("q_proj", "k_proj", "v_proj")
-    q, k, v = _linears([("self_attn", n) for n in names], x, [ap[n] for n in names], layer)
-    q = q.reshape(b, t, cfg.num_heads, -1)
-    k, v = k.reshape(b, t, cfg.num_kv_heads, -1), v.reshape(b, t, cfg.num_kv_heads, -1)
-    if cfg.qk_norm:
+    if cfg.fused_qkv:  # phi3: one projection (one adapter site), split into q, k, v after the matmul
+        qkv = _linear(("self_attn", "qkv_proj"), x, ap["qkv_proj"], layer)
+        q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    else:
+        names = ("q_proj", "k_proj", "v_proj")
+        q, k, v = _linears([("self_attn", n) for n in names], x, [ap[n] for n in names], layer)
+    if cfg.qk_norm and cfg.qk_norm_full:  # olmo2: over all heads at once, before the head split
         q = rms_norm(q, ap["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         k = rms_norm(k, ap["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
-    q, k = rope(q, k, mask.positions, cfg)
+    q = q.reshape(b, t, cfg.num_heads, -1)
+    k, v = k.reshape(b, t, cfg.num_kv_heads, -1), v.reshape(b, t, cfg.num_kv_heads, -1)
+    if cfg.qk_norm and not cfg.qk_norm_full:
+        q = rms_norm(q, ap["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+        k = rms_norm(k, ap["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
+    q, k = rope(q, k, mask.positions, cfg, layer.site.layer)
     return checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
 
 
@@ -155,7 +191,10 @@ def _attention(x: jax.Array, ap: dict, layer: LayerContext, mask: MaskInfo) -> t
 
 def _mlp(x: jax.Array, mp: dict, layer: LayerContext) -> jax.Array:
     """The dense gated MLP (mp: its params) -> `[B, T, D]`."""
-    g, u = _linears([("mlp", "gate_proj"), ("mlp", "up_proj")], x, [mp["gate_proj"], mp["up_proj"]], layer)
+    if layer.cfg.fused_gate_up:  # phi3: gate and up are the two halves of one projection's output
+        g, u = jnp.split(_linear(("mlp", "gate_up_proj"), x, mp["gate_up_proj"], layer), 2, axis=-1)
+    else:
+        g, u = _linears([("mlp", "gate_proj"), ("mlp", "up_proj")], x, [mp["gate_proj"], mp["up_proj"]], layer)
     g, u = checkpoint_name(g, "mlp_gate"), checkpoint_name(u, "mlp_up")
     return _linear(("mlp", "down_proj"), glu(g, u, layer.cfg.activation), mp["down_proj"], layer)
 
@@ -181,22 +220,31 @@ def _feed_forward(x: jax.Array, lp: dict, layer: LayerContext) -> tuple[jax.Arra
     return jax.lax.cond(jnp.asarray(cfg.moe_layers)[layer.site.layer], sparse_branch, dense_branch, x)
 
 
+def _residual(h: jax.Array, branch: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """h + branch (granite: the branch times `residual_multiplier`)."""
+    return h + (branch if cfg.residual_multiplier == 1.0 else branch * cfg.residual_multiplier)
+
+
 def decoder_layer(h: jax.Array, lp: dict, layer: LayerContext, mask: MaskInfo) -> tuple[jax.Array, Any, Any]:
-    """One pre-norm block (gemma2: sandwich norms) with this layer's params `lp`.
+    """One pre-norm block (gemma2/3: sandwich norms; olmo2: post-norms only) with this layer's params `lp`.
 
     h `[B, T, D]` -> (h, new cache slices or None, router stats `[3, E]` or None)."""
     cfg = layer.cfg
     eps, off = cfg.rms_norm_eps, cfg.norm_offset
     h = checkpoint_name(h, "layer_input")  # what `remat="offload"` moves to host memory
-    x = rms_norm(h, lp["input_layernorm"], eps, off)
+    x = h if cfg.post_norm else rms_norm(h, lp["input_layernorm"], eps, off)
     a, new_cache = _attention(x, lp["self_attn"], layer, mask)
-    if cfg.sandwich_norm:
+    if cfg.sandwich_norm or cfg.post_norm:
         a = rms_norm(a, lp["post_attention_layernorm"], eps, off)
-    h = checkpoint_name(h + _block_out(("self_attn",), a, layer), "resid_mid")
-    norm2 = lp["pre_feedforward_layernorm"] if cfg.sandwich_norm else lp["post_attention_layernorm"]
+    h = checkpoint_name(_residual(h, _block_out(("self_attn",), a, layer), cfg), "resid_mid")
     if layer.token_mask is None:
         layer = layer._replace(token_mask=jnp.ones(h.shape[:2], jnp.int32))
-    m, stats = _feed_forward(rms_norm(h, norm2, eps, off), lp, layer)
-    if cfg.sandwich_norm:
+    if cfg.post_norm:
+        x = h
+    else:
+        norm2 = lp["pre_feedforward_layernorm"] if cfg.sandwich_norm else lp["post_attention_layernorm"]
+        x = rms_norm(h, norm2, eps, off)
+    m, stats = _feed_forward(x, lp, layer)
+    if cfg.sandwich_norm or cfg.post_norm:
         m = rms_norm(m, lp["post_feedforward_layernorm"], eps, off)
-    return h + _block_out(("mlp",), m, layer), new_cache, stats
+    return _residual(h, _block_out(("mlp",), m, layer), cfg), new_cache, stats

@@ -290,9 +290,11 @@ def lm_head(params: dict, cfg: ModelConfig) -> tuple[jax.Array, bool]:
 
 
 def logits_from_hidden(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
-    """h `[..., D]` -> fp32 logits `[..., V]` (gemma2: final soft-capping)."""
+    """h `[..., D]` -> fp32 logits `[..., V]` (granite: divided by `logits_divisor`; gemma2: final soft-capping)."""
     w, vd = lm_head(params, cfg)
     logits = jnp.einsum("...d,vd->...v" if vd else "...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=F32)
+    if cfg.logits_divisor != 1.0:
+        logits = logits / cfg.logits_divisor
     if cfg.final_softcap:
         logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     return logits

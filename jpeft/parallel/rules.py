@@ -45,6 +45,10 @@ PARAM_RULES: list[tuple[str, Axes]] = [
     (r"layers/mlp/(gate|up)_proj/bias$", ("layers", "mlp")),
     (r"layers/mlp/down_proj/kernel$", ("layers", "mlp", "embed")),
     (r"layers/[^/]+/(o|down)_proj/bias$", ("layers", "embed")),
+    # phi3's fused qkv_proj [L, D, q+2kv] and gate_up_proj [L, D, 2I]: split over fsdp only (a tensor split of
+    # the concatenated output would not give each device whole heads / matching gate and up columns)
+    (r"layers/(self_attn/qkv|mlp/gate_up)_proj/kernel$", ("layers", "embed", None)),
+    (r"layers/(self_attn/qkv|mlp/gate_up)_proj/bias$", ("layers", None)),
     # MoE (jpeft.models.moe): experts stacked [L, E, in, out] (dense and MoE layers of mixed models sit in
     # `dense_layers/` and `moe_layers/`, which these searches match too); the router [L, D, E] is small
     (r"layers/mlp/experts/gate_up_proj(/kernel)?$", ("layers", "exp", "embed", "mlp")),

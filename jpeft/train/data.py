@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +46,6 @@ from jpeft.errors import ConfigError, DataError
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 SHAPES = ("text", "prompt/completion", "messages")
-Rows = dict[str, np.ndarray]
 
 
 class TruncationWarning(UserWarning):
@@ -236,6 +235,45 @@ def _tokenize_one(ex: dict, shape: str, tokenizer: Any, where: str) -> tuple[lis
     return prompt + completion, [False] * len(prompt) + [True] * len(completion)
 
 
+#: Text fields longer than max(LONG_FIELD, 64 * max_len) characters are tokenized by prefixes (`_tokenize_bounded`).
+LONG_FIELD = 16384
+
+
+def _clip(ex: dict, shape: str, n: int) -> dict:
+    """`ex` with every text field cut to its first `n` characters."""
+    if shape == "text":
+        return {**ex, "text": ex["text"][:n]}
+    if shape == "prompt/completion":
+        return {**ex, "prompt": ex["prompt"][:n], "completion": ex["completion"][:n]}
+    return {**ex, "messages": [{**m, "content": m["content"][:n]} for m in ex["messages"]]}
+
+
+def _longest_field(ex: dict, shape: str) -> int:
+    if shape == "messages":
+        return max(len(m["content"]) for m in ex["messages"])
+    return max(len(ex[k]) for k in (("text",) if shape == "text" else ("prompt", "completion")))
+
+
+def _tokenize_bounded(ex: dict, shape: str, tokenizer: Any, where: str,
+                      max_len: int) -> tuple[list[int], list[bool], bool]:
+    """`_tokenize_one` for right truncation, without tokenizing a huge row whole (a 30 MB row took 10 GB and a
+    minute before): an example whose fields all fit in `2 n` characters (n = max(LONG_FIELD, 64 * max_len)) is
+    tokenized whole, as always. Otherwise every field is cut to n and to 2n characters; once the cut-at-n tokens
+    run past `max_len` and both agree on the first `max_len` tokens and targets, the cut no longer reaches them
+    and that result is used; else n doubles (up to the whole text). Returns (ids, mask, cut)."""
+    n = max(LONG_FIELD, 64 * max_len)
+    longest = _longest_field(ex, shape)
+    if longest <= 2 * n:
+        return (*_tokenize_one(ex, shape, tokenizer, where), False)
+    ids, mask = _tokenize_one(_clip(ex, shape, n), shape, tokenizer, where)
+    while 2 * n < longest:
+        ids2, mask2 = _tokenize_one(_clip(ex, shape, 2 * n), shape, tokenizer, where)
+        if len(ids) > max_len + 1 and ids[:max_len] == ids2[:max_len] and mask[:max_len] == mask2[:max_len]:
+            return ids2, mask2, True
+        n, ids, mask = 2 * n, ids2, mask2
+    return (*_tokenize_one(ex, shape, tokenizer, where), False)
+
+
 def tokenize_examples(examples: Sequence[dict], tokenizer: Any, max_len: int, *,
                       truncation: Literal["right", "left"] = "right") -> list[Example]:
     """Tokenise validated examples into :class:`Example` s of at most ``max_len`` tokens.
@@ -251,10 +289,15 @@ def tokenize_examples(examples: Sequence[dict], tokenizer: Any, max_len: int, *,
     if truncation not in ("right", "left"):
         raise ConfigError(f"truncation={truncation!r}; fix: use 'right' or 'left'")
     out: list[Example] = []
-    dropped = truncated = lost = total = 0
+    dropped = truncated = lost = total = cut = 0
     for k, ex in enumerate(examples):
         where = f"example #{k}"
-        ids, mask = _tokenize_one(ex, validate_example(ex, where), tokenizer, where)
+        shape = validate_example(ex, where)
+        if truncation == "right":
+            ids, mask, was_cut = _tokenize_bounded(ex, shape, tokenizer, where, max_len)
+            cut += was_cut
+        else:
+            ids, mask = _tokenize_one(ex, shape, tokenizer, where)
         total += len(ids)
         if len(ids) > max_len:
             truncated += 1
@@ -271,156 +314,11 @@ def tokenize_examples(examples: Sequence[dict], tokenizer: Any, max_len: int, *,
         out.append(Example(np.asarray(ids, np.int32), np.asarray(mask, np.bool_)))
     if truncated:
         share = 100 * lost / max(total, 1)
+        least = f" at least (the {cut} longest were tokenized only as far as max_len needs)" if cut else ""
         warnings.warn(f"{truncated} of {len(examples)} examples are longer than max_len={max_len} (--max-len) and "
-                      f"were truncated ({truncation}): {lost} of {total} tokens ({share:.1f}%) dropped; raise "
+                      f"were truncated ({truncation}): {lost} of {total} tokens ({share:.1f}%) dropped{least}; raise "
                       "--max-len or shorten the examples", TruncationWarning, stacklevel=2)
     if dropped:
         warnings.warn(f"tokenize_examples: dropped {dropped} of {len(examples)} examples with no target "
                       f"token left after truncation to max_len={max_len}", stacklevel=2)
     return out
-
-
-# ----------------------------------------------------------------------------- packing / padding
-def _fill_rows(bins: list[list[int]], examples: Sequence[Example], seq_len: int, pad_id: int) -> Rows:
-    fills = {"input_ids": pad_id, "labels": IGNORE, "segment_ids": 0, "positions": 0, "attention_mask": 0}
-    rows = {k: np.full((len(bins), seq_len), v, np.int32) for k, v in fills.items()}
-    for r, members in enumerate(bins):
-        off = 0
-        for seg, k in enumerate(members, start=1):
-            ex = examples[k]
-            sl = slice(off, off + len(ex))
-            rows["input_ids"][r, sl] = ex.input_ids
-            rows["labels"][r, sl] = ex.labels
-            rows["segment_ids"][r, sl] = seg
-            rows["positions"][r, sl] = np.arange(len(ex))
-            rows["attention_mask"][r, sl] = 1
-            off += len(ex)
-    return rows
-
-
-def _check_lengths(examples: Sequence[Example], seq_len: int) -> None:
-    for k, ex in enumerate(examples):
-        if len(ex) > seq_len:
-            raise ConfigError(f"example #{k} has {len(ex)} tokens > seq_len={seq_len}; "
-                              "fix: tokenize with max_len <= seq_len")
-
-
-def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int, *,
-                  strategy: Literal["ffd", "sequential"] = "ffd") -> Rows:
-    """Pack several examples per row. Returns ``int32[N, seq_len]`` arrays keyed
-    ``input_ids, labels, segment_ids, positions, attention_mask``.
-
-    ``segment_ids`` numbers the examples of a row 1, 2, 3 ... (0 = padding), ``positions`` restart
-    at 0 for every segment, ``labels`` follow the module's convention per example (so the last token
-    of a segment is -100 and never predicts the next segment), ``attention_mask`` is 1 on real tokens.
-    The attention must be block-diagonal on ``segment_ids`` (and causal) for packing to be exact.
-
-    ``strategy="ffd"`` (first-fit decreasing): examples sorted by length, longest first (ties in
-    input order), each placed in the first row with room - few rows, deterministic.
-    ``"sequential"``: input order, a new row starts when the next example does not fit.
-    """
-    _check_lengths(examples, seq_len)
-    if strategy not in ("ffd", "sequential"):
-        raise ConfigError(f"strategy={strategy!r}; fix: use 'ffd' or 'sequential'")
-    bins: list[list[int]] = []
-    free: list[int] = []
-    if strategy == "sequential":
-        for k, ex in enumerate(examples):
-            if not bins or free[-1] < len(ex):
-                bins.append([])
-                free.append(seq_len)
-            bins[-1].append(k)
-            free[-1] -= len(ex)
-    else:
-        caps = np.zeros(0, np.int64)
-        for k in sorted(range(len(examples)), key=lambda i: -len(examples[i])):
-            fits = np.nonzero(caps >= len(examples[k]))[0]
-            if fits.size:
-                r = int(fits[0])
-            else:
-                r, caps = len(bins), np.append(caps, seq_len)
-                bins.append([])
-            bins[r].append(k)
-            caps[r] -= len(examples[k])
-    return _fill_rows(bins, examples, seq_len, pad_id)
-
-
-def pad_examples(examples: Sequence[Example], seq_len: int, pad_id: int) -> Rows:
-    """The unpacked variant: one example per row, right padded; same keys as :func:`pack_examples`
-    (``segment_ids`` is 1 on real tokens, 0 on padding)."""
-    _check_lengths(examples, seq_len)
-    return _fill_rows([[k] for k in range(len(examples))], examples, seq_len, pad_id)
-
-
-# ----------------------------------------------------------------------------- splitting / batching
-def train_eval_split(examples: Sequence[Any], eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic shuffle-split: ``round(n * eval_fraction)`` items (at least 1 when the fraction
-    is > 0 and n >= 2) go to eval; both parts keep their original relative order."""
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ConfigError(f"eval_fraction={eval_fraction}; fix: use a value in [0, 1)")
-    n = len(examples)
-    n_eval = round(n * eval_fraction)
-    if eval_fraction > 0 and n >= 2:
-        n_eval = min(max(n_eval, 1), n - 1)
-    chosen = set(np.random.default_rng(seed).permutation(n)[:n_eval].tolist())
-    train = [e for i, e in enumerate(examples) if i not in chosen]
-    evals = [e for i, e in enumerate(examples) if i in chosen]
-    return train, evals
-
-
-class BatchSchedule:
-    """Deterministic, resumable batches over rows (``int[N, L]`` arrays sharing ``N``).
-
-    Epoch ``e`` visits the rows in ``np.random.default_rng([seed, e]).permutation(N)`` order;
-    global step ``s`` is batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``, so
-    :meth:`batch_at` rebuilds any batch from ``(seed, step)`` alone, without re-tokenising.
-    ``drop_last=True`` drops the trailing ``N % batch_size`` rows of each epoch (they are
-    different rows every epoch); ``drop_last=False`` keeps them in a last batch padded with empty
-    rows (``attention_mask`` 0, ``segment_ids`` 0, ``labels`` -100, other keys 0), so every batch
-    has shape ``[batch_size, L]``.
-    """
-
-    def __init__(self, rows: Rows, batch_size: int, seed: int, *, drop_last: bool = True):
-        sizes = {k: v.shape[0] for k, v in rows.items()}
-        if not rows or len(set(sizes.values())) != 1:
-            raise ConfigError(f"rows must be non-empty arrays with one leading size, got {sizes}")
-        self.rows, self.batch_size, self.seed, self.drop_last = rows, batch_size, seed, drop_last
-        self.n_rows = next(iter(sizes.values()))
-        if batch_size < 1:
-            raise ConfigError(f"batch_size={batch_size}; fix: use batch_size >= 1")
-        full, rest = divmod(self.n_rows, batch_size)
-        self.steps_per_epoch = full if drop_last else full + (rest > 0)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"{self.n_rows} rows < batch_size={batch_size} with drop_last; "
-                              "fix: lower batch_size, add data or pass drop_last=False")
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """``int64[N]``: the row order of ``epoch``."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
-
-    def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        """The batch of global step ``step`` (``[batch_size, L]`` arrays)."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        idx = self.permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
-        batch = {k: v[idx] for k, v in self.rows.items()}
-        missing = self.batch_size - idx.size
-        if missing:
-            fill = {"labels": IGNORE}
-            batch = {k: np.concatenate([v, np.full((missing, *v.shape[1:]), fill.get(k, 0), v.dtype)])
-                     for k, v in batch.items()}
-        return batch
-
-    def iterate(self, start_step: int = 0, end_step: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Batches for global steps ``start_step, start_step + 1, ...`` (forever if ``end_step`` is None)."""
-        step = start_step
-        while end_step is None or step < end_step:
-            yield self.batch_at(step)
-            step += 1
-
-
-def batch_iterator(rows: Rows, batch_size: int, seed: int, epoch: int, *, start_step: int = 0,
-                   drop_last: bool = True) -> Iterator[dict[str, np.ndarray]]:
-    """The batches of one epoch, from batch ``start_step`` of that epoch (see :class:`BatchSchedule`)."""
-    sched = BatchSchedule(rows, batch_size, seed, drop_last=drop_last)
-    base = epoch * sched.steps_per_epoch
-    return sched.iterate(base + start_step, base + sched.steps_per_epoch)

@@ -1,13 +1,20 @@
 """Run fingerprints: what a training run's result depends on, so `--resume` never mixes two runs.
 
-`run.json` gets a `"fingerprint"`: the model (path and a content id: config.json plus the weight files' names
-and sizes), the data (sha256 of the training file(s) and the eval file), the method and its config, the
+`run.json` gets a `"fingerprint"`: the model (its path, and the sha256 of every file that defines it: config.json,
+the weight files the loader reads, the tokenizer files; `model_files`), the data (sha256 of the training file(s) and
+the eval file), the method and its config, the
 optimizer and every other setting that changes the trajectory (seed, batch size, accumulation, max length,
 packing, dtype, 4-bit options). `--resume` compares the saved fingerprint with the new one and names every
 field that differs. Length fields (`--steps`, `--epochs`) may change with `--allow-changes`; every other
 difference is refused, since the checkpoint would continue a different run (or not load at all).
 Settings that do not change the numbers (progress bar, eval/save cadence, kernel mode, remat policy, host
 offload) are left out.
+
+**Model digests.** The model's files are hashed whole (sha256 of every byte, so same-size weights of another
+revision, or a tokenizer with two ids swapped, change the fingerprint), once: the digests are cached beside the
+run (`OUT/.jpeft-digests.json`, keyed by the file's resolved path, size, mtime and inode), so `--resume` rehashes
+only files that changed on disk. What this misses: a file rewritten in place with its size, mtime (to the
+nanosecond) and inode restored, which `--resume` would take from the cache.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from jpeft.errors import JpeftError
+from jpeft.torch_bridge.folders import model_files
+from jpeft.torch_bridge.safetensors_io import atomic_write
 
 # args that only steer how a run executes or reports, not what it computes
 OPERATIONAL = frozenset({"command", "resume", "allow_changes", "out", "no_progress", "eval_every", "save_every",
@@ -28,7 +37,7 @@ OPERATIONAL = frozenset({"command", "resume", "allow_changes", "out", "no_progre
                          "memory_check"})
 # args that may change on --resume with --allow-changes (the run's length)
 SAFE_CHANGES = frozenset({"steps", "epochs"})
-_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".json")
+DIGEST_CACHE = ".jpeft-digests.json"  # in the run folder: the model files' digests (see DigestCache)
 
 
 class ResumeMismatch(JpeftError):
@@ -57,19 +66,41 @@ def data_id(path: str | os.PathLike | None) -> str | None:
     return file_sha256(p) if p.is_file() else None
 
 
-def model_id(path: str | os.PathLike) -> str:
-    """A cheap content id of a checkpoint: sha256 of config.json plus the names and sizes of its weight files
-    (a GGUF file: its name and size)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    if p.is_file():
-        h.update(f"{p.name}:{p.stat().st_size}".encode())
-        return h.hexdigest()
-    if (p / "config.json").is_file():
-        h.update((p / "config.json").read_bytes())
-    for f in sorted(x for x in p.iterdir() if x.is_file() and x.name.endswith(_WEIGHT_SUFFIXES)):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()
+class DigestCache:
+    """sha256 digests of files, cached in a JSON file (`DIGEST_CACHE` in the run folder) by resolved path, size,
+    mtime and inode. Reading the cache never writes; `save()` does, once the run holds its folder."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.entries, self.dirty = path, {}, False
+        try:
+            loaded = json.loads(path.read_text()) if path is not None else {}
+            self.entries = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def sha256(self, file: Path) -> str:
+        real = file.resolve()
+        st = real.stat()
+        key, stamp = str(real), [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = self.entries.get(key)
+        if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+        digest = file_sha256(real)
+        self.entries[key], self.dirty = {"stamp": stamp, "sha256": digest}, True
+        return digest
+
+    def save(self) -> None:
+        """Write the cache (if anything was hashed anew) with jpeft's atomic writer."""
+        if self.dirty and self.path is not None:
+            with atomic_write(self.path) as f:
+                f.write(json.dumps(self.entries, indent=1, sort_keys=True).encode())
+            self.dirty = False
+
+
+def model_digests(path: str | os.PathLike, cache: DigestCache | None = None) -> dict[str, str]:
+    """`{file name: sha256}` of the files that define the model at `path` (`folders.model_files`)."""
+    cache = cache or DigestCache(None)
+    return {name: cache.sha256(f) for name, f in model_files(path).items()}
 
 
 def _plain(x: Any) -> Any:
@@ -78,18 +109,40 @@ def _plain(x: Any) -> Any:
 
 
 def run_fingerprint(args: Mapping[str, Any], *, model_path: str | os.PathLike, method: str,
-                    method_config: Mapping[str, Any], data: Mapping[str, str | os.PathLike | None]) -> dict:
-    """The fingerprint of a run: `args` (the CLI namespace as a dict) minus `OPERATIONAL`, plus the model id,
-    the method config and the data ids (`{"data": path, "eval_data": path}`)."""
+                    method_config: Mapping[str, Any], data: Mapping[str, str | os.PathLike | None],
+                    digests: DigestCache | None = None) -> dict:
+    """The fingerprint of a run: `args` (the CLI namespace as a dict) minus `OPERATIONAL`, plus the model's file
+    digests (`model_digests`, through `digests`), the method config and the data ids (`{"data": path,
+    "eval_data": path}`)."""
     fp = {k: v for k, v in args.items() if k not in OPERATIONAL and not k.startswith("_")
           and isinstance(v, str | int | float | bool | list | tuple | type(None))}
-    fp.update(model=str(Path(model_path).absolute()), model_id=model_id(model_path), method=method,
+    fp.update(model=str(Path(model_path).absolute()), model_files=model_digests(model_path, digests), method=method,
               method_config=dict(method_config), **{f"{k}_sha256": data_id(v) for k, v in data.items()})
     return _plain(fp)
 
 
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-") if key not in ("model_id", "method_config") and "sha256" not in key else key
+
+
+def _change(key: str, old: Any, new: Any) -> str:
+    """One changed field as text; a model file as its name and short digests."""
+    if key in ("model_files", "model_id"):
+        return f"{key} ({'not recorded' if old is None else 'recorded'} in the saved run)"
+    if key.startswith("model_files."):
+        short = lambda d: "(absent)" if d is None else f"sha256 {d[:12]}"  # noqa: E731
+        return f"the model's {key[len('model_files.'):]} ({short(old)} -> {short(new)})"
+    return f"{_flag(key)}: {old!r} -> {new!r}"
+
+
+def changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """`(field, old, new)` of every field (nested fields as `a.b`) where two fingerprints differ."""
+    return [d for k in sorted(set(saved) | set(current)) for d in _diff(saved.get(k), current.get(k), k)]
+
+
+def describe_changes(found: list[tuple[str, Any, Any]]) -> str:
+    """`changes` as one phrase, e.g. `--r: 4 -> 8; the model's tokenizer.json (sha256 ... -> ...)`."""
+    return "; ".join(_change(k, o, n) for k, o, n in found)
 
 
 def _diff(old: Any, new: Any, key: str) -> list[tuple[str, Any, Any]]:
@@ -105,10 +158,14 @@ def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any], *,
     if saved is None:
         raise ResumeMismatch(f"{where} has no run fingerprint (written by an older jpeft, or not a jpeft run); cannot "
                              "check that --resume continues the same run: start a new run in a new --out")
-    changes = [d for k in sorted(set(saved) | set(current)) for d in _diff(saved.get(k), current.get(k), k)]
-    unsafe = [c for c in changes if c[0].split(".")[0] not in SAFE_CHANGES]
-    safe = [c for c in changes if c[0].split(".")[0] in SAFE_CHANGES]
-    text = lambda cs: "; ".join(f"{_flag(k)}: {o!r} -> {n!r}" for k, o, n in cs)  # noqa: E731
+    if "model_files" not in saved and "model_files" in current:
+        raise ResumeMismatch(f"{where} was written by an older jpeft, whose fingerprint did not hash the model's "
+                             "files; --resume cannot check that this run continues on the same model: start a new run "
+                             "in a new --out")
+    found = changes(saved, current)
+    unsafe = [c for c in found if c[0].split(".")[0] not in SAFE_CHANGES]
+    safe = [c for c in found if c[0].split(".")[0] in SAFE_CHANGES]
+    text = describe_changes
     if unsafe:
         raise ResumeMismatch(f"--resume: this run differs from the one in {where} in {text(unsafe)}"
                              + (f" (and {text(safe)})" if safe else "") + ". The checkpoint belongs to that run: "
@@ -116,4 +173,4 @@ def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any], *,
     if safe and not allow_changes:
         raise ResumeMismatch(f"--resume: this run changes {text(safe)} from the run in {where}; pass --allow-changes "
                              "to continue it with the new length (the learning-rate schedule follows the new total)")
-    return [f"{_flag(k)}: {o!r} -> {n!r}" for k, o, n in safe]
+    return [_change(k, o, n) for k, o, n in safe]

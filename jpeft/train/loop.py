@@ -17,14 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.dtypes import resolve_dtype
+from jpeft.errors import ConfigError, DataError
 from jpeft.models.loaded import Model
 from jpeft.parallel.mesh import is_primary, make_mesh
 from jpeft.parallel.place import check_batch, gather, place_batch
 from jpeft.parallel.state import shard_run
 from jpeft.sites import Method
+from jpeft.torch_bridge.outputs import ADAPTER_LIMIT
 from jpeft.train import offload
+from jpeft.train.batches import BatchSchedule, pack_examples, pad_examples
 from jpeft.train.checkpoint import restore_latest, save_checkpoint
-from jpeft.train.data import BatchSchedule, pack_examples, pad_examples, tokenize_examples
+from jpeft.train.data import tokenize_examples
 from jpeft.train.evaluate import classification_eval, label_set, mean_loss
 from jpeft.train.report import open_sinks
 from jpeft.train.run_folder import TrainingError, claim_run_folder
@@ -47,9 +50,13 @@ COLLAPSE_STEPS = 3
 
 
 @jax.jit
-def _finite_leaves(state: dict) -> dict:
-    return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
-                                  else jnp.bool_(True), state)
+def _finite_leaves(state: dict) -> tuple[dict, dict]:
+    """(one bool per leaf of `state`: all finite; the largest |x| of each float adapter leaf), where they live."""
+    floats = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)  # noqa: E731
+    finite = jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)) if floats(x) else jnp.bool_(True), state)
+    top = jax.tree_util.tree_map(lambda x: jnp.max(jnp.abs(x)).astype(jnp.float32) if floats(x) and x.size
+                                 else jnp.float32(0), state["adapters"])
+    return finite, top
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype", "max_targets", "kernels"))
@@ -60,17 +67,26 @@ def _first_micro_nll(adapters, base, batch, *, cfg, methods, dtype, max_targets,
 
 
 def check_finite_state(state: dict, step: int, where: Path, loss_after: Callable[[dict], Any] | None = None) -> None:
-    """Refuse to save a train state (TrainingError) whose adapters or optimizer state hold NaN/Inf, or whose
-    adapters make the loss NaN/Inf (`loss_after(adapters)`: the loss of one training batch with them; huge but
-    finite weights, e.g. after `--lr 1e30`, pass the first check and fail this one)."""
-    flags = jax.device_get(_finite_leaves(state))  # one bool per leaf, computed where the leaves live
+    """Refuse to save a train state (TrainingError) whose adapters or optimizer state hold NaN/Inf, whose adapter
+    values exceed `ADAPTER_LIMIT` (float16's range: `--lr 1e30` leaves |lora_B| = 1e30 while the loss stays
+    finite, RMSNorm rescaling it), or whose adapters make the loss NaN/Inf (`loss_after(adapters)`: the loss of
+    one training batch with them)."""
+    flags, top = jax.device_get(_finite_leaves(state))  # one number per leaf, computed where the leaves live
     bad = [jax.tree_util.keystr(k) for k, ok in jax.tree_util.tree_leaves_with_path(flags) if not ok]
     what = f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN/Inf" if bad else ""
+    big = [(jax.tree_util.keystr(k), float(v)) for k, v in jax.tree_util.tree_leaves_with_path(top)
+           if float(v) > ADAPTER_LIMIT]
+    state_is = "is no longer finite"
+    if not bad and big:
+        bad, state_is = [k for k, _ in big], "is out of range"
+        what = (f"adapter values reach |x| = {max(v for _, v in big):.3g} in {', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}, beyond ±{ADAPTER_LIMIT:g} (float16's range, which every export "
+                "must hold)")
     if not bad and loss_after is not None:
         loss = float(loss_after(state["adapters"]))
         what = "" if math.isfinite(loss) else f"with the new adapter weights the loss is {loss}"
     if bad or what:
-        raise TrainingError(f"after step {step} the train state is no longer finite ({what}: the update diverged); "
+        raise TrainingError(f"after step {step} the train state {state_is} ({what}: the update diverged); "
                             f"nothing was saved for this step (earlier checkpoints in {where} and any saved adapter "
                             "are untouched). Lower --lr, check the data, or use float32")
 
@@ -84,8 +100,14 @@ class TrainResult:
     opt_state: Any = None  # the final optimizer state (AdaLoRA's rank masks live there)
 
 
-def make_rows(model: Model, examples: Sequence[dict], tc: TrainConfig) -> dict[str, np.ndarray]:
+def make_rows(model: Model, examples: Sequence[dict], tc: TrainConfig, what: str = "examples") -> dict[str, np.ndarray]:
+    """Tokenized, packed (or padded) rows of `examples`. A DataError when no target token is left within
+    `tc.max_len` (every target truncated away): a loss over them would be a meaningless 0."""
     exs = tokenize_examples(examples, model.tokenizer, tc.max_len)
+    if not any(ex.loss_mask[1:].any() for ex in exs):
+        raise DataError(f"none of the {len(examples)} {what} has a target token within --max-len {tc.max_len}: the "
+                        "tokens a loss is taken on (the completion, assistant turns) were all truncated away, so "
+                        "there is nothing to train or score; raise --max-len or shorten the prompts")
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     return pack_examples(exs, tc.max_len, pad) if tc.pack else pad_examples(exs, tc.max_len, pad)
 
@@ -140,7 +162,7 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
 
     Claims `out_dir` for the run first (`claim_run_folder`: writable, this run's, locked) and holds it throughout."""
     tc, out = tc.validate(), Path(out_dir)
-    with claim_run_folder(out, resume):
+    with claim_run_folder(out, resume, inputs={"--model": model.path}):
         return run_loop(model, method, adapters, train_examples, eval_examples, tc, out, resume=resume,
                         progress=progress, on_eval=on_eval)
 
@@ -150,9 +172,10 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
              on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
     """`train` in a run folder the caller has already claimed (`claim_run_folder`) and holds: no checks here."""
     sinks = open_sinks(tc.report_to, out) if is_primary() else []  # a missing tensorboardX fails here, before work
-    rows = make_rows(model, train_examples, tc)
-    eval_rows = make_rows(model, eval_examples, tc) if eval_examples else None
-    sched = BatchSchedule(rows, tc.batch_size * tc.grad_accum, tc.seed)
+    rows = make_rows(model, train_examples, tc, "training examples")
+    eval_rows = make_rows(model, eval_examples, tc, "eval examples") if eval_examples else None
+    _check_enough_rows(rows, tc)
+    sched = BatchSchedule(rows, tc.batch_size * tc.grad_accum, tc.seed, drop_last=tc.drop_last)
     total = tc.steps or max(1, math.ceil((tc.epochs or 1.0) * sched.steps_per_epoch))
     tx = build_optimizer(tc.optim, total, (method,))
     run = _place(model, adapters, tx, tc, out / "checkpoints", resume)
@@ -204,6 +227,17 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
                        opt_state=state["opt_state"])
 
 
+def _check_enough_rows(rows: dict[str, np.ndarray], tc: TrainConfig) -> None:
+    """With `drop_last`, one step needs at least `batch_size * grad_accum` rows; say which flags fix it."""
+    n, need = rows["input_ids"].shape[0], tc.batch_size * tc.grad_accum
+    if tc.drop_last and n < need:
+        packed = " (examples packed several to a row)" if tc.pack else ""
+        raise ConfigError(f"the training data fill {n} row(s) of --max-len {tc.max_len} tokens{packed}, fewer than one "
+                          f"step takes (--batch-size {tc.batch_size} x --grad-accum {tc.grad_accum} = {need}), and "
+                          "each epoch's partial batch is dropped: lower --batch-size or --grad-accum, add data, or "
+                          "pass --keep-last-batch (TrainConfig.drop_last=False) to train on it padded with empty rows")
+
+
 @dataclasses.dataclass
 class _Placement:
     """The train state, the base params and the step of a run, on one device or on a mesh."""
@@ -243,7 +277,7 @@ class _StepMeter:
     def __init__(self, lr: Callable[[int], Any], bar: Any, checkpoints: Path):
         self.lr, self.bar, self.checkpoints = lr, bar, checkpoints
         self.t0, self.tokens = time.perf_counter(), 0.0
-        self.zero_grad_steps = 0
+        self.zero_grad_steps, self.learned = 0, False
 
     def record(self, step: int, m: dict) -> dict:
         loss = float(m["loss"])
@@ -254,11 +288,14 @@ class _StepMeter:
                                 "any saved adapter are untouched). Lower --lr, check the data, or use float32")
         grad_norm = float(m["grad_norm"])
         self.zero_grad_steps = self.zero_grad_steps + 1 if grad_norm == 0.0 else 0
+        self.learned = self.learned or grad_norm != 0.0
         if self.zero_grad_steps == COLLAPSE_STEPS:
+            why = ("the adapter no longer learns (collapsed: e.g. --lr too high, or saturated activations); stop and "
+                   "retrain with a lower --lr" if self.learned else "the adapter has had no gradient since the first "
+                   "step, so --lr is not the cause: its output is multiplied by 0 (e.g. --lora-alpha 0) or it does "
+                   "not reach the loss")
             warnings.warn(f"the gradient norm has been exactly 0 for {COLLAPSE_STEPS} steps in a row (steps "
-                          f"{step + 2 - COLLAPSE_STEPS}-{step + 1}): the adapter no longer learns (collapsed: e.g. "
-                          "--lr too high, or saturated activations); stop and retrain with a lower --lr",
-                          CollapseWarning, stacklevel=2)
+                          f"{step + 2 - COLLAPSE_STEPS}-{step + 1}): {why}", CollapseWarning, stacklevel=2)
         self.tokens += float(m["tokens"])
         tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
         self.bar.update(1)

@@ -39,6 +39,8 @@ class TrainSettings:
     grad_accum: int = hp(1, None)
     max_len: int = hp(512, None)
     no_pack: bool = hp(False, "one example per row instead of packing")
+    keep_last_batch: bool = hp(False, "train on each epoch's last, partial batch (padded with empty rows) instead of "
+                               "dropping it; needed when the data fill fewer rows than --batch-size x --grad-accum")
     seed: int = hp(0, None)
     warmup_steps: int = hp(0, None)
     schedule: str = hp("cosine", None, choices=SCHEDULES)
@@ -72,7 +74,8 @@ class TrainSettings:
     def train_config(self) -> TrainConfig:
         """The validated `TrainConfig` of these settings."""
         return TrainConfig(steps=self.steps, epochs=self.epochs, batch_size=self.batch_size,
-                           grad_accum=self.grad_accum, max_len=self.max_len, pack=not self.no_pack, seed=self.seed,
+                           grad_accum=self.grad_accum, max_len=self.max_len, pack=not self.no_pack,
+                           drop_last=not self.keep_last_batch, seed=self.seed,
                            eval_every=self.eval_every, save_every=self.save_every, remat=self.remat, dtype=self.dtype,
                            optim=self.optim_config(), offload_optimizer=self.offload_optimizer, mesh=self.mesh,
                            report_to=(self.report_to,)).validate()
@@ -114,6 +117,7 @@ class TrainConfig:
     grad_accum: int = _S.grad_accum
     max_len: int = _S.max_len
     pack: bool = not _S.no_pack
+    drop_last: bool = not _S.keep_last_batch  # drop each epoch's partial batch (False: pad it with empty rows)
     seed: int = _S.seed
     eval_every: int = _S.eval_every  # 0: evaluate at the end only
     save_every: int = _S.save_every  # 0: checkpoint at the end only

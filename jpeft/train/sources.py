@@ -12,6 +12,7 @@ top-level nulls are dropped before validation (a ``{"text": ..., "prompt": null}
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,13 @@ def _read_file(path: Path) -> list[dict]:
 
 
 def _read_shards(path: Path) -> list[dict]:
-    shards = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SHARD_SUFFIXES)
+    named = sorted(p for p in path.iterdir() if p.suffix in SHARD_SUFFIXES)
+    broken = [p for p in named if p.is_symlink() and not p.exists()]
+    if broken:
+        raise DataError(f"{broken[0]}: a shard that is a symlink to {os.readlink(broken[0])}, which does not exist"
+                        f"{f' ({len(broken)} such shards)' if len(broken) > 1 else ''}; its rows would be missing: "
+                        "fix the link or remove it from the folder")
+    shards = [p for p in named if p.is_file()]
     if not shards:
         raise DataError(f"{path}: a folder with no {' or '.join(SHARD_SUFFIXES)} shards and no datasets "
                         "save_to_disk files (state.json); fix: point --data at a data file or such a folder")

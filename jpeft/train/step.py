@@ -77,6 +77,8 @@ def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, meth
         h = h.reshape(-1, h.shape[-1])[idx]
         labels = jnp.where(keep, flat[idx], -100)
     w, vd = lm_head(with_overrides(base, adapters, methods), cfg)
+    if cfg.logits_divisor != 1.0:  # granite: (h @ w) / c, as h/c enters the fused lm_head + loss
+        h = h / jnp.asarray(cfg.logits_divisor, h.dtype)
     nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), softcap=cfg.final_softcap,
                                w_vd=vd)
     return jnp.sum(nll), jnp.sum(labels >= 0).astype(F32), aux
@@ -138,7 +140,7 @@ def train_step(state: dict, base: dict, batch: dict, *, cfg: ModelConfig, method
         updates, opt_state = tx.update(grads, state["opt_state"], state["adapters"])
         adapters = optax.apply_updates(state["adapters"], updates)
         seen = jnp.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size
-        metrics = {"loss": nll_sum / total_tokens, "grad_norm": optax.global_norm(grads), "targets": total_tokens,
+        metrics = {"loss": nll_sum / total_tokens, "grad_norm": optax.tree.norm(grads), "targets": total_tokens,
                    "tokens": jnp.asarray(seen, F32)}
         if cfg.has_experts:
             metrics["router_aux_loss"] = router_sum / accum

@@ -21,11 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import jpeft
 from jpeft.cli import main
-from jpeft.errors import MissingDependencyError
+from jpeft.errors import ConfigError, MissingDependencyError, OutputError
 from jpeft.methods.catalog import get_method
 from jpeft.methods.export import save_gguf
+from jpeft.torch_bridge import gguf_write
 
-from tiny import Measured, make_checkpoint, make_trainable_checkpoint
+from tiny import DENSE21_VARIANTS, Measured, config_kwargs, hf_classes, make_checkpoint, make_trainable_checkpoint
 
 MEASURED = Measured()
 TEXTS = ["is it a fruit? answer yes", "  apple\nbanana  ", "<|im_start|>user\nhi<|im_end|>", "ünï 🤗 123"]
@@ -87,11 +88,13 @@ def test_a_gguf_export_never_replaces_a_file_it_did_not_write(runs, capsys):
     foreign = d / "someone-elses.gguf"
     foreign.write_bytes(b"not ours")
     base = ["export", "--model", str(d / "ckpt"), "--adapter", str(d / "adapter"), "--gguf"]
-    for argv in (base + [str(foreign), "--overwrite"], base + [str(d / "ckpt" / "config.json")]):
+    config = (d / "ckpt" / "config.json").read_bytes()
+    for argv, says in ((base + [str(foreign), "--overwrite"], "jpeft did not write it"),
+                       (base + [str(d / "ckpt" / "config.json")], "lies inside the --model folder")):
         capsys.readouterr()
         assert main(argv) == 2
-        assert "jpeft did not write it" in capsys.readouterr().err
-    assert foreign.read_bytes() == b"not ours"
+        assert says in capsys.readouterr().err
+    assert foreign.read_bytes() == b"not ours" and (d / "ckpt" / "config.json").read_bytes() == config
     name = _export(d, "f32")
     assert main(base + [str(d / name)]) == 2 and "--overwrite" in capsys.readouterr().err
 
@@ -155,6 +158,16 @@ def test_unsupported_family_is_refused_before_loading(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "ckpt"]
 
 
+@pytest.mark.parametrize("family,variant", sorted(DENSE21_VARIANTS))
+def test_new_families_are_refused_with_the_supported_list(family, variant):
+    """gemma3, phi3, olmo2, granite, smollm3 have no GGUF writer: the same named refusal, from config.json alone."""
+    cfg_cls, _ = hf_classes(family)
+    conf = cfg_cls(**config_kwargs(family, variant)).to_dict()
+    with pytest.raises(ConfigError, match=f"model family '{family}' is not supported; supported families: "
+                                          "llama, mistral, qwen2.*--merged"):
+        gguf_write.check_gguf_exportable(conf, "x")
+
+
 def test_llama3_rope_and_unmergeable_methods_are_refused(tmp_path, capsys):
     make_checkpoint("llama", "llama3_rope", tmp_path / "ckpt")
     model = jpeft.load(tmp_path / "ckpt", tokenizer=False)
@@ -188,6 +201,6 @@ def test_crash_mid_write_leaves_nothing(runs, monkeypatch, tmp_path):
         raise OSError("disk full")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=r"x.gguf: not written \(disk full\)"):  # one named error, no traceback
         save_gguf(tmp_path / "x.gguf", model.cfg, model.params, method, adapters, d / "ckpt")
     assert not list(tmp_path.iterdir())

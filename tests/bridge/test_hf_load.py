@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from jpeft.errors import CheckpointError, ConfigError
+from jpeft.errors import CheckpointError, ConfigError, UnsupportedModelError
+from jpeft.models.config import SUPPORTED_FAMILIES, from_hf_config
 from jpeft.models.model import forward
 from jpeft.torch_bridge.hf_load import load_pretrained
 
@@ -145,7 +147,8 @@ def test_corrupt_safetensors(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("edit,match", [
-    ({"model_type": "gpt2"}, "model_type='gpt2' is not supported"),
+    ({"model_type": "gpt2"}, "model_type='gpt2' is not supported; supported: llama, .*gemma3_text, gemma3, phi3, "
+                             "olmo2, granite, smollm3"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
      "rope_type='dynamic' is not supported"),
     ({"hidden_act": "relu2"}, "hidden_act='relu2' is not supported"),
@@ -159,10 +162,52 @@ def test_unsupported_config_values(tiny_checkpoint, tmp_path, edit, match):
         load_pretrained(dst)
 
 
+@pytest.mark.parametrize("family", ["falcon", "mamba", "llava", "t5"])
+def test_unsupported_family_is_one_named_error(tiny_checkpoint, tmp_path, capsys, family):
+    """A model_type jpeft has no decoder for: `UnsupportedModelError` (a `ConfigError`) naming it and listing every
+    supported family, from config.json, from a transformers config object, and on the command line."""
+    import transformers
+
+    from jpeft.cli import main
+
+    dst = _copy(tiny_checkpoint("llama", "gqa_untied")[0], tmp_path)
+    raw = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(dict(raw, model_type=family)))
+    listed = "; supported: " + ", ".join(SUPPORTED_FAMILIES)
+    with pytest.raises(UnsupportedModelError) as e:
+        load_pretrained(dst)
+    assert str(e.value) == f"{dst / 'config.json'}: model_type={family!r} is not supported{listed}"
+    with pytest.raises(UnsupportedModelError, match=f"^config.json: model_type={family!r} is not supported; "):
+        from_hf_config(transformers.AutoConfig.for_model(family))
+    assert main(["info", "--model", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert f"model_type={family!r} is not supported{listed}" in err and "Traceback" not in err
+
+
 def test_config_without_model_type(tiny_checkpoint, tmp_path):
     dst = _copy(tiny_checkpoint("llama", "gqa_untied")[0], tmp_path)
     raw = json.loads((dst / "config.json").read_text())
     del raw["model_type"]
     (dst / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="'model_type' is missing"):
+        load_pretrained(dst)
+
+
+def test_gemma3_text_tower_reads_both_tensor_spellings(tiny_checkpoint, tmp_path):
+    """The hub's `language_model.model.*` (what transformers 5 saves) and the in-memory `model.language_model.*`
+    give the same base; a wrong shape under the second spelling is still named."""
+    from safetensors.numpy import load_file, save_file
+
+    folder, _ = tiny_checkpoint("gemma3", "text_tower")
+    dst = _copy(folder, tmp_path)
+    tensors = {k.replace("language_model.model.", "model.language_model.", 1): v
+               for k, v in load_file(folder / "model.safetensors").items()}
+    assert any(k.startswith("model.language_model.layers.") for k in tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    (_, a), (_, b) = load_pretrained(folder), load_pretrained(dst)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    key = "model.language_model.layers.1.self_attn.q_norm.weight"
+    save_file({**tensors, key: np.zeros(3, np.float32)}, dst / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{key}' has shape \\[3\\]"):
         load_pretrained(dst)

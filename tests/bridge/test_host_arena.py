@@ -87,7 +87,9 @@ def test_choose_falls_back_to_memory_with_one_warning(tmp_path, monkeypatch):
         assert not HostArena.choose("disk", 1 << 30).on_file
 
 
-@pytest.mark.parametrize("family,variant", [("llama", "gqa_untied"), ("qwen2", "bias_tied")])
+@pytest.mark.parametrize("family,variant", [("llama", "gqa_untied"), ("qwen2", "bias_tied"),
+                                            ("phi3", "longrope_partial_window"), ("olmo2", "fullwidth_qknorm"),
+                                            ("gemma3", "text_tower")])
 def test_base_nbytes_and_abstract_params_match_what_the_loader_builds(tiny_checkpoint, family, variant):
     from jpeft.torch_bridge.bnb_checkpoint import QuantSpec
 

@@ -87,9 +87,10 @@ def bases(tmp_path_factory):
     return d
 
 
-def _write_adapter(case: str, folder, out) -> None:
+def _write_adapter(case: str, folder, out, **override) -> None:
     """The adapter folder `spec.save` writes for `case` (QLoRA: trained on the NF4 base)."""
     name, kw = CASES[case]
+    kw = {**kw, **override}
     spec = get_method(name)
     quant = {"quantize": "nf4", "double_quant": False} if case == "qlora" else {}
     model = jpeft.load(folder, tokenizer=False, **quant)
@@ -97,10 +98,18 @@ def _write_adapter(case: str, folder, out) -> None:
     spec.save(out, model.cfg, built.method, _perturb(built.adapters, case), **built.export_kwargs)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_merged_export_equals_peft(bases, tmp_path, capsys, case):
-    folder = bases / ("q" if case == "qlora" else "dense")
-    _write_adapter(case, folder, tmp_path / "adapter")
+# phi3's fused qkv_proj / gate_up_proj under the other mergeable methods (LoRA: tests/bridge/test_peft_lora.py)
+FUSED = {"ia3": dict(target_modules=["qkv_proj", "gate_up_proj", "down_proj"], feedforward_modules=["down_proj"]),
+         "vera": dict(target_modules=["qkv_proj", "gate_up_proj"]),
+         "adalora": dict(target_modules=["qkv_proj", "o_proj", "gate_up_proj"])}
+
+
+@pytest.mark.parametrize("case,family", [(c, "llama") for c in CASES] + [(c, "phi3") for c in FUSED])
+def test_merged_export_equals_peft(bases, tmp_path, capsys, case, family):
+    folder = bases / ("q" if case == "qlora" else "dense" if family == "llama" else family)
+    if family == "phi3" and not folder.exists():
+        make_checkpoint("phi3", "longrope_partial_window", folder)
+    _write_adapter(case, folder, tmp_path / "adapter", **(FUSED[case] if family == "phi3" else {}))
     quant = ["--quantize", "nf4", "--no-double-quant"] if case == "qlora" else []
     assert main(["export", "--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--merged",
                  str(tmp_path / "merged"), *quant]) == 0
@@ -119,7 +128,7 @@ def test_merged_export_equals_peft(bases, tmp_path, capsys, case):
         ref = _logits(peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")))  # wraps base in place
     real = _batch()[1].astype(bool)
     err = rel_err(_logits(merged)[real], ref[real])
-    MEASURED[case] = err
+    MEASURED[(case, family)] = err
     assert err <= 1e-4
     assert rel_err(plain[real], ref[real]) > 1e-3  # the adapter changes the model
 

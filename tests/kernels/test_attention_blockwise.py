@@ -9,6 +9,7 @@ sliding window (static and traced), soft-capping, packed segments with padding k
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -57,15 +58,8 @@ def _largest_intermediate(jaxpr) -> int:
     for eqn in jaxpr.eqns:
         for var in eqn.outvars:
             big = max(big, int(np.prod(getattr(var.aval, "shape", ()), dtype=np.int64)))
-        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):  # jax.core's copy is gone in jax 0.11
             big = max(big, _largest_intermediate(sub))
-        for p in eqn.params.values():
-            for j in (p if isinstance(p, (list, tuple)) else [p]):
-                inner = getattr(j, "jaxpr", None)
-                if inner is not None and hasattr(inner, "eqns"):
-                    big = max(big, _largest_intermediate(inner))
-                elif hasattr(j, "eqns"):
-                    big = max(big, _largest_intermediate(j))
     return big
 
 

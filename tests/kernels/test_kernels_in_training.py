@@ -18,6 +18,9 @@ CASES = [
     ("gemma2", "odd_q4", "qlora"),
     pytest.param("gemma2", "odd", "lora", marks=pytest.mark.slow),
     pytest.param("llama", "odd_q4", "qlora", marks=pytest.mark.slow),
+    # phi3: fused qkv/gate_up (one-site LoRA groups), partial rotary, longrope; gemma3: per-layer RoPE tables
+    pytest.param("phi3", "longrope_partial_window", "lora", marks=pytest.mark.slow),
+    pytest.param("gemma3_text", "gqa3_window_linear", "lora", marks=pytest.mark.slow),
 ]
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from jax.test_util import check_grads
 
-from jpeft.kernels import dispatch
 from jpeft.kernels.dispatch import kernel_mode, kernels_report, reset_report
 from jpeft.kernels.lora_linear import lora_linear, lora_linear_group, lora_linear_reference
+from jpeft.kernels.lowering import lower_for_cuda
 from jpeft.kernels.nf4_matmul import nf4_matmul, qmatmul
 from jpeft.quant.blockwise import QuantizedWeight, quantize_4bit
 
@@ -194,13 +194,12 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize(qt, dq):
 # ------------------------------------------------------------------------------------- Triton lowering
 
 
-def test_kernels_lower_to_triton_for_cuda(monkeypatch):
-    """With the dispatcher told it runs on a GPU, forward and backward lower to Triton kernels for CUDA.
+def test_kernels_lower_to_triton_for_cuda():
+    """Lowered for CUDA (`jpeft.kernels.lowering.cuda_lowering`), forward and backward are Triton kernels.
 
     No GPU needed: this checks that every op in the kernels has a Pallas-Triton lowering and that loads and
     stores are power-of-two tiles. Triton's own compilation and the numerics on the device need a GPU.
     """
-    monkeypatch.setattr(dispatch, "backend", lambda: "gpu")
     rng = np.random.default_rng(0)
     x, outs, ranks = normal(rng, (2, 40, 200), 1.0, BF16), (192, 72), (8, 3)
     ws = [normal(rng, (200, o), 1.0, BF16) for o in outs]
@@ -211,11 +210,14 @@ def test_kernels_lower_to_triton_for_cuda(monkeypatch):
         return sum(jnp.sum(y.astype(F32)) for y in ys)
 
     reset_report()
-    hlo = [jax.jit(jax.grad(lora_loss, (0, 1, 2))).trace(x, as_, bs).lower(lowering_platforms=("cuda",)).as_text()]
-    for qt, dq, block in [("nf4", True, 64), ("fp4", False, 256)]:
-        qw = quantize_4bit(normal(rng, (72, 512), 1.0, BF16), qt, block, double_quant=dq)
-        f = jax.grad(lambda x: jnp.sum(nf4_matmul(x, qw, BF16).astype(F32)))  # noqa: B023
-        hlo.append(jax.jit(f).trace(normal(rng, (40, 512))).lower(lowering_platforms=("cuda",)).as_text())
-    assert kernels_report("auto") == {"lora_linear": "pallas", "nf4_matmul": "pallas"}
+    qws = [quantize_4bit(normal(rng, (72, 512), 1.0, BF16), qt, block, double_quant=dq)
+           for qt, dq, block in [("nf4", True, 64), ("fp4", False, 256)]]
+    x4 = normal(rng, (40, 512))
+    with kernel_mode("on"):
+        hlo = [lower_for_cuda(jax.jit(jax.grad(lora_loss, (0, 1, 2))), x, as_, bs).as_text()]
+        for qw in qws:
+            f = jax.grad(lambda x: jnp.sum(nf4_matmul(x, qw, BF16).astype(F32)))  # noqa: B023
+            hlo.append(lower_for_cuda(jax.jit(f), x4).as_text())
+    assert kernels_report("on") == {"lora_linear": "pallas", "nf4_matmul": "pallas"}
     # lora: one forward and one dx kernel per projection; 4-bit: forward and backward.
     assert [h.count("__gpu$xla.gpu.triton") for h in hlo] == [4, 2, 2]

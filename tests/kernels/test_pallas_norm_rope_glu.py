@@ -19,6 +19,7 @@ from jax.test_util import check_grads
 
 from jpeft.kernels import rms_norm as rms_mod
 from jpeft.kernels.dispatch import kernel_mode, kernels_report, reset_report
+from jpeft.kernels.lowering import lower_for_cuda
 from jpeft.kernels.rms_norm import rms_norm, rms_norm_reference
 from jpeft.kernels.rope import rope_qk, rope_reference, rope_tables
 from jpeft.kernels.swiglu import ACTIVATIONS, glu, glu_reference
@@ -261,5 +262,5 @@ def test_kernels_lower_to_triton():
         (lambda q, k: sum(jnp.sum(o.astype(jnp.float32)) for o in rope_mod._rope(q, k, cos, sin, False)), (q, kk)),
     ] + [(lambda g, u, a=a: jnp.sum(glu_mod._glu(g, u, a, False).astype(jnp.float32)), (g, g)) for a in ACTIVATIONS]
     for loss, args in losses:
-        lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",))
+        lowered = lower_for_cuda(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), *args)
         assert lowered.as_text().count("custom_call @__gpu$xla.gpu.triton(") == 2  # forward, backward

@@ -107,6 +107,34 @@ def test_cli_info_and_generate_input_ids(tiny_checkpoint, capsys):
     assert out["output_ids"][: len(out["output_ids"])] == ref[0, 3:3 + len(out["output_ids"])].tolist()
 
 
+INFO_FEATURES = {
+    ("gemma3_text", "gqa3_window_linear"): ["grouped-query attention (6 query / 2 kv heads)", "q/k RMSNorm per head",
+                                            "sliding window 5 on layers 0,2", "2 RoPE tables by layer type",
+                                            "sandwich norms", "(1 + w) RMSNorm", "final logit soft-capping 3"],
+    ("gemma3", "text_tower"): ["2 RoPE tables by layer type (layers use [1, 0, 1])", "tied embeddings"],
+    ("phi3", "longrope_partial_window"): ["fused qkv_proj", "fused gate_up_proj", "partial rotary (10 of 20 dims",
+                                          "longrope (long-context factors beyond position 16)",
+                                          "sliding window 5 on all layers", "RoPE cos/sin scaled by 1.22"],
+    ("olmo2", "fullwidth_qknorm"): ["q/k RMSNorm over the whole projection", "post-norms only", "attention biases"],
+    ("granite", "multipliers"): ["attention scale 0.03", "embeddings times 12", "residual branches times 0.22",
+                                 "logits divided by 8", "MLP biases"],
+    ("smollm3", "nope_window"): ["no RoPE (NoPE) on layers 1,3", "sliding window 4 on layers 1,3"],
+}
+
+
+@pytest.mark.parametrize("family,variant", list(INFO_FEATURES))
+def test_cli_info_names_family_features(tiny_checkpoint, capsys, family, variant):
+    folder, hf = tiny_checkpoint(family, variant)
+    assert main(["info", "--model", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    text = "; ".join(info["features"])
+    assert info["family"] == family and all(f in text for f in INFO_FEATURES[(family, variant)]), text
+    tower = hf.model.language_model if family == "gemma3" else hf  # jpeft holds the text tower only
+    assert info["parameters"] == sum(p.numel() for p in tower.parameters())
+    assert main(["info", "--model", str(folder)]) == 0
+    assert "features " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--input-ids", "1,x"], "expected comma-separated integers"),
     (["--input-ids", "1,999"], "outside the vocabulary"),

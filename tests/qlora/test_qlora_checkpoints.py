@@ -24,7 +24,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import jpeft
-from jpeft.errors import CheckpointError, QuantizationError
+from jpeft.errors import CheckpointError, ConfigError, QuantizationError
 from jpeft.quant.kernel import QuantizedKernel
 from jpeft.torch_bridge.bnb_checkpoint import save_quantized
 
@@ -207,3 +207,62 @@ def test_unknown_quantize_argument(bnb_made):
     fp, *_ = bnb_made
     with pytest.raises(QuantizationError, match="quantize='int4' is unknown"):
         jpeft.load(fp, tokenizer=False, quantize="int4")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The issue-21 dense families: a 4-bit checkpoint transformers + bnb wrote loads in jpeft with its logits, and
+# jpeft's own 4-bit save loads in transformers (phi3's fused qkv_proj / gate_up_proj are one Linear4bit each).
+
+FAMILY_4BIT = {  # every linear input a multiple of 64 (bnb's CPU block, see the module docstring)
+    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=4, sliding_window_pattern=2),
+    "gemma3": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=4, sliding_window_pattern=2),
+    "phi3": dict(partial_rotary_factor=0.5, pad_token_id=0, sliding_window=5),
+    "olmo2": dict(attention_bias=True),
+    "granite": dict(embedding_multiplier=6.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0),
+    "smollm3": dict(no_rope_layer_interval=2, pad_token_id=0),
+}
+
+
+def _family_checkpoint(family: str, folder) -> None:
+    cfg_cls, model_cls = hf_classes(family)
+    kw = {**SIZES, **FAMILY_4BIT[family], "tie_word_embeddings": False}
+    if family == "gemma3":  # the multimodal model: the same text tower plus a tiny vision tower
+        kw = dict(text_config=kw, tie_word_embeddings=False, mm_tokens_per_image=4, image_token_index=127,
+                  boi_token_index=125, eoi_token_index=126, vision_config=dict(
+                      hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14))
+    torch.manual_seed(1)
+    model = model_cls(cfg_cls(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_4BIT))
+def test_new_family_4bit_checkpoints_both_ways(tmp_path, family):
+    from transformers import BitsAndBytesConfig
+
+    _family_checkpoint(family, tmp_path / "fp")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    ids, mask = batch_with_padding(128, np.random.default_rng(0), side="right")
+    ref, model = hf_logits(tmp_path / "fp", ids, mask, quantization_config=bnb)
+    model.save_pretrained(tmp_path / "q")
+    m = jpeft.load(tmp_path / "q", tokenizer=False)
+    fused = "qkv_proj" if family == "phi3" else "q_proj"
+    assert isinstance(m.params["layers"]["self_attn"][fused]["kernel"], QuantizedKernel)
+    err = rel(jpeft.logits(m, ids, mask), ref, mask)
+    print(f"MEASURED bnb-made 4-bit {family} in jpeft: {err:.3g}")
+    assert err <= 1e-5
+    mine = jpeft.load(tmp_path / "fp", tokenizer=False, quantize="nf4", double_quant=False)
+    if family == "gemma3":  # jpeft holds the text tower only; bnb would want the vision linears 4-bit too
+        with pytest.raises(ConfigError, match="4-bit gemma3 checkpoint is not supported.*--merged"):
+            save_quantized(tmp_path / "out", mine.cfg, mine.params, tmp_path / "fp")
+        return
+    save_quantized(tmp_path / "out", mine.cfg, mine.params, tmp_path / "fp")
+    theirs, _ = hf_logits(tmp_path / "out", ids, mask)
+    err = rel(jpeft.logits(mine, ids, mask), theirs, mask)
+    print(f"MEASURED jpeft 4-bit save {family} in transformers: {err:.3g}")
+    assert err <= 1e-5

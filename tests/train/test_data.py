@@ -12,17 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jpeft.errors import ConfigError, DataError
-from jpeft.train.data import (
-    IGNORE,
-    BatchSchedule,
-    Example,
-    batch_iterator,
-    load_jsonl,
-    pack_examples,
-    pad_examples,
-    tokenize_examples,
-    train_eval_split,
-)
+from jpeft.train.batches import BatchSchedule, batch_iterator, pack_examples, pad_examples, train_eval_split
+from jpeft.train.data import IGNORE, Example, load_jsonl, tokenize_examples
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}"

@@ -22,39 +22,8 @@ from safetensors.numpy import load_file, save_file
 
 from jpeft.cli import main
 
-from tiny import label_examples, make_tokenizer, make_trainable_checkpoint
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny llama checkpoint with a tokenizer, label data, and one finished 2-step LoRA run."""
-    root = tmp_path_factory.mktemp("rel")
-    model = root / "model"
-    make_trainable_checkpoint(model, "llama", "gqa_untied")
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(e) + "\n" for e in label_examples(16, 0)))
-    run = root / "run"
-    assert main(train_args(model, data, run, "--steps", "2", "--r", "4")) == 0
-    return {"root": root, "model": model, "data": data, "run": run}
-
-
-def train_args(model, data, out, *extra):
-    return ["train", "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "2",
-            "--max-len", "32", "--eval-fraction", "0", "--no-progress", "--target-modules", "q_proj,v_proj", *extra]
-
-
-def error_of(capsys, argv) -> str:
-    """Run the CLI expecting exit 2; the one-line error it printed (no traceback)."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("error:") == 1, err
-    return err
-
-
-def snapshot(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
+from hostile import error_of, snapshot, train_args
+from tiny import make_tokenizer
 
 # ------------------------------------------------------------------------------------------ 1. exports
 
@@ -138,7 +107,7 @@ def test_a_diverged_update_is_never_saved(world, tmp_path, capsys):
     out = tmp_path / "nan"
     err = error_of(capsys, train_args(world["model"], world["data"], out, "--steps", "2", "--lr", "1e30",
                                       "--save-every", "1", "--target-modules", "all-linear"))
-    assert "after step 1 the train state is no longer finite (with the new adapter weights the loss is nan" in err
+    assert "after step 1 the train state is out of range (adapter values reach |x| = 1e+30" in err
     assert not (out / "adapter").exists() and not list((out / "checkpoints").glob("step_*"))
 
 
