@@ -27,7 +27,7 @@ directly; torch: the same loop). Peak memory per process: `ru_maxrss` (all resid
 included) and the peak of RssAnon sampled every 20 ms (anonymous memory only: jpeft keeps a large base
 in a file-backed host arena, torch memory-maps safetensors, and neither counts there). Each configuration
 runs `--repeats` times, interleaved; the headline ratio is the median of per-repeat paired ratios.
-`--xla-flags` is passed as XLA_FLAGS to the jpeft processes (appended to jpeft.runtime's defaults).
+`--xla-flags` is passed as XLA_FLAGS to the jpeft processes (jpeft sets none of its own).
 
     python bench/lora_cpu.py [--data nlu text text-packed] [--dtype float32 bfloat16] [--repeats 3]
                              [--torch-mask auto block] [--model-dir DIR] [--xla-flags "..."] [--json OUT]
