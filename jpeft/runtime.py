@@ -6,6 +6,15 @@ model), so every step page-faults all of them in again and the kernel zeroes eve
 benchmark machine that is ~14% of a LoRA step (bench/RESULTS.md, issue 9). Raising glibc's mmap and trim
 thresholds keeps freed memory in the heap for the next step. Peak memory is unchanged (the same buffers
 are live at the peak); memory is not handed back to the OS between steps.
+
+XLA:CPU's dot libraries (issue 26): jpeft sets no `XLA_FLAGS` of its own; whatever the user exports is what
+XLA reads when the backend starts. With jaxlib 0.10.2, dots already run on YNNPACK by default (`__ynn_fusion`
+in the optimized HLO). `--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot
+--xla_cpu_experimental_ynn_fusion_type=-individual_dot` moves fp32 dots to oneDNN (bf16 dots are then
+converted to fp32 first, so not for bf16 runs); on the shared 2-core machine no difference from YNNPACK could
+be measured, so it is not chosen (`python bench/lora_cpu.py --xla-flags "..."` A/Bs it). What does matter
+is the form of a bf16 dot, and that is in the model code: `jpeft.kernels.matmul` accumulates bf16 dots in
+fp32, the form YNNPACK runs on the CPU's bf16 units instead of converting the operands to fp32.
 """
 
 from __future__ import annotations

@@ -51,9 +51,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jpeft.errors import QuantizationError
+from jpeft.kernels.matmul import matmul
 from jpeft.kernels.nf4_matmul import nf4_matmul
 from jpeft.quant.kernel import QuantizedKernel
 
@@ -155,7 +155,7 @@ def dense(x: jax.Array, p: Any) -> jax.Array:
                                     "scan does this)")
         y = nf4_matmul(x, k.weight, k.compute_dtype).astype(x.dtype)
     else:
-        y = jnp.matmul(x, k.astype(x.dtype))
+        y = matmul(x, k)  # bf16: fp32 accumulation, the fast CPU form (jpeft.kernels.matmul)
     if "bias" in p:
         y = y + p["bias"].astype(y.dtype)
     return y

@@ -90,7 +90,8 @@ def _forward(q, k, v, allowed, scale, softcap, causal_blocks):
         mx = jnp.max(s, axis=-1, keepdims=True)
         e = jnp.exp(s - mx)
         den = jnp.sum(e, axis=-1, keepdims=True)
-        outs.append(jnp.einsum("nms,nsd->nmd", (e / den).astype(v.dtype), vh[:, :s1]))
+        outs.append(jnp.einsum("nms,nsd->nmd", (e / den).astype(v.dtype), vh[:, :s1],
+                               preferred_element_type=F32).astype(v.dtype))  # bf16: fast CPU form
         mxs.append(mx)
         logdens.append(jnp.log(den))
     # log-sum-exp kept as (max, log denominator): a row with no allowed key has max = NEG, where

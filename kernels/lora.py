@@ -29,9 +29,15 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> ja
     return lora_delta_reference(x, a, b, scale)
 
 
+def _dot(lhs, rhs, contract, out):
+    """dot_general accumulating in fp32, cast to `out` (bf16: the fast XLA:CPU form, `jpeft.kernels.matmul`)."""
+    return jax.lax.dot_general(lhs, rhs, (contract, ((), ())), preferred_element_type=jnp.float32).astype(out)
+
+
 def _fwd(x, a, b, scale):
-    xa = jnp.matmul(x, a.astype(x.dtype))  # [..., r]: the only activation saved besides x
-    y = jnp.matmul(xa, b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+    dt = x.dtype
+    xa = _dot(x, a.astype(dt), ((x.ndim - 1,), (0,)), dt)  # [..., r]: the only activation saved besides x
+    y = _dot(xa, b.astype(dt), ((xa.ndim - 1,), (0,)), dt) * jnp.asarray(scale, dt)
     return y, (x, xa, a, b, scale)
 
 
@@ -40,12 +46,12 @@ def _bwd(res, dy):
     dt = x.dtype
     n_in, n_out = x.shape[-1], dy.shape[-1]
     x2, xa2, dy2 = x.reshape(-1, n_in), xa.reshape(-1, xa.shape[-1]), dy.reshape(-1, n_out).astype(dt)
-    dyb = jax.lax.dot_general(dy2, b.astype(dt), (((1,), (1,)), ((), ())))  # dy Bᵀ [N, r] (unscaled)
+    dyb = _dot(dy2, b.astype(dt), ((1,), (1,)), dt)  # dy Bᵀ [N, r] (unscaled)
     s = jnp.asarray(scale, dt)
     g = dyb * s  # cotangent of x A
-    dx = jax.lax.dot_general(g, a.astype(dt), (((1,), (1,)), ((), ())))  # [N, I]
-    da = jax.lax.dot_general(x2, g, (((0,), (0,)), ((), ())))  # xᵀ g [I, r]
-    db = jax.lax.dot_general(xa2, dy2, (((0,), (0,)), ((), ()))) * s  # (x A)ᵀ dy [r, O]
+    dx = _dot(g, a.astype(dt), ((1,), (1,)), dt)  # [N, I]
+    da = _dot(x2, g, ((0,), (0,)), dt)  # xᵀ g [I, r]
+    db = _dot(xa2, dy2, ((0,), (0,)), dt) * s  # (x A)ᵀ dy [r, O]
     dscale = jnp.sum(xa2.astype(jnp.float32) * dyb.astype(jnp.float32))
     return (dx.reshape(x.shape), da.astype(a.dtype), db.astype(b.dtype),
             dscale.astype(jnp.result_type(scale)).reshape(jnp.shape(scale)))

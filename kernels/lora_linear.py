@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jpeft.errors import ConfigError
 from jpeft.kernels.dispatch import OpCall, choose
 from jpeft.kernels.lora import lora_delta, lora_delta_reference
+from jpeft.kernels.matmul import matmul
 from jpeft.kernels.proving import normal, tokens_for
 from jpeft.kernels.tiling import (
     TILE_FEATURES,
@@ -149,7 +150,7 @@ def _unfused(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.
     """What runs where the kernel does not: `x @ W (+ bias)`, then the LoRA branch with its rank-r custom VJP
     (`jpeft.kernels.lora.lora_delta`), exactly as a LoRA site computes it unfused (`dense`, then
     `LoRA.linear`). Shapes as `lora_linear_reference`."""
-    y = jnp.matmul(x, w.astype(x.dtype))
+    y = matmul(x, w)  # bf16: fp32 accumulation, the fast CPU form (jpeft.kernels.matmul)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y + lora_delta(x, a, b, scale).astype(y.dtype)

@@ -175,8 +175,11 @@ def _attention(x: jax.Array, ap: dict, layer: LayerContext, mask: MaskInfo) -> t
         # of a dense [B, T, S] mask (same visibility: causal, window, same segment, real keys) and picks the
         # kernel, the blockwise path for long sequences, or the dense reference
         segment_ids, key_valid = mask.flash
+        # a model without sliding windows passes the static 0: with no segment ids and no padding either, the
+        # mask is then the static causal one (no per-layer window compare inside every score fusion)
+        window = layer.window if any(w > 0 for w in cfg.layer_windows) else 0
         o = flash_attention(q, k, v, scale=cfg.query_scale, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                            kv_valid=key_valid, causal=True, window=layer.window, softcap=cfg.attn_softcap,
+                            kv_valid=key_valid, causal=True, window=window, softcap=cfg.attn_softcap,
                             causal_blocks=causal_blocks(t, k.shape[1], True))
         return _linear(("self_attn", "o_proj"), o, ap["o_proj"], layer), new_cache
     in_window = (mask.q_slot[:, :, None] - mask.k_slot[:, None, :]) < layer.window

@@ -145,7 +145,8 @@ def _mask_info(b: int, t: int, attention_mask: jax.Array | None, positions: jax.
 
     `offset` shifts every position (prefix tuning places real tokens after its P virtual ones). A
     negative segment id marks a key every segment may see (prompt tuning's virtual tokens). With
-    `flash_ok` (no cache, no virtual tokens) `MaskInfo.flash` is `(segment_ids or None, key_valid [B, T] bool)`,
+    `flash_ok` (no cache, no virtual tokens) `MaskInfo.flash` is `(segment_ids or None, key_valid [B, T] bool or
+    None when there is no attention_mask)`,
     what the flash-attention entry reads instead of the dense mask; else None.
     """
     q_idx = jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -170,7 +171,9 @@ def _mask_info(b: int, t: int, attention_mask: jax.Array | None, positions: jax.
             raise ConfigError("segment_ids (packed sequences) cannot be combined with a KV cache")
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
         allowed = allowed & (same | (segment_ids[:, None, :] < 0))
-    flash = (segment_ids, key_valid > 0) if flash_ok and cache is None else None
+    # no attention_mask: every key is real, and the flash entry gets kv_valid=None (with no segment ids either,
+    # the mask is the static causal one: nothing data-dependent to build, see jpeft.train.data.step_keys)
+    flash = (segment_ids, None if attention_mask is None else key_valid > 0) if flash_ok and cache is None else None
     info = MaskInfo(positions=positions, q_slot=q_slot, k_slot=k_slot, allowed=allowed, cache_index=index,
                     flash=flash)
     return info, key_valid, start + jnp.sum(mask, axis=1)

@@ -27,8 +27,8 @@ class MaskInfo(NamedTuple):
     allowed: jax.Array  # [B, T, S] bool: causal, real keys, same packed segment (before any sliding window)
     cache_index: jax.Array  # [] int32: where this call's keys and values go in the cache (0 without one)
     # What the flash-attention entry reads instead of the dense `allowed` when there is no cache and no
-    # virtual tokens: (segment_ids [B, T] or None, key_valid [B, T] bool); None otherwise.
-    flash: tuple[jax.Array | None, jax.Array] | None
+    # virtual tokens: (segment_ids [B, T] or None, key_valid [B, T] bool or None = all real); None otherwise.
+    flash: tuple[jax.Array | None, jax.Array | None] | None
 
 
 class LayerContext(NamedTuple):

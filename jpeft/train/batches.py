@@ -91,6 +91,25 @@ def pad_examples(examples: Sequence[Example], seq_len: int, pad_id: int) -> Rows
 
 
 # ----------------------------------------------------------------------------- splitting / batching
+def step_keys(rows: Rows, *, filler_rows: bool = False) -> tuple[str, ...]:
+    """The row keys a train step needs, decided once per run (the batch's keys are static: one compilation).
+
+    Rows that each hold at most one segment have nothing to isolate, so ``segment_ids`` is left out and the
+    attention mask is causal plus real keys; rows that also have no padding (every ``attention_mask`` 1) drop
+    ``attention_mask`` and ``positions`` too (positions then are ``0..L-1``, the model's default), and the step
+    runs its static causal fast path: no data-dependent ``[B, T, S]`` mask is built at all. The loss, the
+    gradients and the token counts are the same as with every key: only padding queries, which nothing reads
+    and no loss sees, attend differently. Packed rows keep every key. A ``drop_last=False`` schedule may add
+    empty filler rows (all padding): pass ``filler_rows=True`` for it and ``attention_mask`` is kept.
+    """
+    keys = list(rows)
+    if "segment_ids" in rows and int(np.max(rows["segment_ids"], initial=0)) <= 1:
+        keys.remove("segment_ids")
+        if not filler_rows and "attention_mask" in rows and bool(np.all(rows["attention_mask"] == 1)):
+            keys = [k for k in keys if k not in ("attention_mask", "positions")]
+    return tuple(keys)
+
+
 def train_eval_split(examples: Sequence[Any], eval_fraction: float, seed: int) -> tuple[list, list]:
     """Deterministic shuffle-split: ``round(n * eval_fraction)`` items (at least 1 when the fraction
     is > 0 and n >= 2) go to eval; both parts keep their original relative order."""

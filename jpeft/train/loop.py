@@ -25,7 +25,7 @@ from jpeft.parallel.state import shard_run
 from jpeft.sites import Method
 from jpeft.torch_bridge.outputs import ADAPTER_LIMIT
 from jpeft.train import offload
-from jpeft.train.batches import BatchSchedule, pack_examples, pad_examples
+from jpeft.train.batches import BatchSchedule, pack_examples, pad_examples, step_keys
 from jpeft.train.checkpoint import restore_latest, save_checkpoint
 from jpeft.train.data import tokenize_examples
 from jpeft.train.evaluate import classification_eval, label_set, mean_loss
@@ -191,9 +191,10 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
         return lambda ad: _first_micro_nll(ad, model.params, placed, cfg=kw["cfg"], methods=kw["methods"],
                                            dtype=kw["dtype"], max_targets=kw["max_targets"], kernels=model.kernels)
 
+    keys = step_keys(rows)  # single-segment rows: no segment masking (static, one compilation)
     pending, placed = None, None
     for step in range(start, total):
-        host = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in sched.batch_at(step).items()}
+        host = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in sched.batch_at(step).items() if k in keys}
         placed = run.to_device(host)
         state, m = step_fn(state, model.params, placed, **kw)
         if pending is not None:  # the previous step's numbers, read while this step runs
