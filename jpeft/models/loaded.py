@@ -23,6 +23,7 @@ class Model:
     tokenizer: Any
     path: Path
     kernels: str = "auto"
+    load_seconds: float | None = None  # wall time of `jpeft.load` (reading, casting/quantizing, placing)
 
     @property
     def num_parameters(self) -> int:
