@@ -52,6 +52,10 @@ class SafetensorsFile:
     def __contains__(self, name: str) -> bool:
         return name in self._header
 
+    def num_values(self) -> int:
+        """How many values the file's tensors hold in all (from the header; no tensor is read)."""
+        return sum(int(np.prod(info.get("shape", []), dtype=np.int64)) for info in self._header.values())
+
     def get(self, name: str) -> np.ndarray:
         """The tensor `name` as a read-only numpy view in its stored dtype and shape."""
         if name not in self._header:

@@ -50,7 +50,9 @@ class MethodSpec:
     load(folder, cfg, params) -> (method, adapters), or None when another spec owns the folder format.
     peft_type: what `save` writes (`LORA`, `VERA`, ...), None for a non-peft format recognised by `detect(raw)`.
     merge(params, method, adapters) -> params with the adapter folded in; None with `no_merge` saying why.
-    finish(out, model, built, result): replaces `save` after training (rank-adaptive methods report ranks).
+    finish(out, model, built, result): replaces `save` after training (rank-adaptive methods report ranks; full
+      fine-tuning writes a whole checkpoint).
+    output: the folder under a run's `--out` that `save`/`finish` writes (`adapter`; full fine-tuning: `model`).
     quantize: the 4-bit base format this method loads by default (QLoRA: "nf4").
     prepare(config, model) -> config: fills config fields from the loaded model before `init` (prompt tuning's
       TEXT init: the tokenizer path); model has `.cfg`, `.params`, `.tokenizer`, `.path`.
@@ -77,6 +79,7 @@ class MethodSpec:
     summary: str = ""
     prepare: Callable[[Any, Any], Any] | None = None
     train_base: Callable[[dict, Method, dict], tuple[dict, dict]] | None = None
+    output: str = "adapter"
 
     def build(self, model: Any, config: Any, rng: jax.Array) -> Built:
         """`init` on a loaded model (`.cfg`, `.params`, ...), with the base to train on and the save arguments."""
