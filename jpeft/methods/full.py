@@ -227,4 +227,5 @@ register_method(MethodSpec(
     name="full", config=FullConfig, method=FullFineTune, init=init_full, save=save_full, merge=merge_full,
     finish=finish_full, output="model",
     summary="full fine-tuning: every base weight (or the ones --target-modules selects) trained with AdamW, fp32 "
-            "masters; writes OUT/model, a transformers checkpoint"))
+            "masters; writes OUT/model, a transformers checkpoint",
+    lr_grid=(1e-5, 3e-5, 1e-4)))
