@@ -43,7 +43,8 @@ def add_compare_command(sub) -> None:
     p.add_argument("--eval-data", required=True, help="what the final runs are scored on (any --data format)")
     p.add_argument("--out", required=True, help="output folder: select/ and runs/ (one jpeft train folder per run), "
                    "logs/, compare.json, compare.md, compare.png; rerun the same command to resume")
-    p.add_argument("--seeds", default=[0, 1], type=parse_ints, help="seeds of the final runs (default: 0,1)")
+    p.add_argument("--seeds", default=[0, 1], type=parse_ints,
+                   help="seeds of the final runs (default: 0,1); a rerun may add seeds (finished runs are reused)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int, help="optimizer steps of every final run")
     budget.add_argument("--epochs", type=float, help="epochs (over the training split) of every final run")
@@ -99,10 +100,12 @@ def _write_split(out: Path, name: str, rows: list[dict]) -> Path:
 
 
 def _check_plan(out: Path, plan: dict) -> None:
+    """A rerun into the same --out must promise the same runs; only --seeds may change (each seed's runs are their
+    own folders: finished ones are reused, new seeds are added)."""
     path = out / "plan.json"
     if path.exists():
         old = json.loads(path.read_text())
-        changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        changed = sorted(k for k in set(old) | set(plan) if k != "seeds" and old.get(k) != plan.get(k))
         if changed:
             raise ConfigError(f"--out {out} holds a comparison with other {', '.join(changed)} ({path}); rerun that "
                               "command to resume it, or choose a new --out")

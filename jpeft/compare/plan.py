@@ -52,10 +52,10 @@ class Entry:
 
     @property
     def label(self) -> str:
-        """The row name in the seed's style: `LoRA(r=8)`, `Full parameter`."""
+        """The row name in the seed's style: `LoRA(r=8)`, `Full parameter` (an `lr=` pair is left out)."""
         title = TITLES.get(self.method, self.method)
-        rest = self.text.split(":", 1)[1].replace(":", ", ") if ":" in self.text else ""
-        return f"{title}({rest})" if rest else title
+        pairs = [p for p in self.text.split(":")[1:] if not p.strip().startswith("lr=")]  # the rate has a column
+        return f"{title}({', '.join(pairs)})" if pairs else title
 
 
 def split_entries(text: str) -> list[str]:
