@@ -21,6 +21,7 @@ from jpeft.cli_args import (
     method_in_argv,
     quant_load_kwargs,
 )
+from jpeft.cli_compare import COMPARE_COMMANDS, add_compare_command
 from jpeft.cli_estimate import add_estimate_command, cmd_estimate
 from jpeft.cli_train import TRAIN_COMMANDS, add_train_commands
 from jpeft.doctor import add_doctor, cmd_doctor
@@ -127,6 +128,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_commands(sub, method_in_argv(argv))
     add_estimate_command(sub, method_in_argv(argv))
+    add_compare_command(sub)
     _add_generate(sub)
     p = sub.add_parser("info", help="describe a model: family, sizes, parameter count, dtype")
     add_model_args(p)
@@ -158,7 +160,7 @@ def _stopped(command: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "info": cmd_info, "estimate": cmd_estimate, "doctor": cmd_doctor,
-                **TRAIN_COMMANDS}
+                **TRAIN_COMMANDS, **COMPARE_COMMANDS}
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     configure_host_memory()  # reuse freed buffers instead of page-faulting them in every step

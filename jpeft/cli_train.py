@@ -31,12 +31,20 @@ from jpeft.errors import ConfigError, JpeftError
 from jpeft.kernels.dispatch import kernels_report, reset_report
 from jpeft.loading import Model, load, resolve_model_path
 from jpeft.methods import catalog
-from jpeft.methods.export import save_gguf, save_merged
 from jpeft.methods.registry import MethodSpec, check_mergeable
 from jpeft.parallel.mesh import initialize_distributed, is_primary, make_mesh
+from jpeft.sites import Method
 from jpeft.torch_bridge.folders import export_owner, source_config
-from jpeft.torch_bridge.gguf_write import GGUF_FAMILIES, GGUF_TYPES, check_gguf_exportable, is_jpeft_gguf
+from jpeft.torch_bridge.gguf_write import (
+    GGUF_FAMILIES,
+    GGUF_TYPES,
+    check_gguf_exportable,
+    check_gguf_type,
+    is_jpeft_gguf,
+    write_gguf,
+)
 from jpeft.torch_bridge.hf_load import base_nbytes, read_model_config
+from jpeft.torch_bridge.merged import write_merged
 from jpeft.torch_bridge.outputs import check_not_input, claim_output
 from jpeft.torch_bridge.safetensors_io import atomic_write
 from jpeft.train.batches import train_eval_split
@@ -109,7 +117,8 @@ def add_train_commands(sub, method: str = "lora") -> None:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("export", help="merge an adapter into the base; write an HF checkpoint or a GGUF file")
     add_model_args(p)
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", default=None, help="the adapter folder to merge (without it the model is written as it "
+                   "is: e.g. a full fine-tune's OUT/model to GGUF)")
     dest = p.add_mutually_exclusive_group(required=True)
     dest.add_argument("--merged", help="output folder of the merged transformers checkpoint (must not exist, be "
                       "empty, or be an earlier jpeft export with --overwrite)")
@@ -210,11 +219,11 @@ def _run_training(args, model, data, out, resume, spec, config, tc, fingerprint)
     if not is_primary():  # process 0 writes run.json and the adapter
         return res.eval
     kernels = kernels_report(model.kernels)  # op -> what ran: "pallas", "pallas-interpret" or "reference"
-    if spec.finish is not None:  # rank-adaptive methods: export from the final state, report the ranks
+    if spec.finish is not None:  # rank-adaptive methods report ranks, full fine-tuning writes a whole checkpoint
         spec.finish(out, model, built, res)
     else:
-        spec.save(out / "adapter", model.cfg, built.method, res.adapters, **built.export_kwargs)
-    summary = run_summary(res.history, res.eval, out / "adapter", run["trainable_parameters"],
+        spec.save(out / spec.output, model.cfg, built.method, res.adapters, **built.export_kwargs)
+    summary = run_summary(res.history, res.eval, out / spec.output, run["trainable_parameters"],
                           time.perf_counter() - t0, model.load_seconds)
     run.update(kernels=kernels, summary=summary)
     write_json_atomic(out / "run.json", run)
@@ -241,7 +250,8 @@ def cmd_train(args) -> int:
     final = run_training(args, model, train_ex, eval_ex, Path(args.out), resume=args.resume)
     if is_primary():
         _print_eval("final", final)
-        print(f"adapter written to {Path(args.out) / 'adapter'}")
+        output = catalog.get_method(args.method).output
+        print(f"{'model' if output == 'model' else 'adapter'} written to {Path(args.out) / output}")
     return 0
 
 
@@ -297,21 +307,29 @@ def _export_claim(args, model_path: Path):
 
 
 def cmd_export(args) -> int:
-    """Merge any mergeable adapter into its base; unmergeable methods, unwritable or foreign targets are refused
-    before anything is loaded, and the target stays locked until it is written."""
-    spec = catalog.adapter_spec(args.adapter)
-    check_mergeable(spec, f"{args.adapter}: ")
+    """Merge any mergeable adapter into its base (or, without `--adapter`, take the model as it is: full
+    fine-tuning's OUT/model, a format conversion) and write a transformers checkpoint or a GGUF file; unmergeable
+    methods, unwritable or foreign targets are refused before anything is loaded, and the target stays locked
+    until it is written."""
+    spec = None if args.adapter is None else catalog.adapter_spec(args.adapter)
+    if spec is not None:
+        check_mergeable(spec, f"{args.adapter}: ")
+    if args.gguf:
+        check_gguf_type(args.gguf_type)
     model_path = resolve_model_path(args.model, allow_torch_bin=args.allow_torch_bin)
     with _export_claim(args, model_path):
         model = load(model_path, "float32", tokenizer=False, allow_torch_bin=args.allow_torch_bin,
                      host_memory=args.host_memory, **quant_load_kwargs(args))
-        method, adapters = spec.load(Path(args.adapter), model.cfg, model.params)
+        params, what = model.params, "the model as loaded, no adapter"
+        if spec is not None:
+            method, adapters = spec.load(Path(args.adapter), model.cfg, model.params)
+            params, what = spec.merge(model.params, method, adapters), spec.name
         if args.gguf:
-            save_gguf(args.gguf, model.cfg, model.params, method, adapters, model.path, gguf_type=args.gguf_type)
-            print(f"merged GGUF ({spec.name}, {args.gguf_type}) written to {args.gguf}")
+            write_gguf(args.gguf, model.cfg, params, model.path, args.gguf_type)
+            print(f"merged GGUF ({what}, {args.gguf_type}) written to {args.gguf}")
             return 0
-        save_merged(args.merged, model.cfg, model.params, method, adapters, model.path, dtype=args.dtype)
-    print(f"merged checkpoint ({spec.name}) written to {args.merged}")
+        write_merged(args.merged, model.cfg, params, model.path, dtype=args.dtype)
+    print(f"merged checkpoint ({what}) written to {args.merged}")
     return 0
 
 
@@ -325,6 +343,15 @@ def _clear_previous_demo(out: Path) -> None:
     if previous:
         with out_lock(out):
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def read_back(out: Path, spec: MethodSpec, model: Model, dtype: str) -> tuple[dict, Method, dict]:
+    """What a run wrote, read back for evaluation: `(base params, method, adapters)`; for full fine-tuning the
+    written checkpoint `OUT/model` (loaded in `dtype`) as the base, with no adapter."""
+    if spec.output == "model":
+        return load(out / spec.output, dtype, tokenizer=False, kernels=model.kernels).params, Method(), {}
+    method, adapters = catalog.load_adapter(out / spec.output, model.cfg, model.params)
+    return model.params, method, adapters
 
 
 def cmd_demo(args) -> int:
@@ -345,13 +372,14 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     _clear_previous_demo(out)
     run_training(args, model, train_ex, [], out, resume=False)
-    method, adapters = catalog.load_adapter(out / "adapter", model.cfg, model.params)  # evaluate what was exported
-    after = classification_eval(model.params, model.cfg, model.tokenizer, test_ex, labels, adapters=adapters,
+    params, method, adapters = read_back(out, catalog.get_method(args.method), model, args.dtype)  # as written
+    after = classification_eval(params, model.cfg, model.tokenizer, test_ex, labels, adapters=adapters,
                                 methods=(method,), max_len=args.max_len, kernels=model.kernels)
     print(format_table({"base model": before, f"+ {args.method}": after}))
     print(f"macro-F1 on the held-out split: {before['macro']['f1']:.3f} -> {after['macro']['f1']:.3f}")
-    print(f"adapter (peft format) written to {out / 'adapter'}; metrics in {out / 'metrics.jsonl'}, "
-          f"loss curve {out / 'loss.png'}; {time.perf_counter() - t0:.0f} s in all")
+    output = catalog.get_method(args.method).output
+    print(f"{output} written to {out / output}; metrics in {out / 'metrics.jsonl'}, loss curve {out / 'loss.png'}; "
+          f"{time.perf_counter() - t0:.0f} s in all")
     return 0
 
 

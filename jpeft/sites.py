@@ -32,7 +32,11 @@ Sites:
   `y = ragged_dot(x, W, group_sizes)` at `("mlp", "experts", "gate_up_proj" | "down_proj")`: x `[M, in]`
   (rows sorted by expert), W `[E, in, out]`, group_sizes `[E]` (rows per expert); LoRA's `target_parameters`.
 - `override_params(tree, params)`: the base params this method's forward runs on (LoRA's `modules_to_save`
-  swaps whole modules for trained copies; identity by default). Never modifies `params`.
+  swaps whole modules for trained copies; full fine-tuning its trained weights; identity by default). Never
+  modifies `params`.
+- `layer_params(tree, lp, layer)`: one layer's params `lp` (the scan's slice of `params["layers"]`) as this
+  method's forward runs them, inside the layer scan (full fine-tuning of some layers of a stacked weight: the
+  trained row where this layer is trained; identity by default). Never modifies `lp`.
 
 Besides sites, a method may add a loss term (`loss(tree)`), wrap the base optimizer
 (`wrap_optimizer(tx, learning_rate)`, e.g. AdaLoRA's allocator, SoRA's proximal step, LoRA+ learning rates,
@@ -121,6 +125,10 @@ class Method:
     def override_params(self, tree: Any, params: dict) -> dict:
         """The base params the forward uses with this method: `params` itself by default (never modified)."""
         return params
+
+    def layer_params(self, tree: Any, lp: dict, layer: jax.Array) -> dict:
+        """Layer `layer`'s params (`lp`, sliced from the stacked base by the scan) this method's forward uses."""
+        return lp
 
     def num_trainable(self, tree: Any) -> int:
         """Trained values in `tree` (every leaf by default; methods leave out padding and frozen leaves)."""

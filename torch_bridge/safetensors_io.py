@@ -62,6 +62,10 @@ class SafetensorsFile:
                 total += int(np.prod([int(d) for d in info["shape"]], dtype=np.int64))
         return total
 
+    def num_values(self) -> int:
+        """How many values the file's tensors hold in all (`numel`)."""
+        return self.numel()
+
     def get(self, name: str) -> np.ndarray:
         """The tensor `name` as a read-only numpy view in its stored dtype and shape."""
         if name not in self._header:

@@ -297,4 +297,5 @@ register_method(MethodSpec(
     name="adalora", config=AdaLoraConfig, method=AdaLoRA, init=init_adalora, save=save_adalora,
     load=load_adalora_adapter, peft_type="ADALORA", merge=merge_adalora, finish=finish_adalora,
     demo={"lora_alpha": 32, "target_modules": "all-linear"},
-    summary="AdaLoRA: SVD-form LoRA with importance-based rank allocation (optax wrapper)"))
+    summary="AdaLoRA: SVD-form LoRA with importance-based rank allocation (optax wrapper)",
+    lr_grid=(1e-3, 3e-3, 1e-2)))

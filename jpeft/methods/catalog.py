@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jpeft.methods import adalora, bottleneck, ia3, lora, prefix, prompt, qlora, sora, vera  # noqa: F401
+from jpeft.methods import adalora, bottleneck, full, ia3, lora, prefix, prompt, qlora, sora, vera  # noqa: F401
 from jpeft.methods.registry import MethodSpec, get_method, method_names, spec_for_config, spec_of, specs
 from jpeft.models.config import ModelConfig
 from jpeft.sites import Method

@@ -235,4 +235,5 @@ def load_peft_ia3(folder: str | Path, cfg: ModelConfig, params: dict | None = No
 
 register_method(MethodSpec(
     name="ia3", config=IA3Config, method=IA3, init=init_ia3, save=save_peft_ia3, load=load_peft_ia3,
-    peft_type="IA3", merge=merge_ia3, summary="IA3: learned scaling vectors on projection outputs/inputs"))
+    peft_type="IA3", merge=merge_ia3, summary="IA3: learned scaling vectors on projection outputs/inputs",
+    lr_grid=(1e-3, 3e-3, 1e-2)))

@@ -221,4 +221,5 @@ register_method(MethodSpec(
     name="prefix", config=PrefixTuningConfig, method=PrefixTuning, init=init_prefix, save=save_peft_prefix,
     load=load_peft_prefix, peft_type="PREFIX_TUNING",
     no_merge="prefix tuning adds trained keys and values to every attention layer; no weight holds them",
-    summary="prefix tuning: P trained keys/values per layer (peft PREFIX_TUNING)"))
+    summary="prefix tuning: P trained keys/values per layer (peft PREFIX_TUNING)",
+    lr_grid=(3e-3, 1e-2, 3e-2)))

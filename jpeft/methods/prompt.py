@@ -153,4 +153,5 @@ register_method(MethodSpec(
     save=save_peft_prompt,
     load=load_peft_prompt, peft_type="PROMPT_TUNING",
     no_merge="prompt tuning prepends trained input vectors; no weight holds them",
-    summary="prompt tuning: P trained soft-prompt vectors (peft PROMPT_TUNING)"))
+    summary="prompt tuning: P trained soft-prompt vectors (peft PROMPT_TUNING)",
+    lr_grid=(3e-3, 1e-2, 3e-2)))

@@ -262,4 +262,5 @@ def load_vera(folder: str | Path, cfg: ModelConfig, params: dict | None = None) 
 
 register_method(MethodSpec(
     name="vera", config=VeraConfig, method=VeRA, init=init_vera, save=save_vera, load=load_vera, peft_type="VERA",
-    merge=merge_vera, summary="VeRA: shared frozen random projections, trained per-layer vectors (peft VERA)"))
+    merge=merge_vera, summary="VeRA: shared frozen random projections, trained per-layer vectors (peft VERA)",
+    lr_grid=(3e-3, 1e-2, 3e-2)))

@@ -255,6 +255,9 @@ def hidden_states_and_aux(params: dict, cfg: ModelConfig, input_ids: jax.Array, 
         if cfg.mixed_mlp:  # dense and MoE layers alternate: this layer's slice of each MLP stack
             lp = {**lp, **mixed_layer_params(params, cfg, idx)}
         lp = _from_bits(lp)
+        for m in methods:  # e.g. full fine-tuning of some layers: this layer's trained rows
+            if m.name in adapters:
+                lp = m.layer_params(adapters[m.name], lp, idx)
         layer = LayerContext(cfg=cfg, methods=tuple(methods), adapters=ad, site=SiteContext(train=train, rng=r,
                              layer=idx), token_mask=token_mask, window=window, cache_kv=ckv)
         h, new, stats = decoder_layer(h, lp, layer, mask)

@@ -90,8 +90,9 @@ ADAPTER_RULES: list[tuple[str, tuple[int | str | None, ...]]] = [
     (r"layers/(?P<site>[^/]+/[^/]+)/lora_B$", (0, None, 2)),  # [L, r, out]
     (r"layers/(?P<site>[^/]+/[^/]+)/lora_magnitude_vector$", (0, 2)),  # DoRA [L, out]
 ]
-# Whole trained copies of base modules (LoRA's modules_to_save) shard like the module they copy.
-MODULE_COPY = re.compile(r"modules_to_save/(?P<leaf>.+)$")
+# Whole trained copies of base modules (LoRA's modules_to_save) and the trained weights of full fine-tuning
+# (`full/weights/<base path>`) shard like the base leaf they copy.
+MODULE_COPY = re.compile(r"(modules_to_save|full/weights)/(?P<leaf>.+)$")
 
 CACHE_RULES: list[tuple[str, Axes]] = [
     (r"^(k|v)$", ("layers", "batch", None, "kv_heads", None)),  # [L, B, S, K, hd]

@@ -72,7 +72,12 @@ def format_table(reports: Mapping[str, dict], *, per_class: bool = False, digits
             for lab, c in rep["per_class"].items():
                 rows.append((f"  {lab}", _pct(c["precision"], digits), _pct(c["recall"], digits),
                              _pct(c["f1"], digits)))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    return text_table(header, rows)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned, a rule under the header."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [" | ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
                         for i, cell in enumerate(r)).rstrip() for r in [header, *rows]]
     lines.insert(1, "-+-".join("-" * w for w in widths))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jpeft.errors import ConfigError, MissingDependencyError
+from jpeft.torch_bridge.safetensors_io import SafetensorsFile
 
 __all__ = ["REPORT_TO", "check_report_to", "open_sinks", "run_summary", "format_summary"]
 
@@ -77,6 +78,12 @@ def _adapter_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
+def exported_parameters(folder: Path) -> int:
+    """Values in the `.safetensors` files a run wrote to `folder` (its adapter, or a whole model): what a user
+    ships, e.g. a pruned SoRA adapter's true ranks only."""
+    return sum(SafetensorsFile(p).num_values() for p in sorted(folder.glob("*.safetensors"))) if folder.is_dir() else 0
+
+
 def run_summary(history: Sequence[dict], final_eval: dict, adapter_dir: Path, trainable_parameters: int,
                 seconds: float, load_seconds: float | None = None) -> dict[str, Any]:
     """The numbers of the end-of-run table: final train loss, final eval, mean tokens/s, peak memory, adapter size."""
@@ -91,6 +98,7 @@ def run_summary(history: Sequence[dict], final_eval: dict, adapter_dir: Path, tr
         "peak_device_memory_bytes": peak_device_memory_bytes(),
         "trainable_parameters": int(trainable_parameters),
         "adapter_bytes": _adapter_bytes(adapter_dir),
+        "exported_parameters": exported_parameters(adapter_dir),
     }
     summary.update({k: final_eval[k] for k in _EVAL_KEYS if k in final_eval})
     return summary
@@ -108,7 +116,8 @@ def format_summary(s: dict[str, Any]) -> str:
              ("model load time", "n/a" if s.get("load_seconds") is None else f"{s['load_seconds']:.1f} s"),
              ("peak host memory (RSS)", _mib(s["peak_host_memory_bytes"])),
              ("peak device memory", _mib(s["peak_device_memory_bytes"])),
-             ("trainable parameters", f"{s['trainable_parameters']:,}"), ("adapter size", _mib(s["adapter_bytes"]))]
+             ("trainable parameters", f"{s['trainable_parameters']:,}"), ("adapter size", _mib(s["adapter_bytes"])),
+             ("exported parameters", f"{s.get('exported_parameters', 0):,}")]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'metric'.ljust(width)} | value", f"{'-' * width}-+-{'-' * 12}"]
     return "\n".join([*lines, *(f"{k.ljust(width)} | {v}" for k, v in rows)])

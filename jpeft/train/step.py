@@ -156,8 +156,18 @@ def eval_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, metho
                          dtype=dtype, max_targets=max_targets)[:2]
 
 
+def master_copy(x: jax.Array) -> jax.Array:
+    """A new array of `x` for the train state: fp32 for 16-bit floats (the master weights AdamW updates; the forward
+    casts them to the compute dtype per use), else `x`'s dtype. Always a copy, never `x` itself."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize < 4:
+        return x.astype(F32)
+    return jnp.copy(x)
+
+
 def init_state(adapters: dict, tx: optax.GradientTransformation, seed: int) -> dict:
-    """A fresh train state. The adapters are copied: `train_step` donates the state's buffers."""
-    adapters = jax.tree_util.tree_map(jnp.copy, adapters)
+    """A fresh train state. The adapters are copied (`master_copy`: 16-bit leaves, e.g. the weights full fine-tuning
+    trains from a bf16 base, become fp32 masters): `train_step` donates the state's buffers, and the adapters may be
+    the base's own arrays, which are never written."""
+    adapters = jax.tree_util.tree_map(master_copy, adapters)
     return {"step": jnp.int32(0), "adapters": adapters, "opt_state": tx.init(adapters),
             "rng": jax.random.PRNGKey(seed)}
