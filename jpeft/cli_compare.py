@@ -16,9 +16,10 @@ from jpeft.compare.runner import Context, base_eval, run_entry
 from jpeft.errors import ConfigError
 from jpeft.loading import resolve_model_path
 from jpeft.methods.common import parse_ints
-from jpeft.train.data import train_eval_split
+from jpeft.torch_bridge.outputs import check_location, check_not_input
+from jpeft.train.batches import train_eval_split
 from jpeft.train.evaluate import label_set
-from jpeft.train.run_folder import check_writable, out_lock
+from jpeft.train.run_folder import out_lock
 from jpeft.train.settings import TrainSettings
 from jpeft.train.sources import DATA_HELP, load_examples
 
@@ -123,9 +124,10 @@ def _prepare(args) -> tuple[list, Context, dict]:
         raise ConfigError(f"--val-fraction {args.val_fraction}: must be in (0, 1)")
     examples, eval_ex = load_examples(args.data), load_examples(args.eval_data)
     metric = _metric(args, eval_ex)
-    resolve_model_path(args.model, allow_torch_bin=args.allow_torch_bin)
+    model_path = resolve_model_path(args.model, allow_torch_bin=args.allow_torch_bin)
     out = Path(args.out)
-    check_writable(out)
+    check_not_input(out, {"--model": model_path, "--data": args.data, "--eval-data": args.eval_data}, "--out")
+    check_location(out, "--out", inside=True)  # writable, no dangling link: before anything runs
     train, val = train_eval_split(examples, args.val_fraction, args.split_seed)
     data = {"train": str(args.data), "eval": str(args.eval_data), "train_rows": len(examples), "val_rows": len(val),
             "eval_rows": len(eval_ex), "split_seed": args.split_seed, "val_fraction": args.val_fraction}

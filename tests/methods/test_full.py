@@ -18,7 +18,7 @@ from jpeft.errors import ConfigError
 from jpeft.methods import catalog
 from jpeft.methods.full import FullConfig, init_full, merge_full
 from jpeft.torch_bridge import hf_names as hf
-from jpeft.train.data import BatchSchedule
+from jpeft.train.batches import BatchSchedule
 from jpeft.train.loop import make_rows, train
 from jpeft.train.settings import OptimConfig, TrainConfig
 from jpeft.train.step import batch_nll, build_optimizer, init_state
