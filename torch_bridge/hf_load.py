@@ -22,6 +22,7 @@ from jpeft.errors import CheckpointError, ConfigError
 from jpeft.models.config import SUPPORTED_FAMILIES, ModelConfig, from_hf_config
 from jpeft.torch_bridge import bnb_checkpoint as bnb
 from jpeft.torch_bridge import hf_names as hf
+from jpeft.torch_bridge import mxfp4
 from jpeft.torch_bridge.safetensors_io import open_checkpoint
 
 Getter = Callable[[str], np.ndarray]
@@ -81,11 +82,15 @@ def _stack(get: Getter, names: list[str], transpose: bool, dtype: Any) -> jax.Ar
 
 
 def _expert_layer(get: Getter, cfg: ModelConfig, p: hf.HFParam, layer: int) -> np.ndarray:
-    """One layer's fused expert stack `[E, in, out]` (JAX layout) from the fused transformers-5 tensor
-    (`[E, out, in]`) or, when the checkpoint has none, from the per-expert hub tensors."""
+    """One layer's fused expert stack `[E, in, out]` (JAX layout) from the fused tensor (transformers 5:
+    `[E, out, in]`; gpt_oss: `[E, in, out]`), its MXFP4 blocks and scales (gpt_oss hub checkpoints), or, when
+    the checkpoint has neither, the per-expert hub tensors."""
     fused = p.name.format(i=layer)
-    if getattr(get, "has", lambda n: False)(fused):
-        return np.swapaxes(get(fused), 1, 2)
+    has = getattr(get, "has", lambda n: False)
+    if has(fused):
+        return np.swapaxes(get(fused), 1, 2) if p.transpose else get(fused)
+    if has(fused + "_blocks"):  # MXFP4: [E, OUT, IN] once dequantized, whatever the fused layout
+        return np.swapaxes(mxfp4.dequantize(get(fused + "_blocks"), get(fused + "_scales"), fused), 1, 2)
     return np.stack([np.concatenate([get(n).T for n in group], axis=1)
                      for group in hf.expert_names(cfg, layer, p.experts)])
 
@@ -93,7 +98,7 @@ def _expert_layer(get: Getter, cfg: ModelConfig, p: hf.HFParam, layer: int) -> n
 def _stack_experts(get: Getter, cfg: ModelConfig, p: hf.HFParam, dtype: Any) -> jax.Array:
     """`[L', E, in, out]` over the layers `p` exists in, one layer on the host at a time."""
     ids = p.layer_ids(cfg.num_layers)
-    e, out_dim, in_dim = p.shape
+    e, out_dim, in_dim = p.shape if p.transpose else (p.shape[0], p.shape[2], p.shape[1])
     buf = jnp.zeros((len(ids), e, in_dim, out_dim), dtype)
     for k, i in enumerate(ids):
         buf = _put(buf, k, np.ascontiguousarray(_expert_layer(get, cfg, p, i), dtype=dtype)[None])
@@ -171,10 +176,16 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_b
         raise CheckpointError(f"{path}: no such file or folder")
     raw_qc = bnb.read_quantization_config(path)
     cfg = from_hf_config(load_hf_config(path))
+    if mxfp4.is_mxfp4(raw_qc):  # gpt_oss experts in MXFP4: dequantized while loading, the rest is dense
+        if cfg.model_type != "gpt_oss":
+            raise ConfigError(f"{path}: quantization_config.quant_method='mxfp4' is supported for gpt_oss "
+                              f"checkpoints only (this is {cfg.model_type})")
+        raw_qc = None
     if cfg.has_experts and (quant is not None or raw_qc is not None):
         raise ConfigError(f"{path}: 4-bit loading (QLoRA) of a {cfg.model_type} mixture-of-experts model is not "
                           "supported (its expert weights have no 4-bit path yet); load it in bf16/fp32 and use "
-                          "--method lora (with --target-parameters for the experts)")
+                          "--method lora (with --target-parameters for the experts)"
+                          + _quant_hint(raw_qc))
     if allow_torch_bin and not _has_safetensors(path):
         from jpeft.torch_bridge.torch_bin import open_torch_bin
 
@@ -188,6 +199,15 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_b
         dense = functools.partial(_dense_kernel, get, jnp.dtype(dtype))
         kernel = bnb.prequantized_kernel(path, bnb.LazyTensors(index), raw_qc, dense, dtype, quant)
     return cfg, build_params(cfg, get, dtype, kernel, place)
+
+
+def _quant_hint(raw_qc: dict | None) -> str:
+    """What a non-bitsandbytes quantization_config of a MoE checkpoint (deepseek_v3's fp8) means here."""
+    method = (raw_qc or {}).get("quant_method", "bitsandbytes")
+    if method == "bitsandbytes":
+        return ""
+    return (f". Its config.json has quantization_config.quant_method={method!r}, which jpeft does not read "
+            "(supported: bitsandbytes 4-bit for dense models, mxfp4 for gpt_oss); convert the weights to bf16 first")
 
 
 def _dense_kernel(get: Getter, dtype: Any, names: list[str]) -> jax.Array:
