@@ -16,6 +16,7 @@ from jpeft.errors import JpeftError
 from jpeft.generate import SamplingConfig, generate
 from jpeft.kernels.dispatch import KERNEL_MODES
 from jpeft.loading import load
+from jpeft.models.moe_families import features as moe_features
 from jpeft.runtime import configure_host_memory
 from jpeft.train.data import render_chat
 
@@ -93,13 +94,13 @@ def cmd_info(args) -> int:
         "intermediate_size": c.intermediate_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
         "head_dim": c.head_dim, "vocab_size": c.vocab_size, "tied_embeddings": c.tie_word_embeddings,
         "sliding_windows": sorted(set(c.layer_windows) - {0}), "parameters": model.num_parameters,
-        "dtype": ",".join(dtypes),
+        "dtype": ",".join(dtypes), "features": moe_features(c),
     }
     if args.json:
         print(json.dumps(info))
     else:
         for k, v in info.items():
-            print(f"{k:18s} {v}")
+            print(f"{k:18s} {'; '.join(v) if k == 'features' else v}")
     return 0
 
 

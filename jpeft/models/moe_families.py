@@ -81,8 +81,8 @@ def _deepseek_moe(hf: Any) -> dict:
     experts = int(hf.n_routed_experts)
     flags = _layer_flags(hf.num_hidden_layers, lambda i: i >= first)
     v3 = hf.model_type == "deepseek_v3"
-    router = "noaux_tc" if v3 else hf.topk_method
-    if router not in ("greedy", "group_limited_greedy", "noaux_tc"):
+    router = "noaux_tc" if v3 else hf.topk_method  # (V3 ignores topk_method, as transformers does)
+    if not v3 and router not in ("greedy", "group_limited_greedy"):
         raise ConfigError(f"config.json topk_method={hf.topk_method!r} is not supported for deepseek_v2; supported: "
                           "greedy, group_limited_greedy (what transformers implements)")
     grouped = router != "greedy"
@@ -125,3 +125,26 @@ def check_routing(cfg: Any) -> None:
         raise ConfigError(f"config.json n_group={g}, topk_group={tg}, num_experts_per_tok={k}: deepseek_v3 routing "
                           f"needs at least 2 experts per group and num_experts_per_tok <= topk_group · "
                           f"{e // g} experts per group (else transformers picks masked experts by tie order)")
+
+
+def features(cfg: Any) -> list[str]:
+    """The mixture-of-experts and attention features of a config in words (`jpeft info`)."""
+    out = []
+    if cfg.attention == "mla":
+        q = f"q_lora_rank {cfg.q_lora_rank}" if cfg.q_lora_rank else "plain q_proj"
+        out.append(f"multi-head latent attention (kv_lora_rank {cfg.kv_lora_rank}, {q}, qk_nope/rope/v head dims "
+                   f"{cfg.qk_nope_head_dim}/{cfg.head_dim}/{cfg.v_head_dim}, latent KV cache"
+                   f"{', interleaved RoPE' if cfg.rope_interleave else ''})")
+    if cfg.attn_sinks:
+        out.append("attention sinks")
+    if cfg.has_experts:
+        dense = len(cfg.layer_ids(False))
+        out.append(f"mixture of experts: {cfg.num_experts} experts, top-{cfg.num_experts_per_tok}, router "
+                   f"{cfg.router}" + (f" ({cfg.n_group} groups, {cfg.topk_group} kept)" if cfg.n_group > 1 else "")
+                   + (f", {dense} dense-MLP layers" if dense else ""))
+    if cfg.shared_expert_size:
+        gate = ", sigmoid gate" if cfg.shared_expert_gate else ""
+        out.append(f"shared expert (width {cfg.shared_expert_size}{gate})")
+    if cfg.expert_act == "clamped_swiglu":
+        out.append(f"experts with biases, clamped SwiGLU (alpha {cfg.swiglu_alpha}, limit {cfg.swiglu_limit})")
+    return out
