@@ -108,6 +108,8 @@ MOE_VARIANTS: dict[tuple[str, str], dict] = {
                                             rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0,
                                                                  beta_fast=32.0, beta_slow=1.0, truncate=False,
                                                                  original_max_position_embeddings=8)),
+    ("gpt_oss", "e4k2_limit7"): dict(intermediate_size=40, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=3),  # the hub's clamp (7.0): trainable from a 0.2-std init
     ("gpt_oss", "k1_window6_types"): dict(intermediate_size=24, head_dim=24, num_local_experts=3, num_experts_per_tok=1,
                                           sliding_window=6, swiglu_limit=0.2,
                                           layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
