@@ -66,7 +66,8 @@ def _prompt_ids(args, tok, vocab: int) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-    model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=args.allow_torch_bin)
+    model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=args.allow_torch_bin,
+                 host_memory=args.host_memory)
     method, adapters = maybe_adapter(args.adapter, model)
     tok = model.tokenizer
     ids = _prompt_ids(args, tok, model.cfg.vocab_size)
@@ -86,7 +87,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    model = load(args.model, args.dtype, tokenizer=False, allow_torch_bin=args.allow_torch_bin)
+    model = load(args.model, args.dtype, tokenizer=False, allow_torch_bin=args.allow_torch_bin,
+                 host_memory=args.host_memory)
     c = model.cfg
     dtypes = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(model.params)})
     info = {

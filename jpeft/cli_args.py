@@ -20,6 +20,7 @@ from jpeft.loading import Model
 from jpeft.methods import catalog
 from jpeft.methods.base import Method
 from jpeft.methods.registry import MethodSpec
+from jpeft.torch_bridge.host_arena import HOST_MEMORY_MODES
 
 MODEL_HELP = ("HF checkpoint folder, .gguf file, or Hugging Face Hub id org/name[@revision] (read through the "
               "HF cache; HF_HOME, HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE apply; default: the bundled "
@@ -32,6 +33,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-torch-bin", action="store_true",
                         help="also read pickle-based pytorch_model.bin checkpoints (torch.load(weights_only=True); "
                              "needs torch); safetensors is read without it")
+    parser.add_argument("--host-memory", choices=HOST_MEMORY_MODES, default="auto",
+                        help="where the loaded base lives on the host: disk = a memory-mapped file in jpeft's cache "
+                             "(JPEFT_CACHE_DIR; its pages can be dropped and re-read like a checkpoint's), memory = "
+                             "anonymous memory, auto = disk for bases of 256 MiB and more")
 KERNELS_HELP = ("fused-op implementations: auto = Pallas kernels on GPU, pure-JAX references elsewhere; on = "
                 "Pallas everywhere (interpreted on CPU: slow, for checks); off = references only")
 

@@ -247,6 +247,7 @@ def _load_for_training(args) -> Model:
     mesh = None if args.mesh is None else make_mesh(args.mesh)  # a bad mesh fails before the model is read
     model = load(args.model, args.dtype, kernels=args.kernels, mesh=mesh,
                  allow_torch_bin=getattr(args, "allow_torch_bin", False),
+                 host_memory=getattr(args, "host_memory", "auto"),
                  **quant_load_kwargs(args, catalog.get_method(args.method)))
     if model.tokenizer is None:
         raise JpeftError(f"{model.path}: no tokenizer files; training needs the checkpoint's tokenizer")
@@ -271,7 +272,8 @@ def _print_eval(tag: str, rec: dict) -> None:
 
 def cmd_eval(args) -> int:
     """`jpeft.train.loop.evaluate` (the training loop's own eval) on a data file, with or without an adapter."""
-    model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=args.allow_torch_bin)
+    model = load(args.model, args.dtype, kernels=args.kernels, allow_torch_bin=args.allow_torch_bin,
+                 host_memory=args.host_memory)
     method, adapters = maybe_adapter(args.adapter, model)
     examples = load_examples(args.data)
     tc = TrainConfig(max_len=args.max_len, batch_size=args.batch_size, dtype=args.dtype)
@@ -294,7 +296,7 @@ def cmd_export(args) -> int:
     else:
         check_export_target(args.merged, sources, overwrite=args.overwrite)
     model = load(model_path, "float32", tokenizer=False, allow_torch_bin=args.allow_torch_bin,
-                 **quant_load_kwargs(args))
+                 host_memory=args.host_memory, **quant_load_kwargs(args))
     method, adapters = spec.load(Path(args.adapter), model.cfg, model.params)
     if args.gguf:
         save_gguf(args.gguf, model.cfg, model.params, method, adapters, model.path, gguf_type=args.gguf_type)

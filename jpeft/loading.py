@@ -12,13 +12,16 @@ from jax.sharding import Mesh
 
 from jpeft.assets import default_model_path
 from jpeft.dtypes import resolve_dtype
+from jpeft.errors import ConfigError
 from jpeft.kernels.dispatch import check_mode
 from jpeft.models.config import ModelConfig
 from jpeft.quant.kernel import with_compute_dtype
+from jpeft.runtime import release_host_memory
 from jpeft.torch_bridge import hub
 from jpeft.torch_bridge.bnb_checkpoint import QuantSpec
 from jpeft.torch_bridge.folders import load_tokenizer
 from jpeft.torch_bridge.hf_load import load_pretrained
+from jpeft.torch_bridge.host_arena import HOST_MEMORY_MODES
 
 
 @dataclasses.dataclass
@@ -52,7 +55,7 @@ def resolve_model_path(path: str | Path | None, *, allow_torch_bin: bool = False
 def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer: bool = True, *,
          allow_torch_bin: bool = False, quantize: str | None = None, double_quant: bool = True,
          blocksize: int = 64, compute_dtype: str | Any = None, kernels: str = "auto",
-         mesh: Mesh | str | None = None) -> Model:
+         mesh: Mesh | str | None = None, host_memory: str = "auto") -> Model:
     """Load an HF checkpoint folder (safetensors), a Hub model id or a llama-family `.gguf` file into a `Model`.
 
     `path`: a folder, a `.gguf` file, a Hub id (`org/name` or `org/name@revision`, read through the Hugging Face
@@ -68,6 +71,9 @@ def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer
     `mesh` (a `jax.sharding.Mesh` or a spec such as `"fsdp=8"`) places every base leaf by the partition rules
     (`jpeft.parallel.rules`) as soon as it is built: besides its shards, a device holds at most the one leaf
     being placed, never the whole model.
+    `host_memory` ("auto" | "disk" | "memory"): where the base lives on the host (`jpeft.torch_bridge.host_arena`):
+    "disk" keeps it in a memory-mapped file in jpeft's cache folder (`JPEFT_CACHE_DIR`), whose pages the OS can
+    drop and re-read like a checkpoint's; "auto" does so for bases of 256 MiB and more.
     """
     kernels = check_mode(kernels, "kernels")
     quant = None if quantize is None else QuantSpec(quantize, double_quant, blocksize).validate()
@@ -78,8 +84,11 @@ def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer
         from jpeft.parallel.state import leaf_placer
 
         place = leaf_placer(make_mesh(mesh) if isinstance(mesh, str | dict) else mesh)
+    if host_memory not in HOST_MEMORY_MODES:
+        raise ConfigError(f"host_memory={host_memory!r}; use one of {', '.join(HOST_MEMORY_MODES)}")
     cfg, params = load_pretrained(path, resolve_dtype(dtype), allow_torch_bin=allow_torch_bin, quant=quant,
-                                  place=place)
+                                  place=place, host_memory=host_memory)
+    release_host_memory()  # the per-layer load buffers are free now: hand them back to the OS
     if compute_dtype is not None:
         params = with_compute_dtype(params, resolve_dtype(compute_dtype))
     cfg = dataclasses.replace(cfg, kernels=kernels)

@@ -33,3 +33,20 @@ def configure_host_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, _LIMIT))
+
+
+def release_host_memory() -> bool:
+    """Return the host memory that is free inside the C heap to the OS (glibc `malloc_trim(0)`); True if done.
+
+    `jpeft.load` calls it when a model is loaded: loading makes large short-lived buffers (one layer cast or
+    quantized at a time), and after `configure_host_memory()` glibc would otherwise keep them mapped for the
+    rest of the process. A no-op returning False off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))

@@ -13,8 +13,9 @@ lm_head or a tied embedding), the backward recomputes each chunk's softmax from 
 log-sum-exp and accumulates `dw` as well. Which case applies is read from JAX's symbolic zeros
 (`CustomVJPPrimal.perturbed`), so callers never pass a flag.
 
-Shapes: h `[N, D]`, w `[D, V]`, labels `[N]` int -> nll `[N]` fp32. Gemma-2's final soft-capping
-`c·tanh(z/c)` is applied to the logits when `softcap` is given.
+Shapes: h `[N, D]`, w `[D, V]` (or `[V, D]` with `w_vd=True`: a tied embedding read in place, never
+transposed into a copy — for a 128k vocabulary that copy was 0.5-1 GB per step), labels `[N]` int -> nll `[N]`
+fp32. Gemma-2's final soft-capping `c·tanh(z/c)` is applied to the logits when `softcap` is given.
 """
 
 from __future__ import annotations
@@ -48,9 +49,25 @@ def _softcapped(z: jax.Array, softcap: float | None) -> tuple[jax.Array, jax.Arr
     return t * softcap, 1.0 - t * t
 
 
-def _chunk_stats(hc, w, lab, softcap):
+def _vocab_axis(vd: bool) -> int:
+    return 0 if vd else 1
+
+
+def _logits(hc: jax.Array, w: jax.Array, vd: bool) -> jax.Array:
+    """`hc [C, D]` times w (`[D, V]`, or `[V, D]` when `vd`) -> fp32 `[C, V]`, no transposed copy of w."""
+    d_axis = 1 - _vocab_axis(vd)
+    return jax.lax.dot_general(hc, w.astype(hc.dtype), (((1,), (d_axis,)), ((), ())), preferred_element_type=F32)
+
+
+def _back_to_h(d: jax.Array, w: jax.Array, vd: bool) -> jax.Array:
+    """`d [C, V] @ wᵀ` -> fp32 `[C, D]` for either layout of w."""
+    return jax.lax.dot_general(d.astype(w.dtype), w, (((1,), (_vocab_axis(vd),)), ((), ())),
+                               preferred_element_type=F32)
+
+
+def _chunk_stats(hc, w, lab, softcap, vd=False):
     """One chunk: capped logits `[C, V]`, their derivative (or None), lse `[C]`, nll `[C]`, valid `[C]`."""
-    z = jnp.matmul(hc, w.astype(hc.dtype), preferred_element_type=F32)
+    z = _logits(hc, w, vd)
     logits, dcap = _softcapped(z, softcap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     valid = lab >= 0
@@ -75,25 +92,25 @@ def _chunked(h, labels, chunk):
     return h.reshape(-1, chunk, h.shape[1]), labels.reshape(-1, chunk)
 
 
-def _nll_only(h, w, labels, softcap, chunk):
+def _nll_only(h, w, labels, softcap, chunk, vd):
     hs, ls = _chunked(h, labels, chunk)
-    nll = jax.lax.map(lambda xs: _chunk_stats(xs[0], w, xs[1], softcap)[3], (hs, ls))
+    nll = jax.lax.map(lambda xs: _chunk_stats(xs[0], w, xs[1], softcap, vd)[3], (hs, ls))
     return nll.reshape(-1)[: h.shape[0]]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _lce(h, w, labels, softcap, chunk):
-    return _nll_only(h, w, labels, softcap, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _lce(h, w, labels, softcap, chunk, vd):
+    return _nll_only(h, w, labels, softcap, chunk, vd)
 
 
-def _lce_fwd(h, w, labels, softcap, chunk):
+def _lce_fwd(h, w, labels, softcap, chunk, vd):
     h, w, labels = h.value, w, labels.value
     hs, ls = _chunked(h, labels, chunk)
     if w.perturbed:  # trained lm_head: keep what the recomputing backward needs
         w = w.value
 
         def body(xs):
-            _, _, lse, nll, _ = _chunk_stats(xs[0], w, xs[1], softcap)
+            _, _, lse, nll, _ = _chunk_stats(xs[0], w, xs[1], softcap, vd)
             return nll, lse
 
         nll, lse = jax.lax.map(body, (hs, ls))
@@ -101,16 +118,15 @@ def _lce_fwd(h, w, labels, softcap, chunk):
     w = w.value
 
     def body_grad(xs):  # frozen lm_head: d nll / d h of every row, in the same pass
-        logits, dcap, lse, nll, valid = _chunk_stats(xs[0], w, xs[1], softcap)
+        logits, dcap, lse, nll, valid = _chunk_stats(xs[0], w, xs[1], softcap, vd)
         d = _dlogits(logits, dcap, lse, xs[1], valid, jnp.ones_like(lse))
-        dh = jax.lax.dot_general(d.astype(w.dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-        return nll, dh.astype(h.dtype)  # [C, D]
+        return nll, _back_to_h(d, w, vd).astype(h.dtype)  # [C, D]
 
     nll, dh = jax.lax.map(body_grad, (hs, ls))
     return nll.reshape(-1)[: h.shape[0]], (dh.reshape(-1, h.shape[1])[: h.shape[0]],)
 
 
-def _lce_bwd(softcap, chunk, res, g):
+def _lce_bwd(softcap, chunk, vd, res, g):
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None, None
     if len(res) == 1:  # frozen w: d nll / d h was computed in the forward
@@ -122,10 +138,11 @@ def _lce_bwd(softcap, chunk, res, g):
 
     def body(dw, xs):
         hc, lab, lse_c, g_c = xs
-        logits, dcap, _, _, valid = _chunk_stats(hc, w, lab, softcap)
+        logits, dcap, _, _, valid = _chunk_stats(hc, w, lab, softcap, vd)
         d = _dlogits(logits, dcap, lse_c, lab, valid, g_c)
-        dh = jax.lax.dot_general(d.astype(w.dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-        dw = dw + jax.lax.dot_general(hc, d.astype(hc.dtype), (((0,), (0,)), ((), ())), preferred_element_type=F32)
+        dh = _back_to_h(d, w, vd)
+        a, b = (d.astype(hc.dtype), hc) if vd else (hc, d.astype(hc.dtype))  # dw in w's own layout
+        dw = dw + jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
         return dw, dh.astype(hc.dtype)
 
     dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, F32), (hs, ls, lse, gs))
@@ -136,17 +153,19 @@ _lce.defvjp(_lce_fwd, _lce_bwd, symbolic_zeros=True)
 
 
 def linear_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, *, softcap: float | None = None,
-                         chunk_size: int | None = None) -> jax.Array:
+                         chunk_size: int | None = None, w_vd: bool = False) -> jax.Array:
     """Per-token NLL `[N]` (fp32) of `softmax(softcap(h @ w))` at `labels`; rows with `labels < 0` give 0.
 
-    h `[N, D]` (any float dtype; logits accumulate in fp32), w `[D, V]`, labels `[N]` int. Never holds
-    more than `chunk_size × V` logits (default: 32 MiB worth). Differentiable in h and w.
+    h `[N, D]` (any float dtype; logits accumulate in fp32), w `[D, V]` (`[V, D]` with `w_vd=True`, e.g. a
+    tied embedding table), labels `[N]` int. Never holds more than `chunk_size × V` logits (default: 32 MiB
+    worth). Differentiable in h and w.
     """
-    impl = choose("cross_entropy", supported=pallas_supported(h, w, labels))
+    wt = w.T if w_vd else w  # a view for the shape checks; only the Pallas path below materializes it
+    impl = choose("cross_entropy", supported=pallas_supported(h, wt, labels))
     if impl == REFERENCE:  # the chunked custom VJP below
-        chunk = chunk_size or default_chunk_size(h.shape[0], w.shape[1])
-        return _lce(h, w, labels.astype(jnp.int32), softcap or None, int(chunk))
-    return pallas_linear_cross_entropy(h, w, labels, softcap=softcap, interpret=impl == INTERPRET)
+        chunk = chunk_size or default_chunk_size(h.shape[0], wt.shape[1])
+        return _lce(h, w, labels.astype(jnp.int32), softcap or None, int(chunk), bool(w_vd))
+    return pallas_linear_cross_entropy(h, wt, labels, softcap=softcap, interpret=impl == INTERPRET)
 
 
 def linear_cross_entropy_reference(h: jax.Array, w: jax.Array, labels: jax.Array, *,

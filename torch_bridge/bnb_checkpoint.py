@@ -26,11 +26,12 @@ import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.models.config import ModelConfig
-from jpeft.quant.blockwise import check_blocksize, check_quant_type
-from jpeft.quant.kernel import QuantizedKernel, quantize_layers, stack_weights
+from jpeft.quant.blockwise import check_blocksize, check_quant_type, quantize_4bit
+from jpeft.quant.kernel import QuantizedKernel, same_format
 from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge.bnb_format import BnbQuantConfig, from_hf_tensors, parse_quantization_config, to_hf_tensors
 from jpeft.torch_bridge.folders import source_config, write_hf_checkpoint
+from jpeft.torch_bridge.host_arena import HostArena
 
 KernelFn = Callable[[list[str]], Any]  # HF module names of one site, layer by layer -> stacked kernel
 
@@ -62,15 +63,19 @@ def read_quantization_config(folder: Path) -> dict | None:
         return None  # the regular loader reports the broken JSON
 
 
-def quantizing_kernel(get: Callable[[str], np.ndarray], spec: QuantSpec, dtype: Any) -> KernelFn:
-    """A `KernelFn` that casts each layer's `[out, in]` weight to `dtype` and quantizes it (`spec`)."""
+def quantizing_kernel(get: Callable[[str], np.ndarray], spec: QuantSpec, dtype: Any,
+                      arena: HostArena | None = None) -> KernelFn:
+    """A `KernelFn` that casts each layer's `[out, in]` weight to `dtype` and quantizes it (`spec`), writing
+    the codes layer by layer into `arena` (at most one layer is ever dense)."""
     spec = spec.validate()
-    np_dtype = jnp.dtype(dtype)
+    np_dtype, arena = jnp.dtype(dtype), arena or HostArena()
+
+    def layer(name: str) -> Any:
+        return quantize_4bit(jnp.asarray(np.asarray(get(name + ".weight"), np_dtype)), spec.quant_type,
+                             spec.blocksize, spec.double_quant)
 
     def kernel(names: list[str]) -> QuantizedKernel:
-        return quantize_layers(lambda i: np.asarray(get(names[i] + ".weight"), np_dtype), len(names),
-                               quant_type=spec.quant_type, blocksize=spec.blocksize,
-                               double_quant=spec.double_quant, compute_dtype=dtype)
+        return QuantizedKernel(arena.stack(len(names), lambda i: layer(names[i])), np_dtype.name)
 
     return kernel
 
@@ -97,7 +102,8 @@ def _is_4bit(tensors: Mapping[str, np.ndarray], prefix: str) -> bool:
 
 
 def prequantized_kernel(folder: Path, tensors: Mapping[str, np.ndarray], raw_qc: Mapping,
-                        dense: KernelFn, dtype: Any, requested: QuantSpec | None) -> KernelFn:
+                        dense: KernelFn, dtype: Any, requested: QuantSpec | None,
+                        arena: HostArena | None = None) -> KernelFn:
     """A `KernelFn` reading bnb 4-bit linears as stored (no dequantization); modules bnb skipped load
     dense through `dense`. Raises CheckpointError naming the file and key on malformed statistics."""
     qc: BnbQuantConfig = parse_quantization_config(raw_qc, str(folder / "config.json"))
@@ -116,7 +122,10 @@ def prequantized_kernel(folder: Path, tensors: Mapping[str, np.ndarray], raw_qc:
                                   f"{names[flags.index(True)]}.weight is 4-bit; jpeft needs one format per "
                                   "projection across layers (check llm_int8_skip_modules)")
         file = _file_of(tensors, names[0] + ".weight")
-        return QuantizedKernel(stack_weights([from_hf_tensors(tensors, n, file) for n in names]), cd)
+        first = from_hf_tensors(tensors, names[0], file)
+        layers = (arena or HostArena()).stack(
+            len(names), lambda i: same_format(from_hf_tensors(tensors, names[i], file), first, i))
+        return QuantizedKernel(layers, cd)
 
     return kernel
 

@@ -23,6 +23,7 @@ from jpeft.models.config import SUPPORTED_FAMILIES, ModelConfig, from_hf_config
 from jpeft.torch_bridge import bnb_checkpoint as bnb
 from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge import mxfp4
+from jpeft.torch_bridge.host_arena import HostArena
 from jpeft.torch_bridge.safetensors_io import open_checkpoint
 
 Getter = Callable[[str], np.ndarray]
@@ -56,29 +57,9 @@ def load_hf_config(folder: Path) -> Any:
     return hf
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
-def _put(buf: jax.Array, i: jax.Array, x: jax.Array, axis: int = 0) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(buf, x, i, axis)
-
-
-def _transposed(a: np.ndarray, dtype: Any, rows: int = 4096) -> jax.Array:
-    """`a.T` as a JAX array, filled in column blocks so no full-size host copy is made. a `[V, D]`."""
-    buf = jnp.zeros(a.shape[::-1], dtype)
-    for r in range(0, a.shape[0], rows):
-        buf = _put(buf, r, np.ascontiguousarray(a[r:r + rows].T, dtype=dtype), 1)
-    return buf
-
-
-def _stack(get: Getter, names: list[str], transpose: bool, dtype: Any) -> jax.Array:
-    """Stack per-layer tensors into one `[L, ...]` array, writing layer by layer into a donated buffer
-    so that only one layer's slice exists on the host besides the result."""
-    first = get(names[0])
-    shape = first.shape[::-1] if transpose else first.shape
-    buf = jnp.zeros((len(names),) + tuple(shape), dtype)
-    for i, n in enumerate(names):
-        a = get(n)
-        buf = _put(buf, i, np.ascontiguousarray(a.T if transpose else a, dtype=dtype)[None])
-    return buf
+def _oriented(a: np.ndarray, transpose: bool, dtype: Any) -> np.ndarray:
+    """One layer's tensor as jpeft stores it: transposed (`[out, in]` -> `[in, out]`) if asked, cast to `dtype`."""
+    return np.asarray(a.T if transpose else a).astype(dtype, copy=False)
 
 
 def _expert_layer(get: Getter, cfg: ModelConfig, p: hf.HFParam, layer: int) -> np.ndarray:
@@ -95,40 +76,50 @@ def _expert_layer(get: Getter, cfg: ModelConfig, p: hf.HFParam, layer: int) -> n
                      for group in hf.expert_names(cfg, layer, p.experts)])
 
 
-def _stack_experts(get: Getter, cfg: ModelConfig, p: hf.HFParam, dtype: Any) -> jax.Array:
-    """`[L', E, in, out]` over the layers `p` exists in, one layer on the host at a time."""
-    ids = p.layer_ids(cfg.num_layers)
-    e, out_dim, in_dim = p.shape if p.transpose else (p.shape[0], p.shape[2], p.shape[1])
-    buf = jnp.zeros((len(ids), e, in_dim, out_dim), dtype)
-    for k, i in enumerate(ids):
-        buf = _put(buf, k, np.ascontiguousarray(_expert_layer(get, cfg, p, i), dtype=dtype)[None])
-    return buf
+def base_nbytes(cfg: ModelConfig, dtype: Any, quant: Any = None) -> int:
+    """Bytes of the base params `build_params` makes for `cfg` in `dtype` (4-bit linears with `quant`, a
+    `bnb_checkpoint.QuantSpec`): codes, block statistics and the dense rest. From the config alone."""
+    item, total = jnp.dtype(dtype).itemsize, 0
+    for p in hf.base_params(cfg):
+        n, layers = int(np.prod(p.shape, dtype=np.int64)), len(p.layer_ids(cfg.num_layers)) if p.layered else 1
+        if quant is not None and p.module is not None:  # per layer: codes, absmax (+ nested absmax and offset)
+            blocks = -(-n // quant.blocksize)
+            stats = blocks + 4 * -(-blocks // 256) + 4 if quant.double_quant else 4 * blocks
+            total += layers * ((n + 1) // 2 + stats)
+        else:
+            total += layers * n * item
+    return total
 
 
 def build_params(cfg: ModelConfig, get: Getter, dtype: Any,
-                 kernel: Callable[[list[str]], Any] | None = None, place: Placer | None = None) -> dict:
+                 kernel: Callable[[list[str]], Any] | None = None, place: Placer | None = None,
+                 arena: HostArena | None = None) -> dict:
     """Assemble the base pytree from HF-named tensors (`get(name)` -> torch-layout array).
 
     `kernel(module_names)` builds one projection's stacked kernel from its per-layer HF module names
     (default: the dense `[L, in, out]` stack; QLoRA passes a 4-bit one, see `bnb_checkpoint`).
     Expert stacks are read from fused or per-expert tensors (`get.has(name)` says which exist).
+    Each leaf is written one layer at a time into `arena` (default: anonymous memory), so a load holds the
+    finished leaves plus one layer's source tensor (`host_arena`).
     `place(path, value)` moves each leaf (dense or 4-bit) to its final devices as soon as it is built, so
     that a sharded load holds at most one whole leaf at a time (`jpeft.parallel.state.leaf_placer`).
     """
-    np_dtype = jnp.dtype(dtype)
-    kernel = kernel or functools.partial(_dense_kernel, get, np_dtype)
+    np_dtype, arena = jnp.dtype(dtype), arena or HostArena()
+    kernel = kernel or functools.partial(_dense_kernel, get, np_dtype, arena)
     params: dict = {}
     for p in hf.base_params(cfg):
         if p.experts is not None:
-            value = _stack_experts(get, cfg, p, np_dtype)
+            ids = p.layer_ids(cfg.num_layers)
+            value = arena.stack(len(ids), lambda k, p=p, ids=ids: _expert_layer(get, cfg, p, ids[k]).astype(np_dtype))
         elif p.module is not None:
             value = kernel([p.module.format(i=i) for i in range(cfg.num_layers)])
         elif p.layered:
-            value = _stack(get, p.names(cfg.num_layers), p.transpose, np_dtype)
+            names = p.names(cfg.num_layers)
+            value = arena.stack(len(names), lambda i, p=p, names=names: _oriented(get(names[i]), p.transpose, np_dtype))
         elif p.transpose:
-            value = _transposed(get(p.name), np_dtype)
+            value = arena.transposed(get(p.name), np_dtype)
         else:
-            value = jnp.asarray(np.asarray(get(p.name), np_dtype))
+            value = arena.cast(np.asarray(get(p.name)), np_dtype)
         hf.set_path(params, p.path, value if place is None else place(p.path, value))
     return params
 
@@ -158,7 +149,8 @@ def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], where
 
 
 def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_bin: bool = False,
-                    quant: Any = None, place: Placer | None = None) -> tuple[ModelConfig, dict]:
+                    quant: Any = None, place: Placer | None = None,
+                    host_memory: str = "auto") -> tuple[ModelConfig, dict]:
     """Load an HF checkpoint folder (safetensors, single or sharded) or a llama-family `.gguf` file.
 
     Returns `(cfg, params)`; params are cast to `dtype` (default fp32). Pickle-based `pytorch_model.bin`
@@ -168,10 +160,11 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_b
     `quant` (a `bnb_checkpoint.QuantSpec`) quantizes every decoder linear to 4 bits while loading. A folder
     whose config.json has a bitsandbytes `quantization_config` is always loaded 4-bit, as stored.
     `place` (see `build_params`) places each leaf on its devices as soon as it is built.
+    `host_memory` ("auto" | "disk" | "memory", see `host_arena`): where the base lives on the host.
     """
     path = Path(path)
     if path.suffix == ".gguf" or _is_gguf(path):
-        return _load_gguf(path, dtype, quant, place)
+        return _load_gguf(path, dtype, quant, place, host_memory)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     raw_qc = bnb.read_quantization_config(path)
@@ -186,19 +179,20 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_b
                           "supported (its expert weights have no 4-bit path yet); load it in bf16/fp32 and use "
                           "--method lora (with --target-parameters for the experts)"
                           + _quant_hint(raw_qc))
+    arena = HostArena.choose(host_memory, base_nbytes(cfg, dtype, quant or (bnb.QuantSpec() if raw_qc else None)))
     if allow_torch_bin and not _has_safetensors(path):
         from jpeft.torch_bridge.torch_bin import open_torch_bin
 
         tensors = open_torch_bin(path)
         return cfg, build_params(cfg, _getter(tensors.__getitem__, tensors.__contains__, path, cfg), dtype,
-                                 place=place)
+                                 place=place, arena=arena)
     index = open_checkpoint(path)
     get = _getter(lambda n: index[n].get(n), index.__contains__, path, cfg)
-    kernel = None if quant is None else bnb.quantizing_kernel(get, quant, dtype)
+    kernel = None if quant is None else bnb.quantizing_kernel(get, quant, dtype, arena)
     if raw_qc is not None:
-        dense = functools.partial(_dense_kernel, get, jnp.dtype(dtype))
-        kernel = bnb.prequantized_kernel(path, bnb.LazyTensors(index), raw_qc, dense, dtype, quant)
-    return cfg, build_params(cfg, get, dtype, kernel, place)
+        dense = functools.partial(_dense_kernel, get, jnp.dtype(dtype), arena)
+        kernel = bnb.prequantized_kernel(path, bnb.LazyTensors(index), raw_qc, dense, dtype, quant, arena)
+    return cfg, build_params(cfg, get, dtype, kernel, place, arena)
 
 
 def _quant_hint(raw_qc: dict | None) -> str:
@@ -210,8 +204,8 @@ def _quant_hint(raw_qc: dict | None) -> str:
             "(supported: bitsandbytes 4-bit for dense models, mxfp4 for gpt_oss); convert the weights to bf16 first")
 
 
-def _dense_kernel(get: Getter, dtype: Any, names: list[str]) -> jax.Array:
-    return _stack(get, [n + ".weight" for n in names], True, dtype)
+def _dense_kernel(get: Getter, dtype: Any, arena: HostArena, names: list[str]) -> jax.Array:
+    return arena.stack(len(names), lambda i: _oriented(get(names[i] + ".weight"), True, dtype))
 
 
 def _is_gguf(path: Path) -> bool:
@@ -225,7 +219,8 @@ def _has_safetensors(folder: Path) -> bool:
     return (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
 
 
-def _load_gguf(path: Path, dtype: Any, quant: Any = None, place: Placer | None = None) -> tuple[ModelConfig, dict]:
+def _load_gguf(path: Path, dtype: Any, quant: Any = None, place: Placer | None = None,
+               host_memory: str = "auto") -> tuple[ModelConfig, dict]:
     from transformers import AutoConfig
 
     from jpeft.torch_bridge.gguf import gguf_tensor_getter, read_gguf_config
@@ -235,5 +230,6 @@ def _load_gguf(path: Path, dtype: Any, quant: Any = None, place: Placer | None =
     cfg = from_hf_config(AutoConfig.for_model(model_type, **raw))
     read, names = gguf_tensor_getter(path)  # dequantizes one tensor at a time from the memory map
     get = _getter(read, set(names).__contains__, path, cfg)
-    kernel = None if quant is None else bnb.quantizing_kernel(get, quant, dtype)
-    return cfg, build_params(cfg, get, dtype, kernel, place)
+    arena = HostArena.choose(host_memory, base_nbytes(cfg, dtype, quant))
+    kernel = None if quant is None else bnb.quantizing_kernel(get, quant, dtype, arena)
+    return cfg, build_params(cfg, get, dtype, kernel, place, arena)

@@ -262,13 +262,15 @@ def resolve(cfg: ModelConfig, lc: LoraConfig) -> LoRA:
 # Init and merge.
 
 
-def _init_site(key, w: jax.Array, info: LoraSite, method: LoRA, how) -> dict:
+def _init_site(key, w: Any, info: LoraSite, method: LoRA, how) -> dict:
+    """A and B `[L, in, r]`, `[L, r, out]` for the stacked base kernel `w` `[L, in, out]` (dense or 4-bit: only
+    PiSSA and DoRA read its values, and DoRA dequantizes one layer at a time)."""
     n_layers, d_in, d_out = w.shape
     r_max = max(info.ranks)
     mask = rank_mask(info.ranks, r_max)
     ka, kb = jax.random.split(key)
     if how == "pissa":
-        a, b = pissa_factors(w, info.ranks, method.scales(info), r_max)
+        a, b = pissa_factors(dense_kernel(w), info.ranks, method.scales(info), r_max)
     else:
         bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=√5) on [r, in] == U(±1/√in)
         a = jax.random.uniform(ka, (n_layers, d_in, r_max), F32, -bound, bound)
@@ -282,7 +284,8 @@ def _init_site(key, w: jax.Array, info: LoraSite, method: LoRA, how) -> dict:
     tree = {"lora_A": a, "lora_B": b}
     if method.use_dora:
         s = jnp.asarray(method.scales(info), F32)[:, None, None]
-        tree["lora_magnitude_vector"] = jnp.linalg.norm(w + s * (a @ b), axis=1)
+        tree["lora_magnitude_vector"] = jnp.stack([jnp.linalg.norm(dense_kernel(w[i]) + s[i] * (a[i] @ b[i]), axis=0)
+                                                   for i in range(n_layers)])
     return tree
 
 
@@ -293,12 +296,13 @@ def init_lora(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array):
     method = resolve(cfg, lcfg)
     layers, residual = {}, {}
     for i, info in enumerate(method.sites):
-        w = dense_kernel(params["layers"][info.block][info.proj]["kernel"])
+        w = params["layers"][info.block][info.proj]["kernel"]  # never dequantized whole (an 8B gate_proj: 7.5 GB)
         tree = _init_site(jax.random.fold_in(rng, i), w, info, method, lcfg.init_lora_weights)
         layers.setdefault(info.block, {})[info.proj] = tree
         if lcfg.init_lora_weights == "pissa":
             s = jnp.asarray(method.scales(info), F32)[:, None, None]
-            residual.setdefault(info.block, {})[info.proj] = {"kernel": w - s * (tree["lora_A"] @ tree["lora_B"])}
+            residual.setdefault(info.block, {})[info.proj] = {"kernel": dense_kernel(w) - s * (tree["lora_A"] @
+                                                                                                tree["lora_B"])}
     for i, info in enumerate(method.expert_sites):
         key = jax.random.fold_in(rng, len(method.sites) + i)
         layers.setdefault("mlp", {}).setdefault("experts", {})[info.proj] = lora_experts.init_expert_site(

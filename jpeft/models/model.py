@@ -241,18 +241,19 @@ def hidden_states(params: dict, cfg: ModelConfig, input_ids: jax.Array, **kwargs
     return h, cache
 
 
-def lm_head_weight(params: dict, cfg: ModelConfig) -> jax.Array:
-    """The output projection `[D, V]` (the transposed embedding when tied)."""
+def lm_head(params: dict, cfg: ModelConfig) -> tuple[jax.Array, bool]:
+    """The output projection as stored: `(kernel [D, V], False)`, or `(embedding [V, D], True)` when tied.
+    Consumers contract over D in either layout; a transposed copy of a 128k-vocab table is never made."""
     if cfg.tie_word_embeddings or "lm_head" not in params:
-        return params["embed_tokens"].T
-    return params["lm_head"]["kernel"]
+        return params["embed_tokens"], True
+    return params["lm_head"]["kernel"], False
 
 
 @_with_kernel_mode
 def logits_from_hidden(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """h `[..., D]` -> fp32 logits `[..., V]` (gemma2: final soft-capping)."""
-    w = lm_head_weight(params, cfg)
-    logits = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=F32)
+    w, vd = lm_head(params, cfg)
+    logits = jnp.einsum("...d,vd->...v" if vd else "...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=F32)
     if cfg.final_softcap:
         logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     return logits

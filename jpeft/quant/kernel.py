@@ -13,7 +13,6 @@ step and recomputes the dequantization in the backward pass. The weight never re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,7 +22,7 @@ from flax import struct
 
 from jpeft.errors import QuantizationError
 from jpeft.kernels.nf4_matmul import nf4_matmul
-from jpeft.quant.blockwise import QuantizedWeight, dequantize_4bit, quantize_4bit
+from jpeft.quant.blockwise import QuantizedWeight, dequantize_4bit
 
 
 @struct.dataclass
@@ -90,25 +89,15 @@ class QuantizedKernel:
         return jax.vmap(one)(self.weight) if self.stacked else one(self.weight)
 
 
-def stack_weights(weights: Sequence[QuantizedWeight]) -> QuantizedWeight:
-    """Stack per-layer QuantizedWeights (same format and shape) into one with `[L, ...]` leaves."""
-    first = weights[0]
+def same_format(w: QuantizedWeight, first: QuantizedWeight, layer: int) -> QuantizedWeight:
+    """`w` (layer `layer` of one projection) if its 4-bit format and shape are `first`'s, else a QuantizationError:
+    the layers of a projection are stacked into one `QuantizedKernel`."""
     meta = (first.quant_type, first.blocksize, first.shape, first.dtype, first.double_quant)
-    for i, w in enumerate(weights):
-        if (w.quant_type, w.blocksize, w.shape, w.dtype, w.double_quant) != meta:
-            raise QuantizationError(
-                f"layer {i}: 4-bit format {w.quant_type}/{w.blocksize}/{list(w.shape)}/{w.dtype}/dq={w.double_quant}"
-                f" differs from layer 0 ({meta}); all layers of one projection must share a format")
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *weights)
-
-
-def quantize_layers(get_layer: Callable[[int], Any], num_layers: int, *, quant_type: str = "nf4",
-                    blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: Any = jnp.float32) -> QuantizedKernel:
-    """Quantize `num_layers` torch-layout `[out, in]` weights (`get_layer(i)`, one at a time) into a
-    stacked kernel, so at most one layer exists in full precision at once."""
-    ws = [quantize_4bit(jnp.asarray(get_layer(i)), quant_type, blocksize, double_quant) for i in range(num_layers)]
-    return QuantizedKernel(stack_weights(ws), jnp.dtype(compute_dtype).name)
+    if (w.quant_type, w.blocksize, w.shape, w.dtype, w.double_quant) != meta:
+        raise QuantizationError(
+            f"layer {layer}: 4-bit format {w.quant_type}/{w.blocksize}/{list(w.shape)}/{w.dtype}/dq={w.double_quant}"
+            f" differs from layer 0 ({meta}); all layers of one projection must share a format")
+    return w
 
 
 def is_quantized(x: Any) -> bool:

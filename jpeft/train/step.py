@@ -21,7 +21,7 @@ from jpeft.kernels.cross_entropy import linear_cross_entropy
 from jpeft.kernels.dispatch import kernel_mode
 from jpeft.methods.base import Method
 from jpeft.models.config import ModelConfig
-from jpeft.models.model import hidden_states_and_aux, lm_head_weight, with_overrides
+from jpeft.models.model import hidden_states_and_aux, lm_head, with_overrides
 
 F32 = jnp.float32
 SCHEDULES = ("cosine", "linear", "constant")
@@ -101,9 +101,10 @@ def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, meth
         keep = jnp.arange(max_targets) < jnp.sum(flat >= 0)
         h = h.reshape(-1, h.shape[-1])[idx]
         labels = jnp.where(keep, flat[idx], -100)
-    w = lm_head_weight(with_overrides(base, adapters, methods), cfg)
+    w, vd = lm_head(with_overrides(base, adapters, methods), cfg)
     with kernel_mode(cfg.kernels):
-        nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), softcap=cfg.final_softcap)
+        nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), softcap=cfg.final_softcap,
+                                   w_vd=vd)
     return jnp.sum(nll), jnp.sum(labels >= 0).astype(F32), aux
 
 

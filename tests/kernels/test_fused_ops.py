@@ -74,24 +74,29 @@ def torch_ce(h, w, labels, softcap):
     return nll, th, tw
 
 
+@pytest.mark.parametrize("w_vd", [False, True], ids=["w_dv", "w_vd"])
 @pytest.mark.parametrize("n,d,v,chunk,softcap", [(37, 24, 101, 8, None), (37, 24, 101, 16, 3.0),
                                                  (5, 7, 300, None, None), (64, 16, 50, 64, 30.0)])
-def test_linear_cross_entropy_matches_torch(n, d, v, chunk, softcap):
+def test_linear_cross_entropy_matches_torch(n, d, v, chunk, softcap, w_vd):
     rng = np.random.default_rng(n + v)
     h = rng.standard_normal((n, d), np.float32)
     w = (rng.standard_normal((d, v)) * 0.3).astype(np.float32)
     labels = rng.integers(0, v, n).astype(np.int32)
     labels[rng.random(n) < 0.3] = -100
     g = rng.standard_normal(n).astype(np.float32)
-    f = lambda h, w: linear_cross_entropy(h, w, jnp.asarray(labels), softcap=softcap, chunk_size=chunk)  # noqa: E731
-    nll = f(jnp.asarray(h), jnp.asarray(w))
-    dh_only = jax.grad(lambda h: jnp.sum(f(h, w) * g))(h)  # frozen w: gradient formed in the forward pass
-    dh, dw = jax.grad(lambda h, w: jnp.sum(f(h, w) * g), argnums=(0, 1))(h, w)  # trained w: recomputed
+    wl = np.ascontiguousarray(w.T) if w_vd else w  # a tied embedding is passed as stored, [V, D]
+    f = lambda h, w: linear_cross_entropy(h, w, jnp.asarray(labels), softcap=softcap, chunk_size=chunk,  # noqa: E731
+                                          w_vd=w_vd)
+    nll = f(jnp.asarray(h), jnp.asarray(wl))
+    dh_only = jax.grad(lambda h: jnp.sum(f(h, wl) * g))(h)  # frozen w: gradient formed in the forward pass
+    dh, dw = jax.grad(lambda h, w: jnp.sum(f(h, w) * g), argnums=(0, 1))(h, wl)  # trained w: recomputed
     tn, th, tw = torch_ce(h, w, labels, softcap)
     (tn * t(g)).sum().backward()
     assert rel(nll, tn.detach()) < 1e-5
     assert np.all(np.asarray(nll)[labels < 0] == 0)
-    assert rel(dh_only, th.grad) < 1e-5 and rel(dh, th.grad) < 1e-5 and rel(dw, tw.grad) < 1e-5
+    assert dw.shape == wl.shape
+    assert rel(dh_only, th.grad) < 1e-5 and rel(dh, th.grad) < 1e-5
+    assert rel(dw.T if w_vd else dw, tw.grad) < 1e-5
 
 
 def test_linear_cross_entropy_check_grads_bf16_and_chunk_size():
