@@ -87,7 +87,7 @@ def base_nbytes(cfg: ModelConfig, dtype: Any, quant: Any = None) -> int:
             stats = blocks + 4 * -(-blocks // 256) + 4 if quant.double_quant else 4 * blocks
             total += layers * ((n + 1) // 2 + stats)
         else:
-            total += layers * n * item
+            total += layers * n * (4 if p.fp32 else item)
     return total
 
 
@@ -114,8 +114,8 @@ def build_params(cfg: ModelConfig, get: Getter, dtype: Any,
         elif p.module is not None:
             value = kernel([p.module.format(i=i) for i in range(cfg.num_layers)])
         elif p.layered:
-            names = p.names(cfg.num_layers)
-            value = arena.stack(len(names), lambda i, p=p, names=names: _oriented(get(names[i]), p.transpose, np_dtype))
+            names, dt = p.names(cfg.num_layers), jnp.dtype(jnp.float32) if p.fp32 else np_dtype
+            value = arena.stack(len(names), lambda i, p=p, n=names, dt=dt: _oriented(get(n[i]), p.transpose, dt))
         elif p.transpose:
             value = arena.transposed(get(p.name), np_dtype)
         else:

@@ -71,6 +71,7 @@ class HFParam:
     module: str | None = None
     layers: tuple[int, ...] | None = None  # the layers this tensor exists in (None: all)
     experts: str | None = None  # "gate_up_proj" | "down_proj": a fused expert stack (see `expert_names`)
+    fp32: bool = False  # kept in fp32 whatever the load dtype (deepseek's router, as transformers keeps it)
 
     @property
     def layered(self) -> bool:
@@ -237,12 +238,12 @@ def _expert_params(cfg: ModelConfig, top: tuple[str, ...], moe: tuple[int, ...] 
     router bias, deepseek_v3's score-correction bias and gpt_oss's expert biases."""
     d, e, w = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
     router, pre = router_name(cfg), "model.layers.{i}.mlp."
-    out = [HFParam(top + ("gate", "kernel"), router, (e, d), True, layers=moe)]
+    out = [HFParam(top + ("gate", "kernel"), router, (e, d), True, layers=moe, fp32=cfg.router_fp32)]
     if cfg.router_bias:
         out.append(HFParam(top + ("gate", "bias"), router.replace(".weight", ".bias"), (e,), layers=moe))
     if cfg.router == "noaux_tc":
         out.append(HFParam(top + ("e_score_correction_bias",), pre + "gate.e_score_correction_bias", (e,),
-                           layers=moe))
+                           layers=moe, fp32=True))
     in_out = experts_in_out(cfg)
     for n, (d_in, d_out) in (("gate_up_proj", (d, 2 * w)), ("down_proj", (w, d))):
         shape = (e, d_in, d_out) if in_out else (e, d_out, d_in)
