@@ -73,17 +73,29 @@ def _logits(model, ids, mask, **kw):
     return np.asarray(jpeft.logits(model, ids, mask, **kw))
 
 
-def test_mxfp4_checkpoint_loads_with_transformers_logits_and_merges(mxfp4_folder, tmp_path):
-    """Logits equal transformers' dequantizing load; an expert LoRA merged into the MXFP4 base is written dense
-    (fused `[E, in, out]` stacks, no quantization_config) and transformers gives jpeft's logits for it."""
+def _batch():
+    ids, mask = batch_with_padding(128, np.random.default_rng(7), lengths=(17, 9, 5), side="left")
+    return ids, mask, mask.astype(bool)
+
+
+def test_mxfp4_checkpoint_loads_with_transformers_logits(mxfp4_folder):
+    """Logits equal transformers' dequantizing load (`Mxfp4Config(dequantize=True)`)."""
     folder, ref = mxfp4_folder
     model = jpeft.load(folder, tokenizer=False)
-    ids, mask = batch_with_padding(128, np.random.default_rng(7), lengths=(17, 9, 5), side="left")
-    real = mask.astype(bool)
+    ids, mask, real = _batch()
     with torch.no_grad():
         theirs = ref(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     MEASURED[("mxfp4 logits", *VARIANT)] = err = rel_err(_logits(model, ids, mask)[real], theirs[real])
     assert err <= 1e-5
+
+
+@pytest.mark.slow
+def test_mxfp4_base_merged_export_loads_in_transformers(mxfp4_folder, tmp_path):
+    """An expert LoRA merged into the MXFP4 base is written dense (fused `[E, in, out]` stacks, no
+    quantization_config) and transformers gives jpeft's logits for it."""
+    folder, _ = mxfp4_folder
+    model = jpeft.load(folder, tokenizer=False)
+    ids, mask, real = _batch()
     lc = LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"], init_lora_weights=False,
                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     method, ad = init_lora(model.cfg, model.params, lc, jax.random.PRNGKey(0))

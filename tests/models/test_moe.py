@@ -93,7 +93,7 @@ def test_logits_and_router_aux_loss_match_transformers(tiny_checkpoint, family, 
     assert aux_err <= 1e-5
 
 
-@pytest.mark.parametrize("family,variant", _cases(FAST[:1] + [MLA_GEN, NEW[2]]))
+@pytest.mark.parametrize("family,variant", _cases(FAST[:1] + [MLA_GEN]))  # (gpt_oss: test_moe_families' random)
 def test_greedy_generation_matches_transformers(tiny_checkpoint, family, variant):
     """Greedy decoding with the KV cache, 11-token prompts (gpt_oss: windows of 4; deepseek: the latent cache)."""
     folder, hf = tiny_checkpoint(family, variant)
@@ -152,7 +152,7 @@ def _peft_load(hf, folder):
         return peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(folder))
 
 
-@pytest.mark.parametrize("family,variant", _cases(FAST[1:] + NEW))
+@pytest.mark.parametrize("family,variant", _cases(FAST[1:] + NEW[1:]))  # (qwen2_moe's shared expert: import test)
 def test_expert_lora_export_loads_in_peft_with_equal_logits(tiny_checkpoint, tmp_path, family, variant):
     folder, hf = tiny_checkpoint(family, variant)
     cfg, params = load_pretrained(folder)
