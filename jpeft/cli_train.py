@@ -235,7 +235,7 @@ def _run_training(args, model, train_ex, eval_ex, out, resume, spec, config, fin
         spec.save(out / "adapter", model.cfg, built.method, res.adapters, **built.export_kwargs)
     run = json.loads((out / "run.json").read_text())
     summary = run_summary(res.history, res.eval, out / "adapter", run["trainable_parameters"],
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, model.load_seconds)
     run.update(kernels=kernels, summary=summary)
     write_json_atomic(out / "run.json", run)
     print(format_summary(summary))

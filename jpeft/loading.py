@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ class Model:
     params: dict
     tokenizer: Any
     path: Path
+    load_seconds: float | None = None  # wall time of `load` (reading, casting/quantizing, placing)
 
     @property
     def num_parameters(self) -> int:
@@ -75,6 +77,7 @@ def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer
     "disk" keeps it in a memory-mapped file in jpeft's cache folder (`JPEFT_CACHE_DIR`), whose pages the OS can
     drop and re-read like a checkpoint's; "auto" does so for bases of 256 MiB and more.
     """
+    t0 = time.perf_counter()
     kernels = check_mode(kernels, "kernels")
     quant = None if quantize is None else QuantSpec(quantize, double_quant, blocksize).validate()
     path = resolve_model_path(path, allow_torch_bin=allow_torch_bin)
@@ -92,4 +95,5 @@ def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer
     if compute_dtype is not None:
         params = with_compute_dtype(params, resolve_dtype(compute_dtype))
     cfg = dataclasses.replace(cfg, kernels=kernels)
-    return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path) if tokenizer else None, path=path)
+    return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path) if tokenizer else None, path=path,
+                 load_seconds=time.perf_counter() - t0)

@@ -20,6 +20,8 @@ import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.models.config import SUPPORTED_FAMILIES, ModelConfig, from_hf_config
+from jpeft.quant.blockwise import quantize_4bit
+from jpeft.quant.kernel import QuantizedKernel
 from jpeft.torch_bridge import bnb_checkpoint as bnb
 from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge import mxfp4
@@ -121,6 +123,31 @@ def build_params(cfg: ModelConfig, get: Getter, dtype: Any,
         else:
             value = arena.cast(np.asarray(get(p.name)), np_dtype)
         hf.set_path(params, p.path, value if place is None else place(p.path, value))
+    return params
+
+
+def abstract_params(cfg: ModelConfig, dtype: Any, quant: Any = None) -> dict:
+    """The base tree `build_params` makes for `cfg`, with `jax.ShapeDtypeStruct` leaves: nothing is read or
+    allocated (memory estimates, lowering a step for another device). 4-bit linears with `quant` (a QuantSpec)."""
+    np_dtype, params = jnp.dtype(dtype), {}
+
+    def stacked(n: int, tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), tree)
+
+    for p in hf.base_params(cfg):
+        n = len(p.layer_ids(cfg.num_layers)) if p.layered else 1
+        if p.experts is not None:
+            e, out_dim, in_dim = p.shape
+            value = jax.ShapeDtypeStruct((n, e, in_dim, out_dim), np_dtype)
+        elif p.module is not None and quant is not None:
+            one = jax.eval_shape(lambda shape=p.shape: quantize_4bit(jnp.zeros(shape, np_dtype), quant.quant_type,
+                                                                      quant.blocksize, quant.double_quant))
+            value = QuantizedKernel(stacked(cfg.num_layers, one), np_dtype.name)
+        elif p.layered or p.module is not None:
+            value = jax.ShapeDtypeStruct((n, *(p.shape[::-1] if p.transpose else p.shape)), np_dtype)
+        else:
+            value = jax.ShapeDtypeStruct(tuple(p.shape[::-1] if p.transpose else p.shape), np_dtype)
+        hf.set_path(params, p.path, value)
     return params
 
 

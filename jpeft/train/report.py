@@ -78,7 +78,7 @@ def _adapter_bytes(folder: Path) -> int:
 
 
 def run_summary(history: Sequence[dict], final_eval: dict, adapter_dir: Path, trainable_parameters: int,
-                seconds: float) -> dict[str, Any]:
+                seconds: float, load_seconds: float | None = None) -> dict[str, Any]:
     """The numbers of the end-of-run table: final train loss, final eval, mean tokens/s, peak memory, adapter size."""
     train = [r for r in history if "loss" in r]
     summary: dict[str, Any] = {
@@ -86,6 +86,7 @@ def run_summary(history: Sequence[dict], final_eval: dict, adapter_dir: Path, tr
         "final_loss": train[-1]["loss"] if train else math.nan,
         "tokens_per_s": train[-1]["tokens_per_s"] if train else math.nan,
         "seconds": seconds,
+        "load_seconds": load_seconds,
         "peak_host_memory_bytes": peak_host_memory_bytes(),
         "peak_device_memory_bytes": peak_device_memory_bytes(),
         "trainable_parameters": int(trainable_parameters),
@@ -104,6 +105,7 @@ def format_summary(s: dict[str, Any]) -> str:
     rows = [("steps", str(s["steps"])), ("final train loss", f"{s['final_loss']:.4f}")]
     rows += [(k.replace("_", " "), f"{s[k]:.4f}") for k in _EVAL_KEYS if k in s]
     rows += [("tokens/s (run mean)", f"{s['tokens_per_s']:.0f}"), ("wall time", f"{s['seconds']:.1f} s"),
+             ("model load time", "n/a" if s.get("load_seconds") is None else f"{s['load_seconds']:.1f} s"),
              ("peak host memory (RSS)", _mib(s["peak_host_memory_bytes"])),
              ("peak device memory", _mib(s["peak_device_memory_bytes"])),
              ("trainable parameters", f"{s['trainable_parameters']:,}"), ("adapter size", _mib(s["adapter_bytes"]))]

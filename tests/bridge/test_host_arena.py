@@ -16,7 +16,7 @@ import jpeft
 from jpeft.errors import ConfigError
 from jpeft.models.model import forward
 from jpeft.torch_bridge import host_arena
-from jpeft.torch_bridge.hf_load import base_nbytes
+from jpeft.torch_bridge.hf_load import abstract_params, base_nbytes
 from jpeft.torch_bridge.host_arena import HostArena
 
 
@@ -87,14 +87,19 @@ def test_choose_falls_back_to_memory_with_one_warning(tmp_path, monkeypatch):
         assert not HostArena.choose("disk", 1 << 30).on_file
 
 
-def test_base_nbytes_counts_what_the_loader_builds(tiny_checkpoint):
+@pytest.mark.parametrize("family,variant", [("llama", "gqa_untied"), ("qwen2", "bias_tied")])
+def test_base_nbytes_and_abstract_params_match_what_the_loader_builds(tiny_checkpoint, family, variant):
     from jpeft.torch_bridge.bnb_checkpoint import QuantSpec
 
-    folder, _ = tiny_checkpoint("llama", "gqa_untied")
+    folder, _ = tiny_checkpoint(family, variant)
     for quantize, spec in ((None, None), ("nf4", QuantSpec()), ("fp4", QuantSpec("fp4", False))):
         m = jpeft.load(folder, tokenizer=False, quantize=quantize, double_quant=spec is None or spec.double_quant)
         built = sum(x.nbytes for x in jax.tree_util.tree_leaves(m.params))
         assert base_nbytes(m.cfg, jnp.float32, spec) == built
+        abstract = abstract_params(m.cfg, jnp.float32, spec)
+        assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(m.params)
+        assert [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(abstract)] == [
+            (x.shape, x.dtype) for x in jax.tree_util.tree_leaves(m.params)]
 
 
 def test_bad_host_memory_mode_is_named(tiny_checkpoint):

@@ -57,21 +57,25 @@ def test_qlora_learns_like_lora_on_the_dense_base(qmodel):
     assert abs(q[-1] - dense[-1]) < 0.05 * dense[-1], (q, dense)
 
 
-def test_no_gradient_or_dense_copy_of_the_4bit_base(qmodel):
+@pytest.mark.parametrize("remat,dtype", [("projections", jnp.float32), ("full", jnp.bfloat16)])
+def test_no_gradient_or_dense_copy_of_the_4bit_base(qmodel, remat, dtype):
     _, model = qmodel
     method, adapters = _adapters(model)
     tx = build_optimizer(OptimConfig(), 10, (method,))
-    kw = dict(cfg=model.cfg, methods=(method,), tx=tx)
-    hlo = train_step.lower(init_state(adapters, tx, 0), model.params, _batch(model), **kw).as_text()
-    # A gradient (or a kept full-precision copy) of a stacked base kernel would be an f32 [L, in, out] or
-    # [L, out, in] array; per-layer dequantization inside the scan is [out, in] and recomputed.
-    for block, projs in model.params["layers"].items():
-        for proj, site in projs.items() if isinstance(projs, dict) else ():
-            k = site["kernel"]
-            assert isinstance(k, QuantizedKernel)
-            L, d_in, d_out = k.shape
-            for shape in (f"f32[{L},{d_in},{d_out}]", f"f32[{L},{d_out},{d_in}]"):
-                assert shape not in hlo.replace(" ", ""), (block, proj, shape)
+    kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=remat, dtype=dtype)
+    lowered = train_step.lower(init_state(adapters, tx, 0), model.params, _batch(model), **kw)
+    # A gradient (or a kept full-precision copy) of a stacked base kernel would be an f32/bf16 [L, in, out] or
+    # [L, out, in] array; per-layer dequantization inside the scan is [out, in] and recomputed. Checked before
+    # and after XLA's optimizations (which could hoist a loop-invariant dequantization out of the layer loop).
+    for hlo in (lowered.as_text(), lowered.compile().as_text()):
+        for block, projs in model.params["layers"].items():
+            for proj, site in projs.items() if isinstance(projs, dict) else ():
+                k = site["kernel"]
+                assert isinstance(k, QuantizedKernel)
+                L, d_in, d_out = k.shape
+                for t in ("f32", "bf16"):
+                    for shape in (f"{t}[{L},{d_in},{d_out}]", f"{t}[{L},{d_out},{d_in}]"):
+                        assert shape not in hlo.replace(" ", ""), (block, proj, shape)
     grads = jax.grad(lambda ad: jnp.sum(jpeft.api.forward(model.params, model.cfg, _batch(model)["input_ids"][0],
                                                           adapters=ad, methods=(method,))[0]))(adapters)
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(adapters)
