@@ -136,15 +136,16 @@ def abstract_params(cfg: ModelConfig, dtype: Any, quant: Any = None) -> dict:
 
     for p in hf.base_params(cfg):
         n = len(p.layer_ids(cfg.num_layers)) if p.layered else 1
-        if p.experts is not None:
-            e, out_dim, in_dim = p.shape
+        if p.experts is not None:  # stored [E, in, out]; on disk [E, out, in] (gpt_oss: as stored)
+            e, out_dim, in_dim = p.shape if p.transpose else (p.shape[0], p.shape[2], p.shape[1])
             value = jax.ShapeDtypeStruct((n, e, in_dim, out_dim), np_dtype)
         elif p.module is not None and quant is not None:
             one = jax.eval_shape(lambda shape=p.shape: quantize_4bit(jnp.zeros(shape, np_dtype), quant.quant_type,
                                                                       quant.blocksize, quant.double_quant))
             value = QuantizedKernel(stacked(cfg.num_layers, one), np_dtype.name)
         elif p.layered or p.module is not None:
-            value = jax.ShapeDtypeStruct((n, *(p.shape[::-1] if p.transpose else p.shape)), np_dtype)
+            dt = jnp.dtype(jnp.float32) if p.fp32 else np_dtype
+            value = jax.ShapeDtypeStruct((n, *(p.shape[::-1] if p.transpose else p.shape)), dt)
         else:
             value = jax.ShapeDtypeStruct(tuple(p.shape[::-1] if p.transpose else p.shape), np_dtype)
         hf.set_path(params, p.path, value)

@@ -194,3 +194,24 @@ def test_unsupported_family_lists_the_new_ones_and_gguf_refuses_them(tmp_path):
         with pytest.raises(ConfigError, match=f"GGUF export of model family '{family}' is not supported; supported "
                                               "families: llama, mistral, qwen2. Use `jpeft export --merged DIR`"):
             check_gguf_exportable({"model_type": family}, "x")
+
+
+@pytest.mark.parametrize("family,variant", [("deepseek_v3", "interleave_qlora_yarn"),
+                                            ("gpt_oss", "sinks_window_clamp")])
+def test_abstract_params_and_nbytes_match_the_loaded_tree(tiny_checkpoint, family, variant):
+    """From the config alone, in bf16: deepseek's router and score correction stay fp32, gpt_oss's expert stacks
+    are `[E, in, out]` on disk as in memory."""
+    import jax
+    import jax.numpy as jnp
+
+    from jpeft.torch_bridge.hf_load import abstract_params, base_nbytes
+    from jpeft.torch_bridge.hf_names import get_path, moe_path
+
+    cfg, params = load_pretrained(tiny_checkpoint(family, variant)[0], jnp.bfloat16)
+    abstract = abstract_params(cfg, jnp.bfloat16)
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(params)
+    assert [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(abstract)] == [
+        (x.shape, x.dtype) for x in jax.tree_util.tree_leaves(params)]
+    assert base_nbytes(cfg, jnp.bfloat16) == sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    router = get_path(params, moe_path(cfg) + ("gate", "kernel"))
+    assert (router.dtype == jnp.float32) == (family == "deepseek_v3")
