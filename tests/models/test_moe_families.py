@@ -215,3 +215,35 @@ def test_abstract_params_and_nbytes_match_the_loaded_tree(tiny_checkpoint, famil
     assert base_nbytes(cfg, jnp.bfloat16) == sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     router = get_path(params, moe_path(cfg) + ("gate", "kernel"))
     assert (router.dtype == jnp.float32) == (family == "deepseek_v3")
+
+
+@pytest.mark.slow
+def test_peft_converted_mlp_targets_import_as_expert_lora(tiny_checkpoint, tmp_path):
+    """peft 0.21 rewrites deepseek's gate_proj/up_proj/down_proj targets into the expert parameters (gate_up_proj
+    at rank and alpha ×2): such a folder imports as expert LoRA with those ranks and peft's logits."""
+    import copy
+
+    import peft
+
+    from jpeft.methods.lora import load_peft_adapter
+
+    folder, hf = tiny_checkpoint("deepseek_v3", "interleave_qlora_yarn")
+    torch.manual_seed(3)
+    conf = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["kv_b_proj", "gate_proj", "up_proj", "down_proj"],
+                           task_type="CAUSAL_LM", init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(hf), conf)
+    pm.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["kv_b_proj"] and saved["rank_pattern"] == {r".*\.gate_up_proj": 4}
+    cfg, params = load_pretrained(folder)
+    method, ad = load_peft_adapter(tmp_path, cfg, params)
+    assert [(s.proj, max(s.ranks), max(s.alphas)) for s in method.expert_sites] == [("gate_up_proj", 4, 8),
+                                                                                    ("down_proj", 2, 4)]
+    ids, mask = batch_with_padding(128, np.random.default_rng(7), lengths=(17, 9, 5), side="left")
+    with torch.no_grad():
+        ref = pm.eval()(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    real = mask.astype(bool)
+    ours = np.asarray(forward(params, cfg, ids, attention_mask=mask, adapters=ad, methods=(method,))[0])
+    MEASURED[("peft-converted import", "deepseek_v3", "interleave_qlora_yarn")] = err = float(
+        np.abs(ours - ref)[real].max() / np.abs(ref[real]).max())
+    assert err <= 1e-5
