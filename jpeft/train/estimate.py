@@ -1,0 +1,93 @@
+"""What a training run will hold in memory, known before a weight is read: `jpeft estimate`, and the check
+`jpeft train` makes before it loads the model.
+
+From config.json alone:
+- the base: the tree the loader builds, as `jax.ShapeDtypeStruct`s (`hf_load.abstract_params`; 4-bit codes and
+  block statistics for QLoRA), and where it will live (`host_arena`: a memory-mapped file or memory);
+- the adapters and the optimizer state: the method's own init and the optax chain under `jax.eval_shape` (exact);
+- the step's temporaries (activations saved for the backward at this batch, length and remat policy, gradients,
+  each layer's dequantized 4-bit weights, the loss's logit chunks): XLA's buffer assignment of the train step
+  compiled for exactly these shapes on this backend (`Compiled.memory_analysis()`), not a formula;
+- the runtime: the backend's libraries, the compiler's working memory and the compiled programs, a constant
+  measured on each backend (`RUNTIME_BYTES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.errors import ConfigError
+
+# Resident memory besides the arrays: Python, jax/jaxlib and transformers' tokenizers (~0.3 GB after import),
+# the compiler's freed-but-kept working memory and the compiled step, eval and check programs. Measured on
+# the CPU backend with bench/real_size.py (1B and 8B Llama shapes, LoRA and QLoRA).
+RUNTIME_BYTES = {"cpu": 900 << 20}
+_DEFAULT_RUNTIME = 1 << 30
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of every array (or ShapeDtypeStruct) leaf of `tree`."""
+    return int(sum(int(np.prod(x.shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+                   for x in jax.tree_util.tree_leaves(tree)))
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes by part; `base_on_disk`: the base lives in a memory-mapped file (pages the OS can drop)."""
+
+    parts: dict[str, int]
+    base_on_disk: bool = False
+    backend: str = "cpu"
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def table(self) -> str:
+        """One row per part, then the total, in GiB."""
+        names = {"base": "base model" + (" (memory-mapped file)" if self.base_on_disk else ""),
+                 "adapters": "trainable parameters", "optimizer": "optimizer state",
+                 "step": "step temporaries (activations, gradients, dequantized layers, loss chunks)",
+                 "batch": "batch", "runtime": f"runtime and compiled programs ({self.backend})"}
+        rows = [(names.get(k, k), v) for k, v in self.parts.items()] + [("total", self.total)]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)} | {v / 2**30:8.3f} GiB" for k, v in rows)
+
+
+def step_temporaries(step_fn: Any, *args: Any, **static: Any) -> int:
+    """Temporary bytes XLA assigns to `step_fn(*args, **static)` compiled for these abstract shapes."""
+    analysis = step_fn.lower(*args, **static).compile().memory_analysis()
+    if analysis is None:  # a backend without buffer assignment statistics
+        raise ConfigError(f"the {jax.default_backend()} backend reports no memory analysis; no estimate possible")
+    return int(analysis.temp_size_in_bytes)
+
+
+def runtime_bytes(backend: str | None = None) -> int:
+    return RUNTIME_BYTES.get(backend or jax.default_backend(), _DEFAULT_RUNTIME)
+
+
+def device_memory_limit() -> tuple[int | None, str]:
+    """(bytes the default device can hold, where that number comes from), or (None, why not)."""
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{dev.device_kind} bytes_limit"
+    try:  # the CPU backend: the machine's RAM
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return int(pages * size), "host RAM"
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
+
+
+def check_fits(est: MemoryEstimate, limit: int | None, where: str) -> None:
+    """A ConfigError with the breakdown when `est` exceeds `limit` bytes."""
+    if limit is not None and est.total > limit:
+        raise ConfigError(f"this run needs about {est.total / 2**30:.1f} GiB but the device has {limit / 2**30:.1f} "
+                          f"GiB ({where}):\n{est.table()}\nReduce --batch-size/--max-len, use --remat full, "
+                          "--quantize nf4 or fewer/smaller adapters; or pass --ignore-memory-estimate to try anyway")
