@@ -55,11 +55,11 @@ def main() -> None:
     cfg, rng = model.cfg, jax.random.PRNGKey(0)
     variants = {"base": ((), {})}
     for preset in ("houlsby", "pfeiffer"):
-        m, ad = init_bottleneck(cfg, BottleneckConfig(preset=preset), rng)
+        m, ad = init_bottleneck(cfg, model.params, BottleneckConfig(preset=preset), rng)
         variants[f"adapter {preset} (r={m.bottleneck_size})"] = ((m,), ad)
     m, ad = init_lora(cfg, model.params, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), rng)
     variants["lora r=16 all-linear, unmerged"] = ((m,), ad)
-    m, ad = init_prefix(cfg, PrefixTuningConfig(num_virtual_tokens=20), rng)
+    m, ad = init_prefix(cfg, model.params, PrefixTuningConfig(num_virtual_tokens=20), rng)
     variants["prefix P=20"] = ((m,), ad)
     print(f"model {model.path.name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}; backend "
           f"{jax.default_backend()}; prompt {args.prompt_len}, {args.tokens} decoded tokens, best of {args.repeats}")

@@ -150,7 +150,7 @@ ids = rng.integers(0, model.cfg.vocab_size, (1, batch, seq)).astype(np.int32)
 # one document per row, as the torch side runs (plain causal attention over seq tokens)
 b = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(np.roll(ids, -1, -1)),
      "attention_mask": jnp.ones(ids.shape, jnp.int32)}
-kw = dict(cfg=model.cfg, methods=(m,), tx=tx, remat="projections", dtype=jnp.bfloat16)
+kw = dict(cfg=model.cfg, methods=(m,), tx=tx, remat="projections", dtype=jnp.bfloat16, kernels=model.kernels)
 times = []
 for i in range(steps):
     t = time.perf_counter()

@@ -22,28 +22,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.dtypes import DTYPES, resolve_dtype
+from jpeft.kernels.dispatch import kernel_mode
 from jpeft.loading import Model, load, resolve_model_path
-from jpeft.methods import catalog
-from jpeft.methods.base import Method
+from jpeft.methods import catalog, export
 from jpeft.models.model import forward
-from jpeft.torch_bridge import merged
+from jpeft.sites import Method
 from jpeft.torch_bridge.folders import load_tokenizer
 
 __all__ = ["DTYPES", "Model", "forward", "load", "load_adapter", "load_tokenizer", "logits", "resolve_dtype",
            "resolve_model_path", "save_adapter", "save_merged"]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "methods"))
-def _logits(params, adapters, ids, mask, *, cfg, methods):
-    return forward(params, cfg, ids, adapters=adapters, methods=methods, attention_mask=mask)[0]
+@functools.partial(jax.jit, static_argnames=("cfg", "methods", "kernels"))
+def _logits(params, adapters, ids, mask, *, cfg, methods, kernels):
+    with kernel_mode(kernels):
+        return forward(params, cfg, ids, adapters=adapters, methods=methods, attention_mask=mask)[0]
 
 
 def logits(model: Model, input_ids: Any, attention_mask: Any = None, *, adapters: dict | None = None,
            methods: Sequence[Method] = ()) -> np.ndarray:
-    """fp32 logits `[B, T, V]` for input_ids `[B, T]` (and attention_mask `[B, T]`, 1 = real token)."""
+    """fp32 logits `[B, T, V]` for input_ids `[B, T]` (and attention_mask `[B, T]`, 1 = real token), under the
+    model's kernel mode (`model.kernels`)."""
     ids = jnp.asarray(np.atleast_2d(np.asarray(input_ids)), jnp.int32)
     mask = None if attention_mask is None else jnp.asarray(np.atleast_2d(np.asarray(attention_mask)), jnp.int32)
-    return np.asarray(_logits(model.params, adapters or {}, ids, mask, cfg=model.cfg, methods=tuple(methods)))
+    return np.asarray(_logits(model.params, adapters or {}, ids, mask, cfg=model.cfg, methods=tuple(methods),
+                              kernels=model.kernels))
 
 
 def load_adapter(folder: str | os.PathLike, model: Model) -> tuple[Method, dict]:
@@ -60,4 +63,4 @@ def save_adapter(folder: str | os.PathLike, model: Model, method: Method, adapte
 def save_merged(folder: str | os.PathLike, model: Model, method: Method, adapters: dict,
                 dtype: str = "float32") -> Path:
     """Fold the adapter into the base and write a transformers checkpoint (refuses unmergeable methods)."""
-    return merged.save_merged(folder, model.cfg, model.params, method, adapters, model.path, dtype)
+    return export.save_merged(folder, model.cfg, model.params, method, adapters, model.path, dtype)

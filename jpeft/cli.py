@@ -10,15 +10,15 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jpeft.cli_args import KERNELS_HELP, add_model_args, maybe_adapter, method_in_argv
+from jpeft.cli_args import add_model_args, add_setting_flags, maybe_adapter, method_in_argv
 from jpeft.cli_train import TRAIN_COMMANDS, add_train_commands
 from jpeft.errors import JpeftError
 from jpeft.generate import SamplingConfig, generate
-from jpeft.kernels.dispatch import KERNEL_MODES
 from jpeft.loading import load
 from jpeft.models.moe_families import features as moe_features
 from jpeft.runtime import configure_host_memory
 from jpeft.train.data import render_chat
+from jpeft.train.settings import TrainSettings
 
 
 def _add_generate(sub) -> None:
@@ -36,7 +36,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--adapter", default=None, help="adapter folder (peft format) to apply")
-    p.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES), help=KERNELS_HELP)
+    add_setting_flags(p, TrainSettings, ["kernels"])
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -77,7 +77,7 @@ def cmd_generate(args) -> int:
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
     out = generate(model.params, model.cfg, np.asarray([ids]), sampling=s, eos_token_ids=eos, seed=args.seed,
-                   adapters=adapters, methods=(method,))[0]
+                   adapters=adapters, methods=(method,), kernels=model.kernels)[0]
     text = tok.decode(out, skip_special_tokens=True) if tok is not None else None
     if args.json:
         print(json.dumps({"input_ids": ids, "output_ids": out, "text": text}))

@@ -4,6 +4,9 @@ Each field of a method's config (declared with `jpeft.methods.common.hp`) become
 (dashes for underscores) or its declared spelling, with the field's help text, its parser and choices, and
 the dataclass default as the one default (the value shown in `--help`; flags not given are not set, so the
 dataclass default applies). Booleans get `--x / --no-x`.
+
+Run settings (`jpeft.train.settings.TrainSettings`) become flags the same way (`add_setting_flags`), with the
+field default as the flag's default, so the parsed namespace (what `run.json` records) holds every setting.
 """
 
 from __future__ import annotations
@@ -12,15 +15,16 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jpeft.errors import ConfigError
 from jpeft.loading import Model
 from jpeft.methods import catalog
-from jpeft.methods.base import Method
 from jpeft.methods.registry import MethodSpec
+from jpeft.sites import Method
 from jpeft.torch_bridge.host_arena import HOST_MEMORY_MODES
+from jpeft.train.settings import RUN_DTYPES
 
 MODEL_HELP = ("HF checkpoint folder, .gguf file, or Hugging Face Hub id org/name[@revision] (read through the "
               "HF cache; HF_HOME, HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE apply; default: the bundled "
@@ -37,8 +41,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="where the loaded base lives on the host: disk = a memory-mapped file in jpeft's cache "
                              "(JPEFT_CACHE_DIR; its pages can be dropped and re-read like a checkpoint's), memory = "
                              "anonymous memory, auto = disk for bases of 256 MiB and more")
-KERNELS_HELP = ("fused-op implementations: auto = Pallas kernels on GPU, pure-JAX references elsewhere; on = "
-                "Pallas everywhere (interpreted on CPU: slow, for checks); off = references only")
 
 
 def _kind(hint: Any) -> type:
@@ -55,6 +57,16 @@ def _show(value: Any) -> str:
     if isinstance(value, list | tuple):
         return ",".join(map(str, value))
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _value_kwargs(meta: Mapping[str, Any], hint: Any) -> dict[str, Any]:
+    """`type`, `choices` and `metavar` of a field's (non-switch) flag."""
+    kw: dict[str, Any] = {"type": meta.get("parse") or _kind(hint)}
+    if meta.get("choices") is not None:
+        kw["choices"] = list(meta["choices"])
+    if meta.get("metavar"):
+        kw["metavar"] = meta["metavar"]
+    return kw
 
 
 def cli_fields(cls: type) -> list[dataclasses.Field]:
@@ -79,12 +91,33 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, title: str, des
                 group.add_argument(neg, dest=f.name, action="store_false", default=argparse.SUPPRESS,
                                    help=f"same as --no-{f.name.replace('_', '-')}")
             continue
-        kw["type"] = meta.get("parse") or _kind(hints[f.name])
-        if meta.get("choices") is not None:
-            kw["choices"] = list(meta["choices"])
-        if meta.get("metavar"):
-            kw["metavar"] = meta["metavar"]
-        group.add_argument(*names, **kw)
+        group.add_argument(*names, **kw, **_value_kwargs(meta, hints[f.name]))
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None,
+                      defaults: Mapping[str, Any] | None = None) -> None:
+    """A flag per field of the run-settings dataclass `cls` (every field, or `names` in that order) whose
+    default is the field's (or `defaults[name]`: the demo's recipe). Booleans are switches that set True.
+    A field's `group` names the titled argument group it is listed in; fields sharing an `exclusive` name
+    are mutually exclusive."""
+    hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    base = dataclasses.replace(cls(), **dict(defaults or {}))
+    groups: dict[Any, Any] = {}
+    for name in fields if names is None else names:
+        meta, target = fields[name].metadata, parser
+        if meta.get("group"):
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_argument_group(meta["group"])
+            target = groups[meta["group"]]
+        if meta.get("exclusive"):
+            if ("exclusive", meta["exclusive"]) not in groups:
+                groups[("exclusive", meta["exclusive"])] = target.add_mutually_exclusive_group()
+            target = groups[("exclusive", meta["exclusive"])]
+        kw: dict[str, Any] = {"default": getattr(base, name), "help": meta["help"]}
+        if _kind(hints[name]) is bool:
+            target.add_argument("--" + name.replace("_", "-"), action="store_true", **kw)
+            continue
+        target.add_argument("--" + name.replace("_", "-"), **kw, **_value_kwargs(meta, hints[name]))
 
 
 def config_from_args(cls: type, args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> Any:
@@ -112,7 +145,7 @@ def add_quant_flags(parser: argparse.ArgumentParser, spec: MethodSpec | None) ->
     g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="8-bit-quantize the 4-bit scales (0.127 instead of 0.5 extra bits per weight)")
     g.add_argument("--blocksize", type=int, default=64, help="elements per 4-bit scale (power of two, 32..4096)")
-    g.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
+    g.add_argument("--compute-dtype", default=None, choices=list(RUN_DTYPES),
                    help="dtype the 4-bit weights are dequantized to for the matmul (default: --dtype)")
 
 

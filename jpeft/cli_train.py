@@ -17,33 +17,37 @@ from pathlib import Path
 import jax
 
 from jpeft.cli_args import (
-    KERNELS_HELP,
     add_config_flags,
     add_model_args,
     add_quant_flags,
+    add_setting_flags,
     config_from_args,
     maybe_adapter,
     quant_load_kwargs,
 )
 from jpeft.errors import ConfigError, JpeftError
-from jpeft.kernels.dispatch import KERNEL_MODES, kernels_report, reset_report
+from jpeft.kernels.dispatch import kernels_report, reset_report
 from jpeft.loading import Model, load, resolve_model_path
 from jpeft.methods import catalog
+from jpeft.methods.export import save_gguf, save_merged
 from jpeft.methods.registry import MethodSpec, check_mergeable
-from jpeft.models.decoder import REMAT_POLICIES
 from jpeft.parallel.mesh import initialize_distributed, is_primary, make_mesh
 from jpeft.torch_bridge.folders import check_export_target, source_config
-from jpeft.torch_bridge.gguf_write import GGUF_FAMILIES, GGUF_TYPES, check_gguf_exportable, is_jpeft_gguf, save_gguf
-from jpeft.torch_bridge.merged import save_merged
+from jpeft.torch_bridge.gguf_write import GGUF_FAMILIES, GGUF_TYPES, check_gguf_exportable, is_jpeft_gguf
 from jpeft.torch_bridge.safetensors_io import atomic_write
 from jpeft.train.data import load_jsonl, train_eval_split
 from jpeft.train.evaluate import classification_eval, label_set
 from jpeft.train.fingerprint import check_resume, run_fingerprint
-from jpeft.train.loop import TrainConfig, check_out_dir, check_writable, evaluate, make_rows, out_lock, train
+from jpeft.train.loop import TrainConfig, evaluate, make_rows, run_loop
 from jpeft.train.metrics import format_table
-from jpeft.train.report import REPORT_TO, format_summary, run_summary
+from jpeft.train.report import format_summary, run_summary
+from jpeft.train.run_folder import claim_run_folder, out_lock
+from jpeft.train.settings import RUN_DTYPES, TrainSettings
 from jpeft.train.sources import DATA_HELP, load_examples
-from jpeft.train.step import OptimConfig
+
+# `jpeft demo`'s recipe: the settings it runs with where they differ from `TrainSettings`' defaults (the runs the
+# README and bench/RESULTS.md report); shown as the defaults in `jpeft demo --help`.
+DEMO_SETTINGS = {"lr": 1e-3, "batch_size": 4, "max_len": 256, "warmup_steps": 3}
 
 
 def bundled_data(name: str) -> Path:
@@ -52,12 +56,13 @@ def bundled_data(name: str) -> Path:
 
 
 def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
+    """The run's I/O flags and every run setting (`TrainSettings`; the demo's with its recipe as defaults)."""
     if not demo:
         add_model_args(p)
         p.add_argument("--data", required=True, help="training " + DATA_HELP)
         p.add_argument("--eval-data", default=None,
                        help="held-out examples, in any --data format (default: --eval-fraction of --data)")
-        p.add_argument("--eval-fraction", type=float, default=0.1)
+        add_setting_flags(p, TrainSettings, ["eval_fraction"])
         p.add_argument("--out", required=True, help="output folder (adapter/, metrics.jsonl, loss.png, checkpoints/)")
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints "
                        "(refused if the settings differ from that run's; see --allow-changes)")
@@ -65,41 +70,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
                        "(every other changed setting is still refused)")
     else:
         p.add_argument("--out", default="jpeft-demo", help="output folder")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None)
-    length.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--lr", type=float, default=1e-3 if demo else 2e-4)
-    p.add_argument("--batch-size", type=int, default=4 if demo else 8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-len", type=int, default=256 if demo else 512)
-    p.add_argument("--no-pack", action="store_true", help="one example per row instead of packing")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup-steps", type=int, default=3 if demo else 0)
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (LoRA+: of every group)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--remat", default="projections", choices=list(REMAT_POLICIES),
-                   help="what the backward recomputes: projections (default) saves the q/k/v/gate/up outputs and "
-                        "recomputes only cheap ops; full saves layer inputs only (least memory); offload keeps "
-                        "layer inputs in pinned host memory (GPU/TPU); none saves all")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES), help=KERNELS_HELP)
-    p.add_argument("--offload-optimizer", action="store_true",
-                   help="keep optimizer state in pinned host memory between steps (where the backend has it)")
-    p.add_argument("--report-to", default="none", choices=list(REPORT_TO),
-                   help="also log metrics to TensorBoard event files in OUT/tensorboard (needs tensorboardX)")
-    p.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("scale out (see README: Scale out)")
-    g.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T,expert=E",
-                   help="train sharded over all devices of all processes: data parallel, fully sharded data parallel "
-                        "(base weights split over their large axis), tensor parallel (heads/MLP), expert; the sizes "
-                        "must multiply to the device count (default: one device, no sharding)")
-    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
-                   help="multi-process run: process 0's address (jax.distributed.initialize); SLURM: auto-detected")
-    g.add_argument("--num-processes", type=int, default=None, help="multi-process run: number of processes")
-    g.add_argument("--process-id", type=int, default=None, help="multi-process run: this process's index (0..N-1)")
+    run = [f.name for f in dataclasses.fields(TrainSettings) if f.name != "eval_fraction"]
+    add_setting_flags(p, TrainSettings, run, DEMO_SETTINGS if demo else None)
 
 
 def _add_method_args(p: argparse.ArgumentParser, method: str, *, demo: bool) -> None:
@@ -127,10 +99,7 @@ def add_train_commands(sub, method: str = "lora") -> None:
     add_model_args(p)
     p.add_argument("--adapter", default=None)
     p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--kernels", default="auto", choices=list(KERNEL_MODES), help=KERNELS_HELP)
+    add_setting_flags(p, TrainSettings, ["max_len", "batch_size", "dtype", "kernels"])
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("export", help="merge an adapter into the base; write an HF checkpoint or a GGUF file")
     add_model_args(p)
@@ -145,17 +114,8 @@ def add_train_commands(sub, method: str = "lora") -> None:
                    help="GGUF tensor type of the matrices (norms stay f32; q8_0 falls back to f16 for rows that "
                         "hold no whole 32-value block)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier jpeft export at the output path")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--merged tensor dtype")
+    p.add_argument("--dtype", default="float32", choices=list(RUN_DTYPES), help="--merged tensor dtype")
     add_quant_flags(p, None)
-
-
-def _train_config(args) -> TrainConfig:
-    oc = OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule,
-                     weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None)
-    return TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       max_len=args.max_len, pack=not args.no_pack, seed=args.seed, eval_every=args.eval_every,
-                       save_every=args.save_every, remat=args.remat, dtype=args.dtype, optim=oc,
-                       offload_optimizer=args.offload_optimizer, mesh=args.mesh, report_to=(args.report_to,)).validate()
 
 
 def _split(args, examples):
@@ -168,16 +128,15 @@ def _split(args, examples):
     return train_eval_split(examples, args.eval_fraction, args.seed)
 
 
-def _write_run(out: Path, args, model: Model, spec: MethodSpec, config, built, fingerprint: dict) -> None:
-    if not is_primary():
-        return
-    out.mkdir(parents=True, exist_ok=True)
+def _run_record(args, model: Model, spec: MethodSpec, config, built, fingerprint: dict) -> dict:
+    """What `run.json` holds from the start: the command line, the model, the method and its config, the
+    parameter counts and the run's fingerprint (`kernels` and `summary` are added at the end)."""
     run = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | type(None))}
     tree = built.adapters.get(built.method.name, built.adapters)
     run.update(model=str(model.path), method=spec.name, method_config=dataclasses.asdict(config),
                trainable_parameters=built.method.num_trainable(tree), base_parameters=model.num_parameters,
                fingerprint=fingerprint)
-    write_json_atomic(out / "run.json", run)
+    return run
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -205,35 +164,36 @@ def _check_resume(out: Path, fingerprint: dict, allow_changes: bool) -> None:
 def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bool) -> dict:
     """Build the method, train, save the adapter (or the method's `finish`); returns the final eval record.
 
-    Holds the run-folder lock throughout; a fresh run refuses a folder with another run's checkpoints, and
-    `resume` refuses a run whose fingerprint (`jpeft.train.fingerprint`) differs from the saved one."""
+    Input errors come first; then the run folder is claimed once for the whole run (`claim_run_folder`: writable,
+    locked, no other run's checkpoints), and `resume` refuses a run whose fingerprint (`jpeft.train.fingerprint`)
+    differs from the saved one."""
     spec = catalog.get_method(args.method)
-    config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)  # input errors first
-    check_writable(out)
-    with out_lock(out):
-        check_out_dir(out, resume)
+    config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)
+    tc = config_from_args(TrainSettings, args).train_config()
+    with claim_run_folder(out, resume):
         fingerprint = _fingerprint(args, model, spec, config)
         if resume:
             _check_resume(out, fingerprint, getattr(args, "allow_changes", False))
-        return _run_training(args, model, train_ex, eval_ex, out, resume, spec, config, fingerprint)
+        return _run_training(args, model, (train_ex, eval_ex), out, resume, spec, config, tc, fingerprint)
 
 
-def _run_training(args, model, train_ex, eval_ex, out, resume, spec, config, fingerprint) -> dict:
+def _run_training(args, model, data, out, resume, spec, config, tc, fingerprint) -> dict:
+    """`run.json` written at the start and once more at the end (with `kernels` and `summary`), by process 0."""
     t0 = time.perf_counter()
-    built = spec.init(model, config, jax.random.PRNGKey(args.seed))
-    _write_run(out, args, model, spec, config, built, fingerprint)
-    base_model = Model(cfg=model.cfg, params=built.base, tokenizer=model.tokenizer, path=model.path)
+    built = spec.build(model, config, jax.random.PRNGKey(args.seed))
+    run = _run_record(args, model, spec, config, built, fingerprint)
+    if is_primary():
+        write_json_atomic(out / "run.json", run)
     reset_report()
-    res = train(base_model, built.method, built.adapters, train_ex, eval_ex, _train_config(args), out, resume=resume,
-                progress=not args.no_progress)
+    res = run_loop(dataclasses.replace(model, params=built.base), built.method, built.adapters, *data, tc, out,
+                   resume=resume, progress=not args.no_progress)
     if not is_primary():  # process 0 writes run.json and the adapter
         return res.eval
-    kernels = kernels_report(model.cfg.kernels)  # op -> what ran: "pallas", "pallas-interpret" or "reference"
+    kernels = kernels_report(model.kernels)  # op -> what ran: "pallas", "pallas-interpret" or "reference"
     if spec.finish is not None:  # rank-adaptive methods: export from the final state, report the ranks
         spec.finish(out, model, built, res)
     else:
         spec.save(out / "adapter", model.cfg, built.method, res.adapters, **built.export_kwargs)
-    run = json.loads((out / "run.json").read_text())
     summary = run_summary(res.history, res.eval, out / "adapter", run["trainable_parameters"],
                           time.perf_counter() - t0, model.load_seconds)
     run.update(kernels=kernels, summary=summary)
@@ -329,7 +289,8 @@ def cmd_demo(args) -> int:
     labels = label_set(test_ex)
     print(f"model {model.path.name}: {model.num_parameters / 1e6:.1f}M parameters; data: {len(train_ex)} train, "
           f"{len(test_ex)} held-out examples, labels {labels}")
-    before = classification_eval(model.params, model.cfg, model.tokenizer, test_ex, labels, max_len=args.max_len)
+    before = classification_eval(model.params, model.cfg, model.tokenizer, test_ex, labels, max_len=args.max_len,
+                                 kernels=model.kernels)
     print(f"before fine-tuning: macro-F1 {before['macro']['f1']:.3f}")
     if args.steps is None and args.epochs is None:
         args.epochs = 2.0
@@ -338,7 +299,7 @@ def cmd_demo(args) -> int:
     run_training(args, model, train_ex, [], out, resume=False)
     method, adapters = catalog.load_adapter(out / "adapter", model.cfg, model.params)  # evaluate what was exported
     after = classification_eval(model.params, model.cfg, model.tokenizer, test_ex, labels, adapters=adapters,
-                                methods=(method,), max_len=args.max_len)
+                                methods=(method,), max_len=args.max_len, kernels=model.kernels)
     print(format_table({"base model": before, f"+ {args.method}": after}))
     print(f"macro-F1 on the held-out split: {before['macro']['f1']:.3f} -> {after['macro']['f1']:.3f}")
     print(f"adapter (peft format) written to {out / 'adapter'}; metrics in {out / 'metrics.jsonl'}, "

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError
-from jpeft.methods.base import Method
+from jpeft.kernels.dispatch import kernel_mode
 from jpeft.models.config import ModelConfig
 from jpeft.models.model import forward, init_cache
+from jpeft.sites import Method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,18 +76,20 @@ def pick_token(logits: jax.Array, rng: jax.Array, s: SamplingConfig) -> jax.Arra
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "methods", "sampling"))
-def _step(params, adapters, cache, ids, mask, rng, *, cfg, methods, sampling):
-    logits, cache = forward(params, cfg, ids, adapters=adapters, methods=methods, attention_mask=mask,
-                            cache=cache)
+@functools.partial(jax.jit, static_argnames=("cfg", "methods", "sampling", "kernels"))
+def _step(params, adapters, cache, ids, mask, rng, *, cfg, methods, sampling, kernels="auto"):
+    with kernel_mode(kernels):
+        logits, cache = forward(params, cfg, ids, adapters=adapters, methods=methods, attention_mask=mask,
+                                cache=cache)
     return pick_token(logits[:, -1], rng, sampling), cache
 
 
 def generate(params: dict, cfg: ModelConfig, input_ids: Any, attention_mask: Any = None, *,
              sampling: SamplingConfig = SamplingConfig(), eos_token_ids: Sequence[int] | None = None,
              adapters: dict | None = None, methods: Sequence[Method] = (), seed: int = 0,
-             cache_dtype: Any = jnp.float32) -> list[list[int]]:
-    """Decode up to `sampling.max_new_tokens` per row; returns the new token ids of each row.
+             cache_dtype: Any = jnp.float32, kernels: str = "auto") -> list[list[int]]:
+    """Decode up to `sampling.max_new_tokens` per row (under kernel mode `kernels`); returns the new token ids
+    of each row.
 
     input_ids/attention_mask `[B, T]`, left or right padded. A row stops after emitting an EOS id
     (the EOS is included in its output).
@@ -97,7 +100,7 @@ def generate(params: dict, cfg: ModelConfig, input_ids: Any, attention_mask: Any
     eos = set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     cache = init_cache(cfg, b, t + max(sampling.max_new_tokens, 1), cache_dtype)
     rng = jax.random.PRNGKey(seed)
-    kw = dict(cfg=cfg, methods=tuple(methods), sampling=sampling)
+    kw = dict(cfg=cfg, methods=tuple(methods), sampling=sampling, kernels=kernels)
     outputs: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
     cur_ids, cur_mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from jpeft.assets import default_model_path
 from jpeft.dtypes import resolve_dtype
 from jpeft.errors import ConfigError
 from jpeft.kernels.dispatch import check_mode
-from jpeft.models.config import ModelConfig
+from jpeft.models.loaded import Model
 from jpeft.quant.kernel import with_compute_dtype
 from jpeft.runtime import release_host_memory
 from jpeft.torch_bridge import hub
@@ -23,22 +20,6 @@ from jpeft.torch_bridge.bnb_checkpoint import QuantSpec
 from jpeft.torch_bridge.folders import load_tokenizer
 from jpeft.torch_bridge.hf_load import load_pretrained
 from jpeft.torch_bridge.host_arena import HOST_MEMORY_MODES
-
-
-@dataclasses.dataclass
-class Model:
-    """A loaded base model: its config, frozen params pytree, tokenizer (or None) and source path."""
-
-    cfg: ModelConfig
-    params: dict
-    tokenizer: Any
-    path: Path
-    load_seconds: float | None = None  # wall time of `load` (reading, casting/quantizing, placing)
-
-    @property
-    def num_parameters(self) -> int:
-        leaves = jax.tree_util.tree_leaves(self.params, is_leaf=lambda x: hasattr(x, "dequantize"))
-        return int(sum(np.prod(x.shape) for x in leaves))  # a 4-bit kernel counts its dense shape
 
 
 def resolve_model_path(path: str | Path | None, *, allow_torch_bin: bool = False) -> Path:
@@ -69,7 +50,8 @@ def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer
     in `dtype`. The 4-bit weights are dequantized to `compute_dtype` (default: `dtype`) for each matmul.
     Checkpoints saved 4-bit by transformers + bitsandbytes load 4-bit as stored, without `quantize`.
     `kernels` ("auto" | "on" | "off") picks Pallas kernels or pure-JAX references for the fused ops
-    (`jpeft.kernels.dispatch`); it is kept in `model.cfg.kernels`, so every jitted call follows it.
+    (`jpeft.kernels.dispatch`); it is kept in `model.kernels`, which `jpeft.logits`, training and evaluation
+    pass to their jitted steps.
     `mesh` (a `jax.sharding.Mesh` or a spec such as `"fsdp=8"`) places every base leaf by the partition rules
     (`jpeft.parallel.rules`) as soon as it is built: besides its shards, a device holds at most the one leaf
     being placed, never the whole model.
@@ -94,6 +76,5 @@ def load(path: str | Path | None = None, dtype: str | Any = "float32", tokenizer
     release_host_memory()  # the per-layer load buffers are free now: hand them back to the OS
     if compute_dtype is not None:
         params = with_compute_dtype(params, resolve_dtype(compute_dtype))
-    cfg = dataclasses.replace(cfg, kernels=kernels)
     return Model(cfg=cfg, params=params, tokenizer=load_tokenizer(path) if tokenizer else None, path=path,
-                 load_seconds=time.perf_counter() - t0)
+                 kernels=kernels, load_seconds=time.perf_counter() - t0)

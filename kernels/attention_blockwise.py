@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jpeft.kernels.tiling import pad_to
+
 F32 = jnp.float32
 
 
@@ -35,14 +37,6 @@ class _Cfg(NamedTuple):
     block_k: int
     t: int  # real query count (before padding)
     s: int  # real key count
-
-
-def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value)
 
 
 def _layout(q, k, v, cfg: _Cfg):
@@ -221,6 +215,6 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
     kok = jnp.ones((b, s), bool) if kv_valid is None else kv_valid.astype(bool)
     window = jnp.asarray(window, jnp.int32)
     window = jnp.where(window > 0, jnp.minimum(window, tp + sp), 0)
-    ob = _attend(_pad_to(q, 1, tp), _pad_to(k, 1, sp), _pad_to(v, 1, sp), _pad_to(qseg, 1, tp),
-                 _pad_to(kseg, 1, sp), _pad_to(kok, 1, sp, False), window, cfg)
+    ob = _attend(pad_to(q, {1: tp}), pad_to(k, {1: sp}), pad_to(v, {1: sp}), pad_to(qseg, {1: tp}),
+                 pad_to(kseg, {1: sp}), pad_to(kok, {1: sp}, False), window, cfg)
     return _unlayout_q(ob, b, kh, h // kh)[:, :t].reshape(b, t, h * hd)

@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jpeft.errors import ConfigError
+from jpeft.kernels.tiling import block_size, compiler_params, pad2, pad_to, round_up
 
 F32 = jnp.float32
 NEG = float(jnp.finfo(F32).min)
@@ -51,11 +52,6 @@ class _Config(NamedTuple):
     block_v: int
     softcap: float | None
     interpret: bool
-
-
-def _compiler_params() -> plgpu.CompilerParams:
-    # Triton, not jax 0.10's default Mosaic GPU lowering (ignored by the interpreter)
-    return plgpu.CompilerParams(num_warps=4, num_stages=2)
 
 
 # ------------------------------------------------------------------------------------ kernel pieces
@@ -161,14 +157,7 @@ def _dw_kernel(h_ref, w_ref, lab_ref, lse_ref, g_ref, dw_ref, *, cfg: _Config):
 
 def _padded(cfg: _Config) -> tuple[int, int, int]:
     """(N, D, V) rounded up to whole blocks."""
-    return (pl.cdiv(cfg.n, cfg.block_n) * cfg.block_n, pl.cdiv(cfg.d, cfg.block_d) * cfg.block_d,
-            pl.cdiv(cfg.v, cfg.block_v) * cfg.block_v)
-
-
-def _pad(x: jax.Array, shape: tuple[int, ...], value=0) -> jax.Array:
-    """x padded at the end of each axis to `shape` with `value` (no copy when already that shape)."""
-    widths = [(0, s - n) for s, n in zip(shape, x.shape)]
-    return jnp.pad(x, widths, constant_values=value) if any(w for _, w in widths) else x
+    return round_up(cfg.n, cfg.block_n), round_up(cfg.d, cfg.block_d), round_up(cfg.v, cfg.block_v)
 
 
 def _fwd_call(hp, wp, labp, cfg: _Config):
@@ -181,7 +170,7 @@ def _fwd_call(hp, wp, labp, cfg: _Config):
         in_specs=[pl.BlockSpec((bn, dp), lambda i: (i, 0)), pl.BlockSpec((dp, vp), lambda i: (0, 0)), row],
         out_specs=[row, row],
         out_shape=[jax.ShapeDtypeStruct((np_,), F32), jax.ShapeDtypeStruct((np_,), F32)],
-        compiler_params=_compiler_params(), interpret=cfg.interpret, name="linear_cross_entropy_fwd",
+        compiler_params=compiler_params(num_stages=2), interpret=cfg.interpret, name="linear_cross_entropy_fwd",
     )(hp, wp, labp)
 
 
@@ -195,7 +184,7 @@ def _dh_call(hp, wp, labp, lse, g, cfg: _Config):
         functools.partial(_dh_kernel, cfg=cfg), grid=(np_ // bn,),
         in_specs=[block, pl.BlockSpec((dp, vp), lambda i: (0, 0)), row, row, row],
         out_specs=block, out_shape=jax.ShapeDtypeStruct((np_, dp), F32),
-        compiler_params=_compiler_params(), interpret=cfg.interpret, name="linear_cross_entropy_dh",
+        compiler_params=compiler_params(num_stages=2), interpret=cfg.interpret, name="linear_cross_entropy_dh",
     )(hp, wp, labp, lse, g)
 
 
@@ -208,7 +197,7 @@ def _dw_call(hp, wp, labp, lse, g, cfg: _Config):
         in_specs=[pl.BlockSpec((np_, dp), lambda j: (0, 0)), pl.BlockSpec((dp, vp), lambda j: (0, 0)),
                   whole, whole, whole],
         out_specs=pl.BlockSpec((dp, cfg.block_v), lambda j: (0, j)), out_shape=jax.ShapeDtypeStruct((dp, vp), F32),
-        compiler_params=_compiler_params(), interpret=cfg.interpret, name="linear_cross_entropy_dw",
+        compiler_params=compiler_params(num_stages=2), interpret=cfg.interpret, name="linear_cross_entropy_dw",
     )(hp, wp, labp, lse, g)
 
 
@@ -217,7 +206,7 @@ def _dw_call(hp, wp, labp, lse, g, cfg: _Config):
 
 def _pad_operands(h, w, labels, cfg: _Config):
     np_, dp, vp = _padded(cfg)
-    return _pad(h, (np_, dp)), _pad(w, (dp, vp)), _pad(labels, (np_,), -1)
+    return pad2(h, np_, dp), pad2(w, dp, vp), pad_to(labels, {0: np_}, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -237,7 +226,7 @@ def _lce_bwd(cfg: _Config, res, g):
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None, None
     hp, wp, labp, lse = res[:4]
-    gp = jnp.where(labp >= 0, _pad(g.astype(F32), labp.shape), 0.0)  # ignored and padded rows: 0
+    gp = jnp.where(labp >= 0, pad_to(g.astype(F32), {0: labp.shape[0]}), 0.0)  # ignored and padded rows: 0
     dh = _dh_call(hp, wp, labp, lse, gp, cfg)[: cfg.n, : cfg.d].astype(hp.dtype)
     if len(res) == 4:
         return dh, None, None
@@ -278,6 +267,7 @@ def pallas_linear_cross_entropy(h: jax.Array, w: jax.Array, labels: jax.Array, *
     """
     n, d = h.shape
     v = w.shape[1]
-    cfg = _Config(n, d, v, _tile(block_n, n, "block_n"), _tile(block_d, d, "block_d"),
-                  _tile(block_v, v, "block_v"), float(softcap) if softcap else None, bool(interpret))
+    what = "pallas_linear_cross_entropy: "
+    cfg = _Config(n, d, v, block_size(block_n, n, what + "block_n"), block_size(block_d, d, what + "block_d"),
+                  block_size(block_v, v, what + "block_v"), float(softcap) if softcap else None, bool(interpret))
     return _lce(h, w.astype(h.dtype), labels.astype(jnp.int32), cfg)

@@ -39,6 +39,7 @@ from jpeft.errors import ConfigError
 from jpeft.kernels.attention import attention, attention_reference
 from jpeft.kernels.attention_blockwise import blockwise_attention
 from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
+from jpeft.kernels.tiling import block_size, compiler_params, pad_to, pow2_tile, round_up
 
 F32 = jnp.float32
 NEG = float(jnp.finfo(F32).min)
@@ -215,21 +216,6 @@ def _dkdv_kernel(q_ref, do_ref, lse_ref, delta_ref, qseg_ref, k_ref, v_ref, kseg
 # ------------------------------------------------------------------------------------ launches
 
 
-def _pad(x: jax.Array, sizes: dict[int, int]) -> jax.Array:
-    """`x` zero-padded at the end of each axis in `sizes` up to that size (a no-op when already there)."""
-    widths = [(0, sizes.get(a, n) - n) for a, n in enumerate(x.shape)]
-    return jnp.pad(x, widths) if any(w for _, w in widths) else x
-
-
-def _head_size(hd: int) -> int:
-    """The head size the kernels see: a power of two (Triton tensors), at least 16 (tensor-core dots)."""
-    return max(16, pl.next_power_of_2(hd))
-
-
-def _compiler_params() -> plgpu.CompilerParams:
-    return plgpu.CompilerParams(num_warps=4, num_stages=2)
-
-
 def _q_specs(cfg: _Config, sp: int, dp: int, g: int) -> list[pl.BlockSpec]:
     """In-specs of q, k, v, q/kv segment ids, key flags, window for a grid (B, H, T_p / bq)."""
     kv = pl.BlockSpec((None, sp, None, dp), lambda b, h, i: (b, 0, lax.div(h, jnp.int32(g)), 0))
@@ -249,7 +235,7 @@ def _fwd_call(qp, kp, vp, qseg, kseg, kok, window, cfg: _Config):
         out_specs=[pl.BlockSpec((None, cfg.block_q, None, dp), lambda b, h, i: (b, i, h, 0)),
                    pl.BlockSpec((None, None, cfg.block_q), lambda b, h, i: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, dp), vp.dtype), jax.ShapeDtypeStruct((b, h, tp), F32)],
-        compiler_params=_compiler_params(), interpret=cfg.interpret, name="flash_attention_fwd",
+        compiler_params=compiler_params(num_stages=2), interpret=cfg.interpret, name="flash_attention_fwd",
     )(qp, kp, vp, qseg, kseg, kok, window)
 
 
@@ -265,7 +251,7 @@ def _bwd_call(qp, kp, vp, dop, lse, delta, qseg, kseg, kok, window, cfg: _Config
                   row_q, row_q],
         out_specs=pl.BlockSpec((None, bq, None, dp), lambda b, h, i: (b, i, h, 0)),
         out_shape=jax.ShapeDtypeStruct(qp.shape, qp.dtype),
-        compiler_params=_compiler_params(), interpret=cfg.interpret, name="flash_attention_dq",
+        compiler_params=compiler_params(num_stages=2), interpret=cfg.interpret, name="flash_attention_dq",
     )(qp, kp, vp, qseg, kseg, kok, window, dop, lse, delta)
     group = pl.BlockSpec((None, tp, g, dp), lambda b, kk, j: (b, 0, kk, 0))  # the G query heads of kv head kk
     group_rows = pl.BlockSpec((None, g, tp), lambda b, kk, j: (b, kk, 0))
@@ -277,7 +263,7 @@ def _bwd_call(qp, kp, vp, dop, lse, delta, qseg, kseg, kok, window, cfg: _Config
                   block, block, row_k, row_k, pl.BlockSpec((), lambda b, kk, j: ())],
         out_specs=[block, block],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, kp.dtype), jax.ShapeDtypeStruct(vp.shape, vp.dtype)],
-        compiler_params=_compiler_params(), interpret=cfg.interpret, name="flash_attention_dkdv",
+        compiler_params=compiler_params(num_stages=2), interpret=cfg.interpret, name="flash_attention_dkdv",
     )(qp, dop, lse, delta, qseg, kp, vp, kseg, kok, window)
     return dq, dk, dv
 
@@ -297,8 +283,8 @@ def _flash(q, k, v, qseg, kseg, kok, window, cfg):
 
 def _flash_fwd(q, k, v, qseg, kseg, kok, window, cfg):
     b, t, h, hd = q.shape
-    tp, sp, dp = qseg.shape[1], kseg.shape[1], _head_size(hd)
-    o, lse = _fwd_call(_pad(q, {1: tp, 3: dp}), _pad(k, {1: sp, 3: dp}), _pad(v, {1: sp, 3: dp}),
+    tp, sp, dp = qseg.shape[1], kseg.shape[1], pow2_tile(hd)
+    o, lse = _fwd_call(pad_to(q, {1: tp, 3: dp}), pad_to(k, {1: sp, 3: dp}), pad_to(v, {1: sp, 3: dp}),
                        qseg, kseg, kok, window, cfg)
     mean_v = jnp.repeat(jnp.mean(v.astype(F32), axis=1), h // k.shape[2], axis=1)  # [B, H, hd]
     o = jnp.where(_empty_rows(lse, t), mean_v[:, None].astype(o.dtype), o[:, :t, :, :hd]).reshape(b, t, h * hd)
@@ -311,11 +297,11 @@ def _flash_bwd(cfg, res, do):
     q, k, v, o, lse, qseg, kseg, kok, window = res
     b, t, h, hd = q.shape
     s, kh = k.shape[1], k.shape[2]
-    tp, sp, dp = qseg.shape[1], kseg.shape[1], _head_size(hd)
+    tp, sp, dp = qseg.shape[1], kseg.shape[1], pow2_tile(hd)
     do = do.reshape(b, t, h, hd).astype(v.dtype)
     delta = jnp.sum(do.astype(F32) * o.reshape(b, t, h, hd).astype(F32), axis=-1).transpose(0, 2, 1)  # [B, H, T]
-    dq, dk, dv = _bwd_call(_pad(q, {1: tp, 3: dp}), _pad(k, {1: sp, 3: dp}), _pad(v, {1: sp, 3: dp}),
-                           _pad(do, {1: tp, 3: dp}), lse, _pad(delta, {2: tp}), qseg, kseg, kok, window, cfg)
+    dq, dk, dv = _bwd_call(pad_to(q, {1: tp, 3: dp}), pad_to(k, {1: sp, 3: dp}), pad_to(v, {1: sp, 3: dp}),
+                           pad_to(do, {1: tp, 3: dp}), lse, pad_to(delta, {2: tp}), qseg, kseg, kok, window, cfg)
     # A row that sees nothing is the mean of v: its cotangent reaches every value with weight 1 / S.
     do_empty = jnp.where(_empty_rows(lse, t), do.astype(F32), 0.0).reshape(b, t, kh, h // kh, hd)
     dv = dv[:, :s, :, :hd].astype(F32) + jnp.sum(do_empty, axis=(1, 3))[:, None] / s
@@ -326,13 +312,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # ------------------------------------------------------------------------------------ entry point
-
-
-def _block_size(requested: int, n: int, name: str) -> int:
-    """`requested` (a power of two ≥ 16), shrunk for short sequences so tiny inputs are not padded far."""
-    if requested < 16 or requested & (requested - 1):
-        raise ConfigError(f"flash_attention: {name}={requested} must be a power of two >= 16 (Triton tiles)")
-    return min(requested, max(16, pl.next_power_of_2(n)))
 
 
 def _supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
@@ -368,11 +347,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
         return attention(q, k, v, allowed, scale=scale, softcap=softcap, causal_blocks=causal_blocks if causal else 1)
     (b, t), s = q.shape[:2], k.shape[1]
     cfg = _Config(float(scale), float(softcap) if softcap else None, bool(causal),
-                  _block_size(block_q, t, "block_q"), _block_size(block_k, s, "block_k"), impl == INTERPRET)
-    tp, sp = pl.cdiv(t, cfg.block_q) * cfg.block_q, pl.cdiv(s, cfg.block_k) * cfg.block_k
+                  block_size(block_q, t, "flash_attention: block_q"),
+                  block_size(block_k, s, "flash_attention: block_k"), impl == INTERPRET)
+    tp, sp = round_up(t, cfg.block_q), round_up(s, cfg.block_k)
     qseg = jnp.zeros((b, t), jnp.int32) if q_segment_ids is None else q_segment_ids.astype(jnp.int32)
     kseg = jnp.zeros((b, s), jnp.int32) if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32)
     kok = jnp.ones((b, s), jnp.int32) if kv_valid is None else kv_valid.astype(jnp.int32)  # padded keys: 0
     window = jnp.asarray(window, jnp.int32)
     window = jnp.where(window > 0, jnp.minimum(window, tp + sp), 0)  # no int32 overflow in the block bounds
-    return _flash(q, k, v, _pad(qseg, {1: tp}), _pad(kseg, {1: sp}), _pad(kok, {1: sp}), window, cfg)
+    return _flash(q, k, v, pad_to(qseg, {1: tp}), pad_to(kseg, {1: sp}), pad_to(kok, {1: sp}), window, cfg)

@@ -36,46 +36,15 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from jpeft.errors import ConfigError
 from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
-from jpeft.kernels.lora import lora_delta_reference
+from jpeft.kernels.lora import lora_delta, lora_delta_reference
+from jpeft.kernels.tiling import TILE_FEATURES, TILE_TOKENS, compiler_params, pad2, pow2_tile, round_up, tile_size
 
-TILE_TOKENS, TILE_FEATURES, MIN_TILE = 64, 64, 16
 _F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # dot_general: contract the last dims of both operands (a @ bᵀ)
 _TN = (((0,), (0,)), ((), ()))  # dot_general: contract the first dims of both operands (aᵀ @ b)
-
-
-# ------------------------------------------------------------------------------------------------ tiles
-
-
-def tile_size(dim: int, preferred: int) -> int:
-    """A power-of-two tile (≥ 16) for a dimension of size `dim`: the largest ≤ `preferred` dividing it,
-    else (no power of two ≥ 16 divides `dim`) `min(preferred, next_pow2(dim))`, and the wrapper pads."""
-    t = preferred
-    while t > MIN_TILE and dim % t:
-        t //= 2
-    if dim % t:
-        t = max(MIN_TILE, min(preferred, pl.next_power_of_2(dim)))
-    return t
-
-
-def round_up(dim: int, tile: int) -> int:
-    return -(-dim // tile) * tile
-
-
-def pad2(a: jax.Array, rows: int, cols: int) -> jax.Array:
-    """Zero-pad a 2-D array at the end to `[rows, cols]` (no copy when it already has that shape)."""
-    if a.shape == (rows, cols):
-        return a
-    return jnp.pad(a, ((0, rows - a.shape[0]), (0, cols - a.shape[1])))
-
-
-def compiler_params() -> plgpu.CompilerParams:
-    """Triton launch settings shared by the matmul-like kernels (ignored by the interpreter)."""
-    return plgpu.CompilerParams(num_warps=4, num_stages=3)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -119,7 +88,7 @@ def matmul_plus_lowrank(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, 
     (n, k), r = x.shape, u.shape[1]
     m = w.shape[0] if w_transposed else w.shape[1]
     bm, bn, bk = tile_size(n, TILE_TOKENS), tile_size(m, TILE_FEATURES), tile_size(k, TILE_FEATURES)
-    n_p, m_p, k_p, r_p = round_up(n, bm), round_up(m, bn), round_up(k, bk), max(MIN_TILE, pl.next_power_of_2(r))
+    n_p, m_p, k_p, r_p = round_up(n, bm), round_up(m, bn), round_up(k, bk), pow2_tile(r)
     w = w.astype(dt)
     operands = [pad2(x, n_p, k_p), pad2(w, m_p, k_p) if w_transposed else pad2(w, k_p, m_p),
                 pad2(u.astype(dt), n_p, r_p), pad2(v.astype(dt), r_p, m_p)]
@@ -141,7 +110,7 @@ def matmul_plus_lowrank(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, 
         in_specs=specs,
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((n_p, m_p), dt),
-        compiler_params=compiler_params(),
+        compiler_params=compiler_params(num_stages=3),
         interpret=interpret,
         name="matmul_plus_lowrank",
     )(*operands)
@@ -153,7 +122,8 @@ def matmul_plus_lowrank(x: jax.Array, w: jax.Array, u: jax.Array, v: jax.Array, 
 
 def lora_linear_reference(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
                           bias: jax.Array | None = None) -> jax.Array:
-    """Plain-autodiff `x @ W (+ bias) + s · (x @ A) @ B` in x's dtype (its dW is the true `xᵀ dy`).
+    """Plain-autodiff `x @ W (+ bias) + s · (x @ A) @ B` in x's dtype (its dW is the true `xᵀ dy`): the
+    oracle the kernel is tested against.
 
     x `[..., I]`, W `[I, O]`, A `[I, r]`, B `[r, O]`, s `[]`, bias `[O]` -> `[..., O]`.
     """
@@ -161,6 +131,17 @@ def lora_linear_reference(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array
     if bias is not None:
         y = y + bias.astype(x.dtype)
     return y + lora_delta_reference(x, a, b, scale)
+
+
+def _unfused(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
+             bias: jax.Array | None) -> jax.Array:
+    """What runs where the kernel does not: `x @ W (+ bias)`, then the LoRA branch with its rank-r custom VJP
+    (`jpeft.kernels.lora.lora_delta`), exactly as a LoRA site computes it unfused (`dense`, then
+    `LoRA.linear`). Shapes as `lora_linear_reference`."""
+    y = jnp.matmul(x, w.astype(x.dtype))
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y + lora_delta(x, a, b, scale).astype(y.dtype)
 
 
 # ---------------------------------------------------------------------------------------- custom VJP
@@ -236,7 +217,9 @@ def lora_linear_group(x: jax.Array, ws: Sequence[jax.Array], as_: Sequence[jax.A
 
     x `[..., I]`; per projection W `[I, O_k]`, A `[I, r_k]`, B `[r_k, O_k]`, s `[]`, bias `[O_k]` or None.
     Returns a tuple of `[..., O_k]` in x's dtype. Differentiable in x, A, B, s and bias; W is frozen (its
-    cotangent is a symbolic zero). Pallas kernel or reference per `jpeft.kernels.dispatch.choose`.
+    cotangent is a symbolic zero). The one place the op picks its implementation
+    (`jpeft.kernels.dispatch.choose("lora_linear")`): the Pallas kernel, or per projection `x @ W (+ bias)`
+    plus the rank-r custom-VJP branch (`jpeft.kernels.lora.lora_delta`).
     """
     biases = [None] * len(ws) if biases is None else list(biases)
     if not len(ws) == len(as_) == len(bs) == len(scales) == len(biases) or not ws:
@@ -246,8 +229,7 @@ def lora_linear_group(x: jax.Array, ws: Sequence[jax.Array], as_: Sequence[jax.A
         _check(x, w, a, b, bias, k)
     impl = choose("lora_linear")
     if impl == REFERENCE:
-        return tuple(lora_linear_reference(x, w, a, b, s, bias)
-                     for w, a, b, s, bias in zip(ws, as_, bs, scales, biases))
+        return tuple(_unfused(x, w, a, b, s, bias) for w, a, b, s, bias in zip(ws, as_, bs, scales, biases))
     scales = tuple(jnp.asarray(s) for s in scales)
     return _group(x, tuple(ws), tuple(as_), tuple(bs), scales, tuple(biases), impl == INTERPRET)
 

@@ -6,8 +6,7 @@ uint8 codes, splits every byte into two 4-bit indices (high nibble first, the el
 block's fp32 absmax (`fp32(code · absmax)`, then one cast to the compute dtype, exactly as bnb and
 `dequantize_4bit` do) and feeds the tile to the MMA with fp32 accumulation. The backward
 `dx = dy @ dequant(W)` recomputes the same tiles; W has no gradient (it is frozen; symbolic zero) and only
-x and the packed arrays (already resident) are kept for it, as in `jpeft.quant.matmul.qmatmul`, which is
-the reference.
+x and the packed arrays (already resident) are kept for it, as in `qmatmul`, the pure-JAX reference beside it.
 
 Triton has no gather, so the table look-up is a 4-level select tree on the index bits (15 selects on
 constants, in registers). Double quantization is undone by XLA outside the kernel (`block_scales`: one
@@ -29,21 +28,73 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from jpeft.errors import ConfigError
 from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
-from jpeft.kernels.lora_linear import TILE_FEATURES, TILE_TOKENS, compiler_params, pad2, round_up, tile_size
-from jpeft.quant.blockwise import QuantizedWeight, block_scales
+from jpeft.kernels.tiling import TILE_FEATURES, TILE_TOKENS, compiler_params, pad2, round_up, tile_size
+from jpeft.quant.blockwise import QuantizedWeight, block_scales, dequantize_4bit
 from jpeft.quant.codes import FOUR_BIT_DECODE
-from jpeft.quant.matmul import qmatmul
 
 _F32 = jnp.float32
 _NT = (((1,), (1,)), ((), ()))  # dot_general: a @ bᵀ
 
 
+# -------------------------------------------------------------------------------------------- reference
+# Mirrors bnb's `MatMul4Bit`: the weight is frozen (no gradient, ever) and the backward computes
+# `grad_x = grad_y @ dequant(W)`. The full-precision W is never kept as a residual: only x and the packed
+# arrays (already resident) are saved, so activation memory stays that of a plain matmul.
+
+
+def _zero_cotangent(leaf: jax.Array) -> jax.Array:
+    # Integer leaves (packed codes, uint8 absmax) take float0 cotangents; float leaves take zeros.
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+        return jnp.zeros_like(leaf)
+    return np.zeros(leaf.shape, dtype=jax.dtypes.float0)
+
+
+def _forward(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype) -> jax.Array:
+    w = dequantize_4bit(qw, compute_dtype)  # [out, in]
+    return jnp.matmul(x.astype(compute_dtype), w.T)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _qmatmul(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype) -> jax.Array:
+    return _forward(x, qw, compute_dtype)
+
+
+def _qmatmul_fwd(x, qw, compute_dtype):
+    return _forward(x, qw, compute_dtype), (x, qw)
+
+
+def _qmatmul_bwd(compute_dtype, res, g):
+    x, qw = res
+    w = dequantize_4bit(qw, compute_dtype)  # recomputed, not saved
+    gx = jnp.matmul(g.astype(compute_dtype), w).astype(x.dtype)
+    return gx, jax.tree_util.tree_map(_zero_cotangent, qw)
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+def qmatmul(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype | str | None = None) -> jax.Array:
+    """``x [..., in] @ dequant(W [out, in]).T -> [..., out]`` in ``compute_dtype`` (default: x.dtype).
+
+    W is dequantized straight to ``compute_dtype`` (one rounding from fp32). Differentiable in x only;
+    the cotangent for ``qw`` is zero (float0 for its integer leaves), so ``jax.grad`` over a pytree
+    holding QuantizedWeights works with ``allow_int=True``, or when the base is simply not differentiated.
+    """
+    if len(qw.shape) != 2 or x.shape[-1] != qw.shape[1]:
+        raise ValueError(
+            f"qmatmul: x [..., {x.shape[-1]}] does not contract with W {list(qw.shape)} [out, in]."
+        )
+    cd = jnp.dtype(x.dtype if compute_dtype is None else compute_dtype)
+    return _qmatmul(x, qw, cd)
+
+
 def nf4_matmul_reference(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype | str | None = None) -> jax.Array:
-    """`x [..., I] @ dequant(W [O, I])ᵀ -> [..., O]`: `jpeft.quant.matmul.qmatmul` (dequantize, then XLA)."""
+    """`x [..., I] @ dequant(W [O, I])ᵀ -> [..., O]`: `qmatmul` (dequantize, then XLA)."""
     return qmatmul(x, qw, compute_dtype)
 
 
@@ -133,7 +184,7 @@ def _pallas(x2: jax.Array, qw: QuantizedWeight, transposed: bool, interpret: boo
         in_specs=specs,
         out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct((n_p, out_cols), x2.dtype),
-        compiler_params=compiler_params(),
+        compiler_params=compiler_params(num_stages=3),
         interpret=interpret,
         name="nf4_matmul_bwd" if transposed else "nf4_matmul",
     )(x2, packed, scales)
@@ -170,7 +221,7 @@ def kernel_supports(qw: QuantizedWeight) -> bool:
 def nf4_matmul(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype | str | None = None) -> jax.Array:
     """`x [..., I] @ dequant(W [O, I])ᵀ -> [..., O]` in `compute_dtype` (default x's dtype), dequantizing in-kernel.
 
-    Same contract as `jpeft.quant.matmul.qmatmul`: differentiable in x only (qw's cotangent is zero).
+    Same contract as `qmatmul`: differentiable in x only (qw's cotangent is zero).
     Pallas kernel or reference per `jpeft.kernels.dispatch.choose("nf4_matmul")`.
     """
     if len(qw.shape) != 2 or x.shape[-1] != qw.shape[1]:

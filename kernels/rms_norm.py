@@ -24,13 +24,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
+from jpeft.kernels.tiling import compiler_params, pad2
 
 F32 = jnp.float32
-# Triton, not jax 0.10's default Mosaic GPU lowering (ignored by the interpreter)
-TRITON = pl_triton.CompilerParams(num_warps=4)
 BLOCK_ELEMENTS = 4096  # elements of one [rows, D] block a program holds at once
 MAX_PROGRAMS_BWD = 256  # the backward aims at about this many programs (one dw partial row each)
 
@@ -50,12 +48,6 @@ def _layout(n: int, d: int, *, backward: bool) -> tuple[int, int, int]:
     if backward:
         steps = max(1, min(64, pl.next_power_of_2(pl.cdiv(n, br)) // MAX_PROGRAMS_BWD))
     return dp, br, steps
-
-
-def _pad2(x: jax.Array, rows: int, cols: int) -> jax.Array:
-    """x `[n, d]` zero-padded to `[rows, cols]` (no copy when already that shape)."""
-    pr, pc = rows - x.shape[0], cols - x.shape[1]
-    return jnp.pad(x, ((0, pr), (0, pc))) if pr or pc else x
 
 
 def _fwd_kernel(x_ref, w_ref, y_ref, r_ref, *, d: int, eps: float, offset: float):
@@ -80,9 +72,9 @@ def _forward(x, w, eps, offset, interpret):
         in_specs=[pl.BlockSpec((br, dp), lambda i: (i, 0)), pl.BlockSpec((1, dp), lambda i: (0, 0))],
         out_specs=(pl.BlockSpec((br, dp), lambda i: (i, 0)), pl.BlockSpec((br,), lambda i: (i,))),
         interpret=interpret,
-        compiler_params=TRITON,
+        compiler_params=compiler_params(),
         name="rms_norm_fwd",
-    )(_pad2(x2, npad, dp), _pad2(w.reshape(1, d), 1, dp))
+    )(pad2(x2, npad, dp), pad2(w.reshape(1, d), 1, dp))
     return y[:n, :d].reshape(x.shape), r[:n]
 
 
@@ -119,9 +111,9 @@ def _backward(x, w, r, dy, offset, interpret):
                   pl.BlockSpec((rows,), lambda i: (i,)), pl.BlockSpec((rows, dp), lambda i: (i, 0))],
         out_specs=(pl.BlockSpec((rows, dp), lambda i: (i, 0)), pl.BlockSpec((1, dp), lambda i: (i, 0))),
         interpret=interpret,
-        compiler_params=TRITON,
+        compiler_params=compiler_params(),
         name="rms_norm_bwd",
-    )(_pad2(x2, npad, dp), _pad2(w.reshape(1, d), 1, dp), jnp.pad(r, (0, npad - n)), _pad2(dy2, npad, dp))
+    )(pad2(x2, npad, dp), pad2(w.reshape(1, d), 1, dp), jnp.pad(r, (0, npad - n)), pad2(dy2, npad, dp))
     return dx[:n, :d].reshape(x.shape), jnp.sum(dw[:, :d], axis=0).astype(w.dtype)
 
 

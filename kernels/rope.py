@@ -27,13 +27,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
+from jpeft.kernels.tiling import compiler_params
 
 F32 = jnp.float32
-# Triton, not jax 0.10's default Mosaic GPU lowering (ignored by the interpreter)
-TRITON = pl_triton.CompilerParams(num_warps=4)
 BLOCK_ELEMENTS = 2048  # elements of one `[rows, 2, hd/2]` head block a program rotates
 
 
@@ -107,7 +105,7 @@ def _rotate(q, k, cos, sin, sign, interpret):
         in_specs=[row_spec, row_spec, q_spec, k_spec],
         out_specs=(q_spec, k_spec),
         interpret=interpret,
-        compiler_params=TRITON,
+        compiler_params=compiler_params(),
         name="rope_qk",
     )(table(cos), table(sin), heads(q), heads(k))
     back = lambda o, x: o[:n, :, :, :half].reshape(x.shape)  # noqa: E731

@@ -26,14 +26,12 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 from jpeft.errors import ConfigError
 from jpeft.kernels.dispatch import INTERPRET, REFERENCE, choose
+from jpeft.kernels.tiling import compiler_params
 
 F32 = jnp.float32
-# Triton, not jax 0.10's default Mosaic GPU lowering (ignored by the interpreter)
-TRITON = pl_triton.CompilerParams(num_warps=4)
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 BLOCK_ELEMENTS = 2048  # elements a program processes
 
@@ -110,7 +108,7 @@ def _elementwise(kernel, ins, out_dtypes, name, interpret):
         in_specs=[spec] * len(ins),
         out_specs=tuple(spec for _ in out_dtypes),
         interpret=interpret,
-        compiler_params=TRITON,
+        compiler_params=compiler_params(),
         name=name,
     )(*flat)
     return tuple(o[:m].reshape(shape) for o in outs)

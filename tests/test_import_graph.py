@@ -1,9 +1,14 @@
-"""The import graph of the `jpeft` package: no cycles, and no module inside the package imports the façade.
+"""The import graph of the `jpeft` package: imports go down the layer order, no cycles, and no module inside
+the package imports the façade.
 
 The graph is built in a fresh `python -c` process from the installed package's source: every `import` and
 `from ... import` of a `jpeft` module, function-local ones included (a cycle hidden inside a function is
 still a cycle). An edge goes to each module an import statement names (`from jpeft.methods import lora` ->
 `jpeft.methods` and `jpeft.methods.lora`); the implicit import of parent packages is not an edge.
+
+The layer order (README: Layout) is the table `LAYERS`, lowest first: a module may import from its own layer
+or a lower one only. A module belongs to the layer whose prefix names it most closely; `app` (the package
+itself, `api`, `cli*`, `loading`, `generate`, ...) is every top-level module the table names no lower layer for.
 """
 
 from __future__ import annotations
@@ -73,6 +78,58 @@ print(json.dumps({"graph": graph, "cycles": sccs}))
 def _graph() -> dict:
     out = subprocess.run([sys.executable, "-c", GRAPH], check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
+
+
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (  # lowest first
+    ("base", ("jpeft.errors", "jpeft.dtypes")),
+    ("quant", ("jpeft.quant",)),
+    ("kernels", ("jpeft.kernels",)),
+    ("sites", ("jpeft.sites",)),  # the site protocol: what models and methods share
+    ("models", ("jpeft.models",)),
+    ("torch_bridge", ("jpeft.torch_bridge",)),  # file formats: models.config and quant, never methods
+    ("optim", ("jpeft.optim",)),  # plain optax transforms
+    ("methods", ("jpeft.methods",)),
+    ("parallel", ("jpeft.parallel",)),  # meshes and partition rules; takes the step function as an argument
+    ("train", ("jpeft.train",)),
+    ("app", ("jpeft",)),
+)
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """(rank, name) of the layer whose prefix names `module` most closely."""
+    best = max(((len(p), rank) for rank, (_, prefixes) in enumerate(LAYERS) for p in prefixes
+                if module == p or module.startswith(p + ".")), default=None)
+    if best is None:
+        raise AssertionError(f"{module} is outside the jpeft package")
+    return best[1], LAYERS[best[1]][0]
+
+
+def upward_edges(graph: dict[str, list[str]]) -> list[str]:
+    """Every import `a -> b` whose target sits in a higher layer than its importer, as text."""
+    out = []
+    for module, targets in sorted(graph.items()):
+        (rank, name) = layer_of(module)
+        for target in targets:
+            t_rank, t_name = layer_of(target)
+            if t_rank > rank:
+                out.append(f"{module} ({name}) -> {target} ({t_name})")
+    return out
+
+
+def test_imports_go_down_the_layer_order():
+    graph = _graph()["graph"]
+    used = {layer_of(m)[1] for m in graph}
+    assert used == {name for name, _ in LAYERS}, f"layers naming no module: {sorted({n for n, _ in LAYERS} - used)}"
+    bad = upward_edges(graph)
+    assert bad == [], f"{len(bad)} import(s) against the layer order (README: Layout):\n  " + "\n  ".join(bad)
+
+
+def test_the_layer_check_reports_a_planted_upward_import():
+    """The checker itself: the real graph plus one import from quant up into kernels is reported, alone."""
+    graph = _graph()["graph"]
+    assert upward_edges(graph) == []
+    planted = {**graph, "jpeft.quant.kernel": [*graph["jpeft.quant.kernel"], "jpeft.kernels.nf4_matmul"]}
+    assert upward_edges(planted) == ["jpeft.quant.kernel (quant) -> jpeft.kernels.nf4_matmul (kernels)"]
 
 
 def test_no_import_cycles_among_jpeft_modules():

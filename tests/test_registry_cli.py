@@ -11,10 +11,10 @@ from jpeft.cli import build_parser, main
 from jpeft.cli_args import cli_fields, config_from_args
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.methods import registry
-from jpeft.methods.base import Method
 from jpeft.methods.catalog import adapter_spec, get_method, method_names, specs
 from jpeft.methods.common import hp
 from jpeft.methods.lora import LoRA, LoraConfig
+from jpeft.sites import Method
 
 
 def _help(capsys, *argv) -> str:

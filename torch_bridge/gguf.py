@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from jpeft.errors import CheckpointError, MissingDependencyError
+from jpeft.torch_bridge import hf_names as hf
 
 __all__ = ["read_gguf_config", "iter_gguf_tensors", "load_gguf_tokenizer", "SUPPORTED_ARCHITECTURES"]
 
@@ -43,9 +44,9 @@ _MISSING = object()
 
 # GGUF tensor name -> HF parameter name (llama). ``{i}`` is the layer index.
 GGUF_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
+    "token_embd.weight": hf.global_tensor("embed_tokens"),
+    "output_norm.weight": hf.global_tensor("norm"),
+    "output.weight": hf.global_tensor("lm_head"),
 }
 GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -237,7 +238,7 @@ def _hf_name(path: Path, gguf_name: str) -> str | None:
     match = _LAYER_RE.fullmatch(gguf_name)
     if match and match.group(2) in GGUF_LAYER_NAMES:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{GGUF_LAYER_NAMES[part]}.{kind}"
+        return hf.layer_tensor(int(layer), GGUF_LAYER_NAMES[part], kind)
     raise CheckpointError(
         f"'{path}': tensor '{gguf_name}' has no Hugging Face llama counterpart; the file is not a plain "
         "llama-architecture model. Use a llama GGUF or the model's safetensors checkpoint."

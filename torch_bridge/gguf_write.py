@@ -1,5 +1,8 @@
 """Write a merged model as a llama.cpp GGUF file (`jpeft export --gguf`), with the ``gguf`` package.
 
+`write_gguf` writes the base tree it is given (an adapter already folded in by the method's `merge`:
+`jpeft.methods.export.save_gguf`).
+
 What the file holds is what llama.cpp's own HF converter writes for these families, so llama.cpp, Ollama and
 transformers' GGUF loader (``from_pretrained(folder, gguf_file=name)``) read it as they read real files:
 
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,14 +30,13 @@ from typing import Any
 import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
-from jpeft.methods.base import Method
-from jpeft.methods.registry import merge_or_refuse
 from jpeft.models.config import ModelConfig
+from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge.folders import atomic_file, load_tokenizer, source_config
 from jpeft.torch_bridge.gguf import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, _gguf_module
 from jpeft.torch_bridge.merged import hf_tensors
 
-__all__ = ["save_gguf", "check_gguf_exportable", "GGUF_TYPES", "GGUF_FAMILIES"]
+__all__ = ["write_gguf", "check_gguf_exportable", "check_gguf_type", "GGUF_TYPES", "GGUF_FAMILIES"]
 
 #: HF model_type -> GGUF general.architecture (llama.cpp converts Mistral as llama).
 GGUF_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -45,7 +46,6 @@ _ROPE_TYPES = ("default", "linear")
 _HF_TO_GGUF = {hf: g for g, hf in GGUF_GLOBAL_NAMES.items()}
 _LAYER_PARTS = {hf: g for g, hf in GGUF_LAYER_NAMES.items()}
 _Q8_BLOCK = 32
-_HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 
 def check_gguf_exportable(config: dict, where: str) -> str:
@@ -68,11 +68,12 @@ def _gguf_name(hf_name: str) -> str:
     """llama.cpp's name of an HF tensor (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`)."""
     if hf_name in _HF_TO_GGUF:
         return _HF_TO_GGUF[hf_name]
-    m = _HF_LAYER_RE.fullmatch(hf_name)
-    if m is None or m.group(2) not in _LAYER_PARTS:
+    parts = hf.split_layer_tensor(hf_name)
+    if parts is None or parts[1] not in _LAYER_PARTS:
         raise CheckpointError(f"tensor '{hf_name}' has no llama.cpp name; GGUF export supports "
                               f"{', '.join(GGUF_FAMILIES)} checkpoints only")
-    return f"blk.{m.group(1)}.{_LAYER_PARTS[m.group(2)]}.{m.group(3)}"
+    layer, module, kind = parts
+    return f"blk.{layer}.{_LAYER_PARTS[module]}.{kind}"
 
 
 def _tensor_order(gguf_name: str) -> tuple:
@@ -217,26 +218,30 @@ def _model_name(src: Path) -> str:
     return src.name
 
 
-def save_gguf(path: str | os.PathLike, cfg: ModelConfig, params: dict, method: Method, adapters: dict,
-              source_folder_or_gguf: str | os.PathLike, gguf_type: str = "f32") -> Path:
-    """Merge the adapter into the base and write one llama.cpp GGUF file (see the module docstring).
-
-    Raises:
-        ConfigError: an unmergeable method, an unsupported family or rope type, or a bad ``gguf_type``;
-            nothing is written.
-        CheckpointError: the source has no byte-level BPE tokenizer to write.
-    """
+def check_gguf_type(gguf_type: str) -> str:
+    """`gguf_type` if it is one of `GGUF_TYPES`, else a ConfigError listing them."""
     if gguf_type not in GGUF_TYPES:
         raise ConfigError(f"--gguf-type {gguf_type!r}: supported types are {', '.join(GGUF_TYPES)}")
+    return gguf_type
+
+
+def write_gguf(path: str | os.PathLike, cfg: ModelConfig, merged: dict, source_folder_or_gguf: str | os.PathLike,
+               gguf_type: str = "f32") -> Path:
+    """Write the base tree `merged` as one llama.cpp GGUF file (see the module docstring).
+
+    Raises:
+        ConfigError: an unsupported family or rope type, or a bad ``gguf_type``; nothing is written.
+        CheckpointError: the source has no byte-level BPE tokenizer to write.
+    """
+    check_gguf_type(gguf_type)
     gguf = _gguf_module()
-    merge = merge_or_refuse(method)
     src = Path(source_folder_or_gguf)
     conf = source_config(src)
     arch = check_gguf_exportable(conf, str(src))
     if set(cfg.layer_windows) - {0}:
         warnings.warn(f"{src}: sliding-window attention is dropped: llama.cpp's {arch} architecture attends to "
                       "the whole context (identical for sequences within the window)", stacklevel=2)
-    tensors = {_gguf_name(k): v for k, v in hf_tensors(cfg, merge(params, method, adapters), np.float32).items()}
+    tensors = {_gguf_name(k): v for k, v in hf_tensors(cfg, merged, np.float32).items()}
     with atomic_file(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_name(_model_name(src))

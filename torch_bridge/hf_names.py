@@ -2,8 +2,9 @@
 
 Everything that reads or writes HF-named tensors goes through this table: the base loader
 (`hf_load.build_params`), the merged exporter (`merged.hf_tensors`), the 4-bit writer
-(`bnb_checkpoint.quantized_hf_tensors`) and every method's peft key mapping (`linear_module`, `peft_key`,
-`saveable_param`).
+(`bnb_checkpoint.quantized_hf_tensors`), the GGUF name maps (`gguf`, `gguf_write`) and every method's key
+mapping (`linear_module`, `peft_key`, `saveable_param`, `expert_wrapper_module`, `bottleneck_module`). No other
+module spells `model.layers.{i}...` itself.
 
 The jpeft base tree (`params`) stacks per-layer tensors on a leading axis `L`:
 
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 from jpeft.models.config import ModelConfig
 
@@ -91,10 +93,33 @@ class HFParam:
 PEFT_EXPERT_CONVERTED = ("mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 BLOCK_MODULES = {"shared_expert": "mlp.shared_expert"}  # site block -> HF module path (qwen2_moe)
 
+_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def layer_module(layer: int, path: str) -> str:
+    """The HF path of module `path` inside decoder layer `layer`, e.g. `model.layers.0.self_attn.q_proj`."""
+    return f"model.layers.{layer}.{path}"
+
+
+def layer_tensor(layer: int, path: str, kind: str = "weight") -> str:
+    """The HF name of a tensor (`weight` or `bias`) of module `path` in layer `layer`."""
+    return f"{layer_module(layer, path)}.{kind}"
+
+
+def split_layer_tensor(name: str) -> tuple[int, str, str] | None:
+    """`(layer, module path, kind)` of a per-layer HF tensor name (the inverse of `layer_tensor`), else None."""
+    m = _LAYER_TENSOR.fullmatch(name)
+    return None if m is None else (int(m.group(1)), m.group(2), m.group(3))
+
+
+def global_tensor(key: str) -> str:
+    """The HF name of a whole-model tensor: `embed_tokens`, `norm` or `lm_head` (`model.embed_tokens.weight`)."""
+    return f"{SAVEABLE_MODULES[key]}.weight"
+
 
 def linear_module(layer: int, block: str, proj: str) -> str:
     """The HF module path of a linear site, e.g. `model.layers.0.self_attn.q_proj`."""
-    return f"model.layers.{layer}.{BLOCK_MODULES.get(block, block)}.{proj}"
+    return layer_module(layer, f"{BLOCK_MODULES.get(block, block)}.{proj}")
 
 
 def attention_projs(cfg: ModelConfig) -> tuple[str, ...]:
@@ -125,12 +150,36 @@ def linear_module_names(cfg: ModelConfig) -> list[str]:
 
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # peft `target_parameters` names (`mlp.experts.<name>`)
+EXPERTS_MODULE = "mlp.experts"
 
 
 def expert_param(layer: int, name: str) -> str:
     """The transformers 5 parameter name of a fused expert stack, e.g. `model.layers.0.mlp.experts.down_proj`
     (what peft's `target_parameters` match against)."""
-    return f"model.layers.{layer}.mlp.experts.{name}"
+    return layer_module(layer, f"{EXPERTS_MODULE}.{name}")
+
+
+def is_expert_param(name: str) -> bool:
+    """Whether an HF name is an expert stack (`...mlp.experts.gate_up_proj`), not a module."""
+    return any(name.endswith(f".{EXPERTS_MODULE}.{p}") for p in EXPERT_PARAMS)
+
+
+def expert_wrapper_module(layer: int, name: str, names_in_layer: list[str]) -> str:
+    """The module path of peft's ParamWrapper of expert stack `name` in layer `layer`, where `names_in_layer` are
+    the stacks adapted there: later parameters wrap the earlier ones, so the first of two is
+    `model.layers.{i}.mlp.experts.base_layer` and the last `model.layers.{i}.mlp.experts`."""
+    order = [n for n in EXPERT_PARAMS if n in names_in_layer]
+    return layer_module(layer, EXPERTS_MODULE + ".base_layer" * (len(order) - 1 - order.index(name)))
+
+
+# AdapterHub's bottleneck-adapter modules (jpeft's bottleneck folders use its names): block -> module.
+BOTTLENECK_MODULES = {"self_attn": "attention_adapters", "mlp": "output_adapters"}
+
+
+def bottleneck_module(layer: int, block: str, name: str) -> str:
+    """The AdapterHub module path of adapter `name` after `block` in layer `layer`, e.g.
+    `model.layers.0.attention_adapters.adapters.bottleneck`."""
+    return layer_module(layer, f"{BOTTLENECK_MODULES[block]}.adapters.{name}")
 
 
 def expert_param_names(cfg: ModelConfig) -> list[str]:
@@ -155,11 +204,11 @@ def expert_names(cfg: ModelConfig, layer: int, name: str) -> list[list[str]]:
     if experts_in_out(cfg):
         return []
     if cfg.model_type == "mixtral":
-        pre, parts = f"model.layers.{layer}.block_sparse_moe.experts", {"gate_up_proj": ("w1", "w3"),
-                                                                         "down_proj": ("w2",)}[name]
+        pre, parts = layer_module(layer, "block_sparse_moe.experts"), {"gate_up_proj": ("w1", "w3"),
+                                                                        "down_proj": ("w2",)}[name]
     else:
-        pre, parts = f"model.layers.{layer}.mlp.experts", {"gate_up_proj": ("gate_proj", "up_proj"),
-                                                            "down_proj": ("down_proj",)}[name]
+        pre, parts = layer_module(layer, EXPERTS_MODULE), {"gate_up_proj": ("gate_proj", "up_proj"),
+                                                           "down_proj": ("down_proj",)}[name]
     return [[f"{pre}.{e}.{p}.weight" for p in parts] for e in range(cfg.num_experts)]
 
 
@@ -290,7 +339,7 @@ def _attention_extras(cfg: ModelConfig) -> list[HFParam]:
 @functools.lru_cache(maxsize=32)
 def base_params(cfg: ModelConfig) -> tuple[HFParam, ...]:
     """Every tensor of the base model, in loading order."""
-    d, v = cfg.hidden_size, cfg.vocab_size
+    d = cfg.hidden_size
     out = [HFParam(("layers", n), f"model.layers.{{i}}.{n}.weight", (d,)) for n in layer_norm_names(cfg)]
     for block, proj in linear_sites(cfg):
         module = f"model.layers.{{i}}.{BLOCK_MODULES.get(block, block)}.{proj}"
@@ -298,8 +347,7 @@ def base_params(cfg: ModelConfig) -> tuple[HFParam, ...]:
     if cfg.has_experts:
         out += _moe_params(cfg)
     out += _attention_extras(cfg)
-    out += [HFParam(("embed_tokens",), "model.embed_tokens.weight", (v, d)),
-            HFParam(("norm",), "model.norm.weight", (d,))]
+    out += [saveable_param(cfg, "embed_tokens"), saveable_param(cfg, "norm")]
     if not cfg.tie_word_embeddings:
         out.append(saveable_param(cfg, "lm_head"))
     return tuple(out)
@@ -308,9 +356,9 @@ def base_params(cfg: ModelConfig) -> tuple[HFParam, ...]:
 def saveable_param(cfg: ModelConfig, module: str) -> HFParam:
     """The tensor of a `modules_to_save` module (`embed_tokens`, `lm_head` or `norm`), as in `base_params`."""
     d, v = cfg.hidden_size, cfg.vocab_size
-    return {"embed_tokens": HFParam(("embed_tokens",), "model.embed_tokens.weight", (v, d)),
-            "norm": HFParam(("norm",), "model.norm.weight", (d,)),
-            "lm_head": HFParam(("lm_head", "kernel"), "lm_head.weight", (v, d), True)}[module]
+    return {"embed_tokens": HFParam(("embed_tokens",), global_tensor("embed_tokens"), (v, d)),
+            "norm": HFParam(("norm",), global_tensor("norm"), (d,)),
+            "lm_head": HFParam(("lm_head", "kernel"), global_tensor("lm_head"), (v, d), True)}[module]
 
 
 @functools.lru_cache(maxsize=32)
@@ -318,7 +366,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> torch-layout shape, for every base tensor of this config (the tied lm_head too; for
     experts both the fused and the per-expert names, and mixtral's router under both spellings)."""
     out = {n: p.shape for p in base_params(cfg) for n in p.names(cfg.num_layers)}
-    out.setdefault("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+    out.setdefault(global_tensor("lm_head"), (cfg.vocab_size, cfg.hidden_size))
     for p in base_params(cfg):
         if p.name == router_name(cfg):
             out.update({v5_name(n): p.shape for n in p.names(cfg.num_layers)})

@@ -1,8 +1,8 @@
-"""Merged export: fold an adapter into the base and write a transformers checkpoint.
+"""Merged export: write a base tree (an adapter already folded in) as a transformers checkpoint.
 
-`save_merged` works for every registered method with a `merge` (LoRA, DoRA, rsLoRA, PiSSA, QLoRA, AdaLoRA,
-SoRA, IA3, VeRA, ...) and refuses the others with one message naming the method and why, before anything
-is written. Tensor names come from `hf_names.base_params`, the table the loader reads with.
+`write_merged` writes the tree it is given; folding an adapter in is the method's job
+(`jpeft.methods.export.save_merged` merges with the method's registered `merge`, or refuses). Tensor names
+come from `hf_names.base_params`, the table the loader reads with.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.dtypes import resolve_dtype
-from jpeft.methods.base import Method
-from jpeft.methods.common import dense_kernel
-from jpeft.methods.registry import merge_or_refuse
 from jpeft.models.config import ModelConfig
+from jpeft.quant.kernel import dense_kernel
 from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge.folders import source_config, write_hf_checkpoint
 
@@ -48,17 +46,14 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> dict[str, np.ndarr
     return out
 
 
-def save_merged(folder: str | os.PathLike, cfg: ModelConfig, params: dict, method: Method, adapters: dict,
-                source_folder_or_gguf: str | os.PathLike, dtype: Any = "float32") -> Path:
-    """Merge the adapter and write a full transformers checkpoint (config, model.safetensors, tokenizer).
-
-    Raises ConfigError (nothing written) for methods that cannot be merged (prefix, prompt, bottleneck).
-    """
-    merge = merge_or_refuse(method)
+def write_merged(folder: str | os.PathLike, cfg: ModelConfig, merged: dict, source_folder_or_gguf: str | os.PathLike,
+                 dtype: Any = "float32") -> Path:
+    """Write the base tree `merged` as a full transformers checkpoint (config, model.safetensors, tokenizer)
+    next to the source's config and tokenizer; tensors in `dtype`."""
     src = Path(source_folder_or_gguf)
     conf = source_config(src)
     jdt = jnp.dtype(resolve_dtype(dtype))
-    tensors = hf_tensors(cfg, merge(params, method, adapters), jdt)
+    tensors = hf_tensors(cfg, merged, jdt)
     conf["dtype"] = jdt.name
     conf.pop("torch_dtype", None)
     conf.pop("quantization_config", None)  # the merged weights are dense, even from a 4-bit base

@@ -30,7 +30,6 @@ import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.kernels.lora import lora_delta
-from jpeft.methods.base import Method, SiteContext
 from jpeft.methods.common import check_dropout, dropout, hp, method_tree
 from jpeft.methods.lora import merge_lora, save_peft_adapter
 from jpeft.methods.ranks import diagonal_to_lora, report_ranks
@@ -38,6 +37,7 @@ from jpeft.methods.registry import Built, MethodSpec, register_method
 from jpeft.methods.targeting import Site, full_layer_sites
 from jpeft.models.config import ModelConfig
 from jpeft.optim.adalora import AdaLoraAllocatorConfig, adalora_orth_reg, adalora_rank_pattern, with_adalora
+from jpeft.sites import Method, SiteContext
 from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge import peft_io
 
@@ -273,11 +273,6 @@ def merge_adalora(params: dict, method: AdaLoRA, adapters: dict) -> dict:
     return merge_lora(params, lora, ad)
 
 
-def build_adalora(model: Any, ac: AdaLoraConfig, rng: jax.Array) -> Built:
-    method, adapters = init_adalora(model.cfg, model.params, ac, rng)
-    return Built(method, adapters, model.params)
-
-
 def save_adalora(folder: str | os.PathLike, cfg: ModelConfig, method: AdaLoRA, adapters: dict,
                  base_model_name_or_path: str | None = None) -> Path:
     """An unpruned peft AdaLoRA folder (`rank_pattern: null`, masked E entries already 0)."""
@@ -299,7 +294,7 @@ def finish_adalora(out: Path, model: Any, built: Built, res: Any) -> None:
 
 
 register_method(MethodSpec(
-    name="adalora", config=AdaLoraConfig, method=AdaLoRA, init=build_adalora, save=save_adalora,
+    name="adalora", config=AdaLoraConfig, method=AdaLoRA, init=init_adalora, save=save_adalora,
     load=load_adalora_adapter, peft_type="ADALORA", merge=merge_adalora, finish=finish_adalora,
     demo={"lora_alpha": 32, "target_modules": "all-linear"},
     summary="AdaLoRA: SVD-form LoRA with importance-based rank allocation (optax wrapper)"))

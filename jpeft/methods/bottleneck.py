@@ -39,17 +39,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
-from jpeft.methods.base import Method, SiteContext
 from jpeft.methods.common import hp, method_tree
-from jpeft.methods.registry import Built, MethodSpec, register_method
+from jpeft.methods.registry import MethodSpec, register_method
 from jpeft.models.config import ModelConfig
+from jpeft.sites import Method, SiteContext
+from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge import peft_io
 
 F32 = jnp.float32
@@ -152,7 +153,7 @@ def _norm(n: int, d: int) -> dict:
     return {"weight": jnp.ones((n, d), F32), "bias": jnp.zeros((n, d), F32)}
 
 
-def init_bottleneck(cfg: ModelConfig, bc: BottleneckConfig, rng: jax.Array) -> tuple[Bottleneck, dict]:
+def init_bottleneck(cfg: ModelConfig, params: dict, bc: BottleneckConfig, rng: jax.Array) -> tuple[Bottleneck, dict]:
     """`(method, {"bottleneck": tree})`: N(0, init_std) down, zero up (the identity at init)."""
     method = resolve(cfg, bc)
     n, d, r = cfg.num_layers, cfg.hidden_size, method.bottleneck_size
@@ -169,7 +170,6 @@ def init_bottleneck(cfg: ModelConfig, bc: BottleneckConfig, rng: jax.Array) -> t
     return method, {"bottleneck": {"layers": {"block": blocks}}}
 
 
-LOCATION = {"self_attn": "attention_adapters", "mlp": "output_adapters"}
 WEIGHTS = "adapter.safetensors"
 FAMILY_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
@@ -186,7 +186,7 @@ def _parts(method: Bottleneck) -> list[tuple[str, str, bool]]:
 
 
 def _prefix(i: int, block: str, name: str) -> str:
-    return f"model.layers.{i}.{LOCATION[block]}.adapters.{name}."
+    return hf.bottleneck_module(i, block, name) + "."
 
 
 def save_bottleneck(folder: str | Path, cfg: ModelConfig, method: Bottleneck, adapters: dict,
@@ -250,7 +250,7 @@ def load_bottleneck(folder: str | Path, cfg: ModelConfig, params: dict | None = 
     for block in method.blocks:
         t = {}
         for fname, tname, linear in _parts(method):
-            why = f"the config asks for {LOCATION[block]} with {fname}"
+            why = f"the config asks for {hf.BOTTLENECK_MODULES[block]} with {fname}"
             ws = np.stack([f.take(_prefix(i, block, name) + fname + ".weight", shapes[fname][0], why)
                            for i in range(cfg.num_layers)])
             bs = jnp.asarray(np.stack([f.take(_prefix(i, block, name) + fname + ".bias", shapes[fname][1], why)
@@ -262,13 +262,8 @@ def load_bottleneck(folder: str | Path, cfg: ModelConfig, params: dict | None = 
     return method, {"bottleneck": {"layers": {"block": blocks}}}
 
 
-def build_bottleneck(model: Any, bc: BottleneckConfig, rng: jax.Array) -> Built:
-    method, adapters = init_bottleneck(model.cfg, bc, rng)
-    return Built(method, adapters, model.params)
-
-
 register_method(MethodSpec(
-    name="adapter", config=BottleneckConfig, method=Bottleneck, init=build_bottleneck, save=save_bottleneck,
+    name="adapter", config=BottleneckConfig, method=Bottleneck, init=init_bottleneck, save=save_bottleneck,
     load=load_bottleneck, detect=is_bottleneck_config,
     no_merge="a bottleneck adapter is a small non-linear MLP on the activations; no weight update equals it",
     summary="bottleneck adapters (Houlsby, Pfeiffer), AdapterHub-style names (peft has no such type)"))

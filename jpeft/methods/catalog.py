@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from jpeft.methods import adalora, bottleneck, ia3, lora, prefix, prompt, qlora, sora, vera  # noqa: F401
-from jpeft.methods.base import Method
 from jpeft.methods.registry import MethodSpec, get_method, method_names, spec_for_config, spec_of, specs
 from jpeft.models.config import ModelConfig
+from jpeft.sites import Method
 from jpeft.torch_bridge.peft_io import read_json_config
 
 __all__ = ["adapter_spec", "get_method", "load_adapter", "method_names", "save_adapter", "spec_of", "specs"]

@@ -16,24 +16,28 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.errors import ConfigError
-from jpeft.methods.base import SiteContext
+from jpeft.sites import SiteContext
 
 F32 = jnp.float32
 
 
-def hp(default: Any, help: str, *, choices: Sequence[Any] | None = None,
+def hp(default: Any, help: str | None, *, choices: Sequence[Any] | None = None,
        parse: str | Callable[[str], Any] | None = None,
        aliases: Sequence[str] = (), negative_aliases: Sequence[str] = (), flag: str | None = None,
-       cli: bool = True, metavar: str | None = None, from_run: str | None = None) -> Any:
-    """A config field with CLI metadata. `parse` turns the flag's text into the value (a callable or a name
-    in `PARSERS`: targets, names, ints, json, bool_or_name); `aliases` are extra
-    flag spellings (older jpeft flags); `negative_aliases` set a bool field to False; `cli=False` keeps a
-    field (peft's off-only fields) out of the command line; `from_run="steps"` makes a None value take the
-    run's `--steps` on the command line (AdaLoRA's `total_step`)."""
+       cli: bool = True, metavar: str | None = None, from_run: str | None = None, group: str | None = None,
+       exclusive: str | None = None) -> Any:
+    """A config field with CLI metadata. `help=None` shows the flag without text. `parse` turns the flag's
+    text into the value (a callable or a name in `PARSERS`: targets, names, ints, json, bool_or_name); `aliases`
+    are extra flag spellings (older jpeft flags); `negative_aliases` set a bool field to False; `cli=False` keeps
+    a field (peft's off-only fields) out of the command line; `from_run="steps"` makes a None value take the
+    run's `--steps` on the command line (AdaLoRA's `total_step`). Run settings (`jpeft.train.settings`) also use
+    `group` (the titled argument group the flag is listed in) and `exclusive` (flags sharing the name are
+    mutually exclusive)."""
     if isinstance(parse, str):
         parse = PARSERS[parse]
     meta = {"help": help, "choices": choices, "parse": parse, "aliases": tuple(aliases), "flag": flag, "cli": cli,
-            "negative_aliases": tuple(negative_aliases), "metavar": metavar, "from_run": from_run}
+            "negative_aliases": tuple(negative_aliases), "metavar": metavar, "from_run": from_run, "group": group,
+            "exclusive": exclusive}
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -96,13 +100,6 @@ def dropout(x: jax.Array, p: float, ctx: SiteContext, tag: str) -> jax.Array:
     key = jax.random.fold_in(ctx.rng, zlib.crc32(tag.encode()) & 0x7FFFFFFF)
     keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
     return jnp.where(keep, x / (1.0 - p), 0).astype(x.dtype)
-
-
-def dense_kernel(k: Any) -> jax.Array:
-    """A `[in, out]` (or stacked `[L, in, out]`) kernel as a dense fp32 array (4-bit kernels dequantized)."""
-    if hasattr(k, "dequantize"):  # jpeft.quant.kernel.QuantizedKernel
-        return k.dequantize(F32)
-    return k.astype(F32)
 
 
 def replace_linears(params: dict, new: dict) -> dict:

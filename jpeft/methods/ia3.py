@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
-from jpeft.methods.base import Method
-from jpeft.methods.common import dense_kernel, hp, method_tree, replace_linears
-from jpeft.methods.registry import Built, MethodSpec, register_method
+from jpeft.methods.common import hp, method_tree, replace_linears
+from jpeft.methods.registry import MethodSpec, register_method
 from jpeft.methods.targeting import name_matches, pattern_match, site_layers
 from jpeft.models.config import ModelConfig
-from jpeft.models.decoder import dense
+from jpeft.quant.kernel import dense_kernel
+from jpeft.sites import Method, dense
 from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge import peft_io
 
@@ -148,7 +148,7 @@ def site_width(cfg: ModelConfig, info: IA3Site) -> int:
     return hf.linear_in_out(cfg, info.proj, info.block)[0 if info.feedforward else 1]
 
 
-def init_ia3(cfg: ModelConfig, ic: IA3Config, rng: jax.Array | None = None) -> tuple[IA3, dict]:
+def init_ia3(cfg: ModelConfig, params: dict, ic: IA3Config, rng: jax.Array) -> tuple[IA3, dict]:
     """`(method, {"ia3": tree})`: ones (`init_ia3_weights=True`), else N(0, 1) like peft's debug init."""
     method = resolve(cfg, ic)
     layers: dict = {}
@@ -157,7 +157,7 @@ def init_ia3(cfg: ModelConfig, ic: IA3Config, rng: jax.Array | None = None) -> t
         if ic.init_ia3_weights:
             v = jnp.ones(shape, F32)
         else:
-            v = jax.random.normal(jax.random.fold_in(rng if rng is not None else jax.random.PRNGKey(0), i), shape, F32)
+            v = jax.random.normal(jax.random.fold_in(rng, i), shape, F32)
             v = jnp.where(jnp.asarray(info.active)[:, None], v, 1.0)
         layers.setdefault(info.block, {})[info.proj] = {"ia3_l": v}
     return method, {"ia3": {"layers": layers}}
@@ -228,11 +228,6 @@ def load_peft_ia3(folder: str | Path, cfg: ModelConfig, params: dict | None = No
     return method, {"ia3": {"layers": layers}}
 
 
-def build_ia3(model: Any, ic: IA3Config, rng: jax.Array) -> Built:
-    method, adapters = init_ia3(model.cfg, ic, rng)
-    return Built(method, adapters, model.params)
-
-
 register_method(MethodSpec(
-    name="ia3", config=IA3Config, method=IA3, init=build_ia3, save=save_peft_ia3, load=load_peft_ia3,
+    name="ia3", config=IA3Config, method=IA3, init=init_ia3, save=save_peft_ia3, load=load_peft_ia3,
     peft_type="IA3", merge=merge_ia3, summary="IA3: learned scaling vectors on projection outputs/inputs"))

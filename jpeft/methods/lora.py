@@ -32,16 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
-from jpeft.kernels.dispatch import REFERENCE, choose
 from jpeft.kernels.lora import lora_delta
 from jpeft.kernels.lora_linear import lora_linear_group
 from jpeft.methods import lora_experts, modules_to_save, targeting
-from jpeft.methods.base import Method
-from jpeft.methods.common import dense_kernel, dropout, hp, method_tree, replace_linears
-from jpeft.methods.pissa import as_plain_lora, pissa_factors, rank_mask
-from jpeft.methods.registry import Built, MethodSpec, register_method
+from jpeft.methods.common import dropout, hp, method_tree, replace_linears
+from jpeft.methods.pissa import as_plain_lora, pissa_base, pissa_factors, rank_mask
+from jpeft.methods.registry import MethodSpec, register_method
 from jpeft.models.config import ModelConfig
 from jpeft.optim.loraplus import scale_by_loraplus
+from jpeft.quant.kernel import dense_kernel
+from jpeft.sites import Method
 from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge import peft_io
 
@@ -183,11 +183,10 @@ class LoRA(Method):
 
     def fused_linear(self, sites, x, bases, trees, ctx):
         """`x W_k (+ b_k) + s_k·(x A_k) B_k` for every site of the group (q/k/v or gate/up sharing x) as one
-        Pallas kernel call when the kernel mode picks it and every site allows it (dense base weights, no DoRA,
-        no active dropout); None otherwise (`dense` + `linear`)."""
-        ok = (all(isinstance(b["kernel"], jax.Array) for b in bases) and not self.use_dora
-              and ctx.layer is not None and (not ctx.train or self.lora_dropout == 0.0))
-        if choose("lora_linear", supported=ok) == REFERENCE:
+        `lora_linear_group` call (the Pallas kernel or its reference, as the kernel mode picks there) when every
+        site is that op (dense base weights, no DoRA, no active dropout); None otherwise (`dense` + `linear`)."""
+        if not (all(isinstance(b["kernel"], jax.Array) for b in bases) and not self.use_dora
+                and ctx.layer is not None and (not ctx.train or self.lora_dropout == 0.0)):
             return None
         scales = [jnp.asarray(self.scales(self.site(*site)), F32)[ctx.layer] for site in sites]
         return lora_linear_group(x, [b["kernel"].astype(x.dtype) for b in bases], [t["lora_A"] for t in trees],
@@ -289,20 +288,16 @@ def _init_site(key, w: Any, info: LoraSite, method: LoRA, how) -> dict:
     return tree
 
 
-def init_lora(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array):
-    """`(method, adapters)` with `adapters = {"lora": tree}`; for `init_lora_weights="pissa"` also a third
-    value: the residual base `W − s·B·A` as a *new* params tree (the input base is never modified); train
-    and run with that residual base, and export with `initial_adapters=` (see `save_peft_adapter`)."""
+def init_lora(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array) -> tuple[LoRA, dict]:
+    """`(method, adapters)` with `adapters = {"lora": tree}`. For `init_lora_weights="pissa"` the adapter belongs
+    to the residual base `pissa.pissa_base(params, method, adapters)` returns: train and run on that, and export with
+    `initial_adapters=` (see `save_peft_adapter`)."""
     method = resolve(cfg, lcfg)
-    layers, residual = {}, {}
+    layers = {}
     for i, info in enumerate(method.sites):
         w = params["layers"][info.block][info.proj]["kernel"]  # never dequantized whole (an 8B gate_proj: 7.5 GB)
-        tree = _init_site(jax.random.fold_in(rng, i), w, info, method, lcfg.init_lora_weights)
-        layers.setdefault(info.block, {})[info.proj] = tree
-        if lcfg.init_lora_weights == "pissa":
-            s = jnp.asarray(method.scales(info), F32)[:, None, None]
-            residual.setdefault(info.block, {})[info.proj] = {"kernel": dense_kernel(w) - s * (tree["lora_A"] @
-                                                                                                tree["lora_B"])}
+        layers.setdefault(info.block, {})[info.proj] = _init_site(jax.random.fold_in(rng, i), w, info, method,
+                                                                  lcfg.init_lora_weights)
     for i, info in enumerate(method.expert_sites):
         key = jax.random.fold_in(rng, len(method.sites) + i)
         layers.setdefault("mlp", {}).setdefault("experts", {})[info.proj] = lora_experts.init_expert_site(
@@ -310,17 +305,7 @@ def init_lora(cfg: ModelConfig, params: dict, lcfg: LoraConfig, rng: jax.Array):
     out: dict = {"layers": layers}
     if method.modules_to_save:
         out["modules_to_save"] = modules_to_save.copies(params, method.modules_to_save)
-    if lcfg.init_lora_weights != "pissa":
-        return method, {"lora": out}
-    return method, {"lora": out}, replace_linears(params, residual)
-
-
-def build_lora(model: Any, lc: LoraConfig, rng: jax.Array) -> Built:
-    """The registry's init: PiSSA trains on the residual base and exports against the original one."""
-    out = init_lora(model.cfg, model.params, lc, rng)
-    if len(out) == 3:
-        return Built(out[0], out[1], out[2], {"initial_adapters": out[1]})
-    return Built(out[0], out[1], model.params)
+    return method, {"lora": out}
 
 
 def merged_kernel(w: Any, tree: dict, method: LoRA, info: LoraSite) -> jax.Array:
@@ -387,8 +372,8 @@ def adapter_config(method: LoRA, ranks: dict, base_model_name_or_path: str | Non
             "inference_mode": True, "r": r, "lora_alpha": num(alpha), "lora_dropout": method.lora_dropout,
             "use_rslora": method.use_rslora,
             "use_dora": method.use_dora, "init_lora_weights": True, "bias": "none",
-            "target_modules": sorted(n for n in ranks if not lora_experts.is_param_name(n)),
-            "target_parameters": sorted(n for n in ranks if lora_experts.is_param_name(n)) or None,
+            "target_modules": sorted(n for n in ranks if not hf.is_expert_param(n)),
+            "target_parameters": sorted(n for n in ranks if hf.is_expert_param(n)) or None,
             "exclude_modules": None, "layers_to_transform": None,
             "layers_pattern": None, "rank_pattern": {re.escape(n): ra[0] for n, ra in ranks.items() if ra[0] != r},
             "alpha_pattern": {re.escape(n): num(ra[1]) for n, ra in ranks.items() if not math.isclose(ra[1], alpha)},
@@ -460,6 +445,7 @@ def load_peft_adapter(folder: str | Path, cfg: ModelConfig, params: dict) -> tup
 
 
 register_method(MethodSpec(
-    name="lora", config=LoraConfig, method=LoRA, init=build_lora, save=save_peft_adapter, load=load_peft_adapter,
-    peft_type="LORA", merge=merge_lora, demo={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+    name="lora", config=LoraConfig, method=LoRA, init=init_lora, save=save_peft_adapter, load=load_peft_adapter,
+    peft_type="LORA", merge=merge_lora, train_base=pissa_base,
+    demo={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
     summary="LoRA (+ rsLoRA, DoRA, PiSSA init, patterns, LoRA+)"))

@@ -45,8 +45,9 @@ def targeted_parameter_names(cfg: ModelConfig, target_parameters: list[str] | No
     names = hf.expert_param_names(cfg)
     unknown = [t for t in target_parameters if not any(targeting.name_matches([t], n) for n in names)]
     if unknown:
-        have = (f"this model has: {[f'mlp.experts.{p}' for p in hf.EXPERT_PARAMS]} (full names like {names[0]!r})"
-                if names else f"this {cfg.model_type} model has no expert parameters (only MoE models do)")
+        stacks = [f"{hf.EXPERTS_MODULE}.{p}" for p in hf.EXPERT_PARAMS]
+        have = (f"this model has: {stacks} (full names like {names[0]!r})" if names
+                else f"this {cfg.model_type} model has no expert parameters (only MoE models do)")
         raise ConfigError(f"{where}.target_parameters: {unknown} name no parameter; {have}")
     return [n for n in names if targeting.name_matches(list(target_parameters), n)]
 
@@ -100,13 +101,6 @@ def merged_experts(w: Any, a: jax.Array, b: jax.Array, scales: tuple[float, ...]
     return w.astype(F32) + s * jnp.einsum("leir,lero->leio", a.astype(F32), b.astype(F32))
 
 
-def wrapper_prefixes(names_in_layer: list[str]) -> dict[str, str]:
-    """Module path suffix of each targeted stack's ParamWrapper within one layer: later parameters wrap the
-    earlier ones, so the first of two is `mlp.experts.base_layer` and the last `mlp.experts`."""
-    order = [n for n in hf.EXPERT_PARAMS if n in names_in_layer]
-    return {n: "mlp.experts" + ".base_layer" * (len(order) - 1 - k) for k, n in enumerate(order)}
-
-
 def to_peft(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One layer's jpeft factors A `[E, in, r]`, B `[E, r, out]` -> peft's `lora_A [r·E, in]`, `lora_B [out, r·E]`."""
     e, d_in, r = a.shape
@@ -128,11 +122,6 @@ def bound(d_in: int) -> float:
     return 1.0 / math.sqrt(d_in)
 
 
-def is_param_name(name: str) -> bool:
-    """Whether an HF name is an expert stack (`...mlp.experts.gate_up_proj`), not a module."""
-    return any(name.endswith(".mlp.experts." + p) for p in hf.EXPERT_PARAMS)
-
-
 def _layer_targets(method: Any, layer: int) -> list[str]:
     return [e.proj for e in method.expert_sites if e.ranks[layer]]
 
@@ -146,7 +135,7 @@ def to_tensors(method: Any, tree: dict, ranks: dict) -> dict[str, np.ndarray]:
         for i, (r, alpha) in enumerate(zip(info.ranks, info.alphas)):
             if r == 0:
                 continue
-            module = f"model.layers.{i}." + wrapper_prefixes(_layer_targets(method, i))[info.proj]
+            module = hf.expert_wrapper_module(i, info.proj, _layer_targets(method, i))
             pa, pb = to_peft(np.asarray(t["lora_A"][i, :, :, :r], np.float32),
                              np.asarray(t["lora_B"][i, :, :r, :], np.float32))
             out[hf.peft_key(module, "lora_A.weight")] = pa
@@ -165,7 +154,7 @@ def from_tensors(cfg: ModelConfig, method: Any, f: Any) -> dict:
         a = np.zeros((cfg.num_layers, e, d_in, r_max), np.float32)
         b = np.zeros((cfg.num_layers, e, r_max, d_out), np.float32)
         for i, r in ((i, r) for i, r in enumerate(info.ranks) if r):
-            module = f"model.layers.{i}." + wrapper_prefixes(_layer_targets(method, i))[info.proj]
+            module = hf.expert_wrapper_module(i, info.proj, _layer_targets(method, i))
             why = f"adapter_config.json's target_parameters name {hf.expert_param(i, info.proj)}"
             pa = f.take(hf.peft_key(module, "lora_A.weight"), (r * e, d_in), why)
             pb = f.take(hf.peft_key(module, "lora_B.weight"), (d_out, r * e), why)

@@ -9,10 +9,14 @@ rsLoRA, so the scale is unchanged), which `W + s·B'A'` equals `W_res + s·B·A`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jpeft.methods.common import method_tree, replace_linears
+from jpeft.quant.kernel import dense_kernel
 
 F32 = jnp.float32
 
@@ -41,3 +45,19 @@ def as_plain_lora(a: np.ndarray, b: np.ndarray, a0: np.ndarray, b0: np.ndarray, 
     """peft's conversion of one module: a/a0 `[r, in]`, b/b0 `[out, r]` -> (`[2r, in]`, `[out, 2r]`, 2r, alpha')."""
     return (np.concatenate([a, a0], axis=0), np.concatenate([b, -b0], axis=1), 2 * r,
             alpha * (math.sqrt(2) if rslora else 2))
+
+
+def pissa_base(params: dict, method: Any, adapters: dict) -> tuple[dict, dict]:
+    """LoRA's `train_base` (registry): the base to train on and the extra `save_peft_adapter` arguments for a
+    `jpeft.methods.lora.LoRA` and adapters fresh from `init_lora`. Without PiSSA init: the params themselves and
+    none. With it: the residual base `W − s·A@B` as a *new* tree (the input is never modified) and
+    `initial_adapters` (the export is against the original base)."""
+    if method.init_lora_weights != "pissa":
+        return params, {}
+    tree, residual = method_tree(adapters, "lora"), {}
+    for info in method.sites:
+        w = dense_kernel(params["layers"][info.block][info.proj]["kernel"])
+        t = tree["layers"][info.block][info.proj]
+        s = jnp.asarray(method.scales(info), F32)[:, None, None]
+        residual.setdefault(info.block, {})[info.proj] = {"kernel": w - s * (t["lora_A"] @ t["lora_B"])}
+    return replace_linears(params, residual), {"initial_adapters": adapters}

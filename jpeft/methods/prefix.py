@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import CheckpointError, ConfigError
-from jpeft.methods.base import Method, SiteContext
 from jpeft.methods.common import hp, method_tree
-from jpeft.methods.registry import Built, MethodSpec, register_method
+from jpeft.methods.registry import MethodSpec, register_method
 from jpeft.models.config import ModelConfig
+from jpeft.sites import Method, SiteContext
 from jpeft.torch_bridge import peft_io
 
 F32 = jnp.float32
@@ -137,7 +137,7 @@ def _torch_linear(key: jax.Array, d_in: int, d_out: int, zero: bool = False) -> 
             "bias": jax.random.uniform(kb, (d_out,), F32, -bound, bound)}
 
 
-def init_prefix(cfg: ModelConfig, pc: PrefixTuningConfig, rng: jax.Array) -> tuple[PrefixTuning, dict]:
+def init_prefix(cfg: ModelConfig, params: dict, pc: PrefixTuningConfig, rng: jax.Array) -> tuple[PrefixTuning, dict]:
     """`(method, {"prefix": tree})`, initialised as peft's PrefixEncoder (N(0,1) embeddings, torch Linears)."""
     method = resolve(cfg, pc)
     p, zero = method.num_virtual_tokens, pc.init_weights == "zero"
@@ -226,13 +226,8 @@ def load_peft_prefix(folder: str | Path, cfg: ModelConfig, params: dict | None =
     return method, {"prefix": {KEY: jnp.asarray(table)}}
 
 
-def build_prefix(model: Any, pc: PrefixTuningConfig, rng: jax.Array) -> Built:
-    method, adapters = init_prefix(model.cfg, pc, rng)
-    return Built(method, adapters, model.params)
-
-
 register_method(MethodSpec(
-    name="prefix", config=PrefixTuningConfig, method=PrefixTuning, init=build_prefix, save=save_peft_prefix,
+    name="prefix", config=PrefixTuningConfig, method=PrefixTuning, init=init_prefix, save=save_peft_prefix,
     load=load_peft_prefix, peft_type="PREFIX_TUNING",
     no_merge="prefix tuning adds trained keys and values to every attention layer; no weight holds them",
     summary="prefix tuning: P trained keys/values per layer (peft PREFIX_TUNING)"))

@@ -26,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError
-from jpeft.methods.base import Method, SiteContext
 from jpeft.methods.common import hp, method_tree
 from jpeft.methods.prefix import KEY, check_num_virtual_tokens, prompt_config, read_prompt_config, read_prompt_table
-from jpeft.methods.registry import Built, MethodSpec, register_method
+from jpeft.methods.registry import MethodSpec, register_method
 from jpeft.models.config import ModelConfig
 from jpeft.models.model import embed
+from jpeft.sites import Method, SiteContext
 from jpeft.torch_bridge import peft_io
+from jpeft.torch_bridge.folders import load_tokenizer
 
 F32 = jnp.float32
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -40,15 +41,15 @@ INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
 @dataclasses.dataclass(frozen=True)
 class PromptTuningConfig:
-    """peft's `PromptTuningConfig` fields. `prompt_tuning_init="TEXT"` needs the tokenised text (or a
-    tokenizer) at init; `tokenizer_name_or_path` is only written to the config for peft's records."""
+    """peft's `PromptTuningConfig` fields. `prompt_tuning_init="TEXT"` tokenises the text with the tokenizer at
+    `tokenizer_name_or_path` (as peft does; the registry's `build` fills in the model's path when it is None)."""
 
     num_virtual_tokens: int = hp(20, "P, the soft-prompt vectors prepended to every input")
     prompt_tuning_init: str = hp("RANDOM", "RANDOM: N(0, 1); TEXT: embeddings of --prompt-tuning-init-text; "
                                            "SAMPLE_VOCAB: embeddings of random vocabulary tokens", choices=INITS)
     prompt_tuning_init_text: str | None = hp(None, "text whose token embeddings start the prompt (with TEXT)")
-    tokenizer_name_or_path: str | None = hp(None, "written to adapter_config.json for peft (CLI: the model path)",
-                                            cli=False)
+    tokenizer_name_or_path: str | None = hp(None, "the tokenizer TEXT init reads; written to adapter_config.json "
+                                                  "for peft (CLI: the model path)", cli=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +94,12 @@ def resolve(cfg: ModelConfig, pc: PromptTuningConfig) -> PromptTuning:
                         tokenizer_name_or_path=pc.tokenizer_name_or_path)
 
 
-def init_prompt(cfg: ModelConfig, params: dict, pc: PromptTuningConfig, rng: jax.Array, *,
-                tokenizer: Any = None, init_token_ids: Sequence[int] | None = None) -> tuple[PromptTuning, dict]:
+def init_prompt(cfg: ModelConfig, params: dict, pc: PromptTuningConfig, rng: jax.Array) -> tuple[PromptTuning, dict]:
     """`(method, {"prompt": {"prompt_embeddings": [P, D]}})`.
 
     RANDOM: N(0, 1) (torch's Embedding init). SAMPLE_VOCAB: embeddings of P random vocabulary ids. TEXT:
-    embeddings of the text's token ids (`init_token_ids`, or `tokenizer(prompt_tuning_init_text)` with
-    the tokenizer's default special tokens, as peft calls it), cut or repeated to P.
+    embeddings of the text's token ids (`tokenizer(prompt_tuning_init_text)` with the tokenizer at
+    `tokenizer_name_or_path` and its default special tokens, as peft calls it), cut or repeated to P.
     """
     method = resolve(cfg, pc)
     p = method.num_virtual_tokens
@@ -108,11 +108,11 @@ def init_prompt(cfg: ModelConfig, params: dict, pc: PromptTuningConfig, rng: jax
     if pc.prompt_tuning_init == "SAMPLE_VOCAB":
         ids = jax.random.randint(rng, (p,), 0, cfg.vocab_size)
     else:
-        if init_token_ids is None:
-            if tokenizer is None:
-                raise ConfigError("PromptTuningConfig.prompt_tuning_init='TEXT' needs tokenizer= or init_token_ids=")
-            init_token_ids = tokenizer(pc.prompt_tuning_init_text)["input_ids"]
-        ids = jnp.asarray(text_token_ids(init_token_ids, p), jnp.int32)
+        tokenizer = None if pc.tokenizer_name_or_path is None else load_tokenizer(Path(pc.tokenizer_name_or_path))
+        if tokenizer is None:
+            raise ConfigError("PromptTuningConfig.prompt_tuning_init='TEXT' needs tokenizer_name_or_path: a model "
+                              f"folder or .gguf file with a tokenizer (got {pc.tokenizer_name_or_path!r})")
+        ids = jnp.asarray(text_token_ids(tokenizer(pc.prompt_tuning_init_text)["input_ids"], p), jnp.int32)
     table = embed(params, cfg, ids[None], F32)[0]
     return method, {"prompt": {"prompt_embeddings": table}}
 
@@ -141,16 +141,16 @@ def load_peft_prompt(folder: str | Path, cfg: ModelConfig, params: dict | None =
     return method, {"prompt": {KEY: jnp.asarray(table)}}
 
 
-def build_prompt(model: Any, pc: PromptTuningConfig, rng: jax.Array) -> Built:
-    """TEXT init tokenises with the model's tokenizer and records the model path for peft."""
+def with_model_tokenizer(pc: PromptTuningConfig, model: Any) -> PromptTuningConfig:
+    """The registry's `prepare`: TEXT init without a tokenizer path reads the model's (and records its path)."""
     if pc.prompt_tuning_init == "TEXT" and pc.tokenizer_name_or_path is None:
-        pc = dataclasses.replace(pc, tokenizer_name_or_path=str(model.path))
-    method, adapters = init_prompt(model.cfg, model.params, pc, rng, tokenizer=model.tokenizer)
-    return Built(method, adapters, model.params)
+        return dataclasses.replace(pc, tokenizer_name_or_path=str(model.path))
+    return pc
 
 
 register_method(MethodSpec(
-    name="prompt", config=PromptTuningConfig, method=PromptTuning, init=build_prompt, save=save_peft_prompt,
+    name="prompt", config=PromptTuningConfig, method=PromptTuning, init=init_prompt, prepare=with_model_tokenizer,
+    save=save_peft_prompt,
     load=load_peft_prompt, peft_type="PROMPT_TUNING",
     no_merge="prompt tuning prepends trained input vectors; no weight holds them",
     summary="prompt tuning: P trained soft-prompt vectors (peft PROMPT_TUNING)"))

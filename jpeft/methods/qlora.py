@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from jpeft.methods.common import hp
-from jpeft.methods.lora import LoRA, LoraConfig, build_lora, merge_lora, save_peft_adapter
+from jpeft.methods.lora import LoRA, LoraConfig, init_lora, merge_lora, pissa_base, save_peft_adapter
 from jpeft.methods.registry import MethodSpec, register_method
 
 
@@ -26,5 +26,6 @@ class QLoraConfig(LoraConfig):
 
 
 register_method(MethodSpec(
-    name="qlora", config=QLoraConfig, method=LoRA, init=build_lora, save=save_peft_adapter, peft_type="LORA",
-    merge=merge_lora, quantize="nf4", summary="LoRA on all linear layers of an NF4 base (r=64, alpha=16)"))
+    name="qlora", config=QLoraConfig, method=LoRA, init=init_lora, save=save_peft_adapter, peft_type="LORA",
+    merge=merge_lora, train_base=pissa_base, quantize="nf4",
+    summary="LoRA on all linear layers of an NF4 base (r=64, alpha=16)"))

@@ -3,8 +3,12 @@
 A method module defines its config dataclass, its site `Method`, init, save/load and (where it exists) merge,
 and registers them with one call at import time:
 
-    register_method(MethodSpec(name="vera", config=VeraConfig, method=VeRA, init=build_vera, peft_type="VERA",
+    register_method(MethodSpec(name="vera", config=VeraConfig, method=VeRA, init=init_vera, peft_type="VERA",
                                save=save_vera, load=load_vera, merge=merge_vera))
+
+Every method's init has one signature, `init(cfg, params, config, rng) -> (method, adapters)`; `spec.build(model,
+config, rng)` turns that into what a training run needs (`Built`: also the base to train on and what `save`
+needs besides the adapters), with the spec's optional `prepare` and `train_base` hooks.
 
 Everything outside the method goes through the registry: the CLI (flags are generated from `config`), training,
 eval, generate, export and the adapter-folder loader (`peft_type`, or `detect` for non-peft formats). The
@@ -16,14 +20,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import jax
 
 from jpeft.errors import CheckpointError, ConfigError
-from jpeft.methods.base import Method
+from jpeft.sites import Method
 
 
 @dataclasses.dataclass
 class Built:
-    """What `MethodSpec.init` returns: the method, its adapters, the base to train on (PiSSA trains on a
+    """What `MethodSpec.build` returns: the method, its adapters, the base to train on (PiSSA trains on a
     residual base) and extra keyword arguments its `save` needs (PiSSA's initial adapters)."""
 
     method: Method
@@ -38,13 +45,17 @@ class MethodSpec:
 
     name: the `--method` value. config: a frozen dataclass; its fields (with `metadata["help"]`) become the
       method's CLI flags and their defaults are the only defaults. method: the site `Method` class.
-    init(model, config, rng) -> Built, where model has `.cfg`, `.params`, `.tokenizer`, `.path`.
+    init(cfg, params, config, rng) -> (method, adapters): the method's one init, the same signature for all.
     save(folder, cfg, method, adapters, *, base_model_name_or_path=None, **export_kwargs) -> Path.
     load(folder, cfg, params) -> (method, adapters), or None when another spec owns the folder format.
     peft_type: what `save` writes (`LORA`, `VERA`, ...), None for a non-peft format recognised by `detect(raw)`.
     merge(params, method, adapters) -> params with the adapter folded in; None with `no_merge` saying why.
     finish(out, model, built, result): replaces `save` after training (rank-adaptive methods report ranks).
     quantize: the 4-bit base format this method loads by default (QLoRA: "nf4").
+    prepare(config, model) -> config: fills config fields from the loaded model before `init` (prompt tuning's
+      TEXT init: the tokenizer path); model has `.cfg`, `.params`, `.tokenizer`, `.path`.
+    train_base(params, method, adapters) -> (base, save_kwargs): the base a run trains on and the extra `save`
+      arguments (PiSSA: the residual base and the initial adapters); default `(params, {})`.
     demo: hyperparameters of the `jpeft demo` recipe that differ from the config's defaults (the runs the
       README and bench/RESULTS.md report were made with them).
     summary: one line for `--help`.
@@ -53,7 +64,7 @@ class MethodSpec:
     name: str
     config: type
     method: type
-    init: Callable[..., Built]
+    init: Callable[..., tuple[Method, dict]]
     save: Callable[..., Path]
     load: Callable[..., tuple[Method, dict]] | None = None
     peft_type: str | None = None
@@ -64,6 +75,16 @@ class MethodSpec:
     quantize: str | None = None
     demo: dict = dataclasses.field(default_factory=dict)
     summary: str = ""
+    prepare: Callable[[Any, Any], Any] | None = None
+    train_base: Callable[[dict, Method, dict], tuple[dict, dict]] | None = None
+
+    def build(self, model: Any, config: Any, rng: jax.Array) -> Built:
+        """`init` on a loaded model (`.cfg`, `.params`, ...), with the base to train on and the save arguments."""
+        config = config if self.prepare is None else self.prepare(config, model)
+        method, adapters = self.init(model.cfg, model.params, config, rng)
+        base, save_kwargs = (model.params, {}) if self.train_base is None else self.train_base(model.params, method,
+                                                                                             adapters)
+        return Built(method, adapters, base, save_kwargs)
 
     def check(self) -> MethodSpec:
         if not self.name or not self.name.replace("_", "").isalnum() or not self.name.islower():

@@ -28,7 +28,6 @@ import optax
 
 from jpeft.errors import ConfigError
 from jpeft.kernels.lora import lora_delta
-from jpeft.methods.base import Method, SiteContext
 from jpeft.methods.common import dropout, hp, method_tree
 from jpeft.methods.lora import merge_lora, save_peft_adapter
 from jpeft.methods.ranks import diagonal_to_lora, report_ranks
@@ -36,6 +35,7 @@ from jpeft.methods.registry import Built, MethodSpec, register_method
 from jpeft.methods.targeting import Site, full_layer_sites
 from jpeft.models.config import ModelConfig
 from jpeft.optim.sora import sora_l1, sora_prox, sora_xi_schedule
+from jpeft.sites import Method, SiteContext
 
 F32 = jnp.float32
 XI_SCHEDULES = ("linear", "log_linear", "exp_linear")
@@ -206,11 +206,6 @@ def merge_sora(params: dict, method: SoRA, adapters: dict) -> dict:
     return merge_lora(params, *prune(method, adapters))
 
 
-def build_sora(model: Any, sc: SoraConfig, rng: jax.Array) -> Built:
-    method, adapters = init_sora(model.cfg, model.params, sc, rng)
-    return Built(method, adapters, model.params)
-
-
 def finish_sora(out: Path, model: Any, built: Built, res: Any) -> None:
     """After training: OUT/adapter (the pruned adapter as a plain peft LoRA), the rank table and plots."""
     method: SoRA = built.method
@@ -220,7 +215,7 @@ def finish_sora(out: Path, model: Any, built: Built, res: Any) -> None:
 
 
 register_method(MethodSpec(
-    name="sora", config=SoraConfig, method=SoRA, init=build_sora, save=save_sora_as_lora, peft_type="LORA",
+    name="sora", config=SoraConfig, method=SoRA, init=init_sora, save=save_sora_as_lora, peft_type="LORA",
     merge=merge_sora, finish=finish_sora,
     demo={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
     summary="SoRA: gated LoRA pruned by a proximal step, exported as LoRA"))

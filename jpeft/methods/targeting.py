@@ -22,8 +22,8 @@ from typing import Any
 import regex
 
 from jpeft.errors import ConfigError
-from jpeft.methods.base import Site
 from jpeft.models.config import ModelConfig
+from jpeft.sites import Site
 from jpeft.torch_bridge.hf_names import PEFT_EXPERT_CONVERTED, linear_module, linear_module_names, linear_sites
 
 # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (also VeRA's) for the supported families. None for the

@@ -39,11 +39,12 @@ import optax
 
 from jpeft.errors import CheckpointError, ConfigError
 from jpeft.kernels.lora import lora_delta
-from jpeft.methods.base import Method, SiteContext
-from jpeft.methods.common import check_dropout, dense_kernel, dropout, hp, method_tree, replace_linears
-from jpeft.methods.registry import Built, MethodSpec, register_method
+from jpeft.methods.common import check_dropout, dropout, hp, method_tree, replace_linears
+from jpeft.methods.registry import MethodSpec, register_method
 from jpeft.methods.targeting import site_layers, targeted_module_names
 from jpeft.models.config import ModelConfig
+from jpeft.quant.kernel import dense_kernel
+from jpeft.sites import Method, SiteContext
 from jpeft.torch_bridge import hf_names as hf
 from jpeft.torch_bridge import peft_io
 
@@ -161,7 +162,7 @@ def resolve(cfg: ModelConfig, vc: VeraConfig) -> VeRA:
                 projection_prng_key=vc.projection_prng_key, vera_dropout=vc.vera_dropout, d_initial=vc.d_initial)
 
 
-def init_vera(cfg: ModelConfig, vc: VeraConfig, rng: jax.Array) -> tuple[VeRA, dict]:
+def init_vera(cfg: ModelConfig, params: dict, vc: VeraConfig, rng: jax.Array) -> tuple[VeRA, dict]:
     """`(method, {"vera": tree})`: kaiming-uniform projections from `projection_prng_key`, peft's λ init."""
     method = resolve(cfg, vc)
     ka, kb = jax.random.split(jax.random.PRNGKey(vc.projection_prng_key))
@@ -259,11 +260,6 @@ def load_vera(folder: str | Path, cfg: ModelConfig, params: dict | None = None) 
     return method, {"vera": tree}
 
 
-def build_vera(model: Any, vc: VeraConfig, rng: jax.Array) -> Built:
-    method, adapters = init_vera(model.cfg, vc, rng)
-    return Built(method, adapters, model.params)
-
-
 register_method(MethodSpec(
-    name="vera", config=VeraConfig, method=VeRA, init=build_vera, save=save_vera, load=load_vera, peft_type="VERA",
+    name="vera", config=VeraConfig, method=VeRA, init=init_vera, save=save_vera, load=load_vera, peft_type="VERA",
     merge=merge_vera, summary="VeRA: shared frozen random projections, trained per-layer vectors (peft VERA)"))

@@ -106,9 +106,6 @@ class ModelConfig:
     qk_nope_head_dim: int = 0  # mla: per-head query/key width without RoPE (the RoPE part is head_dim)
     v_head_dim: int = 0  # mla: per-head value width
     rope_interleave: bool = False  # mla: RoPE pairs (x0, x1), (x2, x3), ... instead of rotate-half halves
-    # Execution, not architecture: which fused-op implementations run (`jpeft.kernels.dispatch`:
-    # "auto" = Pallas kernels on GPU, references elsewhere; "on"; "off"). Static like the rest.
-    kernels: str = "auto"
 
     @property
     def q_size(self) -> int:

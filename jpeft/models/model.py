@@ -1,12 +1,13 @@
 """The whole-model forward: embeddings, scanned decoder layers, final norm, logits.
 
 `forward(params, cfg, input_ids, ...)` is the one public call that returns logits. It is a pure
-function of pytrees; jit it with `cfg`, `methods`, `train` and `remat` static (see `jpeft.api`).
+function of pytrees; jit it with `cfg`, `methods`, `train` and `remat` static (see `jpeft.api`). The fused
+ops it calls follow the kernel mode of the trace (`jpeft.kernels.dispatch.kernel_mode`): jitted entry points
+take the mode as a static argument and enter it inside the trace.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,12 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.errors import ConfigError
-from jpeft.kernels.dispatch import kernel_mode
-from jpeft.methods.base import Method, SiteContext
 from jpeft.models.config import ModelConfig
 from jpeft.models.decoder import REMAT_POLICIES, decoder_layer, rms_norm
 from jpeft.models.mla import cache_widths
 from jpeft.models.moe import aux_loss, mixed_layer_params
+from jpeft.models.records import LayerContext, MaskInfo
+from jpeft.sites import Method, SiteContext
 
 F32 = jnp.float32
 
@@ -90,14 +91,16 @@ def with_overrides(params: dict, adapters: dict | None, methods: Sequence[Method
     return params
 
 
-def _mask_info(b: int, t: int, attention_mask, positions, segment_ids, cache, offset: int = 0,
-               flash_ok: bool = False):
-    """Slots, positions and the layer-independent part of the attention mask `[B, T, S]`.
+def _mask_info(b: int, t: int, attention_mask: jax.Array | None, positions: jax.Array | None,
+               segment_ids: jax.Array | None, cache: dict | None, offset: int = 0,
+               flash_ok: bool = False) -> tuple[MaskInfo, jax.Array, jax.Array]:
+    """(`MaskInfo`, key_valid `[B, S]`, next position `[B]`): slots, positions and the layer-independent part of
+    the attention mask `[B, T, S]`, then what the cache keeps.
 
     `offset` shifts every position (prefix tuning places real tokens after its P virtual ones). A
     negative segment id marks a key every segment may see (prompt tuning's virtual tokens). With
-    `flash_ok` (no cache, no virtual tokens) the last entry is `(segment_ids or None, key_valid [B, T] bool)`,
-    what the flash-attention kernel reads instead of the dense mask; else None.
+    `flash_ok` (no cache, no virtual tokens) `MaskInfo.flash` is `(segment_ids or None, key_valid [B, T] bool)`,
+    what the flash-attention entry reads instead of the dense mask; else None.
     """
     q_idx = jnp.arange(t, dtype=jnp.int32)[None, :]
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
@@ -122,7 +125,9 @@ def _mask_info(b: int, t: int, attention_mask, positions, segment_ids, cache, of
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
         allowed = allowed & (same | (segment_ids[:, None, :] < 0))
     flash = (segment_ids, key_valid > 0) if flash_ok and cache is None else None
-    return (positions, q_slot, k_slot, allowed, index, flash), key_valid, start + jnp.sum(mask, axis=1)
+    info = MaskInfo(positions=positions, q_slot=q_slot, k_slot=k_slot, allowed=allowed, cache_index=index,
+                    flash=flash)
+    return info, key_valid, start + jnp.sum(mask, axis=1)
 
 
 def _extend_for_virtual(n: int, attention_mask: jax.Array, positions, segment_ids, cache):
@@ -170,18 +175,6 @@ def _embed_inputs(params, cfg, input_ids, adapters, methods, cache, train, dtype
     return h, adapters, offset, extra
 
 
-def _with_kernel_mode(fn):
-    """Trace `fn(params, cfg, ...)` under `cfg.kernels` (which fused-op implementations run)."""
-
-    @functools.wraps(fn)
-    def wrapped(params, cfg, *args, **kwargs):
-        with kernel_mode(cfg.kernels):
-            return fn(params, cfg, *args, **kwargs)
-
-    return wrapped
-
-
-@_with_kernel_mode
 def hidden_states_and_aux(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, adapters: dict | None = None,
                           methods: Sequence[Method] = (), attention_mask: jax.Array | None = None,
                           positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -199,8 +192,8 @@ def hidden_states_and_aux(params: dict, cfg: ModelConfig, input_ids: jax.Array, 
             attention_mask = jnp.ones((b, t), jnp.int32)
         attention_mask, positions, segment_ids, cache = _extend_for_virtual(extra, attention_mask, positions,
                                                                             segment_ids, cache)
-    mask_info, key_valid, next_pos = _mask_info(b, t + extra, attention_mask, positions, segment_ids, cache,
-                                                offset, flash_ok=extra == 0)
+    mask, key_valid, next_pos = _mask_info(b, t + extra, attention_mask, positions, segment_ids, cache, offset,
+                                           flash_ok=extra == 0)
     token_mask = jnp.ones((b, t + extra), jnp.int32) if attention_mask is None else attention_mask
     layer_ad = {k: v["layers"] for k, v in adapters.items() if isinstance(v, dict) and "layers" in v}
     windows = jnp.asarray(cfg.layer_windows, jnp.int32)
@@ -209,10 +202,11 @@ def hidden_states_and_aux(params: dict, cfg: ModelConfig, input_ids: jax.Array, 
     def body(h, xs):
         lp, ad, window, idx, ckv = xs
         r = None if rng is None else jax.random.fold_in(rng, idx)
-        ctx = SiteContext(train=train, rng=r, layer=idx)
         if cfg.mixed_mlp:  # dense and MoE layers alternate: this layer's slice of each MLP stack
             lp = {**lp, **mixed_layer_params(params, cfg, idx)}
-        h, new, stats = decoder_layer(h, lp, ad, window, mask_info, ckv, cfg, tuple(methods), ctx, token_mask)
+        layer = LayerContext(cfg=cfg, methods=tuple(methods), adapters=ad, site=SiteContext(train=train, rng=r,
+                             layer=idx), token_mask=token_mask, window=window, cache_kv=ckv)
+        h, new, stats = decoder_layer(h, lp, layer, mask)
         return h, (new, stats)
 
     xs = (params["layers"], layer_ad, windows, jnp.arange(cfg.num_layers), kv)
@@ -249,7 +243,6 @@ def lm_head(params: dict, cfg: ModelConfig) -> tuple[jax.Array, bool]:
     return params["lm_head"]["kernel"], False
 
 
-@_with_kernel_mode
 def logits_from_hidden(params: dict, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """h `[..., D]` -> fp32 logits `[..., V]` (gemma2: final soft-capping)."""
     w, vd = lm_head(params, cfg)

@@ -13,33 +13,28 @@ Shapes: N = B·T tokens, k = num_experts_per_tok, M = N·k assignments, E expert
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jpeft.kernels.swiglu import glu
-from jpeft.methods.base import Method, SiteContext
 from jpeft.models.config import ModelConfig
+from jpeft.models.records import LayerContext
 from jpeft.models.routing import route
+from jpeft.sites import Site, site_tree
 
 F32 = jnp.float32
 
 
-def expert_matmul(site: tuple[str, ...], x: jax.Array, w: jax.Array, group_sizes: jax.Array, ad: dict | None,
-                  methods: Sequence[Method], ctx: SiteContext) -> jax.Array:
+def expert_matmul(site: Site, x: jax.Array, w: jax.Array, group_sizes: jax.Array, layer: LayerContext) -> jax.Array:
     """One grouped expert projection and every method's change to it.
 
     x `[M, in]` (rows sorted by expert), w `[E, in, out]`, group_sizes `[E]` int32 -> `[M, out]`.
     """
     y = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-    for m in methods:
-        tree = None if ad is None else ad.get(m.name)
-        for key in site:
-            tree = tree.get(key) if isinstance(tree, dict) else None
-        if tree is not None:
-            y = m.expert_linear(site, x, y, w, tree, group_sizes, ctx)
+    for m in layer.methods:
+        if (tree := site_tree(layer.adapters, m, site)) is not None:
+            y = m.expert_linear(site, x, y, w, tree, group_sizes, layer.site)
     return y
 
 
@@ -66,12 +61,12 @@ def expert_glu(h: jax.Array, cfg: ModelConfig) -> jax.Array:
     return (u + 1) * (g * jax.nn.sigmoid(g * cfg.swiglu_alpha))
 
 
-def moe_mlp(x: jax.Array, mp: dict, ad: dict | None, token_mask: jax.Array, cfg: ModelConfig,
-            methods: Sequence[Method], ctx: SiteContext) -> tuple[jax.Array, jax.Array]:
+def moe_mlp(x: jax.Array, mp: dict, layer: LayerContext) -> tuple[jax.Array, jax.Array]:
     """The sparse MoE block. x `[B, T, D]`, mp `{"gate": {"kernel": [D, E]}, "experts": {"gate_up_proj":
     [E, D, 2I], "down_proj": [E, I, D]}}` (gpt_oss: also `"gate"."bias" [E]`, `"experts"."gate_up_proj_bias"
-    [E, 2I]`, `"down_proj_bias" [E, D]`; deepseek_v3: `"e_score_correction_bias" [E]`), token_mask `[B, T]` ->
-    (y `[B, T, D]`, router stats `[3, E]`)."""
+    [E, 2I]`, `"down_proj_bias" [E, D]`; deepseek_v3: `"e_score_correction_bias" [E]`) -> (y `[B, T, D]`, router
+    stats `[3, E]` over `layer.token_mask` `[B, T]`, all tokens when None)."""
+    cfg = layer.cfg
     b, t, d = x.shape
     k, e = cfg.num_experts_per_tok, cfg.num_experts
     xf = x.reshape(b * t, d)
@@ -82,16 +77,17 @@ def moe_mlp(x: jax.Array, mp: dict, ad: dict | None, token_mask: jax.Array, cfg:
     xs = xf[order // k]  # [M, D]
     ex, site = mp["experts"], ("mlp", "experts")
     row_expert = flat[order]  # [M] the expert of each sorted row (its bias)
-    h = expert_matmul(site + ("gate_up_proj",), xs, ex["gate_up_proj"], group_sizes, ad, methods, ctx)
+    h = expert_matmul(site + ("gate_up_proj",), xs, ex["gate_up_proj"], group_sizes, layer)
     if cfg.expert_bias:
         h = h + ex["gate_up_proj_bias"].astype(h.dtype)[row_expert]
     h = expert_glu(checkpoint_name(h, "mlp_gate"), cfg)
-    y = expert_matmul(site + ("down_proj",), h, ex["down_proj"], group_sizes, ad, methods, ctx)
+    y = expert_matmul(site + ("down_proj",), h, ex["down_proj"], group_sizes, layer)
     if cfg.expert_bias:
         y = y + ex["down_proj_bias"].astype(y.dtype)[row_expert]
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     y = y[inverse].astype(F32).reshape(b * t, k, d)  # back in assignment order
     out = jnp.einsum("nkd,nk->nd", y, weights).astype(x.dtype).reshape(b, t, d)
+    token_mask = jnp.ones((b, t), jnp.int32) if layer.token_mask is None else layer.token_mask
     return out, router_stats(probs, experts, token_mask.reshape(-1))
 
 

@@ -18,7 +18,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpeft.errors import ShardingError
 from jpeft.parallel.rules import batch_sharding, batch_ways
-from jpeft.train.step import train_step
 
 
 def place(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -77,8 +76,9 @@ def total_bytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
-def sharded_step_fn(mesh: Mesh, state_shardings: Any, base_shardings: Any) -> Callable:
-    """A drop-in for `train_step(state, base, batch, **kw)` jitted with in/out shardings on `mesh`.
+def sharded_step_fn(step: Callable, mesh: Mesh, state_shardings: Any, base_shardings: Any) -> Callable:
+    """A drop-in for `step(state, base, batch, **kw)` (the train step, e.g. `jpeft.train.step.train_step`)
+    jitted with in/out shardings on `mesh`.
 
     The state keeps its shardings from step to step (out = in), the batch arrives split over the batch axes,
     metrics come back replicated. One compiled program per distinct set of static keyword arguments.
@@ -89,11 +89,11 @@ def sharded_step_fn(mesh: Mesh, state_shardings: Any, base_shardings: Any) -> Ca
     def compiled(static: tuple) -> Callable:
         kw = dict(static)
 
-        def step(state, base, batch):
-            return train_step(state, base, batch, **kw)
+        def one(state, base, batch):
+            return step(state, base, batch, **kw)
 
         batch_sh = batch_sharding(mesh, 3, 1)
-        return jax.jit(step, in_shardings=(state_shardings, base_shardings, batch_sh),
+        return jax.jit(one, in_shardings=(state_shardings, base_shardings, batch_sh),
                        out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
     def step_fn(state: dict, base: dict, batch: dict, **kw: Any) -> tuple[dict, dict]:

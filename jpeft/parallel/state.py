@@ -1,11 +1,12 @@
 """A training run on a mesh: the base and the train state placed by the partition rules, and the step.
 
     >>> mesh = make_mesh("fsdp=4,tensor=2")
-    >>> run = shard_run(mesh, model.params, adapters, tx, seed=0)
+    >>> run = shard_run(mesh, model.params, adapters, lambda a: init_state(a, tx, 0), train_step)
     >>> state, metrics = run.step_fn(run.state, run.base, place_batch(host_batch, mesh), **static_kw)
 
-The state is created directly in its shardings (`init_state` jitted with out_shardings), so the optimizer
-moments are never materialized whole on one device.
+The training code hands in its state constructor and step (`jpeft.train.step.init_state`, `train_step`):
+this layer places and shards, it does not train. The state is created directly in its shardings (the
+constructor jitted with out_shardings), so the optimizer moments are never materialized whole on one device.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import optax
 from jax.sharding import Mesh
 
 from jpeft.parallel.place import place_tree, replicated, sharded_step_fn
 from jpeft.parallel.rules import adapter_shardings, mirrored_shardings, param_shardings
-from jpeft.train.step import init_state
 
 
 @dataclasses.dataclass
@@ -35,11 +34,11 @@ class ShardedRun:
     step_fn: Callable
 
 
-def state_shardings(mesh: Mesh, adapters: Any, tx: optax.GradientTransformation, seed: int) -> dict:
-    """Shardings of `init_state(adapters, tx, seed)`: adapters by the rules, optimizer moments like the adapter
-    leaves they mirror, step and RNG key replicated."""
+def state_shardings(mesh: Mesh, adapters: Any, init: Callable[[Any], dict]) -> dict:
+    """Shardings of the train state `init(adapters)` (`{"step", "adapters", "opt_state", "rng"}`): adapters by
+    the rules, optimizer moments like the adapter leaves they mirror, step and RNG key replicated."""
     ad_sh = adapter_shardings(adapters, mesh)
-    abstract = jax.eval_shape(lambda a: init_state(a, tx, seed), adapters)
+    abstract = jax.eval_shape(init, adapters)
     rep = replicated(mesh)
     return {"step": rep, "adapters": ad_sh, "opt_state": mirrored_shardings(abstract["opt_state"], adapters, ad_sh,
                                                                              mesh), "rng": rep}
@@ -68,11 +67,12 @@ def leaf_placer(mesh: Mesh) -> Callable[[tuple[str, ...], Any], Any]:
     return place
 
 
-def shard_run(mesh: Mesh, params: Any, adapters: Any, tx: optax.GradientTransformation, seed: int) -> ShardedRun:
-    """Place `params` and a fresh train state of `adapters` on `mesh`; the step jitted with those shardings."""
+def shard_run(mesh: Mesh, params: Any, adapters: Any, init: Callable[[Any], dict], step: Callable) -> ShardedRun:
+    """Place `params` and the fresh train state `init(adapters)` on `mesh`; `step` (the train step,
+    `step(state, base, batch, **static)`) jitted with those shardings."""
     base_sh = param_shardings(params, mesh)
     base = place_tree(params, base_sh)
-    sh = state_shardings(mesh, adapters, tx, seed)
+    sh = state_shardings(mesh, adapters, init)
     placed = place_tree(adapters, sh["adapters"])
-    state = jax.jit(lambda a: init_state(a, tx, seed), out_shardings=sh)(placed)
-    return ShardedRun(mesh, base, state, sh, base_sh, sharded_step_fn(mesh, sh, base_sh))
+    state = jax.jit(init, out_shardings=sh)(placed)
+    return ShardedRun(mesh, base, state, sh, base_sh, sharded_step_fn(step, mesh, sh, base_sh))

@@ -6,9 +6,9 @@ that same leading `L` axis (packed codes `[L, n/2]`, absmax `[L, nblocks]`, nest
 `[L, nblocks/256]`, offset `[L]`), so scan's per-layer slice is again a valid `QuantizedKernel` over a
 plain per-layer `QuantizedWeight` (torch layout `[out, in]`, as bitsandbytes stores it).
 
-`dense()` in the decoder calls `kernel.matmul(x)`; here that is `jpeft.kernels.nf4_matmul` (the Pallas
-dequant-matmul kernel or `jpeft.quant.matmul.qmatmul`, as the kernel mode says), which dequantizes inside the
-step and recomputes the dequantization in the backward pass. The weight never receives a gradient.
+`jpeft.sites.dense` runs a per-layer `QuantizedKernel` through `jpeft.kernels.nf4_matmul` (the Pallas
+dequant-matmul kernel or its pure-JAX reference `qmatmul`, as the kernel mode says), which dequantizes inside
+the step and recomputes the dequantization in the backward pass. The weight never receives a gradient.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import numpy as np
 from flax import struct
 
 from jpeft.errors import QuantizationError
-from jpeft.kernels.nf4_matmul import nf4_matmul
 from jpeft.quant.blockwise import QuantizedWeight, dequantize_4bit
 
 
@@ -68,13 +67,6 @@ class QuantizedKernel:
             raise QuantizationError("indexing a per-layer QuantizedKernel; only stacked kernels have layers")
         return self.replace(weight=jax.tree_util.tree_map(lambda a: a[i], self.weight))
 
-    def matmul(self, x: jax.Array) -> jax.Array:
-        """`x [..., in] @ W [in, out] -> [..., out]` in `compute_dtype`, returned in x's dtype."""
-        if self.stacked:
-            raise QuantizationError("matmul on a stacked QuantizedKernel; slice a layer first (the decoder's "
-                                    "scan does this)")
-        return nf4_matmul(x, self.weight, self.compute_dtype).astype(x.dtype)
-
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The dense kernel `[L, in, out]` (or `[in, out]`) in `dtype` (default: compute dtype).
 
@@ -102,6 +94,13 @@ def same_format(w: QuantizedWeight, first: QuantizedWeight, layer: int) -> Quant
 
 def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedKernel)
+
+
+def dense_kernel(k: Any) -> jax.Array:
+    """A `[in, out]` (or stacked `[L, in, out]`) kernel as a dense fp32 array (4-bit kernels dequantized)."""
+    if is_quantized(k):
+        return k.dequantize(jnp.float32)
+    return k.astype(jnp.float32)
 
 
 def with_compute_dtype(params: Any, compute_dtype: Any) -> Any:

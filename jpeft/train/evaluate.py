@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import JpeftError
-from jpeft.methods.base import Method
+from jpeft.kernels.dispatch import kernel_mode
 from jpeft.models.config import ModelConfig
 from jpeft.models.model import forward, init_cache
+from jpeft.sites import Method
 from jpeft.train.data import IGNORE, tokenize_examples
 from jpeft.train.metrics import classification_report
 from jpeft.train.step import eval_nll, run_target_bound
@@ -50,31 +51,33 @@ def _bucket(n: int, m: int = 16) -> int:
     return -(-n // m) * m
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype"))
+@functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype", "kernels"))
 def label_logprobs(adapters: dict, base: dict, prompt_ids: jax.Array, prompt_mask: jax.Array, label_ids: jax.Array,
-                   label_lens: jax.Array, *, cfg: ModelConfig, methods: tuple[Method, ...], dtype: Any) -> jax.Array:
-    """log p(label_c + EOS | prompt) for every row and candidate: `[B, C]`.
+                   label_lens: jax.Array, *, cfg: ModelConfig, methods: tuple[Method, ...], dtype: Any,
+                   kernels: str = "auto") -> jax.Array:
+    """log p(label_c + EOS | prompt) for every row and candidate: `[B, C]`, under kernel mode `kernels`.
 
     prompt_ids/mask `[B, P]` (left-padded), label_ids `[C, Lmax]` (each label's tokens then EOS, right
     padded), label_lens `[C]`. The prompt is encoded once into a KV cache that every candidate reuses.
     """
-    b, p = prompt_ids.shape
-    lmax = label_ids.shape[1]
-    cache = init_cache(cfg, b, p + lmax, dtype)
-    logits, cache = forward(base, cfg, prompt_ids, adapters=adapters, methods=methods, attention_mask=prompt_mask,
-                            cache=cache, dtype=dtype)
-    first = jax.nn.log_softmax(logits[:, -1])  # [B, V]
+    with kernel_mode(kernels):
+        b, p = prompt_ids.shape
+        lmax = label_ids.shape[1]
+        cache = init_cache(cfg, b, p + lmax, dtype)
+        logits, cache = forward(base, cfg, prompt_ids, adapters=adapters, methods=methods, attention_mask=prompt_mask,
+                                cache=cache, dtype=dtype)
+        first = jax.nn.log_softmax(logits[:, -1])  # [B, V]
 
-    def one(ids_len):
-        ids, n = ids_len
-        lg, _ = forward(base, cfg, jnp.broadcast_to(ids, (b, lmax)), adapters=adapters, methods=methods,
-                        attention_mask=jnp.ones((b, lmax), jnp.int32), cache=cache, dtype=dtype)
-        lp = jax.nn.log_softmax(lg[:, :-1])  # position j predicts token j + 1
-        tok = jnp.take_along_axis(lp, jnp.broadcast_to(ids[1:], (b, lmax - 1))[..., None], -1)[..., 0]
-        rest = jnp.sum(jnp.where(jnp.arange(1, lmax) < n, tok, 0.0), axis=-1)
-        return first[:, ids[0]] + rest
+        def one(ids_len):
+            ids, n = ids_len
+            lg, _ = forward(base, cfg, jnp.broadcast_to(ids, (b, lmax)), adapters=adapters, methods=methods,
+                            attention_mask=jnp.ones((b, lmax), jnp.int32), cache=cache, dtype=dtype)
+            lp = jax.nn.log_softmax(lg[:, :-1])  # position j predicts token j + 1
+            tok = jnp.take_along_axis(lp, jnp.broadcast_to(ids[1:], (b, lmax - 1))[..., None], -1)[..., 0]
+            rest = jnp.sum(jnp.where(jnp.arange(1, lmax) < n, tok, 0.0), axis=-1)
+            return first[:, ids[0]] + rest
 
-    return jax.lax.map(one, (label_ids, label_lens)).T
+        return jax.lax.map(one, (label_ids, label_lens)).T
 
 
 def _prompt_ids(tokenizer: Any, prompt: str, max_len: int) -> list[int]:
@@ -86,7 +89,7 @@ def _prompt_ids(tokenizer: Any, prompt: str, max_len: int) -> list[int]:
 
 def classify(base: dict, cfg: ModelConfig, tokenizer: Any, examples: Sequence[dict], labels: Sequence[str], *,
              adapters: dict | None = None, methods: Sequence[Method] = (), batch_size: int = 16,
-             dtype: Any = jnp.float32, max_len: int = 1024) -> list[str]:
+             dtype: Any = jnp.float32, max_len: int = 1024, kernels: str = "auto") -> list[str]:
     """Predicted label of each example: the candidate with the highest log-likelihood (+ EOS)."""
     eos = tokenizer.eos_token_id
     forms = label_forms(examples)  # score the tokens training saw: " yes", not "yes"
@@ -107,7 +110,7 @@ def classify(base: dict, cfg: ModelConfig, tokenizer: Any, examples: Sequence[di
             ids[i, p - len(x):], mask[i, p - len(x):] = x, 1
         lp = label_logprobs(adapters or {}, base, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(label_ids),
                             jnp.asarray([len(x) for x in lab], jnp.int32), cfg=cfg, methods=tuple(methods),
-                            dtype=dtype)
+                            dtype=dtype, kernels=kernels)
         scores.append(np.asarray(lp)[: len(prompts[s:s + batch_size])])
     scores = np.concatenate(scores)
     bad = ~np.isfinite(scores).all(-1)
@@ -126,7 +129,8 @@ def classification_eval(base: dict, cfg: ModelConfig, tokenizer: Any, examples: 
 
 
 def mean_loss(base: dict, cfg: ModelConfig, rows: dict[str, np.ndarray], *, adapters: dict | None = None,
-              methods: Sequence[Method] = (), batch_size: int = 8, dtype: Any = jnp.float32) -> float:
+              methods: Sequence[Method] = (), batch_size: int = 8, dtype: Any = jnp.float32,
+              kernels: str = "auto") -> float:
     """Token-mean NLL over packed/padded rows (`[N, L]` arrays)."""
     total, count = 0.0, 0.0
     n = rows["input_ids"].shape[0]
@@ -137,7 +141,7 @@ def mean_loss(base: dict, cfg: ModelConfig, rows: dict[str, np.ndarray], *, adap
         keep = jnp.asarray((np.arange(s, s + batch_size) < n)[:, None])
         batch["labels"] = jnp.where(keep, batch["labels"], IGNORE)
         nll, cnt = eval_nll(adapters or {}, base, batch, cfg=cfg, methods=tuple(methods), dtype=dtype,
-                            max_targets=bound)
+                            max_targets=bound, kernels=kernels)
         total, count = total + float(nll), count + float(cnt)
     if not np.isfinite(total):
         raise JpeftError(f"the evaluation loss is {total}: the model or adapter weights are not finite (a diverged "

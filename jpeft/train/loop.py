@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
-import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +16,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no run-folder lock
-    fcntl = None
-
 from jpeft.dtypes import resolve_dtype
-from jpeft.errors import ConfigError, JpeftError
-from jpeft.loading import Model
-from jpeft.methods.base import Method
-from jpeft.models.model import check_remat
-from jpeft.parallel.mesh import is_primary, make_mesh, parse_mesh
+from jpeft.models.loaded import Model
+from jpeft.parallel.mesh import is_primary, make_mesh
 from jpeft.parallel.place import check_batch, gather, place_batch
 from jpeft.parallel.state import shard_run
+from jpeft.sites import Method
 from jpeft.train import offload
-from jpeft.train.checkpoint import list_checkpoints, restore_latest, save_checkpoint
+from jpeft.train.checkpoint import restore_latest, save_checkpoint
 from jpeft.train.data import BatchSchedule, pack_examples, pad_examples, tokenize_examples
 from jpeft.train.evaluate import classification_eval, label_set, mean_loss
-from jpeft.train.report import check_report_to, open_sinks
+from jpeft.train.report import open_sinks
+from jpeft.train.run_folder import TrainingError, claim_run_folder
+from jpeft.train.settings import TrainConfig
 from jpeft.train.step import (
-    OptimConfig,
     build_optimizer,
     eval_nll,
     init_state,
     learning_rate_schedule,
     run_target_bound,
+    train_step,
 )
-
-
-class TrainingError(JpeftError):
-    """Training cannot go on (e.g. the loss is no longer finite), or the output folder is not this run's."""
 
 
 class CollapseWarning(UserWarning):
@@ -55,52 +44,6 @@ class CollapseWarning(UserWarning):
 
 
 COLLAPSE_STEPS = 3
-LOCK_FILE = ".jpeft.lock"
-_HELD_LOCKS: set[str] = set()
-
-
-@contextlib.contextmanager
-def out_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder `out` (`out/.jpeft.lock`, flock: released by the OS even on
-    kill -9). A second run on the same folder fails at once with a TrainingError naming the holder; nested
-    use in one process (the CLI, then `train`) is a no-op."""
-    key = str(out.absolute().resolve())
-    if key in _HELD_LOCKS or fcntl is None or not is_primary():  # multi-process runs: process 0 holds it
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    f = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held for the whole run
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise TrainingError(f"--out {out} is in use by another jpeft run ({holder}); wait for it to finish or choose "
-                            "another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}\n")
-    f.flush()
-    _HELD_LOCKS.add(key)
-    try:
-        yield
-    finally:
-        _HELD_LOCKS.discard(key)
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
-
-
-def check_out_dir(out: Path, resume: bool) -> None:
-    """`resume` needs a checkpoint in `out/checkpoints`; a fresh run refuses a folder that holds one (another
-    run's: continuing or overwriting it must be asked for)."""
-    found = list_checkpoints(out / "checkpoints")
-    if resume and not found:
-        raise TrainingError(f"--resume: {out / 'checkpoints'} holds no checkpoint to continue from; drop --resume to "
-                            f"start a new run in {out}")
-    if not resume and found:
-        raise TrainingError(f"--out {out} holds the checkpoints of an earlier run (newest: {found[-1][1].name}); pass "
-                            "--resume to continue that run, or choose a new --out to start another")
 
 
 @jax.jit
@@ -109,11 +52,11 @@ def _finite_leaves(state: dict) -> dict:
                                   else jnp.bool_(True), state)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype", "max_targets"))
-def _first_micro_nll(adapters, base, batch, *, cfg, methods, dtype, max_targets):
+@functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype", "max_targets", "kernels"))
+def _first_micro_nll(adapters, base, batch, *, cfg, methods, dtype, max_targets, kernels):
     """Summed NLL of the first micro-batch of a step's `[accum, B, T]` batch."""
     return eval_nll(adapters, base, {k: v[0] for k, v in batch.items()}, cfg=cfg, methods=methods, dtype=dtype,
-                    max_targets=max_targets)[0]
+                    max_targets=max_targets, kernels=kernels)[0]
 
 
 def check_finite_state(state: dict, step: int, where: Path, loss_after: Callable[[dict], Any] | None = None) -> None:
@@ -130,46 +73,6 @@ def check_finite_state(state: dict, step: int, where: Path, loss_after: Callable
         raise TrainingError(f"after step {step} the train state is no longer finite ({what}: the update diverged); "
                             f"nothing was saved for this step (earlier checkpoints in {where} and any saved adapter "
                             "are untouched). Lower --lr, check the data, or use float32")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """What to run. Exactly one of `steps` / `epochs` sets the length (default: 1 epoch)."""
-
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_len: int = 512
-    pack: bool = True
-    seed: int = 0
-    eval_every: int = 0  # 0: evaluate at the end only
-    save_every: int = 0  # 0: checkpoint at the end only
-    remat: str = "projections"  # save projection outputs, recompute cheap ops (jpeft.models.model._remat)
-    dtype: str = "float32"
-    optim: OptimConfig = OptimConfig()
-    offload_optimizer: bool = False  # optimizer state in pinned host memory (jpeft.train.offload)
-    report_to: tuple[str, ...] = ()  # metric sinks besides metrics.jsonl: "tensorboard" (jpeft.train.report)
-    mesh: str | None = None  # "data=D,fsdp=F,tensor=T,expert=E": train sharded over all devices (jpeft.parallel)
-
-    def validate(self) -> TrainConfig:
-        if self.steps is not None and self.epochs is not None:
-            raise ConfigError("give either --steps or --epochs, not both")
-        for name in ("batch_size", "grad_accum", "max_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps={self.steps} must be >= 1")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ConfigError(f"epochs={self.epochs} must be > 0")
-        check_remat(self.remat)
-        check_report_to(self.report_to)
-        if self.mesh is not None:
-            parse_mesh(self.mesh)
-            if self.offload_optimizer:
-                raise ConfigError("--offload-optimizer cannot be combined with --mesh (the sharded state stays in "
-                                  "device memory); drop one of them")
-        return self
 
 
 @dataclasses.dataclass
@@ -190,7 +93,7 @@ def make_rows(model: Model, examples: Sequence[dict], tc: TrainConfig) -> dict[s
 def evaluate(model: Model, method: Method, adapters: dict, eval_examples: Sequence[dict], tc: TrainConfig,
              eval_rows: dict | None = None) -> dict:
     """Eval loss, and for label-style data precision/recall/macro-F1 and accuracy."""
-    kw = dict(adapters=adapters, methods=(method,), dtype=resolve_dtype(tc.dtype))
+    kw = dict(adapters=adapters, methods=(method,), dtype=resolve_dtype(tc.dtype), kernels=model.kernels)
     out: dict = {}
     if eval_rows is not None:
         out["eval_loss"] = mean_loss(model.params, model.cfg, eval_rows, batch_size=tc.batch_size, **kw)
@@ -233,15 +136,19 @@ class _Log:
 def train(model: Model, method: Method, adapters: dict, train_examples: Sequence[dict],
           eval_examples: Sequence[dict], tc: TrainConfig, out_dir: str | Path, *, resume: bool = False,
           progress: bool = True, on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Fine-tune `adapters` of `method` on `train_examples`; writes metrics.jsonl, checkpoints/, loss.png."""
+    """Fine-tune `adapters` of `method` on `train_examples`; writes metrics.jsonl, checkpoints/, loss.png.
+
+    Claims `out_dir` for the run first (`claim_run_folder`: writable, this run's, locked) and holds it throughout."""
     tc, out = tc.validate(), Path(out_dir)
-    check_writable(out)
-    with out_lock(out):
-        check_out_dir(out, resume)
-        return _train(model, method, adapters, train_examples, eval_examples, tc, out, resume, progress, on_eval)
+    with claim_run_folder(out, resume):
+        return run_loop(model, method, adapters, train_examples, eval_examples, tc, out, resume=resume,
+                        progress=progress, on_eval=on_eval)
 
 
-def _train(model, method, adapters, train_examples, eval_examples, tc, out, resume, progress, on_eval) -> TrainResult:
+def run_loop(model: Model, method: Method, adapters: dict, train_examples: Sequence[dict],
+             eval_examples: Sequence[dict], tc: TrainConfig, out: Path, *, resume: bool, progress: bool = True,
+             on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """`train` in a run folder the caller has already claimed (`claim_run_folder`) and holds: no checks here."""
     sinks = open_sinks(tc.report_to, out) if is_primary() else []  # a missing tensorboardX fails here, before work
     rows = make_rows(model, train_examples, tc)
     eval_rows = make_rows(model, eval_examples, tc) if eval_examples else None
@@ -256,10 +163,10 @@ def _train(model, method, adapters, train_examples, eval_examples, tc, out, resu
     log = _Log(out / "metrics.jsonl", start, sinks, write=is_primary())
     meter = _StepMeter(learning_rate_schedule(tc.optim, total), _progress(start, total, progress), out / "checkpoints")
     kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=tc.remat, dtype=resolve_dtype(tc.dtype),
-              max_targets=run_target_bound(rows["labels"], tc.batch_size))  # one bound: one compilation
+              max_targets=run_target_bound(rows["labels"], tc.batch_size), kernels=model.kernels)  # one compilation
     def loss_after(placed: dict) -> Callable[[dict], Any]:  # the loss of the first micro-batch of a step's batch
         return lambda ad: _first_micro_nll(ad, model.params, placed, cfg=kw["cfg"], methods=kw["methods"],
-                                           dtype=kw["dtype"], max_targets=kw["max_targets"])
+                                           dtype=kw["dtype"], max_targets=kw["max_targets"], kernels=model.kernels)
 
     pending, placed = None, None
     for step in range(start, total):
@@ -319,7 +226,7 @@ def _place(model: Model, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: 
         return _Placement(state, model.params, step_fn, lambda h: {k: jnp.asarray(v) for k, v in h.items()})
     mesh = make_mesh(tc.mesh)
     check_batch(mesh, tc.batch_size)
-    run = shard_run(mesh, model.params, adapters, tx, tc.seed)
+    run = shard_run(mesh, model.params, adapters, lambda a: init_state(a, tx, tc.seed), train_step)
     state = run.state
     if resume and (restored := restore_latest(checkpoints, state, run.state_shardings)) is not None:
         state = restored
@@ -361,17 +268,6 @@ class _StepMeter:
         if "router_aux_loss" in m:  # MoE models: the load-balancing loss (in the loss only if the config says so)
             record["router_aux_loss"] = float(m["router_aux_loss"])
         return record
-
-
-def check_writable(out: Path) -> None:
-    """Fail before any work if `out` cannot be created or written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / (".jpeft-write-test" + (f"-{jax.process_index()}" if jax.process_count() > 1 else ""))
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise JpeftError(f"--out {out} is not writable ({e.strerror}); choose another folder") from None
 
 
 def _eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, step) -> dict:

@@ -40,7 +40,7 @@ def host_sharding(device: Any = None) -> jax.sharding.Sharding | None:
 
 
 @functools.partial(jax.jit, static_argnames=("dev", "host", "cfg", "methods", "tx", "remat", "dtype",
-                                             "max_targets"), donate_argnums=(0,))
+                                             "max_targets", "kernels"), donate_argnums=(0,))
 def _offloaded_step(rest: dict, opt_host: Any, base: dict, batch: dict, *, dev, host, **kw) -> tuple:
     opt = jax.device_put(opt_host, dev)  # host -> device, inside the step
     new, metrics = train_step({**rest, "opt_state": opt}, base, batch, **kw)

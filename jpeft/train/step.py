@@ -6,7 +6,6 @@ w.r.t. the adapters alone, so no gradient (and no optimizer state) ever exists f
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -16,38 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jpeft.errors import ConfigError
 from jpeft.kernels.cross_entropy import linear_cross_entropy
 from jpeft.kernels.dispatch import kernel_mode
-from jpeft.methods.base import Method
 from jpeft.models.config import ModelConfig
 from jpeft.models.model import hidden_states_and_aux, lm_head, with_overrides
+from jpeft.sites import Method
+from jpeft.train.settings import OptimConfig
 
 F32 = jnp.float32
-SCHEDULES = ("cosine", "linear", "constant")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with warmup + decay, global-norm clipping. Weight decay is off for adapters by default."""
-
-    lr: float = 2e-4
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-
-    def validate(self) -> OptimConfig:
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule={self.schedule!r}; use one of {', '.join(SCHEDULES)}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr={self.lr} must be > 0")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
-        return self
 
 
 def learning_rate_schedule(oc: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -102,9 +77,8 @@ def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, meth
         h = h.reshape(-1, h.shape[-1])[idx]
         labels = jnp.where(keep, flat[idx], -100)
     w, vd = lm_head(with_overrides(base, adapters, methods), cfg)
-    with kernel_mode(cfg.kernels):
-        nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), softcap=cfg.final_softcap,
-                                   w_vd=vd)
+    nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), softcap=cfg.final_softcap,
+                               w_vd=vd)
     return jnp.sum(nll), jnp.sum(labels >= 0).astype(F32), aux
 
 
@@ -126,55 +100,58 @@ def method_loss(adapters: dict, methods: Sequence[Method]) -> jax.Array:
                jnp.zeros((), F32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "methods", "tx", "remat", "dtype", "max_targets"),
+@functools.partial(jax.jit, static_argnames=("cfg", "methods", "tx", "remat", "dtype", "max_targets", "kernels"),
                    donate_argnums=(0,))
 def train_step(state: dict, base: dict, batch: dict, *, cfg: ModelConfig, methods: tuple[Method, ...],
                tx: optax.GradientTransformation, remat: str = "none", dtype: Any = F32,
-               max_targets: int | None = None) -> tuple[dict, dict]:
-    """One optimizer step over `batch` arrays shaped `[accum, B, T]` (gradient accumulation).
+               max_targets: int | None = None, kernels: str = "auto") -> tuple[dict, dict]:
+    """One optimizer step over `batch` arrays shaped `[accum, B, T]` (gradient accumulation), traced under
+    kernel mode `kernels` (`jpeft.kernels.dispatch`).
 
     state: `{"step", "adapters", "opt_state", "rng"}`. The loss is the token-mean NLL over the whole
     accumulated batch plus each method's loss term; for MoE models whose config.json sets
     `output_router_logits`, also `router_aux_loss_coef` times the router load-balancing loss (as transformers
     adds it), averaged over the micro-batches. The metrics report that loss (`router_aux_loss`) either way.
     """
-    rng, sub = jax.random.split(state["rng"])
-    accum = batch["input_ids"].shape[0]
-    total_tokens = jnp.maximum(jnp.sum(batch["labels"] >= 0).astype(F32), 1.0)
+    with kernel_mode(kernels):
+        rng, sub = jax.random.split(state["rng"])
+        accum = batch["input_ids"].shape[0]
+        total_tokens = jnp.maximum(jnp.sum(batch["labels"] >= 0).astype(F32), 1.0)
 
-    def micro(carry, xs):
-        grads, nll_sum, router_sum = carry
-        mb, i = xs
+        def micro(carry, xs):
+            grads, nll_sum, router_sum = carry
+            mb, i = xs
 
-        def loss(ad):
-            s, _, aux = batch_nll(ad, base, mb, cfg=cfg, methods=methods, rng=jax.random.fold_in(sub, i),
-                                  train=True, remat=remat, dtype=dtype, max_targets=max_targets)
-            router = aux.get("router_aux_loss", jnp.zeros((), F32))
-            coef = cfg.router_aux_loss_coef if cfg.output_router_logits else 0.0
-            return s / total_tokens + (method_loss(ad, methods) + coef * router) / accum, (s, router)
+            def loss(ad):
+                s, _, aux = batch_nll(ad, base, mb, cfg=cfg, methods=methods, rng=jax.random.fold_in(sub, i),
+                                      train=True, remat=remat, dtype=dtype, max_targets=max_targets)
+                router = aux.get("router_aux_loss", jnp.zeros((), F32))
+                coef = cfg.router_aux_loss_coef if cfg.output_router_logits else 0.0
+                return s / total_tokens + (method_loss(ad, methods) + coef * router) / accum, (s, router)
 
-        (_, (s, router)), g = jax.value_and_grad(loss, has_aux=True)(state["adapters"])
-        return (jax.tree_util.tree_map(jnp.add, grads, g), nll_sum + s, router_sum + router), None
+            (_, (s, router)), g = jax.value_and_grad(loss, has_aux=True)(state["adapters"])
+            return (jax.tree_util.tree_map(jnp.add, grads, g), nll_sum + s, router_sum + router), None
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state["adapters"])
-    init = (zeros, jnp.zeros((), F32), jnp.zeros((), F32))
-    (grads, nll_sum, router_sum), _ = jax.lax.scan(micro, init, (batch, jnp.arange(accum)))
-    updates, opt_state = tx.update(grads, state["opt_state"], state["adapters"])
-    adapters = optax.apply_updates(state["adapters"], updates)
-    seen = jnp.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size
-    metrics = {"loss": nll_sum / total_tokens, "grad_norm": optax.global_norm(grads), "targets": total_tokens,
-               "tokens": jnp.asarray(seen, F32)}
-    if cfg.has_experts and cfg.router_aux:
-        metrics["router_aux_loss"] = router_sum / accum
-    return {"step": state["step"] + 1, "adapters": adapters, "opt_state": opt_state, "rng": rng}, metrics
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state["adapters"])
+        init = (zeros, jnp.zeros((), F32), jnp.zeros((), F32))
+        (grads, nll_sum, router_sum), _ = jax.lax.scan(micro, init, (batch, jnp.arange(accum)))
+        updates, opt_state = tx.update(grads, state["opt_state"], state["adapters"])
+        adapters = optax.apply_updates(state["adapters"], updates)
+        seen = jnp.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size
+        metrics = {"loss": nll_sum / total_tokens, "grad_norm": optax.global_norm(grads), "targets": total_tokens,
+                   "tokens": jnp.asarray(seen, F32)}
+        if cfg.has_experts and cfg.router_aux:
+            metrics["router_aux_loss"] = router_sum / accum
+        return {"step": state["step"] + 1, "adapters": adapters, "opt_state": opt_state, "rng": rng}, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype", "max_targets"))
+@functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype", "max_targets", "kernels"))
 def eval_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, methods: tuple[Method, ...],
-             dtype: Any = F32, max_targets: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """Summed NLL and target count of one `[B, T]` batch (no dropout)."""
-    return batch_nll(adapters, base, batch, cfg=cfg, methods=methods, rng=None, train=False, remat="none",
-                     dtype=dtype, max_targets=max_targets)[:2]
+             dtype: Any = F32, max_targets: int | None = None, kernels: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """Summed NLL and target count of one `[B, T]` batch (no dropout), under kernel mode `kernels`."""
+    with kernel_mode(kernels):
+        return batch_nll(adapters, base, batch, cfg=cfg, methods=methods, rng=None, train=False, remat="none",
+                         dtype=dtype, max_targets=max_targets)[:2]
 
 
 def init_state(adapters: dict, tx: optax.GradientTransformation, seed: int) -> dict:

@@ -23,7 +23,7 @@ import jpeft
 from jpeft.cli import main
 from jpeft.errors import MissingDependencyError
 from jpeft.methods.catalog import get_method
-from jpeft.torch_bridge import gguf_write
+from jpeft.methods.export import save_gguf
 
 from tiny import Measured, make_checkpoint, make_trainable_checkpoint
 
@@ -56,7 +56,7 @@ def _build(d, family: str):
     model = jpeft.load(d / "ckpt", tokenizer=False)
     spec = get_method("lora")
     cfg = spec.config(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    built = spec.init(model, cfg, jax.random.PRNGKey(1))
+    built = spec.build(model, cfg, jax.random.PRNGKey(1))
     spec.save(d / "adapter", model.cfg, built.method, built.adapters, **built.export_kwargs)
     base = AutoModelForCausalLM.from_pretrained(d / "ckpt", dtype=torch.float32)
     plain = _logits(base)
@@ -140,7 +140,7 @@ def test_f16_bf16_q8_exports_load_in_transformers(runs, kind, bound):
 def _save_adapter(model, method: str, folder, **config) -> None:
     """A freshly initialised adapter of `method` for `model`, saved to `folder`."""
     spec = get_method(method)
-    built = spec.init(model, spec.config(**config), jax.random.PRNGKey(0))
+    built = spec.build(model, spec.config(**config), jax.random.PRNGKey(0))
     spec.save(folder, model.cfg, built.method, built.adapters)
 
 
@@ -175,7 +175,7 @@ def test_missing_gguf_package_says_how_to_install(runs, monkeypatch, tmp_path):
     method, adapters = jpeft.load_adapter(d / "adapter", model)
     monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'jpeft\[gguf\]'"):
-        gguf_write.save_gguf(tmp_path / "x.gguf", model.cfg, model.params, method, adapters, d / "ckpt")
+        save_gguf(tmp_path / "x.gguf", model.cfg, model.params, method, adapters, d / "ckpt")
     assert not list(tmp_path.iterdir())
 
 
@@ -189,5 +189,5 @@ def test_crash_mid_write_leaves_nothing(runs, monkeypatch, tmp_path):
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        gguf_write.save_gguf(tmp_path / "x.gguf", model.cfg, model.params, method, adapters, d / "ckpt")
+        save_gguf(tmp_path / "x.gguf", model.cfg, model.params, method, adapters, d / "ckpt")
     assert not list(tmp_path.iterdir())

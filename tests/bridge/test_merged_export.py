@@ -93,7 +93,7 @@ def _write_adapter(case: str, folder, out) -> None:
     spec = get_method(name)
     quant = {"quantize": "nf4", "double_quant": False} if case == "qlora" else {}
     model = jpeft.load(folder, tokenizer=False, **quant)
-    built = spec.init(model, spec.config(**kw), jax.random.PRNGKey(1))
+    built = spec.build(model, spec.config(**kw), jax.random.PRNGKey(1))
     spec.save(out, model.cfg, built.method, _perturb(built.adapters, case), **built.export_kwargs)
 
 
@@ -157,7 +157,7 @@ def test_unmergeable_methods_are_refused_cleanly(bases, tmp_path, capsys, name):
     spec = get_method(name)
     kw, why = UNMERGEABLE[name]
     model = jpeft.load(bases / "dense", tokenizer=False)
-    built = spec.init(model, spec.config(**kw), jax.random.PRNGKey(0))
+    built = spec.build(model, spec.config(**kw), jax.random.PRNGKey(0))
     spec.save(tmp_path / "adapter", model.cfg, built.method, built.adapters)
     rc = main(["export", "--model", str(bases / "dense"), "--adapter", str(tmp_path / "adapter"), "--merged",
                str(tmp_path / "merged")])

@@ -16,9 +16,9 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import jpeft
 from jpeft.errors import CheckpointError, ConfigError
+from jpeft.methods.export import save_merged
 from jpeft.methods.lora import LoraConfig, init_lora
 from jpeft.torch_bridge import mxfp4
-from jpeft.torch_bridge.merged import save_merged
 from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
 
 from tiny import Measured, batch_with_padding

@@ -17,10 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from jpeft.errors import CheckpointError, ConfigError
+from jpeft.methods.export import save_merged
 from jpeft.methods.lora import LoraConfig, init_lora, load_peft_adapter, save_peft_adapter, targeted_module_names
+from jpeft.methods.pissa import pissa_base
 from jpeft.models.model import forward
 from jpeft.torch_bridge.hf_load import load_pretrained
-from jpeft.torch_bridge.merged import save_merged
 from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
 
 from tiny import Measured, batch_with_padding
@@ -223,7 +224,8 @@ def test_pissa_exports_as_rank_2r_lora_of_the_original_base(tiny_checkpoint, tmp
     cfg, params = load_pretrained(folder)
     lc = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="pissa",
                     rank_pattern={"layers.0.self_attn.q_proj": 2}, alpha_pattern={"down_proj": 3})
-    method, ad0, residual = init_lora(cfg, params, lc, jax.random.PRNGKey(0))
+    method, ad0 = init_lora(cfg, params, lc, jax.random.PRNGKey(0))
+    residual, _ = pissa_base(params, method, ad0)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 12)))
     ad = _train(residual, ad0, ids, jax.random.PRNGKey(1), cfg=cfg, method=method)
     with pytest.raises(ConfigError, match="initial_adapters"):

@@ -8,8 +8,6 @@ sliding window (static and traced), soft-capping, packed segments with padding k
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,13 +84,12 @@ def test_no_array_of_t_by_s_elements_in_forward_or_backward():
 
 def test_the_decoder_sends_long_sequences_to_the_blockwise_path(tiny_checkpoint, monkeypatch):
     """With the threshold lowered to the test's length, loss and LoRA gradients equal the dense path's."""
+    from jpeft.kernels.dispatch import kernel_mode
     from jpeft.methods.lora import LoraConfig, init_lora
-    from jpeft.models import decoder
     from jpeft.models.model import forward
     from jpeft.torch_bridge.hf_load import load_pretrained
 
     cfg, params = load_pretrained(tiny_checkpoint("gemma2", "odd")[0])  # soft-capping and a sliding window
-    cfg = dataclasses.replace(cfg, kernels="off")
     method, ad = init_lora(cfg, params, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), jax.random.PRNGKey(0))
     ad = jax.tree_util.tree_map(lambda x: x + 0.05, ad)
     rng = np.random.default_rng(0)
@@ -107,14 +104,15 @@ def test_the_decoder_sends_long_sequences_to_the_blockwise_path(tiny_checkpoint,
         return real(*a, **kw, block_q=16, block_k=8)
 
     def loss(ad):
-        logits, _ = forward(params, cfg, ids, adapters=ad, methods=(method,), attention_mask=mask, segment_ids=seg)
+        with kernel_mode("off"):
+            logits, _ = forward(params, cfg, ids, adapters=ad, methods=(method,), attention_mask=mask,
+                                segment_ids=seg)
         return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask)
 
     dense_loss, dense_grad = jax.jit(jax.value_and_grad(loss))(ad)
     assert not calls
     monkeypatch.setattr(fa, "blockwise_attention", spy)
     monkeypatch.setattr(fa, "BLOCKWISE_FROM", 40)
-    monkeypatch.setattr(decoder, "BLOCKWISE_FROM", 40)
     long_loss, long_grad = jax.jit(jax.value_and_grad(loss))(ad)
     assert calls  # the blockwise path ran
     assert rel(long_loss, dense_loss) <= 1e-5

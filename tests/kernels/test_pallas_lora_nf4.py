@@ -19,9 +19,8 @@ from jax.test_util import check_grads
 from jpeft.kernels import dispatch
 from jpeft.kernels.dispatch import kernel_mode, kernels_report, reset_report
 from jpeft.kernels.lora_linear import lora_linear, lora_linear_group, lora_linear_reference
-from jpeft.kernels.nf4_matmul import nf4_matmul
+from jpeft.kernels.nf4_matmul import nf4_matmul, qmatmul
 from jpeft.quant.blockwise import QuantizedWeight, quantize_4bit
-from jpeft.quant.matmul import qmatmul
 
 jax.config.update("jax_enable_x64", False)
 F32, BF16 = jnp.float32, jnp.bfloat16

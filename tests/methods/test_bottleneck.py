@@ -35,7 +35,7 @@ def llama(tiny_checkpoint):
 @pytest.mark.parametrize("bc", CONFIGS, ids=["houlsby", "pfeiffer", "gelu_ln_r8"])
 def test_identity_at_init_and_exact_round_trip(llama, tmp_path, bc):
     cfg, params = llama
-    method, ad = init_bottleneck(cfg, bc, jax.random.PRNGKey(0))
+    method, ad = init_bottleneck(cfg, params, bc, jax.random.PRNGKey(0))
     assert method.bottleneck_size == cfg.hidden_size // bc.reduction_factor
     assert set(ad["bottleneck"]["layers"]["block"]) == ({"mlp"} if bc.preset == "pfeiffer" else {"self_attn", "mlp"})
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 128, (2, 9)))
@@ -57,8 +57,8 @@ def test_identity_at_init_and_exact_round_trip(llama, tmp_path, bc):
 def test_folder_layout_uses_adapterhub_names(llama, tmp_path):
     from safetensors.numpy import load_file
 
-    cfg, _ = llama
-    method, ad = init_bottleneck(cfg, BottleneckConfig(preset="houlsby", ln_before=True), jax.random.PRNGKey(0))
+    cfg, params = llama
+    method, ad = init_bottleneck(cfg, params, BottleneckConfig(preset="houlsby", ln_before=True), jax.random.PRNGKey(0))
     save_bottleneck(tmp_path / "ad", cfg, method, ad, name="nlu")
     t = load_file(tmp_path / "ad/adapter.safetensors")
     r = cfg.hidden_size // 16
@@ -71,14 +71,14 @@ def test_folder_layout_uses_adapterhub_names(llama, tmp_path):
 
 
 def test_bad_configs_and_folders(llama, tiny_checkpoint, tmp_path):
-    cfg, _ = llama
+    cfg, params = llama
     with pytest.raises(ConfigError, match="preset"):
-        init_bottleneck(cfg, BottleneckConfig(preset="lora"), jax.random.PRNGKey(0))
+        init_bottleneck(cfg, params, BottleneckConfig(preset="lora"), jax.random.PRNGKey(0))
     with pytest.raises(ConfigError, match="non_linearity"):
-        init_bottleneck(cfg, BottleneckConfig(non_linearity="tanh"), jax.random.PRNGKey(0))
+        init_bottleneck(cfg, params, BottleneckConfig(non_linearity="tanh"), jax.random.PRNGKey(0))
     with pytest.raises(ConfigError, match="reduction_factor"):
-        init_bottleneck(cfg, BottleneckConfig(reduction_factor=1000), jax.random.PRNGKey(0))
-    method, ad = init_bottleneck(cfg, BottleneckConfig(), jax.random.PRNGKey(0))
+        init_bottleneck(cfg, params, BottleneckConfig(reduction_factor=1000), jax.random.PRNGKey(0))
+    method, ad = init_bottleneck(cfg, params, BottleneckConfig(), jax.random.PRNGKey(0))
     save_bottleneck(tmp_path / "ad", cfg, method, ad)
     other, _ = load_pretrained(tiny_checkpoint("gemma", "gqa_headdim")[0])
     other = other.__class__(**{**other.__dict__, "hidden_size": 96})

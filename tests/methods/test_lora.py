@@ -14,9 +14,10 @@ import peft
 import pytest
 
 from jpeft.errors import ConfigError
-from jpeft.methods.base import count_trainable
 from jpeft.methods.lora import LoraConfig, init_lora, merge_lora, resolve, targeted_module_names
+from jpeft.methods.pissa import pissa_base
 from jpeft.models.model import forward
+from jpeft.sites import count_trainable
 from jpeft.torch_bridge.hf_load import load_pretrained
 
 LLAMA = ("llama", "gqa_untied")
@@ -93,8 +94,9 @@ def test_init_distributions_and_pissa_residual(llama):
     _, ad = init_lora(cfg, params, LoraConfig(r=16, init_lora_weights="gaussian", target_modules=["up_proj"]),
                       jax.random.PRNGKey(2))
     assert np.std(ad["lora"]["layers"]["mlp"]["up_proj"]["lora_A"]) == pytest.approx(1 / 16, rel=0.05)
-    method, ad, residual = init_lora(cfg, params, LoraConfig(init_lora_weights="pissa", lora_alpha=16, **kw),
-                                     jax.random.PRNGKey(3))
+    method, ad = init_lora(cfg, params, LoraConfig(init_lora_weights="pissa", lora_alpha=16, **kw),
+                           jax.random.PRNGKey(3))
+    residual, _ = pissa_base(params, method, ad)
     merged = merge_lora(residual, method, ad)  # residual + s·A@B is the original base again
     for block, proj in (("self_attn", "q_proj"), ("mlp", "down_proj")):
         np.testing.assert_allclose(merged["layers"][block][proj]["kernel"], params["layers"][block][proj]["kernel"],

@@ -32,10 +32,11 @@ def rel_err(ours, ref) -> float:
 def _init(kind, cfg, params, seed=0):
     rng = jax.random.PRNGKey(seed)
     if kind.startswith("prefix"):
-        return init_prefix(cfg, PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=kind == "prefix_mlp"), rng)
+        pc = PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=kind == "prefix_mlp")
+        return init_prefix(cfg, params, pc, rng)
     if kind == "prompt":
         return init_prompt(cfg, params, PromptTuningConfig(num_virtual_tokens=P), rng)
-    return init_ia3(cfg, IA3Config(), rng)
+    return init_ia3(cfg, params, IA3Config(), rng)
 
 
 def _train(method, adapters, cfg, params, steps=3):
@@ -190,15 +191,16 @@ def test_prompt_text_init_matches_peft(tmp_path):
 
     from tiny import make_trainable_checkpoint
 
-    hf, tok = make_trainable_checkpoint(tmp_path / "m", "gemma", "gqa_headdim")
+    hf, _ = make_trainable_checkpoint(tmp_path / "m", "gemma", "gqa_headdim")
     cfg, params = load_pretrained(tmp_path / "m")
     text = "classify the query"
     pm = get_peft_model(hf, PPro(task_type="CAUSAL_LM", num_virtual_tokens=7, prompt_tuning_init="TEXT",
                                  prompt_tuning_init_text=text, tokenizer_name_or_path=str(tmp_path / "m")))
     ref = pm.prompt_encoder["default"].embedding.weight.detach().numpy()
     _, ad = init_prompt(cfg, params, PromptTuningConfig(num_virtual_tokens=7, prompt_tuning_init="TEXT",
-                                                        prompt_tuning_init_text=text), jax.random.PRNGKey(0),
-                        tokenizer=tok)
+                                                        prompt_tuning_init_text=text,
+                                                        tokenizer_name_or_path=str(tmp_path / "m")),
+                        jax.random.PRNGKey(0))
     np.testing.assert_allclose(np.asarray(ad["prompt"]["prompt_embeddings"]), ref, rtol=1e-6)
 
 
@@ -212,7 +214,7 @@ def test_num_virtual_tokens_must_be_positive(tiny_checkpoint, tmp_path, n):
     folder, _ = tiny_checkpoint(*MODELS[0])
     cfg, params = load_pretrained(folder)
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
-        init_prefix(cfg, PrefixTuningConfig(num_virtual_tokens=n), jax.random.PRNGKey(0))
+        init_prefix(cfg, params, PrefixTuningConfig(num_virtual_tokens=n), jax.random.PRNGKey(0))
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
         init_prompt(cfg, params, PromptTuningConfig(num_virtual_tokens=n), jax.random.PRNGKey(0))
     method, ad = _init("prefix", cfg, params)

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from jpeft.errors import ConfigError
-from jpeft.methods.base import Method, SiteContext, count_trainable
+from jpeft.kernels.dispatch import kernel_mode
 from jpeft.methods.lora import LoraConfig, init_lora
 from jpeft.methods.prompt import PromptTuningConfig, init_prompt
 from jpeft.models.model import embed, forward, with_overrides
+from jpeft.sites import Method, SiteContext, count_trainable
 from jpeft.torch_bridge.hf_load import load_pretrained
 
 
@@ -83,7 +84,9 @@ def test_fused_linear_is_offered_the_projections_that_share_an_input(tiny_checkp
         method, ad = init_lora(cfg, params, LoraConfig(r=4, target_modules=targets), jax.random.PRNGKey(0))
         ad = jax.tree_util.tree_map(lambda x: x + 0.05, ad)  # B = 0 at init: make the delta count
         groups.clear()
-        on, _ = forward(params, dataclasses.replace(cfg, kernels="on"), ids, adapters=ad, methods=(method,))
+        with kernel_mode("on"):
+            on, _ = forward(params, cfg, ids, adapters=ad, methods=(method,))
         assert groups == expected  # traced once: the layer scan body
-        off, _ = forward(params, dataclasses.replace(cfg, kernels="off"), ids, adapters=ad, methods=(method,))
+        with kernel_mode("off"):
+            off, _ = forward(params, cfg, ids, adapters=ad, methods=(method,))
         np.testing.assert_allclose(np.asarray(on), np.asarray(off), rtol=1e-5, atol=1e-5)

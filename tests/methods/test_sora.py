@@ -50,7 +50,7 @@ def test_init_and_gated_forward(tiny):
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 64))
     tree = {k: v[1] for k, v in t.items()} | {"lora_B": jax.random.normal(jax.random.PRNGKey(2), (5, 96))}
     want = ((x @ tree["lora_A"]) * tree["gate"]) @ tree["lora_B"] * 2.0
-    from jpeft.methods.base import SiteContext
+    from jpeft.sites import SiteContext
 
     got = method.linear(("mlp", "up_proj"), x, jnp.zeros((2, 96)), None, tree, SiteContext(layer=1))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

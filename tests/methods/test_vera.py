@@ -60,7 +60,7 @@ def peft_load(hf, folder):
 
 def _trained(cfg, params, vc: VeraConfig, steps: int = 3):
     """VeRA adapters after a few real jpeft train steps (AdamW with weight decay) on random tokens."""
-    method, ad = init_vera(cfg, vc, jax.random.PRNGKey(0))
+    method, ad = init_vera(cfg, params, vc, jax.random.PRNGKey(0))
     tx = build_optimizer(OptimConfig(lr=5e-2, schedule="constant", weight_decay=0.1), steps, (method,))
     state = init_state(ad, tx, 0)
     ids = np.random.default_rng(5).integers(3, cfg.vocab_size, (1, 2, 8))
@@ -95,7 +95,7 @@ def test_training_moves_only_the_vectors(llama):
                                 dict(target_modules="all-linear")], ids=["list", "default", "layers", "all-linear"])
 def test_targets_shapes_and_counts_match_peft(llama, kw):
     _, hf, cfg, params = llama
-    method, ad = init_vera(cfg, VeraConfig(r=6, **kw), jax.random.PRNGKey(0))
+    method, ad = init_vera(cfg, params, VeraConfig(r=6, **kw), jax.random.PRNGKey(0))
     pm = peft.get_peft_model(copy.deepcopy(hf), peft.VeraConfig(r=6, **kw))
     ours = {f"model.layers.{i}.{s.block}.{s.proj}" for s in method.sites for i, on in enumerate(s.active) if on}
     assert ours == set(pm.targeted_module_names)
@@ -183,14 +183,14 @@ def test_projections_not_saved_and_no_torch_is_a_clear_error(llama, tmp_path, mo
     (dict(target_modules="all-linear", layers_to_transform=[0]), "layers_to_transform.*list"),
 ])
 def test_config_errors_name_the_field(llama, kw, match):
-    _, _, cfg, _ = llama
+    _, _, cfg, params = llama
     with pytest.raises(ConfigError, match=match):
-        init_vera(cfg, VeraConfig(**kw), jax.random.PRNGKey(0))
+        init_vera(cfg, params, VeraConfig(**kw), jax.random.PRNGKey(0))
 
 
 def test_load_errors_are_clear(llama, tmp_path):
     _, _, cfg, params = llama
-    method, ad = init_vera(cfg, VeraConfig(r=4), jax.random.PRNGKey(0))
+    method, ad = init_vera(cfg, params, VeraConfig(r=4), jax.random.PRNGKey(0))
     out = save_vera(tmp_path / "v", cfg, method, ad)
     st = SafetensorsFile(out / "adapter_model.safetensors")
     tensors = {k: np.array(st.get(k)) for k in st.keys()}

@@ -19,14 +19,15 @@ from transformers import AutoModelForCausalLM
 
 from jpeft.errors import ConfigError
 from jpeft.generate import SamplingConfig, generate
-from jpeft.methods.base import SiteContext
+from jpeft.methods.export import save_merged
 from jpeft.methods.lora import LoraConfig, init_lora, load_peft_adapter, save_peft_adapter
 from jpeft.methods.lora_experts import to_peft
 from jpeft.models.model import hidden_states_and_aux, init_cache, logits_from_hidden
 from jpeft.models.moe import moe_mlp
+from jpeft.models.records import LayerContext
+from jpeft.sites import SiteContext
 from jpeft.torch_bridge.hf_load import load_pretrained
 from jpeft.torch_bridge.hf_names import linear_sites
-from jpeft.torch_bridge.merged import save_merged
 from jpeft.torch_bridge.safetensors_io import SafetensorsFile, save_file
 
 from tiny import MOE_VARIANTS, Measured, batch_with_padding
@@ -237,8 +238,9 @@ def test_expert_lora_block_gradients_match_peft(tiny_checkpoint):
 
     @jax.jit
     def f(x, lora):
-        y, _ = moe_mlp(x, mp, {"lora": {"mlp": {"experts": lora}}}, jnp.ones(x.shape[:2], jnp.int32), cfg,
-                       (method,), SiteContext(layer=i))
+        layer = LayerContext(cfg=cfg, methods=(method,), adapters={"lora": {"mlp": {"experts": lora}}},
+                             site=SiteContext(layer=i), token_mask=jnp.ones(x.shape[:2], jnp.int32))
+        y, _ = moe_mlp(x, mp, layer)
         return jnp.sum(y * cot), y
 
     (_, y), (gx, gl) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(jnp.asarray(x), lora)

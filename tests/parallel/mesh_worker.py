@@ -49,7 +49,7 @@ def rel_diff(a, b) -> float:
 
 def build(model, method: str, **cfg):
     spec = catalog.get_method(method)
-    built = spec.init(model, spec.config(**cfg), jax.random.PRNGKey(0))
+    built = spec.build(model, spec.config(**cfg), jax.random.PRNGKey(0))
     return built.method, built.base, built.adapters
 
 

@@ -110,8 +110,8 @@ def test_offload_falls_back_with_one_message(monkeypatch, qmodel):
 def test_merged_export_of_4bit_base_runs_in_transformers(qmodel, tmp_path, use_dora):
     from transformers import AutoModelForCausalLM
 
+    from jpeft.methods.export import save_merged
     from jpeft.methods.lora import save_peft_adapter
-    from jpeft.torch_bridge.merged import save_merged
 
     folder, model = qmodel
     method, adapters = _adapters(model, use_dora=use_dora)
@@ -142,7 +142,7 @@ def test_cli_qlora_defaults_and_flags(qmodel, tmp_path):
         argv = ["train", *argv, "--data", "x", "--out", "y"]
         args = build_parser(argv).parse_args(argv)
         spec = get_method(args.method)
-        return args, spec, spec.init(qmodel[1], config_from_args(spec.config, args), jax.random.PRNGKey(0))
+        return args, spec, spec.build(qmodel[1], config_from_args(spec.config, args), jax.random.PRNGKey(0))
 
     args, spec, built = parse("--method", "qlora")
     assert quant_load_kwargs(args, spec) == {"quantize": "nf4", "double_quant": True, "blocksize": 64,

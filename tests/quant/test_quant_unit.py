@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from jpeft.errors import QuantizationError
+from jpeft.kernels.nf4_matmul import qmatmul
 from jpeft.quant.blockwise import dequantize_4bit, nearest_dynamic_code, quantize_4bit
 from jpeft.quant.codes import DYNAMIC_MAP, FP4_CODE, NF4_CODE, NF4_THRESHOLDS, derive_dynamic_map
-from jpeft.quant.matmul import qmatmul
 
 import quant_cuda_ref as ref
 

@@ -118,7 +118,7 @@ def test_resume_with_a_longer_run_continues_it(world, tmp_path):
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(world, tmp_path, capsys):
     out = tmp_path / "busy"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from jpeft.train.loop import out_lock\n"
+                               "from jpeft.train.run_folder import out_lock\n"
                                "with out_lock(Path(sys.argv[1])):\n print('ready', flush=True); time.sleep(600)",
                                str(out)], stdout=subprocess.PIPE, text=True)
     try:

@@ -1,4 +1,5 @@
-"""The site protocol between the model and PEFT methods.
+"""The site protocol between the model and PEFT methods: a leaf module both `jpeft.models` and
+`jpeft.methods` import (it imports neither).
 
 The decoder is pure architecture. At a few *sites* it asks every active method whether it wants to
 change what flows there. Each method owns one sub-tree of the adapter pytree, `adapters[method.name]`,
@@ -36,6 +37,10 @@ Sites:
 Besides sites, a method may add a loss term (`loss(tree)`), wrap the base optimizer
 (`wrap_optimizer(tx, learning_rate)`, e.g. AdaLoRA's allocator, SoRA's proximal step, LoRA+ learning rates,
 VeRA's frozen projections) and say how many of its values are trained (`num_trainable(tree)`).
+
+Also here, because both sides compute them: `dense(x, p)`, the base projection a linear site starts from
+(a 4-bit kernel runs `jpeft.kernels.nf4_matmul`), and `site_tree(adapters, method, site)`, the method's
+sub-tree at a site.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+
+from jpeft.errors import QuantizationError
+from jpeft.kernels.nf4_matmul import nf4_matmul
+from jpeft.quant.kernel import QuantizedKernel
 
 Site = tuple[str, ...]
 
@@ -130,3 +140,32 @@ def count_trainable(adapters: dict, method: Method) -> int:
     """Trained values of `method` in `adapters` (`{method.name: tree}` or the tree itself)."""
     tree = adapters[method.name] if isinstance(adapters, dict) and method.name in adapters else adapters
     return method.num_trainable(tree)
+
+
+def dense(x: jax.Array, p: Any) -> jax.Array:
+    """x `[..., in]` @ kernel `[in, out]` (+ bias `[out]`) in x's dtype.
+
+    A 4-bit kernel (QLoRA's per-layer `QuantizedKernel`) is dequantized inside the matmul
+    (`jpeft.kernels.nf4_matmul`: the Pallas kernel or the reference, as the kernel mode says).
+    """
+    k = p["kernel"]
+    if isinstance(k, QuantizedKernel):
+        if k.stacked:
+            raise QuantizationError("matmul on a stacked QuantizedKernel; slice a layer first (the decoder's "
+                                    "scan does this)")
+        y = nf4_matmul(x, k.weight, k.compute_dtype).astype(x.dtype)
+    else:
+        y = jnp.matmul(x, k.astype(x.dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(y.dtype)
+    return y
+
+
+def site_tree(adapters: dict | None, method: Method, site: Site) -> Any:
+    """`adapters[method.name][site[0]][site[1]]...`: the method's sub-tree at `site`, or None where it has none."""
+    t = None if adapters is None else adapters.get(method.name)
+    for key in site:
+        if not isinstance(t, dict) or key not in t:
+            return None
+        t = t[key]
+    return t
