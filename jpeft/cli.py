@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from jpeft.cli_args import add_model_args, add_setting_flags, maybe_adapter, method_in_argv
+from jpeft.cli_estimate import add_estimate_command, cmd_estimate
 from jpeft.cli_train import TRAIN_COMMANDS, add_train_commands
 from jpeft.errors import JpeftError
 from jpeft.generate import SamplingConfig, generate
@@ -112,6 +113,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jpeft", description="Parameter-efficient fine-tuning in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_commands(sub, method_in_argv(argv))
+    add_estimate_command(sub, method_in_argv(argv))
     _add_generate(sub)
     p = sub.add_parser("info", help="describe a model: family, sizes, parameter count, dtype")
     add_model_args(p)
@@ -121,7 +123,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    commands = {"generate": cmd_generate, "info": cmd_info, **TRAIN_COMMANDS}
+    commands = {"generate": cmd_generate, "info": cmd_info, "estimate": cmd_estimate, **TRAIN_COMMANDS}
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     configure_host_memory()  # reuse freed buffers instead of page-faulting them in every step

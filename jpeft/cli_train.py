@@ -25,6 +25,7 @@ from jpeft.cli_args import (
     maybe_adapter,
     quant_load_kwargs,
 )
+from jpeft.cli_estimate import add_memory_check_flag, check_memory
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.kernels.dispatch import kernels_report, reset_report
 from jpeft.loading import Model, load, resolve_model_path
@@ -68,6 +69,7 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
                        "(refused if the settings differ from that run's; see --allow-changes)")
         p.add_argument("--allow-changes", action="store_true", help="with --resume: accept a changed --steps/--epochs "
                        "(every other changed setting is still refused)")
+        add_memory_check_flag(p)
     else:
         p.add_argument("--out", default="jpeft-demo", help="output folder")
     run = [f.name for f in dataclasses.fields(TrainSettings) if f.name != "eval_fraction"]
@@ -215,6 +217,7 @@ def _load_for_training(args) -> Model:
 
 
 def cmd_train(args) -> int:
+    check_memory(args)  # before a weight is read: a run that cannot fit the device is refused with its breakdown
     model = _load_for_training(args)
     train_ex, eval_ex = _split(args, load_examples(args.data))
     final = run_training(args, model, train_ex, eval_ex, Path(args.out), resume=args.resume)

@@ -176,6 +176,21 @@ def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], where
     return get
 
 
+def read_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of an HF checkpoint folder or a `.gguf` file, without reading a weight."""
+    path = Path(path)
+    if path.suffix == ".gguf" or _is_gguf(path):
+        from transformers import AutoConfig
+
+        from jpeft.torch_bridge.gguf import read_gguf_config
+
+        raw = dict(read_gguf_config(path))
+        return from_hf_config(AutoConfig.for_model(raw.pop("model_type"), **raw))
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    return from_hf_config(load_hf_config(path))
+
+
 def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_bin: bool = False,
                     quant: Any = None, place: Placer | None = None,
                     host_memory: str = "auto") -> tuple[ModelConfig, dict]:

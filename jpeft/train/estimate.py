@@ -22,7 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.dtypes import resolve_dtype
 from jpeft.errors import ConfigError
+from jpeft.models.config import ModelConfig
+from jpeft.torch_bridge.hf_load import abstract_params
+from jpeft.torch_bridge.host_arena import DISK_FROM_BYTES
+from jpeft.train.settings import TrainConfig
+from jpeft.train.step import build_optimizer, init_state, train_step
 
 # Resident memory besides the arrays: Python, jax/jaxlib and transformers' tokenizers (~0.3 GB after import),
 # the compiler's freed-but-kept working memory and the compiled step, eval and check programs. Measured on
@@ -90,4 +96,39 @@ def check_fits(est: MemoryEstimate, limit: int | None, where: str) -> None:
     if limit is not None and est.total > limit:
         raise ConfigError(f"this run needs about {est.total / 2**30:.1f} GiB but the device has {limit / 2**30:.1f} "
                           f"GiB ({where}):\n{est.table()}\nReduce --batch-size/--max-len, use --remat full, "
-                          "--quantize nf4 or fewer/smaller adapters; or pass --ignore-memory-estimate to try anyway")
+                          "--quantize nf4 or fewer/smaller adapters; or pass --memory-check off to try anyway")
+
+
+BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions", "attention_mask")  # what the loop's rows hold
+
+
+def abstract_run(cfg: ModelConfig, spec: Any, config: Any, tc: TrainConfig, *, quant: Any = None) -> dict:
+    """The base, adapters, method, optimizer, train state and one batch of a run, as abstract values."""
+    base = abstract_params(cfg, resolve_dtype(tc.dtype), quant)
+    holder: dict = {}
+
+    def init(params: Any) -> Any:
+        holder["method"], adapters = spec.init(cfg, params, config, jax.random.PRNGKey(tc.seed))
+        return adapters
+
+    adapters = jax.eval_shape(init, base)
+    method = holder["method"]
+    tx = build_optimizer(tc.optim, max(tc.steps or 1, 1), (method,))
+    state = jax.eval_shape(lambda a: init_state(a, tx, tc.seed), adapters)
+    batch = {k: jax.ShapeDtypeStruct((tc.grad_accum, tc.batch_size, tc.max_len), jnp.int32) for k in BATCH_KEYS}
+    return {"base": base, "adapters": adapters, "method": method, "tx": tx, "state": state, "batch": batch}
+
+
+def estimate_run(cfg: ModelConfig, spec: Any, config: Any, tc: TrainConfig, *, quant: Any = None,
+                 kernels: str = "auto", host_memory: str = "auto") -> MemoryEstimate:
+    """The memory `jpeft train` with these settings will hold (see the module docstring). Loss logits are assumed
+    at every position (text rows: the most); label data need less."""
+    run = abstract_run(cfg, spec, config, tc, quant=quant)
+    temp = step_temporaries(train_step, run["state"], run["base"], run["batch"], cfg=cfg, methods=(run["method"],),
+                            tx=run["tx"], remat=tc.remat, dtype=resolve_dtype(tc.dtype), kernels=kernels)
+    base = tree_bytes(run["base"])
+    backend = jax.default_backend()
+    on_disk = backend == "cpu" and (host_memory == "disk" or (host_memory == "auto" and base >= DISK_FROM_BYTES))
+    parts = {"base": base, "adapters": tree_bytes(run["adapters"]), "optimizer": tree_bytes(run["state"]["opt_state"]),
+             "step": temp, "batch": tree_bytes(run["batch"]), "runtime": runtime_bytes(backend)}
+    return MemoryEstimate(parts, on_disk, backend)

@@ -24,7 +24,8 @@ from jpeft.errors import JpeftError
 # args that only steer how a run executes or reports, not what it computes
 OPERATIONAL = frozenset({"command", "resume", "allow_changes", "out", "no_progress", "eval_every", "save_every",
                          "kernels", "remat", "offload_optimizer", "json", "allow_torch_bin", "report_to",
-                         "coordinator_address", "num_processes", "process_id", "mesh"})
+                         "coordinator_address", "num_processes", "process_id", "mesh", "host_memory",
+                         "memory_check"})
 # args that may change on --resume with --allow-changes (the run's length)
 SAFE_CHANGES = frozenset({"steps", "epochs"})
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".json")
