@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from jpeft.errors import ConfigError
 from jpeft.generate import SamplingConfig, generate
+from jpeft.kernels.dispatch import kernel_mode, kernels_report, reset_report
 from jpeft.methods.export import save_merged
 from jpeft.methods.lora import LoraConfig, init_lora, load_peft_adapter, save_peft_adapter
 from jpeft.methods.lora_experts import to_peft
@@ -304,6 +305,42 @@ def test_expert_lora_model_gradients_match_peft(tiny_checkpoint, family, variant
     ref_a, ref_b = named[key.format("A")].grad.numpy(), named[key.format("B")].grad.numpy()
     MEASURED[("grad lora_A", family, variant)] = rel_err(ga, ref_a)
     assert rel_err(ga, ref_a) <= 1e-4 and rel_err(gb, ref_b) <= 1e-4
+
+
+@pytest.mark.parametrize("family,variant", [NEW[1], pytest.param(*NEW[0], marks=pytest.mark.slow)])
+def test_kernels_on_give_the_references_logits_and_gradients(tiny_checkpoint, family, variant):
+    """Kernel mode "on" (the Pallas kernels, interpreted on CPU) against "off" (the pure-JAX references), with LoRA
+    on every module and expert: flash attention over latent attention's keys with its narrower values
+    zero-padded to the q/k width (deepseek), RMSNorm, RoPE, SwiGLU and the fused LoRA on the shared expert
+    (qwen2_moe). Same logits, same adapter gradients."""
+    folder, _ = tiny_checkpoint(family, variant)
+    cfg, params = load_pretrained(folder)
+    method, ad = _expert_lora(cfg, params, seed=2)
+    ids, mask, _ = _batch()
+    real = jnp.asarray(mask.astype(bool))
+    w = jax.random.normal(jax.random.PRNGKey(5), (*ids.shape, cfg.vocab_size))
+
+    def run(mode):
+        def loss(ad):
+            h, _, _ = hidden_states_and_aux(params, cfg, jnp.asarray(ids), adapters=ad, methods=(method,),
+                                            attention_mask=jnp.asarray(mask))
+            logits = logits_from_hidden(params, cfg, h)
+            return jnp.sum(jnp.where(real[..., None], logits * w, 0.0)), logits
+
+        with kernel_mode(mode):  # read while tracing: a fresh jit per mode
+            (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(ad)
+        return np.asarray(logits), grads
+
+    reset_report()
+    (ref, g_ref), (ours, g_ours) = run("off"), run("on")
+    ran = kernels_report("on")
+    assert "pallas-interpret" in ran["attention"] and ran["rms_norm"] == ran["swiglu"] == "pallas-interpret"
+    err = rel_err(ours[np.asarray(real)], ref[np.asarray(real)])
+    MEASURED[("kernels on vs off logits", family, variant)] = err
+    assert err <= 1e-5
+    flat_ref, flat_ours = jax.tree_util.tree_leaves_with_path(g_ref), jax.tree_util.tree_leaves(g_ours)
+    errs = {jax.tree_util.keystr(k): rel_err(b, np.asarray(a)) for (k, a), b in zip(flat_ref, flat_ours)}
+    assert len(errs) > 4 and max(errs.values()) <= 1e-4, errs
 
 
 def test_target_parameters_naming_nothing_lists_what_exists(tiny_checkpoint):
