@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from jpeft.models.config import ModelConfig
+from jpeft.models.moe_families import features as moe_features
 
 
 def _layers(flags: list[bool]) -> str:
@@ -64,9 +65,7 @@ def features(c: ModelConfig) -> list[str]:
         out.append("fused gate_up_proj")
     if c.mlp_bias:
         out.append("MLP biases")
-    if c.has_experts:
-        kind = "mixed dense/MoE layers" if c.mixed_mlp else "MoE layers"
-        out.append(f"{kind}: {c.num_experts} experts, top-{c.num_experts_per_tok}")
+    out += moe_features(c)  # experts, routing, shared experts, latent attention, sinks
     if c.logits_divisor != 1.0:
         out.append(f"logits divided by {c.logits_divisor:g}")
     if c.final_softcap:
