@@ -20,8 +20,10 @@ def _attention(c: ModelConfig) -> list[str]:
         out.append("fused qkv_proj")
     if c.qk_norm:
         out.append("q/k RMSNorm over the whole projection" if c.qk_norm_full else "q/k RMSNorm per head")
-    if abs(c.query_scale - c.head_dim**-0.5) > 1e-12:
-        out.append(f"attention scale {c.query_scale:.4g} (not head_dim^-0.5)")
+    width = c.qk_nope_head_dim + c.head_dim if c.attention == "mla" else c.head_dim  # latent attention: q/k width
+    if abs(c.query_scale - width**-0.5) > 1e-12:
+        out.append(f"attention scale {c.query_scale:.4g} (not head_dim^-0.5)" if c.attention != "mla" else
+                   f"attention scale {c.query_scale:.4g} (not (qk_nope + qk_rope head dim)^-0.5)")
     if c.attn_softcap:
         out.append(f"attention soft-capping {c.attn_softcap:g}")
     for w in sorted(set(c.layer_windows) - {0}):
