@@ -133,6 +133,59 @@ MOE_VARIANTS: dict[tuple[str, str], dict] = {
                                            norm_topk_prob=True, mlp_only_layers=[0], head_dim=24),
     ("qwen3_moe", "e5k2_step2"): dict(num_experts=5, num_experts_per_tok=2, moe_intermediate_size=32,
                                       decoder_sparse_step=2, use_sliding_window=True, sliding_window=4),
+    # qwen2_moe: a shared expert with a sigmoid gate; GQA 3, head_dim 20, windows shorter than the prompt
+    ("qwen2_moe", "e4k2_shared"): dict(num_attention_heads=6, num_key_value_heads=2, head_dim=20, num_experts=4,
+                                       num_experts_per_tok=2, moe_intermediate_size=20,
+                                       shared_expert_intermediate_size=36),
+    ("qwen2_moe", "e5k2_shared_mixed_window"): dict(num_attention_heads=6, num_key_value_heads=2, head_dim=20,
+                                                    num_hidden_layers=4, num_experts=5, num_experts_per_tok=2,
+                                                    moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                                    mlp_only_layers=[1], use_sliding_window=True, sliding_window=4,
+                                                    max_window_layers=3),
+    ("qwen2_moe", "e6k3_norm_step2"): dict(num_hidden_layers=4, num_experts=6, num_experts_per_tok=3,
+                                           moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                           norm_topk_prob=True, decoder_sparse_step=2, qkv_bias=False),
+    # deepseek: latent attention with ranks (24, 20) != head dims (12 + 6, 10), 3 RoPE pairs, shared experts
+    ("deepseek_v2", "qlora_grouped_yarn"): dict(num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=20,
+                                                qk_nope_head_dim=12, qk_rope_head_dim=6, v_head_dim=10,
+                                                n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=2,
+                                                moe_intermediate_size=16, first_k_dense_replace=1,
+                                                topk_method="group_limited_greedy", n_group=3, topk_group=2,
+                                                routed_scaling_factor=1.5, max_position_embeddings=64,
+                                                rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                                     original_max_position_embeddings=16,
+                                                                     mscale=0.707, mscale_all_dim=0.9)),
+    ("deepseek_v2", "qproj_greedy"): dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=20, qk_nope_head_dim=12,
+                                          qk_rope_head_dim=6, v_head_dim=10, n_routed_experts=5, num_experts_per_tok=2,
+                                          n_shared_experts=1, moe_intermediate_size=16, first_k_dense_replace=0,
+                                          attention_bias=True),
+    ("deepseek_v3", "interleave_qlora_yarn"): dict(num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=20,
+                                                   qk_nope_head_dim=12, qk_rope_head_dim=6, v_head_dim=10,
+                                                   n_routed_experts=6, num_experts_per_tok=2, n_shared_experts=1,
+                                                   moe_intermediate_size=16, first_k_dense_replace=1, n_group=3,
+                                                   topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                                   max_position_embeddings=64,
+                                                   rope_parameters=dict(rope_type="yarn", rope_theta=10000.0,
+                                                                        factor=4.0, original_max_position_embeddings=16,
+                                                                        mscale=1.0, mscale_all_dim=1.0)),
+    ("deepseek_v3", "no_interleave_qproj"): dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=20,
+                                                 qk_nope_head_dim=12, qk_rope_head_dim=6, v_head_dim=10,
+                                                 n_routed_experts=4, num_experts_per_tok=3, n_shared_experts=2,
+                                                 moe_intermediate_size=16, first_k_dense_replace=2, n_group=2,
+                                                 topk_group=2, norm_topk_prob=False, rope_interleave=False),
+    # gpt_oss: sinks, sliding/full layers with a window shorter than the prompt, clamped SwiGLU (limit 0.1
+    # clamps most gate/up values), yarn; intermediate 32 so an MXFP4 copy has whole 32-value blocks
+    ("gpt_oss", "sinks_window_clamp"): dict(intermediate_size=32, num_attention_heads=6, num_key_value_heads=2,
+                                            head_dim=20, num_local_experts=5, num_experts_per_tok=2, sliding_window=4,
+                                            swiglu_limit=0.1,
+                                            rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0,
+                                                                 beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                                                 original_max_position_embeddings=8)),
+    ("gpt_oss", "e4k2_limit7"): dict(intermediate_size=40, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=3),  # the hub's clamp (7.0): trainable from a 0.2-std init
+    ("gpt_oss", "k1_window6_types"): dict(intermediate_size=24, head_dim=24, num_local_experts=3, num_experts_per_tok=1,
+                                          sliding_window=6, swiglu_limit=0.2,
+                                          layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
 }
 VARIANTS.update(MOE_VARIANTS)
 
@@ -145,7 +198,8 @@ def hf_classes(family: str):
     if family == "gemma3_text":
         return tf.Gemma3TextConfig, tf.Gemma3ForCausalLM
     names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-             "gemma2": "Gemma2", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe",
+             "gemma2": "Gemma2", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe",
+             "deepseek_v2": "DeepseekV2", "deepseek_v3": "DeepseekV3", "gpt_oss": "GptOss",
              "phi3": "Phi3", "olmo2": "Olmo2", "granite": "Granite", "smollm3": "SmolLM3"}[family]
     return getattr(tf, names + "Config"), getattr(tf, names + "ForCausalLM")
 
@@ -166,9 +220,9 @@ def make_checkpoint(family: str, variant: str, folder, seed: int = 0):
     cfg = cfg_cls(**config_kwargs(family, variant))
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
-    with torch.no_grad():  # non-trivial norms and biases so their handling is exercised
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+    with torch.no_grad():  # non-trivial norms, biases, sinks and score corrections so their handling is exercised
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if ("norm" in name or name.endswith(("bias", "sinks"))) and p.is_floating_point():
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder)
     return model

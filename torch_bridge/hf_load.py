@@ -25,6 +25,7 @@ from jpeft.quant.blockwise import quantize_4bit
 from jpeft.quant.kernel import QuantizedKernel
 from jpeft.torch_bridge import bnb_checkpoint as bnb
 from jpeft.torch_bridge import hf_names as hf
+from jpeft.torch_bridge import mxfp4
 from jpeft.torch_bridge.host_arena import HostArena
 from jpeft.torch_bridge.safetensors_io import open_checkpoint
 
@@ -87,11 +88,15 @@ def _oriented(a: np.ndarray, transpose: bool, dtype: Any) -> np.ndarray:
 
 
 def _expert_layer(get: Getter, cfg: ModelConfig, p: hf.HFParam, layer: int) -> np.ndarray:
-    """One layer's fused expert stack `[E, in, out]` (JAX layout) from the fused transformers-5 tensor
-    (`[E, out, in]`) or, when the checkpoint has none, from the per-expert hub tensors."""
+    """One layer's fused expert stack `[E, in, out]` (JAX layout) from the fused tensor (transformers 5:
+    `[E, out, in]`; gpt_oss: `[E, in, out]`), its MXFP4 blocks and scales (gpt_oss hub checkpoints), or, when
+    the checkpoint has neither, the per-expert hub tensors."""
     fused = p.name.format(i=layer)
-    if getattr(get, "has", lambda n: False)(fused):
-        return np.swapaxes(get(fused), 1, 2)
+    has = getattr(get, "has", lambda n: False)
+    if has(fused):
+        return np.swapaxes(get(fused), 1, 2) if p.transpose else get(fused)
+    if has(fused + "_blocks"):  # MXFP4: [E, OUT, IN] once dequantized, whatever the fused layout
+        return np.swapaxes(mxfp4.dequantize(get(fused + "_blocks"), get(fused + "_scales"), fused), 1, 2)
     return np.stack([np.concatenate([get(n).T for n in group], axis=1)
                      for group in hf.expert_names(cfg, layer, p.experts)])
 
@@ -108,7 +113,7 @@ def base_nbytes(cfg: ModelConfig, dtype: Any, quant: Any = None) -> int:
             stats = blocks + 4 * -(-blocks // 256) + 4 if quant.double_quant else 4 * blocks
             total += layers * ((n + 1) // 2 + stats)
         else:
-            total += layers * n * item
+            total += layers * n * (4 if p.fp32 else item)
     return int(total)
 
 
@@ -135,8 +140,8 @@ def build_params(cfg: ModelConfig, get: Getter, dtype: Any,
         elif p.module is not None:
             value = kernel([p.module.format(i=i) for i in range(cfg.num_layers)])
         elif p.layered:
-            names = p.names(cfg.num_layers)
-            value = arena.stack(len(names), lambda i, p=p, names=names: _oriented(get(names[i]), p.transpose, np_dtype))
+            names, dt = p.names(cfg.num_layers), jnp.dtype(jnp.float32) if p.fp32 else np_dtype
+            value = arena.stack(len(names), lambda i, p=p, n=names, dt=dt: _oriented(get(n[i]), p.transpose, dt))
         elif p.transpose:
             value = arena.transposed(get(p.name), np_dtype)
         else:
@@ -172,15 +177,16 @@ def abstract_params(cfg: ModelConfig, dtype: Any, quant: Any = None) -> dict:
 
     for p in hf.base_params(cfg):
         n = len(p.layer_ids(cfg.num_layers)) if p.layered else 1
-        if p.experts is not None:
-            e, out_dim, in_dim = p.shape
+        if p.experts is not None:  # stored [E, in, out]; on disk [E, out, in] (gpt_oss: as stored)
+            e, out_dim, in_dim = p.shape if p.transpose else (p.shape[0], p.shape[2], p.shape[1])
             value = jax.ShapeDtypeStruct((n, e, in_dim, out_dim), np_dtype)
         elif p.module is not None and quant is not None:
             one = jax.eval_shape(lambda shape=p.shape: quantize_4bit(jnp.zeros(shape, np_dtype), quant.quant_type,
                                                                       quant.blocksize, quant.double_quant))
             value = QuantizedKernel(stacked(cfg.num_layers, one), np_dtype.name)
         elif p.layered or p.module is not None:
-            value = jax.ShapeDtypeStruct((n, *(p.shape[::-1] if p.transpose else p.shape)), np_dtype)
+            dt = jnp.dtype(jnp.float32) if p.fp32 else np_dtype
+            value = jax.ShapeDtypeStruct((n, *(p.shape[::-1] if p.transpose else p.shape)), dt)
         else:
             value = jax.ShapeDtypeStruct(tuple(p.shape[::-1] if p.transpose else p.shape), np_dtype)
         hf.set_path(params, p.path, value)
@@ -247,10 +253,16 @@ def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_b
         raise CheckpointError(f"{path}: no such file or folder")
     raw_qc = bnb.read_quantization_config(path)
     cfg = from_hf_config(load_hf_config(path))
+    if mxfp4.is_mxfp4(raw_qc):  # gpt_oss experts in MXFP4: dequantized while loading, the rest is dense
+        if cfg.model_type != "gpt_oss":
+            raise ConfigError(f"{path}: quantization_config.quant_method='mxfp4' is supported for gpt_oss "
+                              f"checkpoints only (this is {cfg.model_type})")
+        raw_qc = None
     if cfg.has_experts and (quant is not None or raw_qc is not None):
         raise ConfigError(f"{path}: 4-bit loading (QLoRA) of a {cfg.model_type} mixture-of-experts model is not "
                           "supported (its expert weights have no 4-bit path yet); load it in bf16/fp32 and use "
-                          "--method lora (with --target-parameters for the experts)")
+                          "--method lora (with --target-parameters for the experts)"
+                          + _quant_hint(raw_qc))
     arena = HostArena.choose(host_memory, base_nbytes(cfg, dtype, quant or (bnb.QuantSpec() if raw_qc else None)))
     if allow_torch_bin and not _has_safetensors(path):
         from jpeft.torch_bridge.torch_bin import open_torch_bin
@@ -286,6 +298,15 @@ def warn_unused_layers(cfg: ModelConfig, names: Iterable[str], where: Path) -> l
                       f"{layers[-1]}: {len(extra)} tensors (layers {layers[0]}-{layers[-1]}, e.g. {extra[0][1]}) are "
                       "not used; is config.json from this checkpoint?", UnusedTensorsWarning, stacklevel=3)
     return [n for _, n in extra]
+
+
+def _quant_hint(raw_qc: dict | None) -> str:
+    """What a non-bitsandbytes quantization_config of a MoE checkpoint (deepseek_v3's fp8) means here."""
+    method = (raw_qc or {}).get("quant_method", "bitsandbytes")
+    if method == "bitsandbytes":
+        return ""
+    return (f". Its config.json has quantization_config.quant_method={method!r}, which jpeft does not read "
+            "(supported: bitsandbytes 4-bit for dense models, mxfp4 for gpt_oss); convert the weights to bf16 first")
 
 
 def _dense_kernel(get: Getter, dtype: Any, arena: HostArena, names: list[str]) -> jax.Array:

@@ -29,12 +29,22 @@ experts with the expert axis first (after the layer axis), in the JAX `[in, out]
             "experts": {"gate_up_proj": [L, E, D, 2·I], "down_proj": [L, E, I, D]}}
 
 (gate and up fused along the output axis, gate first, as transformers 5 holds them in memory). When dense and
-MoE layers alternate (qwen3_moe `mlp_only_layers`/`decoder_sparse_step`), `layers` has no "mlp"; the dense
-MLPs are stacked over their layers in `params["dense_layers"]["mlp"]` and the MoE blocks in
-`params["moe_layers"]["mlp"]` (see `ModelConfig.layer_ids`). Checkpoints name experts per expert
+MoE layers alternate (qwen3_moe `mlp_only_layers`/`decoder_sparse_step`, deepseek `first_k_dense_replace`),
+`layers` has no "mlp"; the dense MLPs are stacked over their layers in `params["dense_layers"]["mlp"]` and the
+MoE blocks in `params["moe_layers"]["mlp"]` (see `ModelConfig.layer_ids`). Checkpoints name experts per expert
 (`block_sparse_moe.experts.N.w1/w2/w3`, `mlp.experts.N.gate_proj/up_proj/down_proj`) or fused
 (`mlp.experts.gate_up_proj [E, 2I, D]`, `mlp.experts.down_proj [E, D, I]`); both are read, the per-expert
 (hub) layout is written.
+
+The newer MoE families add, next to "mlp" in the same stack: a shared expert `"shared_expert": {gate_proj,
+up_proj, down_proj}` (qwen2_moe `mlp.shared_expert.*`, deepseek `mlp.shared_experts.*`) and qwen2_moe's
+`"mlp"."shared_expert_gate" [L, D, 1]`; deepseek_v3's `"mlp"."e_score_correction_bias" [L, E]`; gpt_oss's router
+bias `"mlp"."gate"."bias"` (`mlp.router.*`) and expert biases `"experts"."gate_up_proj_bias" [L, E, 2I]`,
+`"down_proj_bias" [L, E, D]`. gpt_oss stores its experts fused and already `[E, in, out]` (gate/up columns
+interleaved), written back that way; its hub checkpoints hold them in MXFP4 (`…_blocks`, `…_scales`,
+`jpeft.torch_bridge.mxfp4`), dequantized on load. Latent attention (deepseek) has `q_proj` or `q_a_proj`,
+`q_a_layernorm`, `q_b_proj`, then `kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`; gpt_oss's
+attention has `"self_attn"."sinks" [L, H]`.
 """
 
 from __future__ import annotations
@@ -92,6 +102,7 @@ class HFParam:
     module: str | None = None
     layers: tuple[int, ...] | None = None  # the layers this tensor exists in (None: all)
     experts: str | None = None  # "gate_up_proj" | "down_proj": a fused expert stack (see `expert_names`)
+    fp32: bool = False  # kept in fp32 whatever the load dtype (deepseek's router, as transformers keeps it)
 
     @property
     def layered(self) -> bool:
@@ -104,6 +115,12 @@ class HFParam:
         """The HF tensor name per layer (one name for a non-layered tensor)."""
         return [self.name.format(i=i) for i in self.layer_ids(num_layers)] if self.layered else [self.name]
 
+
+# MoE families whose MLP projection names (gate_proj/up_proj/down_proj, w1/w2/w3) peft 0.21 rewrites, on
+# transformers 5, into the fused expert parameters (`transformers.conversion_mapping`): there no dense or shared
+# MLP can be a peft module, so neither is a jpeft adapter site.
+PEFT_EXPERT_CONVERTED = ("mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+BLOCK_MODULES = {"shared_expert": "mlp.shared_expert"}  # site block -> HF module path (qwen2_moe)
 
 _LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
@@ -131,19 +148,35 @@ def global_tensor(key: str) -> str:
 
 
 def linear_module(layer: int, block: str, proj: str, cfg: ModelConfig | None = None) -> str:
-    """The HF module path of a linear site, e.g. `model.layers.0.self_attn.q_proj` (pass `cfg` for the
-    multimodal gemma3 text tower: `model.language_model.layers.0...`)."""
-    return layer_module(layer, f"{block}.{proj}", cfg)
+    """The HF module path of a linear site, e.g. `model.layers.0.self_attn.q_proj` (a block in `BLOCK_MODULES` is
+    spelled as there; pass `cfg` for the multimodal gemma3 text tower: `model.language_model.layers.0...`)."""
+    return layer_module(layer, f"{BLOCK_MODULES.get(block, block)}.{proj}", cfg)
+
+
+def attention_projs(cfg: ModelConfig) -> tuple[str, ...]:
+    """The attention's projections: q/k/v/o, or latent attention's (`q_proj` or `q_a_proj` + `q_b_proj`)."""
+    if cfg.attention != "mla":
+        return ATTN_PROJ
+    q = ("q_a_proj", "q_b_proj") if cfg.q_lora_rank else ("q_proj",)
+    return q + ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 
 def linear_sites(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
     """The (block, proj) linear sites of every layer: the attention projections, and the dense MLP's in models
-    without MoE layers (the dense MLPs of mixed dense/MoE models are not adapter sites); phi3's fused
-    `qkv_proj` / `gate_up_proj` in place of the projections they hold."""
+    without MoE layers; phi3's fused `qkv_proj` / `gate_up_proj` in place of the projections they hold. In MoE
+    models the MLP linears peft can adapt as modules: qwen2_moe's shared expert and its gate when every layer is
+    MoE (the dense and shared MLPs of mixed dense/MoE models are not adapter sites; see `PEFT_EXPERT_CONVERTED`
+    for the others)."""
     fused = {**({p: "qkv_proj" for p in ATTN_PROJ[:3]} if cfg.fused_qkv else {}),
              **({p: "gate_up_proj" for p in MLP_PROJ[:2]} if cfg.fused_gate_up else {})}
-    sites = [(b, fused.get(p, p)) for b, p in LINEAR_SITES if not (b == "mlp" and cfg.has_experts)]
-    return tuple(dict.fromkeys(sites))  # in order, each fused site once
+    sites = [("self_attn", p) for p in attention_projs(cfg)]
+    if not cfg.has_experts:
+        sites += LINEAR_SITES[len(ATTN_PROJ):]
+    sites = tuple(dict.fromkeys((b, fused.get(p, p)) for b, p in sites))  # in order, each fused site once
+    if not cfg.has_experts or cfg.mixed_mlp or cfg.model_type in PEFT_EXPERT_CONVERTED or not cfg.shared_expert_size:
+        return sites
+    gate = (("mlp", "shared_expert_gate"),) if cfg.shared_expert_gate else ()
+    return sites + tuple(("shared_expert", p) for p in MLP_PROJ) + gate
 
 
 def linear_module_names(cfg: ModelConfig) -> list[str]:
@@ -194,9 +227,17 @@ def moe_path(cfg: ModelConfig) -> tuple[str, ...]:
     return ("moe_layers", "mlp") if cfg.mixed_mlp else ("layers", "mlp")
 
 
+def experts_in_out(cfg: ModelConfig) -> bool:
+    """Whether the checkpoint's fused expert stacks are `[E, in, out]` (gpt_oss) rather than `[E, out, in]`."""
+    return cfg.model_type == "gpt_oss"
+
+
 def expert_names(cfg: ModelConfig, layer: int, name: str) -> list[list[str]]:
     """Per-expert (hub layout) tensor names of one fused stack: for `gate_up_proj` `[[gate, up]] * E`, for
-    `down_proj` `[[down]] * E` (mixtral: `block_sparse_moe.experts.N.w1/w3/w2`)."""
+    `down_proj` `[[down]] * E` (mixtral: `block_sparse_moe.experts.N.w1/w3/w2`); [] for gpt_oss, whose
+    checkpoints only have the fused stacks."""
+    if experts_in_out(cfg):
+        return []
     if cfg.model_type == "mixtral":
         pre, parts = layer_module(layer, "block_sparse_moe.experts"), {"gate_up_proj": ("w1", "w3"),
                                                                         "down_proj": ("w2",)}[name]
@@ -209,7 +250,7 @@ def expert_names(cfg: ModelConfig, layer: int, name: str) -> list[list[str]]:
 def router_name(cfg: ModelConfig) -> str:
     """The hub name of the router weight `[E, D]` (transformers 5 renames mixtral's to `mlp.gate.weight`)."""
     block = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
-    return f"model.layers.{{i}}.{block}.gate.weight"
+    return f"model.layers.{{i}}.{block}.{'router' if cfg.router_bias else 'gate'}.weight"
 
 
 def v5_name(name: str) -> str:
@@ -243,17 +284,31 @@ def peft_shared_key(name: str) -> str:
     return f"base_model.{name}"
 
 
-def linear_in_out(cfg: ModelConfig, proj: str) -> tuple[int, int]:
-    """(in_features, out_features) of a projection."""
+def linear_in_out(cfg: ModelConfig, proj: str, block: str = "") -> tuple[int, int]:
+    """(in_features, out_features) of a projection (`block="shared_expert"`: of the MoE blocks' shared expert)."""
     d, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    if block == "shared_expert":
+        i = cfg.shared_expert_size
+    if cfg.attention == "mla" and block not in ("mlp", "shared_expert"):
+        h, dn, dr, r, rq = cfg.num_heads, cfg.qk_nope_head_dim, cfg.head_dim, cfg.kv_lora_rank, cfg.q_lora_rank
+        mla = {"q_proj": (d, h * (dn + dr)), "q_a_proj": (d, rq), "q_b_proj": (rq, h * (dn + dr)),
+               "kv_a_proj_with_mqa": (d, r + dr), "kv_b_proj": (r, h * (dn + cfg.v_head_dim)),
+               "o_proj": (h * cfg.v_head_dim, d)}
+        if proj in mla:
+            return mla[proj]
     return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d), "gate_proj": (d, i),
-            "up_proj": (d, i), "down_proj": (i, d), "qkv_proj": (d, q + 2 * kv), "gate_up_proj": (d, 2 * i)}[proj]
+            "up_proj": (d, i), "down_proj": (i, d), "qkv_proj": (d, q + 2 * kv), "gate_up_proj": (d, 2 * i),
+            "shared_expert_gate": (d, 1)}[proj]
 
 
-def linear_has_bias(cfg: ModelConfig, proj: str) -> bool:
+def linear_has_bias(cfg: ModelConfig, proj: str, block: str = "") -> bool:
     if proj == "o_proj":
         return cfg.o_bias
-    return cfg.attention_bias if proj in ATTN_PROJ + ("qkv_proj",) else cfg.mlp_bias
+    if proj == "shared_expert_gate" or proj in ("q_proj", "q_b_proj", "kv_b_proj") and cfg.attention == "mla":
+        return False
+    if block in ("mlp", "shared_expert") or proj in MLP_PROJ + ("gate_up_proj",):
+        return cfg.mlp_bias
+    return cfg.attention_bias  # q/k/v_proj, phi3's qkv_proj, latent attention's other projections
 
 
 def layer_norm_names(cfg: ModelConfig) -> list[str]:
@@ -265,20 +320,73 @@ def layer_norm_names(cfg: ModelConfig) -> list[str]:
     return names
 
 
-def _moe_params(cfg: ModelConfig) -> list[HFParam]:
-    """The router and fused expert stacks of the MoE layers (and the dense MLPs of a mixed model)."""
+def _linear_params(cfg: ModelConfig, path: tuple[str, ...], module: str, proj: str, block: str,
+                   layers: tuple[int, ...] | None, site: bool) -> list[HFParam]:
+    """A linear's kernel (and bias) at `path` in the tree; `site`: an adapter site (4-bit checkpoints store
+    several tensors for its `module`)."""
+    d_in, d_out = linear_in_out(cfg, proj, block)
+    out = [HFParam(path + ("kernel",), module + ".weight", (d_out, d_in), True, module if site else None, layers)]
+    if linear_has_bias(cfg, proj, block):
+        out.append(HFParam(path + ("bias",), module + ".bias", (d_out,), layers=layers))
+    return out
+
+
+def _expert_params(cfg: ModelConfig, top: tuple[str, ...], moe: tuple[int, ...] | None) -> list[HFParam]:
+    """The router and the fused expert stacks (torch layout `[E, out, in]`, gpt_oss `[E, in, out]`), with the
+    router bias, deepseek_v3's score-correction bias and gpt_oss's expert biases."""
     d, e, w = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    router, pre = router_name(cfg), "model.layers.{i}.mlp."
+    out = [HFParam(top + ("gate", "kernel"), router, (e, d), True, layers=moe, fp32=cfg.router_fp32)]
+    if cfg.router_bias:
+        out.append(HFParam(top + ("gate", "bias"), router.replace(".weight", ".bias"), (e,), layers=moe))
+    if cfg.router == "noaux_tc":
+        out.append(HFParam(top + ("e_score_correction_bias",), pre + "gate.e_score_correction_bias", (e,),
+                           layers=moe, fp32=True))
+    in_out = experts_in_out(cfg)
+    for n, (d_in, d_out) in (("gate_up_proj", (d, 2 * w)), ("down_proj", (w, d))):
+        shape = (e, d_in, d_out) if in_out else (e, d_out, d_in)
+        out.append(HFParam(top + ("experts", n), pre + f"experts.{n}", shape, not in_out, layers=moe, experts=n))
+        if cfg.expert_bias:
+            out.append(HFParam(top + ("experts", n + "_bias"), pre + f"experts.{n}_bias", (e, d_out), layers=moe))
+    return out
+
+
+def _moe_params(cfg: ModelConfig) -> list[HFParam]:
+    """The MoE blocks (router, experts, shared expert) and the dense MLPs of a mixed model."""
     moe = cfg.layer_ids(True) if cfg.mixed_mlp else None
     top = moe_path(cfg)
-    out = [HFParam(top + ("gate", "kernel"), router_name(cfg), (e, d), True, layers=moe)]
-    out += [HFParam(top + ("experts", n), f"model.layers.{{i}}.mlp.experts.{n}", shape, layers=moe, experts=n)
-            for n, shape in (("gate_up_proj", (e, 2 * w, d)), ("down_proj", (e, d, w)))]
-    if cfg.mixed_mlp:
-        dense = cfg.layer_ids(False)
+    out = _expert_params(cfg, top, moe)
+    sites = linear_sites(cfg)
+    if cfg.shared_expert_size and ("shared_expert", "gate_proj") not in sites:
+        pre = "mlp.shared_experts" if cfg.model_type.startswith("deepseek") else "mlp.shared_expert"
         for proj in MLP_PROJ:
-            d_in, d_out = linear_in_out(cfg, proj)
-            out.append(HFParam(("dense_layers", "mlp", proj, "kernel"), f"model.layers.{{i}}.mlp.{proj}.weight",
-                               (d_out, d_in), True, layers=dense))
+            out += _linear_params(cfg, top[:1] + ("shared_expert", proj), f"model.layers.{{i}}.{pre}.{proj}", proj,
+                                  "shared_expert", moe, False)
+    if cfg.shared_expert_gate and ("mlp", "shared_expert_gate") not in sites:
+        out += _linear_params(cfg, top + ("shared_expert_gate",), "model.layers.{i}.mlp.shared_expert_gate",
+                              "shared_expert_gate", "mlp", moe, False)
+    if cfg.mixed_mlp:
+        for proj in MLP_PROJ:
+            out += _linear_params(cfg, ("dense_layers", "mlp", proj), f"model.layers.{{i}}.mlp.{proj}", proj, "mlp",
+                                  cfg.layer_ids(False), False)
+    return out
+
+
+def _attention_extras(cfg: ModelConfig) -> list[HFParam]:
+    """q/k norms (per head: qwen3, gemma3; over the whole projection: olmo2), latent attention's two norms,
+    gpt_oss's sinks."""
+    pre = tensor_prefix(cfg)
+    names = {}
+    if cfg.qk_norm:
+        widths = (cfg.q_size, cfg.kv_size) if cfg.qk_norm_full else (cfg.head_dim, cfg.head_dim)
+        names = dict(zip(("q_norm", "k_norm"), widths))
+    if cfg.attention == "mla":
+        names = {"q_a_layernorm": cfg.q_lora_rank, "kv_a_layernorm": cfg.kv_lora_rank} if cfg.q_lora_rank else {
+            "kv_a_layernorm": cfg.kv_lora_rank}
+    out = [HFParam(("layers", "self_attn", n), f"{pre}layers.{{i}}.self_attn.{n}.weight", (w,))
+           for n, w in names.items()]
+    if cfg.attn_sinks:
+        out.append(HFParam(("layers", "self_attn", "sinks"), f"{pre}layers.{{i}}.self_attn.sinks", (cfg.num_heads,)))
     return out
 
 
@@ -288,17 +396,11 @@ def base_params(cfg: ModelConfig) -> tuple[HFParam, ...]:
     d, v, pre = cfg.hidden_size, cfg.vocab_size, tensor_prefix(cfg)
     out = [HFParam(("layers", n), f"{pre}layers.{{i}}.{n}.weight", (d,)) for n in layer_norm_names(cfg)]
     for block, proj in linear_sites(cfg):
-        d_in, d_out = linear_in_out(cfg, proj)
-        module = f"{pre}layers.{{i}}.{block}.{proj}"
-        out.append(HFParam(("layers", block, proj, "kernel"), module + ".weight", (d_out, d_in), True, module))
-        if linear_has_bias(cfg, proj):
-            out.append(HFParam(("layers", block, proj, "bias"), module + ".bias", (d_out,)))
+        module = f"{pre}layers.{{i}}.{BLOCK_MODULES.get(block, block)}.{proj}"
+        out += _linear_params(cfg, ("layers", block, proj), module, proj, block, None, True)
     if cfg.has_experts:
         out += _moe_params(cfg)
-    if cfg.qk_norm:  # per head (qwen3, gemma3) or over the whole projection (olmo2)
-        widths = (cfg.q_size, cfg.kv_size) if cfg.qk_norm_full else (cfg.head_dim, cfg.head_dim)
-        out += [HFParam(("layers", "self_attn", n), f"{pre}layers.{{i}}.self_attn.{n}.weight", (w,))
-                for n, w in zip(("q_norm", "k_norm"), widths)]
+    out += _attention_extras(cfg)
     out += [HFParam(("embed_tokens",), f"{pre}embed_tokens.weight", (v, d)),
             HFParam(("norm",), f"{pre}norm.weight", (d,))]
     if not cfg.tie_word_embeddings:  # gemma3 hub checkpoints: `language_model.lm_head.weight`

@@ -35,8 +35,11 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: Any) -> dict[str, np.ndarr
             x = value[k] if p.layered else value
             if p.experts:  # written per expert, as hub checkpoints and transformers' save_pretrained do
                 x = np.asarray(jnp.asarray(x, jnp.float32))  # [E, in, out]
+                groups = hf.expert_names(cfg, i, p.experts)
+                if not groups:  # gpt_oss: only the fused stack exists (dense, even from an MXFP4 base)
+                    out[name] = cast(np.swapaxes(x, 1, 2) if p.transpose else x)
                 parts = np.split(x, 2, axis=2) if p.experts == "gate_up_proj" else [x]
-                for e, group in enumerate(hf.expert_names(cfg, i, p.experts)):
+                for e, group in enumerate(groups):
                     out.update({n: cast(part[e].T) for n, part in zip(group, parts)})
                 continue
             x = dense_kernel(x) if p.module else x

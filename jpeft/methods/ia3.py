@@ -150,7 +150,7 @@ def resolve(cfg: ModelConfig, ic: IA3Config) -> IA3:
 
 def site_width(cfg: ModelConfig, info: IA3Site) -> int:
     """Length of the site's vector: the projection's input (feed-forward) or output width."""
-    return hf.linear_in_out(cfg, info.proj)[0 if info.feedforward else 1]
+    return hf.linear_in_out(cfg, info.proj, info.block)[0 if info.feedforward else 1]
 
 
 def init_ia3(cfg: ModelConfig, params: dict, ic: IA3Config, rng: jax.Array) -> tuple[IA3, dict]:

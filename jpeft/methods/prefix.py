@@ -105,9 +105,17 @@ class PrefixTuning(Method):
         return self.num_virtual_tokens
 
 
+def check_attention(cfg: ModelConfig) -> None:
+    """Prefix tuning needs per-head keys/values; latent attention (deepseek) caches a latent instead."""
+    if cfg.attention == "mla":
+        raise ConfigError(f"prefix tuning is not defined for {cfg.model_type}'s multi-head latent attention (there "
+                          "are no per-head keys/values to prepend to); use --method prompt or lora")
+
+
 def resolve(cfg: ModelConfig, pc: PrefixTuningConfig) -> PrefixTuning:
     """The static method object for `pc` on this model (peft's GQA rule: token_dim = kv_heads · head_dim)."""
     check_num_virtual_tokens(pc.num_virtual_tokens, "PrefixTuningConfig.num_virtual_tokens")
+    check_attention(cfg)
     if pc.init_weights not in (None, "zero"):
         raise ConfigError(f"PrefixTuningConfig.init_weights={pc.init_weights!r}: use None or 'zero'")
     eh = pc.encoder_hidden_size
@@ -210,6 +218,7 @@ def load_peft_prefix(folder: str | Path, cfg: ModelConfig, params: dict | None =
                      ) -> tuple[PrefixTuning, dict]:
     """Read a peft `PREFIX_TUNING` folder: `(method, {"prefix": {"prompt_embeddings": [P, L·2·token_dim]}})`."""
     _, raw = read_prompt_config(Path(folder), "PREFIX_TUNING")
+    check_attention(cfg)
     method = flat_method(PrefixTuning(num_virtual_tokens=raw["num_virtual_tokens"], num_layers=cfg.num_layers,
                                       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim))
     what = f"num_layers {cfg.num_layers} · 2 · num_key_value_heads {cfg.num_kv_heads} · head_dim {cfg.head_dim}"

@@ -24,7 +24,7 @@ import regex
 from jpeft.errors import ConfigError
 from jpeft.models.config import ModelConfig
 from jpeft.sites import Site
-from jpeft.torch_bridge.hf_names import linear_module, linear_module_names, linear_sites
+from jpeft.torch_bridge.hf_names import PEFT_EXPERT_CONVERTED, linear_module, linear_module_names, linear_sites
 
 # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (also VeRA's) for the supported families. None for the
 # MoE families: peft 0.21 on transformers 5 rewrites their config (v4 -> v5 MoE conversion) so that no default
@@ -39,6 +39,19 @@ DEFAULT_TARGETS["phi3"] = ["qkv_proj"]
 MOE_HINT = ("; in mixture-of-experts models the expert projections are adapted with target_parameters "
             "(--target-parameters mlp.experts.gate_up_proj,mlp.experts.down_proj) and only attention projections are "
             "modules")
+
+
+def moe_hint(cfg: ModelConfig) -> str:
+    """Why MLP names are no modules of this MoE model (empty for dense models)."""
+    if not cfg.has_experts:
+        return ""
+    if cfg.model_type in PEFT_EXPERT_CONVERTED:
+        return (MOE_HINT + f" (peft rewrites {cfg.model_type}'s gate_proj/up_proj/down_proj targets into the expert "
+                "parameters, so its dense and shared-expert MLPs cannot be peft modules)")
+    if cfg.mixed_mlp and cfg.shared_expert_size:
+        return MOE_HINT + " (the shared expert is a module too, but only when every layer is MoE; this model mixes "\
+            "dense and MoE layers)"
+    return MOE_HINT
 
 
 REGEX_TIMEOUT_S = 0.5  # per match against one module name (names are < 100 characters)
@@ -124,7 +137,7 @@ def resolve_targets(cfg: ModelConfig, target_modules: Any, where: str,
         target_modules = defaults.get(cfg.model_type)
         if target_modules is None:
             raise ConfigError(f"{where}.target_modules=None: no default for model_type={cfg.model_type!r}"
-                              + (MOE_HINT if cfg.has_experts else ""))
+                              + moe_hint(cfg))
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
         return names  # every linear of the decoder blocks; lm_head is never targeted
     if isinstance(target_modules, str):
@@ -134,7 +147,7 @@ def resolve_targets(cfg: ModelConfig, target_modules: Any, where: str,
     if unknown:
         kinds = sorted({n.split(".", 3)[3] for n in names} | {n.rsplit(".", 1)[1] for n in names})
         raise ConfigError(f"{where}.target_modules: {unknown} match no linear module of this {cfg.model_type} "
-                          f"model; available names (or suffixes): {kinds}" + (MOE_HINT if cfg.has_experts else ""))
+                          f"model; available names (or suffixes): {kinds}" + moe_hint(cfg))
     return targets
 
 

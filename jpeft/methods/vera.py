@@ -157,7 +157,7 @@ def resolve(cfg: ModelConfig, vc: VeraConfig) -> VeRA:
     """The static `VeRA` object: peft's targeting, and the projections' shape (max in / out over targets)."""
     vc.validate()
     flags = site_layers(cfg, targeted_module_names(cfg, vc, "VeraConfig"))
-    sites = tuple(VeraSite(b, p, on, *hf.linear_in_out(cfg, p)) for (b, p), on in flags.items())
+    sites = tuple(VeraSite(b, p, on, *hf.linear_in_out(cfg, p, b)) for (b, p), on in flags.items())
     return VeRA(sites=sites, r=vc.r, max_in=max(s.d_in for s in sites), max_out=max(s.d_out for s in sites),
                 projection_prng_key=vc.projection_prng_key, vera_dropout=vc.vera_dropout, d_initial=vc.d_initial)
 

@@ -2,9 +2,10 @@
 
 One frozen, hashable dataclass drives one decoder implementation for the HF families llama, mistral,
 qwen2, qwen3, gemma, gemma2, gemma3 (text and the text tower of the multimodal model), phi3, olmo2, granite,
-smollm3 and the mixture-of-experts families mixtral and qwen3_moe. The mapping reads a `transformers` config
-object (so HF's own defaults for missing keys apply) and never needs torch; what is particular to the newer
-dense families is in `jpeft.models.families`, RoPE in `jpeft.models.rope_params`.
+smollm3 and the mixture-of-experts families mixtral, qwen3_moe, qwen2_moe, deepseek_v2/v3 and gpt_oss. The
+mapping reads a `transformers` config object (so HF's own defaults for missing keys apply) and never needs torch;
+what is particular to the newer dense families is in `jpeft.models.families`, the MoE families' fields in
+`jpeft.models.moe_families`, RoPE in `jpeft.models.rope_params`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import Any
 
 from jpeft.errors import ConfigError, UnsupportedModelError
 from jpeft.models import families
+from jpeft.models.moe_families import check_routing
+from jpeft.models.moe_families import family_fields as moe_family_fields
 from jpeft.models.rope_params import SUPPORTED_ROPE, rope_fields, rope_frequencies  # noqa: F401 (re-exported)
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "qwen3_moe",
-                      *families.DENSE_FAMILIES)
-MOE_FAMILIES = ("mixtral", "qwen3_moe")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
+                      "deepseek_v2", "deepseek_v3", "gpt_oss", *families.DENSE_FAMILIES)
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 _ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -46,6 +49,12 @@ class ModelConfig:
     `num_experts_per_tok` (softmax in fp32, then top-k; `norm_topk_prob` renormalises the k weights); the other
     layers have a dense MLP of width `intermediate_size`. `router_aux_loss_coef` and `output_router_logits` are
     transformers' load-balancing-loss settings (the loss is added to the training loss when the latter is set).
+
+    More MoE options (qwen2_moe, deepseek_v2/v3, gpt_oss; `jpeft.models.moe_families`): `router` picks the
+    routing rule (`jpeft.models.routing`), `shared_expert_size` adds a dense SwiGLU expert every token uses
+    (scaled by a sigmoid gate with `shared_expert_gate`), `expert_bias`/`expert_act` give gpt_oss's biased,
+    clamped experts. `attention="mla"` selects multi-head latent attention (`jpeft.models.mla`; `head_dim` is
+    then the rotary width `qk_rope_head_dim`); `attn_sinks` adds gpt_oss's learned per-head softmax sinks.
     """
 
     model_type: str
@@ -94,6 +103,26 @@ class ModelConfig:
     moe_layers: tuple[bool, ...] = ()  # () = no MoE layer
     router_aux_loss_coef: float = 0.0
     output_router_logits: bool = False
+    router: str = "softmax_topk"  # softmax_topk | greedy | group_limited_greedy | noaux_tc | topk_softmax
+    n_group: int = 1  # expert groups of the grouped routers (deepseek)
+    topk_group: int = 1  # groups a token may use
+    routed_scaling_factor: float = 1.0  # multiplies the routing weights (deepseek)
+    router_bias: bool = False  # gpt_oss: the router linear has a bias
+    router_fp32: bool = False  # deepseek: router weight and logits in fp32 whatever the model dtype
+    router_aux: bool = True  # the family's forward computes the load-balancing loss (deepseek: no)
+    shared_expert_size: int = 0  # width of the shared expert every token uses (0 = none)
+    shared_expert_gate: bool = False  # qwen2_moe: shared expert output times sigmoid(x · w_gate)
+    expert_bias: bool = False  # gpt_oss: biases on both expert projections
+    expert_act: str = ""  # "" = `activation` on [gate | up] halves; "clamped_swiglu" = gpt_oss (interleaved)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    attn_sinks: bool = False  # gpt_oss: a learned logit per head joins every softmax (param `self_attn.sinks`)
+    attention: str = "gqa"  # gqa | mla (deepseek multi-head latent attention)
+    q_lora_rank: int = 0  # mla: rank of the query compression (0 = a plain q_proj)
+    kv_lora_rank: int = 0  # mla: width of the cached key/value latent
+    qk_nope_head_dim: int = 0  # mla: per-head query/key width without RoPE (the RoPE part is head_dim)
+    v_head_dim: int = 0  # mla: per-head value width
+    rope_interleave: bool = False  # mla: RoPE pairs (x0, x1), (x2, x3), ... instead of rotate-half halves
 
     @property
     def q_size(self) -> int:
@@ -149,6 +178,7 @@ class ModelConfig:
         if self.has_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
                               f"{self.num_experts}; fix the config.json")
+        check_routing(self)
         return self
 
 
@@ -171,7 +201,7 @@ def _moe_fields(hf: Any, family: str) -> dict:
     """The MoE fields of `ModelConfig` (empty for dense families), as transformers builds the layers:
     mixtral: every layer sparse, top-k weights always renormalised; qwen3_moe: layer i sparse unless
     i is in `mlp_only_layers` or `(i + 1) % decoder_sparse_step != 0`."""
-    if family not in MOE_FAMILIES:
+    if family not in ("mixtral", "qwen3_moe"):  # the others: `moe_families.family_fields`
         return {}
     n = hf.num_hidden_layers
     if family == "mixtral":
@@ -244,4 +274,4 @@ def from_hf_config(hf: Any) -> ModelConfig:
         pad_token_id=getattr(hf, "pad_token_id", None),
         **_moe_fields(hf, family),
     )
-    return ModelConfig(**{**fields, **extra}).validate()
+    return ModelConfig(**{**fields, **extra, **moe_family_fields(hf, family)}).validate()

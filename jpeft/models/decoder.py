@@ -1,5 +1,6 @@
 """One decoder-only transformer for llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3, olmo2, granite,
-smollm3, mixtral and qwen3_moe (each a set of `ModelConfig` options).
+smollm3 and the mixture-of-experts families mixtral, qwen3_moe, qwen2_moe, deepseek_v2/v3 (latent attention,
+`jpeft.models.mla`) and gpt_oss (sinks), each a set of `ModelConfig` options.
 
 Parameters are a plain pytree (see `jpeft.models.params`); layers are stacked on a leading axis and
 run under `jax.lax.scan`, so compile time does not grow with depth. Per-layer differences (sliding vs
@@ -29,6 +30,7 @@ from jpeft.kernels.flash_attention import flash_attention
 from jpeft.kernels.rope import rope_qk, rope_tables
 from jpeft.kernels.swiglu import glu
 from jpeft.models.config import ModelConfig
+from jpeft.models.mla import mla_expand, mla_project
 from jpeft.models.moe import moe_mlp, stats_zeros
 from jpeft.models.records import LayerContext, MaskInfo
 from jpeft.sites import Site, dense, site_tree
@@ -122,16 +124,38 @@ def causal_blocks(t: int, s: int, causal: bool) -> int:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, cfg: ModelConfig,
-           causal: bool = False) -> jax.Array:
+           causal: bool = False, sinks: jax.Array | None = None) -> jax.Array:
     """Grouped-query attention with fp32 scores/softmax (`jpeft.kernels.attention`, exact custom VJP) under an
-    explicit mask: the path of calls with a KV cache, prefix keys or virtual tokens.
+    explicit mask: the path of calls with a KV cache, prefix keys, virtual tokens or attention sinks.
 
-    q `[B, T, H, hd]`, k/v `[B, S, K, hd]`, allowed `[B, T, S]` bool -> `[B, T, H*hd]`. `causal=True`
-    promises `allowed` is causal with T = S (no cache, no prefix keys): queries then run in blocks of at
-    least 16 that skip the keys after them.
+    q `[B, T, H, hd]`, k `[B, S, K, hd]`, v `[B, S, K, dv]`, allowed `[B, T, S]` bool, sinks `[H]` (gpt_oss) or
+    None -> `[B, T, H*dv]`. `causal=True` promises `allowed` is causal with T = S (no cache, no prefix keys):
+    queries then run in blocks of at least 16 that skip the keys after them.
     """
     blocks = causal_blocks(q.shape[1], k.shape[1], causal)
-    return attention(q, k, v, allowed, scale=cfg.query_scale, softcap=cfg.attn_softcap, causal_blocks=blocks)
+    return attention(q, k, v, allowed, scale=cfg.query_scale, softcap=cfg.attn_softcap, causal_blocks=blocks,
+                     sinks=sinks)
+
+
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, layer: LayerContext, mask: MaskInfo) -> jax.Array:
+    """The flash-attention entry (kernel, blockwise path or dense reference, as it chooses) without a dense mask:
+    it takes one head width, so values narrower than the queries (latent attention) are zero-padded, and the
+    padding is cut from the output `[B, T, H*dv]` (wider values pad q and k, which leaves q·k unchanged)."""
+    cfg, (segment_ids, key_valid) = layer.cfg, mask.flash
+    dv, hd = v.shape[-1], q.shape[-1]
+    if dv < hd:
+        v = jnp.pad(v, [(0, 0)] * 3 + [(0, hd - dv)])
+    elif dv > hd:
+        q, k = (jnp.pad(a, [(0, 0)] * 3 + [(0, dv - hd)]) for a in (q, k))
+    # a model without sliding windows passes the static 0: with no segment ids and no padding either, the
+    # mask is then the static causal one (no per-layer window compare inside every score fusion)
+    window = layer.window if any(w > 0 for w in cfg.layer_windows) else 0
+    o = flash_attention(q, k, v, scale=cfg.query_scale, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                        kv_valid=key_valid, causal=True, window=window, softcap=cfg.attn_softcap,
+                        causal_blocks=causal_blocks(q.shape[1], k.shape[1], True))
+    if dv < hd:
+        o = o.reshape(*o.shape[:2], -1, hd)[..., :dv].reshape(*o.shape[:2], -1)
+    return o
 
 
 def _qkv(x: jax.Array, ap: dict, layer: LayerContext, mask: MaskInfo) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -158,48 +182,68 @@ def _qkv(x: jax.Array, ap: dict, layer: LayerContext, mask: MaskInfo) -> tuple[j
 
 def _attention(x: jax.Array, ap: dict, layer: LayerContext, mask: MaskInfo) -> tuple[jax.Array, Any]:
     """Self-attention of one layer (ap: its `self_attn` params). Returns (output `[B, T, D]`, the new (k, v)
-    cache slices or None)."""
+    cache slices or None).
+
+    Latent attention (`jpeft.models.mla`) caches (latent, rotary key) in the (k, v) slots and expands them per
+    head after the cache read."""
     b, t, _ = x.shape
     cfg = layer.cfg
-    q, k, v = _qkv(x, ap, layer, mask)
+
+    def linear(name: str, xx: jax.Array, base: Any) -> jax.Array:
+        return _linear(("self_attn", name), xx, base, layer)
+
+    mla = cfg.attention == "mla"
+    q, k, v = mla_project(x, ap, linear, mask.positions, cfg) if mla else _qkv(x, ap, layer, mask)
     new_cache = None
     if layer.cache_kv is not None:
         ck, cv = layer.cache_kv
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), mask.cache_index, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), mask.cache_index, axis=1)
         new_cache, k, v = (ck, cv), ck.astype(q.dtype), cv.astype(q.dtype)
+    if mla:
+        k, v = mla_expand(k, v, ap, linear, cfg)
+        q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
     prefixes = [pre for m in layer.methods if (tree := site_tree(layer.adapters, m, ("prefix",))) is not None
                 and (pre := m.kv_prefix(tree, b, layer.site)) is not None]
-    if mask.flash is not None and not prefixes:
+    if mask.flash is not None and not prefixes and not cfg.attn_sinks:
         # training/scoring without a cache: the flash-attention entry reads segment ids and key validity instead
         # of a dense [B, T, S] mask (same visibility: causal, window, same segment, real keys) and picks the
-        # kernel, the blockwise path for long sequences, or the dense reference
-        segment_ids, key_valid = mask.flash
-        # a model without sliding windows passes the static 0: with no segment ids and no padding either, the
-        # mask is then the static causal one (no per-layer window compare inside every score fusion)
-        window = layer.window if any(w > 0 for w in cfg.layer_windows) else 0
-        o = flash_attention(q, k, v, scale=cfg.query_scale, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                            kv_valid=key_valid, causal=True, window=window, softcap=cfg.attn_softcap,
-                            causal_blocks=causal_blocks(t, k.shape[1], True))
-        return _linear(("self_attn", "o_proj"), o, ap["o_proj"], layer), new_cache
+        # kernel, the blockwise path for long sequences, or the dense reference. Sinks have no kernel: the
+        # dense path below.
+        return linear("o_proj", _flash(q, k, v, layer, mask), ap["o_proj"]), new_cache
     in_window = (mask.q_slot[:, :, None] - mask.k_slot[:, None, :]) < layer.window
     allowed = mask.allowed & ((layer.window <= 0) | in_window)
     for pk, pv in prefixes:  # prefix tuning: extra keys/values every query may attend to
         k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
         v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
         allowed = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), allowed], axis=2)
-    o = attend(q, k, v, allowed, cfg, causal=layer.cache_kv is None)
-    return _linear(("self_attn", "o_proj"), o, ap["o_proj"], layer), new_cache
+    o = attend(q, k, v, allowed, cfg, causal=layer.cache_kv is None, sinks=ap.get("sinks"))
+    return linear("o_proj", o, ap["o_proj"]), new_cache
 
 
-def _mlp(x: jax.Array, mp: dict, layer: LayerContext) -> jax.Array:
-    """The dense gated MLP (mp: its params) -> `[B, T, D]`."""
-    if layer.cfg.fused_gate_up:  # phi3: gate and up are the two halves of one projection's output
-        g, u = jnp.split(_linear(("mlp", "gate_up_proj"), x, mp["gate_up_proj"], layer), 2, axis=-1)
+def _mlp(x: jax.Array, mp: dict, layer: LayerContext, block: str = "mlp") -> jax.Array:
+    """The gated MLP (mp: its params) at site block `block` ("mlp": the dense MLP; "shared_expert": a MoE block's
+    shared expert) -> `[B, T, D]`."""
+    if layer.cfg.fused_gate_up and block == "mlp":  # phi3: gate and up are the two halves of one projection
+        g, u = jnp.split(_linear((block, "gate_up_proj"), x, mp["gate_up_proj"], layer), 2, axis=-1)
     else:
-        g, u = _linears([("mlp", "gate_proj"), ("mlp", "up_proj")], x, [mp["gate_proj"], mp["up_proj"]], layer)
+        g, u = _linears([(block, "gate_proj"), (block, "up_proj")], x, [mp["gate_proj"], mp["up_proj"]], layer)
     g, u = checkpoint_name(g, "mlp_gate"), checkpoint_name(u, "mlp_up")
-    return _linear(("mlp", "down_proj"), glu(g, u, layer.cfg.activation), mp["down_proj"], layer)
+    return _linear((block, "down_proj"), glu(g, u, layer.cfg.activation), mp["down_proj"], layer)
+
+
+def _moe_block(x: jax.Array, mp: dict, shared: dict | None, layer: LayerContext) -> tuple[jax.Array, jax.Array]:
+    """The sparse block `mp` plus, when the family has one, the shared expert `shared` every token uses
+    (qwen2_moe: times `sigmoid(x · w_gate)`) -> (`[B, T, D]`, router stats `[3, E]`)."""
+    cfg = layer.cfg
+    y, stats = moe_mlp(x, mp, layer)
+    if cfg.shared_expert_size:
+        out = _mlp(x, shared, layer, block="shared_expert")
+        if cfg.shared_expert_gate:
+            gate = _linear(("mlp", "shared_expert_gate"), x, mp["shared_expert_gate"], layer)
+            out = jax.nn.sigmoid(gate) * out
+        y = y + out
+    return y, stats
 
 
 def _feed_forward(x: jax.Array, lp: dict, layer: LayerContext) -> tuple[jax.Array, jax.Array | None]:
@@ -212,13 +256,13 @@ def _feed_forward(x: jax.Array, lp: dict, layer: LayerContext) -> tuple[jax.Arra
     if not cfg.has_experts:
         return _mlp(x, lp["mlp"], layer), None
     if not cfg.mixed_mlp:
-        return moe_mlp(x, lp["mlp"], layer)
+        return _moe_block(x, lp["mlp"], lp.get("shared_expert"), layer)
 
     def dense_branch(x):
         return _mlp(x, lp["dense_mlp"], layer), stats_zeros(cfg)
 
     def sparse_branch(x):
-        return moe_mlp(x, lp["moe_mlp"], layer)
+        return _moe_block(x, lp["moe_mlp"], lp.get("moe_shared_expert"), layer)
 
     return jax.lax.cond(jnp.asarray(cfg.moe_layers)[layer.site.layer], sparse_branch, dense_branch, x)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from jpeft.models.config import ModelConfig
+from jpeft.models.moe_families import features as moe_features
 
 
 def _layers(flags: list[bool]) -> str:
@@ -19,8 +20,10 @@ def _attention(c: ModelConfig) -> list[str]:
         out.append("fused qkv_proj")
     if c.qk_norm:
         out.append("q/k RMSNorm over the whole projection" if c.qk_norm_full else "q/k RMSNorm per head")
-    if abs(c.query_scale - c.head_dim**-0.5) > 1e-12:
-        out.append(f"attention scale {c.query_scale:.4g} (not head_dim^-0.5)")
+    width = c.qk_nope_head_dim + c.head_dim if c.attention == "mla" else c.head_dim  # latent attention: q/k width
+    if abs(c.query_scale - width**-0.5) > 1e-12:
+        out.append(f"attention scale {c.query_scale:.4g} (not head_dim^-0.5)" if c.attention != "mla" else
+                   f"attention scale {c.query_scale:.4g} (not (qk_nope + qk_rope head dim)^-0.5)")
     if c.attn_softcap:
         out.append(f"attention soft-capping {c.attn_softcap:g}")
     for w in sorted(set(c.layer_windows) - {0}):
@@ -64,9 +67,7 @@ def features(c: ModelConfig) -> list[str]:
         out.append("fused gate_up_proj")
     if c.mlp_bias:
         out.append("MLP biases")
-    if c.has_experts:
-        kind = "mixed dense/MoE layers" if c.mixed_mlp else "MoE layers"
-        out.append(f"{kind}: {c.num_experts} experts, top-{c.num_experts_per_tok}")
+    out += moe_features(c)  # experts, routing, shared experts, latent attention, sinks
     if c.logits_divisor != 1.0:
         out.append(f"logits divided by {c.logits_divisor:g}")
     if c.final_softcap:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jpeft.errors import ConfigError
 from jpeft.models.config import ModelConfig
 from jpeft.models.decoder import REMAT_POLICIES, decoder_layer, rms_norm
+from jpeft.models.mla import cache_widths
 from jpeft.models.moe import aux_loss, mixed_layer_params
 from jpeft.models.records import LayerContext, MaskInfo
 from jpeft.sites import Method, SiteContext
@@ -270,7 +271,9 @@ def hidden_states_and_aux(params: dict, cfg: ModelConfig, input_ids: jax.Array, 
     if cache is not None:
         new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": key_valid, "index": cache["index"] + t + extra,
                      "next_pos": next_pos, "prefilled": jnp.bool_(True)}
-    aux = {} if stats is None else {"router_aux_loss": aux_loss(jnp.sum(stats, axis=0), cfg.num_experts)}
+    aux = {}
+    if stats is not None and cfg.router_aux:  # (deepseek's forward computes no load-balancing loss)
+        aux = {"router_aux_loss": aux_loss(jnp.sum(stats, axis=0), cfg.num_experts)}
     return h, new_cache, aux
 
 
@@ -314,8 +317,12 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, **kwargs: Any)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = F32) -> dict:
-    """An empty KV cache: k/v `[L, B, S, K, hd]`, key-valid mask `[B, S]`, write index, next position `[B]`."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+    """An empty KV cache: k/v `[L, B, S, K, hd]`, key-valid mask `[B, S]`, write index, next position `[B]`.
+
+    Latent attention (`jpeft.models.mla`) caches the latent `k [L, B, S, 1, kv_lora_rank]` and the rotated
+    shared key `v [L, B, S, 1, qk_rope_head_dim]` instead of per-head keys and values."""
+    (wk, wv), heads = cache_widths(cfg), 1 if cfg.attention == "mla" else cfg.num_kv_heads
+    shape = (cfg.num_layers, batch, max_len, heads)
+    return {"k": jnp.zeros(shape + (wk,), dtype), "v": jnp.zeros(shape + (wv,), dtype),
             "mask": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.int32(0),
             "next_pos": jnp.zeros((batch,), jnp.int32)}

@@ -1,13 +1,13 @@
-"""The sparse mixture-of-experts MLP of mixtral and qwen3_moe: top-k routing and grouped expert matmuls.
+"""The sparse mixture-of-experts MLP: top-k routing and grouped expert matmuls.
 
-Routing is transformers' (`MixtralTopKRouter`, `Qwen3MoeTopKRouter`): router logits `x @ Wg` in the model
-dtype, softmax in fp32, top-k of the probabilities, optionally renormalised over the k chosen
-(`norm_topk_prob`; always for mixtral). Each token's k (token, expert) assignments are sorted by expert so
+Routing is transformers' per family (`jpeft.models.routing`; mixtral/qwen: softmax in fp32, top-k of the
+probabilities, optionally renormalised). Each token's k (token, expert) assignments are sorted by expert so
 that every expert's rows are contiguous, and both expert projections run as one grouped matmul each
 (`jpeft.kernels.ragged_dot`: `jax.lax.ragged_dot`, or tokamax's where it proved faster; `[M, in] x [E, in,
 out]` with `group_sizes [E]`): no token is multiplied by an expert
 it was not routed to (on GPU/TPU; JAX's CPU lowering of ragged_dot is a masked dense product). The outputs
-are weighted, put back in token order and summed over the k assignments.
+are weighted, put back in token order and summed over the k assignments. gpt_oss's experts add a bias per
+expert after each projection and use the clamped SwiGLU on interleaved gate/up columns (`expert_glu`).
 
 Shapes: N = B·T tokens, k = num_experts_per_tok, M = N·k assignments, E experts, D hidden, I expert width.
 """
@@ -22,22 +22,10 @@ from jpeft.kernels.ragged_dot import ragged_dot
 from jpeft.kernels.swiglu import glu
 from jpeft.models.config import ModelConfig
 from jpeft.models.records import LayerContext
+from jpeft.models.routing import route
 from jpeft.sites import Site, site_tree
 
 F32 = jnp.float32
-
-
-def route(x: jax.Array, router: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Top-k routing of tokens x `[N, D]` with router kernel `[D, E]`.
-
-    Returns (probs `[N, E]` fp32 softmax of the router logits, weights `[N, k]` fp32, experts `[N, k]` int32).
-    """
-    logits = jnp.matmul(x, router.astype(x.dtype))
-    probs = jax.nn.softmax(logits.astype(F32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, cfg.num_experts_per_tok)
-    if cfg.norm_topk_prob:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return probs, weights, experts.astype(jnp.int32)
 
 
 def expert_matmul(site: Site, x: jax.Array, w: jax.Array, group_sizes: jax.Array, layer: LayerContext) -> jax.Array:
@@ -62,23 +50,42 @@ def router_stats(probs: jax.Array, experts: jax.Array, token_mask: jax.Array) ->
     return jnp.stack([m @ counts, m @ probs, jnp.full((e,), jnp.sum(m))])
 
 
+def expert_glu(h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The experts' gated activation of the fused gate/up output h `[M, 2I]` -> `[M, I]`.
+
+    Default: `act(gate) * up` on the halves `[gate | up]`. gpt_oss (`expert_act="clamped_swiglu"`): columns
+    interleave (g0, u0, g1, u1, ...); `g = min(g, limit)`, `u = clip(u, ±limit)`, `(u + 1) · g · σ(alpha · g)`."""
+    if cfg.expert_act != "clamped_swiglu":
+        g, u = jnp.split(h, 2, axis=-1)
+        return glu(g, u, cfg.activation)
+    g = jnp.minimum(h[..., 0::2], cfg.swiglu_limit)
+    u = jnp.clip(h[..., 1::2], -cfg.swiglu_limit, cfg.swiglu_limit)
+    return (u + 1) * (g * jax.nn.sigmoid(g * cfg.swiglu_alpha))
+
+
 def moe_mlp(x: jax.Array, mp: dict, layer: LayerContext) -> tuple[jax.Array, jax.Array]:
     """The sparse MoE block. x `[B, T, D]`, mp `{"gate": {"kernel": [D, E]}, "experts": {"gate_up_proj":
-    [E, D, 2I], "down_proj": [E, I, D]}}` -> (y `[B, T, D]`, router stats `[3, E]` over `layer.token_mask`
-    `[B, T]`, all tokens when None)."""
+    [E, D, 2I], "down_proj": [E, I, D]}}` (gpt_oss: also `"gate"."bias" [E]`, `"experts"."gate_up_proj_bias"
+    [E, 2I]`, `"down_proj_bias" [E, D]`; deepseek_v3: `"e_score_correction_bias" [E]`) -> (y `[B, T, D]`, router
+    stats `[3, E]` over `layer.token_mask` `[B, T]`, all tokens when None)."""
     cfg = layer.cfg
     b, t, d = x.shape
     k, e = cfg.num_experts_per_tok, cfg.num_experts
     xf = x.reshape(b * t, d)
-    probs, weights, experts = route(xf, mp["gate"]["kernel"], cfg)
+    probs, weights, experts = route(xf, mp, cfg)
     flat = experts.reshape(-1)  # [M]: assignment n·k + j -> its expert
     order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
     group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     xs = xf[order // k]  # [M, D]
     ex, site = mp["experts"], ("mlp", "experts")
+    row_expert = flat[order]  # [M] the expert of each sorted row (its bias)
     h = expert_matmul(site + ("gate_up_proj",), xs, ex["gate_up_proj"], group_sizes, layer)
-    g, u = jnp.split(checkpoint_name(h, "mlp_gate"), 2, axis=-1)
-    y = expert_matmul(site + ("down_proj",), glu(g, u, cfg.activation), ex["down_proj"], group_sizes, layer)
+    if cfg.expert_bias:
+        h = h + ex["gate_up_proj_bias"].astype(h.dtype)[row_expert]
+    h = expert_glu(checkpoint_name(h, "mlp_gate"), cfg)
+    y = expert_matmul(site + ("down_proj",), h, ex["down_proj"], group_sizes, layer)
+    if cfg.expert_bias:
+        y = y + ex["down_proj_bias"].astype(y.dtype)[row_expert]
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     y = y[inverse].astype(F32).reshape(b * t, k, d)  # back in assignment order
     out = jnp.einsum("nkd,nk->nd", y, weights).astype(x.dtype).reshape(b, t, d)
@@ -95,12 +102,14 @@ def aux_loss(stats: jax.Array, num_experts: int) -> jax.Array:
 
 def mixed_layer_params(params: dict, cfg: ModelConfig, layer: jax.Array) -> dict:
     """For a model whose dense and MoE layers alternate: layer `layer`'s slices of both MLP stacks
-    (`{"dense_mlp": ..., "moe_mlp": ...}`; the one of the other kind is an unused clamped slice)."""
+    (`{"dense_mlp": ..., "moe_mlp": ...}`, and `"moe_shared_expert"` when the MoE blocks have a shared expert;
+    the one of the other kind is an unused clamped slice)."""
     out = {}
     for kind, moe in (("dense", False), ("moe", True)):
         flags = [f == moe for f in cfg.moe_layers]
         idx = jnp.asarray([max(sum(flags[:i + 1]) - 1, 0) for i in range(cfg.num_layers)], jnp.int32)[layer]
-        out[kind + "_mlp"] = jax.tree_util.tree_map(lambda a, i=idx: a[i], params[kind + "_layers"]["mlp"])
+        for block, tree in params[kind + "_layers"].items():
+            out[f"{kind}_{block}"] = jax.tree_util.tree_map(lambda a, i=idx: a[i], tree)
     return out
 
 

@@ -41,9 +41,9 @@ PARAM_RULES: list[tuple[str, Axes]] = [
     (r"layers/self_attn/(q|k|v)_proj/kernel$", ("layers", "embed", "heads")),
     (r"layers/self_attn/(q|k|v)_proj/bias$", ("layers", "heads")),
     (r"layers/self_attn/o_proj/kernel$", ("layers", "heads", "embed")),
-    (r"layers/mlp/(gate|up)_proj/kernel$", ("layers", "embed", "mlp")),
-    (r"layers/mlp/(gate|up)_proj/bias$", ("layers", "mlp")),
-    (r"layers/mlp/down_proj/kernel$", ("layers", "mlp", "embed")),
+    (r"layers/(mlp|shared_expert)/(gate|up)_proj/kernel$", ("layers", "embed", "mlp")),
+    (r"layers/(mlp|shared_expert)/(gate|up)_proj/bias$", ("layers", "mlp")),
+    (r"layers/(mlp|shared_expert)/down_proj/kernel$", ("layers", "mlp", "embed")),
     (r"layers/[^/]+/(o|down)_proj/bias$", ("layers", "embed")),
     # phi3's fused qkv_proj [L, D, q+2kv] and gate_up_proj [L, D, 2I]: split over fsdp only (a tensor split of
     # the concatenated output would not give each device whole heads / matching gate and up columns)
@@ -54,6 +54,15 @@ PARAM_RULES: list[tuple[str, Axes]] = [
     (r"layers/mlp/experts/gate_up_proj(/kernel)?$", ("layers", "exp", "embed", "mlp")),
     (r"layers/mlp/experts/down_proj(/kernel)?$", ("layers", "exp", "mlp", "embed")),
     (r"layers/mlp/gate/kernel$", ("layers", "embed", None)),
+    (r"layers/mlp/experts/gate_up_proj_bias$", ("layers", "exp", "mlp")),  # gpt_oss expert biases [L, E, out]
+    (r"layers/mlp/experts/down_proj_bias$", ("layers", "exp", "embed")),
+    (r"layers/mlp/shared_expert_gate/kernel$", ("layers", "embed", None)),  # qwen2_moe [L, D, 1]
+    # latent attention (deepseek): the down-projections to the latents split over embed, the up-projections
+    # from them over heads; latent widths and their norms are not split (the latent KV cache is one "head")
+    (r"layers/self_attn/(q_a_proj|kv_a_proj_with_mqa)/kernel$", ("layers", "embed", None)),
+    (r"layers/self_attn/(q_b_proj|kv_b_proj)/kernel$", ("layers", None, "heads")),
+    (r"layers/self_attn/(q_a|kv_a)_layernorm$", ("layers", None)),
+    (r"layers/self_attn/sinks$", ("layers", "heads")),  # gpt_oss [L, H]
     # 4-bit kernels (jpeft.quant): packed codes [L, n/2] and block scales [L, nblocks], flat in torch [out, in]
     # order; double-quant statistics [L, nblocks/256] and offset [L] are tiny
     (r"kernel/weight/(packed|absmax)$", ("layers", "qblocks")),

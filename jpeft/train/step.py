@@ -142,7 +142,7 @@ def train_step(state: dict, base: dict, batch: dict, *, cfg: ModelConfig, method
         seen = jnp.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size
         metrics = {"loss": nll_sum / total_tokens, "grad_norm": optax.tree.norm(grads), "targets": total_tokens,
                    "tokens": jnp.asarray(seen, F32)}
-        if cfg.has_experts:
+        if cfg.has_experts and cfg.router_aux:
             metrics["router_aux_loss"] = router_sum / accum
         return {"step": state["step"] + 1, "adapters": adapters, "opt_state": opt_state, "rng": rng}, metrics
 

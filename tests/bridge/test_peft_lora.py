@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from jpeft.errors import CheckpointError, ConfigError
+from jpeft.errors import CheckpointError, ConfigError, OutputError
 from jpeft.methods.export import save_merged
 from jpeft.methods.lora import LoraConfig, init_lora, load_peft_adapter, save_peft_adapter, targeted_module_names
 from jpeft.methods.pissa import pissa_base, rank_mask
@@ -358,7 +358,7 @@ def test_missing_config_and_atomic_overwrite(valid_adapter, monkeypatch):
     import jpeft.torch_bridge.peft_io as bridge
 
     monkeypatch.setattr(bridge, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=r"not written \(disk full\)"):
         save_peft_adapter(folder, cfg, method, ad)
     monkeypatch.undo()
     assert (folder / "adapter_model.safetensors").read_bytes() == before  # old folder intact

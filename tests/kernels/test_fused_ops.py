@@ -177,3 +177,31 @@ def test_attention_causal_blocks_equal_one_block(blocks):
         g_one = jax.grad(lambda *a: jnp.sum(f(*a, n=1) * do), (0, 1, 2))(q, k, v)
         for x, y in zip(g_blocks, g_one):
             assert rel(x, y) < 1e-6
+
+
+def test_attention_sinks_and_narrow_values_match_torch_autograd(blocks=2):
+    """gpt_oss's per-head sinks (an extra softmax column with no value, as transformers' eager attention adds it)
+    and latent attention's value width != q/k width: values and gradients (sinks included) equal torch's."""
+    b, tq, h, kv, hd, dv = 2, 12, 6, 2, 10, 6
+    q, k, _, _, _ = rand_attention(11 + blocks, b, tq, tq, h, kv, hd)
+    kr = jax.random.split(jax.random.PRNGKey(blocks), 3)
+    v, do = jax.random.normal(kr[0], (b, tq, kv, dv)), jax.random.normal(kr[1], (b, tq, h * dv))
+    sinks = jax.random.normal(kr[2], (h,))
+    allowed = jnp.tril(jnp.ones((tq, tq), bool))[None].repeat(b, 0).at[1, :, :3].set(False)  # rows with no key
+
+    def f(q, k, v, z):
+        return jnp.sum(attention(q, k, v, allowed, scale=0.3, sinks=z, causal_blocks=blocks) * do)
+
+    out = attention(q, k, v, allowed, scale=0.3, sinks=sinks, causal_blocks=blocks)
+    grads = jax.jit(jax.grad(f, (0, 1, 2, 3)))(q, k, v, sinks)
+    tq_, tk, tv, tz = (t(x, True) for x in (q, k, v, sinks))
+    qh = tq_.permute(0, 2, 1, 3)
+    kh, vh = (x.permute(0, 2, 1, 3).repeat_interleave(h // kv, dim=1) for x in (tk, tv))
+    z = ((qh @ kh.transpose(-1, -2)) * 0.3).masked_fill(~torch.tensor(np.asarray(allowed))[:, None], -1e30)
+    z = torch.cat([z, tz.reshape(1, h, 1, 1).expand(b, h, tq, 1)], -1)
+    to = (torch.softmax(z, -1)[..., :-1] @ vh).permute(0, 2, 1, 3).reshape(b, tq, h * dv)
+    (to * t(do)).sum().backward()
+    assert rel(out, to.detach()) < 1e-5
+    assert rel(out, attention_reference(q, k, v, allowed, scale=0.3, sinks=sinks)) < 1e-6
+    for got, want in zip(grads, (tq_.grad, tk.grad, tv.grad, tz.grad)):
+        assert rel(got, want) < 1e-5
