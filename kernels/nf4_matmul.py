@@ -65,8 +65,12 @@ def _zero_cotangent(leaf: jax.Array) -> jax.Array:
 
 
 def _forward(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype) -> jax.Array:
+    # fp32 accumulation written out (`jpeft.kernels.matmul`): XLA:CPU then keeps bf16 operands on its bf16 units
+    # instead of converting both to fp32; the values are the same (exact products summed in fp32, one rounding)
     w = dequantize_4bit(qw, compute_dtype)  # [out, in]
-    return jnp.matmul(x.astype(compute_dtype), w.T)
+    xc = x.astype(compute_dtype)
+    return jax.lax.dot_general(xc, w, (((xc.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=_F32).astype(compute_dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -81,7 +85,9 @@ def _qmatmul_fwd(x, qw, compute_dtype):
 def _qmatmul_bwd(compute_dtype, res, g):
     x, qw = res
     w = dequantize_4bit(qw, compute_dtype)  # recomputed, not saved
-    gx = jnp.matmul(g.astype(compute_dtype), w).astype(x.dtype)
+    gc = g.astype(compute_dtype)
+    gx = jax.lax.dot_general(gc, w, (((gc.ndim - 1,), (0,)), ((), ())), preferred_element_type=_F32)
+    gx = gx.astype(compute_dtype).astype(x.dtype)
     return gx, jax.tree_util.tree_map(_zero_cotangent, qw)
 
 
