@@ -36,7 +36,7 @@ def _parse(*argv):
 
 
 def test_every_builtin_method_is_registered_once():
-    assert method_names() == ["adalora", "adapter", "ia3", "lora", "prefix", "prompt", "qlora", "sora", "vera"]
+    assert method_names() == ["adalora", "adapter", "full", "ia3", "lora", "prefix", "prompt", "qlora", "sora", "vera"]
     loaders = [s.peft_type for s in specs() if s.load is not None and s.peft_type]
     assert sorted(loaders) == ["ADALORA", "IA3", "LORA", "PREFIX_TUNING", "PROMPT_TUNING", "VERA"]
     assert {s.name for s in specs() if s.merge is None} == {"prefix", "prompt", "adapter"}

@@ -188,7 +188,8 @@ def test_unwritable_out_fails_before_work(ckpt, data, tmp_path, capsys):
     rc = main(["train", "--model", str(ckpt[0]), "--data", str(data / "train.jsonl"), "--out", str(blocker / "o"),
                "--steps", "1", "--no-progress"])
     assert rc == 2
-    assert "is not writable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "nothing was written" in err and not blocker.is_dir()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(ckpt, data, tmp_path, monkeypatch):
