@@ -11,7 +11,7 @@ from jpeft.loading import resolve_model_path
 from jpeft.methods import catalog
 from jpeft.runtime import release_host_memory
 from jpeft.torch_bridge.bnb_checkpoint import QuantSpec
-from jpeft.torch_bridge.hf_load import base_nbytes, read_config
+from jpeft.torch_bridge.hf_load import base_nbytes, read_model_config
 from jpeft.train.estimate import MemoryEstimate, check_fits, device_memory_limit, estimate_run
 from jpeft.train.settings import TrainSettings
 
@@ -50,7 +50,7 @@ def run_estimate(args: argparse.Namespace) -> MemoryEstimate:
     spec = catalog.get_method(args.method)
     config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)
     tc = config_from_args(TrainSettings, args).train_config()
-    cfg = read_config(resolve_model_path(args.model, allow_torch_bin=getattr(args, "allow_torch_bin", False)))
+    cfg = read_model_config(resolve_model_path(args.model, allow_torch_bin=getattr(args, "allow_torch_bin", False)))
     est = estimate_run(cfg, spec, config, tc, quant=_quant(args, spec), kernels=args.kernels,
                        host_memory=getattr(args, "host_memory", "auto"))
     gc.collect()  # the compiled estimate program and the compiler's memory are not kept for the run
@@ -80,7 +80,7 @@ def check_memory(args: argparse.Namespace) -> MemoryEstimate | None:
         return None
     spec = catalog.get_method(args.method)
     if mode == "auto":
-        cfg = read_config(resolve_model_path(args.model, allow_torch_bin=getattr(args, "allow_torch_bin", False)))
+        cfg = read_model_config(resolve_model_path(args.model, allow_torch_bin=getattr(args, "allow_torch_bin", False)))
         from jpeft.dtypes import resolve_dtype
 
         if base_nbytes(cfg, resolve_dtype(args.dtype), _quant(args, spec)) < CHECK_FROM_BYTES:

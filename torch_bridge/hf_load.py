@@ -166,7 +166,6 @@ def read_model_config(path: str | Path) -> ModelConfig:
     return from_hf_config(load_hf_config(path))
 
 
-
 def abstract_params(cfg: ModelConfig, dtype: Any, quant: Any = None) -> dict:
     """The base tree `build_params` makes for `cfg`, with `jax.ShapeDtypeStruct` leaves: nothing is read or
     allocated (memory estimates, lowering a step for another device). 4-bit linears with `quant` (a QuantSpec)."""
@@ -215,21 +214,6 @@ def _getter(read: Callable[[str], np.ndarray], has: Callable[[str], bool], where
 
     get.has = has  # type: ignore[attr-defined]
     return get
-
-
-def read_config(path: str | Path) -> ModelConfig:
-    """The `ModelConfig` of an HF checkpoint folder or a `.gguf` file, without reading a weight."""
-    path = Path(path)
-    if path.suffix == ".gguf" or _is_gguf(path):
-        from transformers import AutoConfig
-
-        from jpeft.torch_bridge.gguf import read_gguf_config
-
-        raw = dict(read_gguf_config(path))
-        return from_hf_config(AutoConfig.for_model(raw.pop("model_type"), **raw))
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    return from_hf_config(load_hf_config(path))
 
 
 def load_pretrained(path: str | Path, dtype: Any = jnp.float32, *, allow_torch_bin: bool = False,
