@@ -57,3 +57,20 @@ def test_repo_root_first_on_sys_path_does_not_shadow_pypi_packages():
     assert Path(out["jpeft.kernels"]).name == "dispatch.py"
     assert Path(out["jpeft.torch_bridge"]).name == "hf_names.py"
 
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """A folder of modules missing from `[tool.setuptools] packages` works in the editable install and is absent
+    from the wheel (`jpeft.compare` once was: `jpeft` failed to start from a wheel)."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    where = {name: root / folder for name, folder in setup["package-dir"].items()}
+    found = set()
+    for name, folder in where.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            found.add(".".join((name, *rel)))
+    assert found and found <= listed, sorted(found - listed)
