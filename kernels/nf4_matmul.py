@@ -65,10 +65,12 @@ def _zero_cotangent(leaf: jax.Array) -> jax.Array:
 
 
 def _forward(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype) -> jax.Array:
-    # fp32 accumulation written out (`jpeft.kernels.matmul`): XLA:CPU then keeps bf16 operands on its bf16 units
-    # instead of converting both to fp32; the values are the same (exact products summed in fp32, one rounding)
+    # 16-bit compute: fp32 accumulation written out (`jpeft.kernels.matmul`), so XLA:CPU keeps the bf16 operands
+    # on its bf16 units instead of converting both to fp32; fp32 compute: the plain matmul, as before
     w = dequantize_4bit(qw, compute_dtype)  # [out, in]
     xc = x.astype(compute_dtype)
+    if jnp.dtype(compute_dtype) == _F32:
+        return jnp.matmul(xc, w.T)
     return jax.lax.dot_general(xc, w, (((xc.ndim - 1,), (1,)), ((), ())),
                                preferred_element_type=_F32).astype(compute_dtype)
 
@@ -86,8 +88,11 @@ def _qmatmul_bwd(compute_dtype, res, g):
     x, qw = res
     w = dequantize_4bit(qw, compute_dtype)  # recomputed, not saved
     gc = g.astype(compute_dtype)
-    gx = jax.lax.dot_general(gc, w, (((gc.ndim - 1,), (0,)), ((), ())), preferred_element_type=_F32)
-    gx = gx.astype(compute_dtype).astype(x.dtype)
+    if jnp.dtype(compute_dtype) == _F32:
+        gx = jnp.matmul(gc, w).astype(x.dtype)
+    else:
+        gx = jax.lax.dot_general(gc, w, (((gc.ndim - 1,), (0,)), ((), ())), preferred_element_type=_F32)
+        gx = gx.astype(compute_dtype).astype(x.dtype)
     return gx, jax.tree_util.tree_map(_zero_cotangent, qw)
 
 
