@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft.errors import ConfigError
 from jpeft.models.config import ModelConfig
@@ -120,8 +121,37 @@ def _stacks_as_bits(params: dict, frozen: set[int]) -> dict:
             return Bits16(_to_bits(x), x.dtype)
         return x
 
-    return {k: jax.tree_util.tree_map(wrap, v) if k in ("layers", "dense_layers", "moe_layers") else v
-            for k, v in params.items()}
+    return {k: jax.tree_util.tree_map(wrap, v) if k in STACKS else v for k, v in params.items()}
+
+
+STACKS = ("layers", "dense_layers", "moe_layers")  # the `[L, ...]` layer stacks the scan slices
+
+
+def _host_bits(x: Any) -> Any:
+    """One leaf of `as_host_bits`."""
+    if getattr(x, "dtype", None) not in (jnp.bfloat16, jnp.float16) or x.ndim < 2:
+        return x
+    if isinstance(x, jax.ShapeDtypeStruct):  # what the loop will pass on the default backend
+        if jax.default_backend() != "cpu":
+            return x
+        return Bits16(jax.ShapeDtypeStruct(x.shape, jnp.uint16), x.dtype)
+    if not isinstance(x, jax.Array) or len(x.devices()) != 1 or next(iter(x.devices())).platform != "cpu":
+        return x
+    bits = jax.device_put(np.asarray(x).view(np.uint16), next(iter(x.devices())))
+    if bits.unsafe_buffer_pointer() != x.unsafe_buffer_pointer():  # a copy, not a view: keep the floats
+        return x
+    return Bits16(bits, x.dtype)
+
+
+def as_host_bits(params: dict) -> dict:
+    """`params` with each bf16/f16 layer stack on the CPU backend replaced by a `Bits16` whose uint16 words are
+    the same host memory (no copy; `jax.ShapeDtypeStruct` leaves become abstract `Bits16` too). Every forward
+    accepts either form. Why: a jitted step that receives a 16-bit float stack and bitcasts it to uint16 inside
+    (`_stacks_as_bits`) gets that bitcast materialized by XLA:CPU as a copy of every stack, each step (2 GiB of
+    temporaries for a 1B bf16 base); handing the step the words themselves leaves nothing to copy. Other
+    backends, and arrays spread over several devices, are returned unchanged.
+    """
+    return {k: jax.tree_util.tree_map(_host_bits, v) if k in STACKS else v for k, v in params.items()}
 
 
 def _from_bits(tree: Any) -> Any:

@@ -25,6 +25,7 @@ import numpy as np
 from jpeft.dtypes import resolve_dtype
 from jpeft.errors import ConfigError
 from jpeft.models.config import ModelConfig
+from jpeft.models.model import as_host_bits
 from jpeft.torch_bridge.hf_load import abstract_params
 from jpeft.torch_bridge.host_arena import DISK_FROM_BYTES
 from jpeft.train.settings import TrainConfig
@@ -124,8 +125,9 @@ def estimate_run(cfg: ModelConfig, spec: Any, config: Any, tc: TrainConfig, *, q
     """The memory `jpeft train` with these settings will hold (see the module docstring). Loss logits are assumed
     at every position (text rows: the most); label data need less."""
     run = abstract_run(cfg, spec, config, tc, quant=quant)
-    temp = step_temporaries(train_step, run["state"], run["base"], run["batch"], cfg=cfg, methods=(run["method"],),
-                            tx=run["tx"], remat=tc.remat, dtype=resolve_dtype(tc.dtype), kernels=kernels)
+    temp = step_temporaries(train_step, run["state"], as_host_bits(run["base"]), run["batch"], cfg=cfg,
+                            methods=(run["method"],), tx=run["tx"], remat=tc.remat, dtype=resolve_dtype(tc.dtype),
+                            kernels=kernels)
     base = tree_bytes(run["base"])
     backend = jax.default_backend()
     on_disk = backend == "cpu" and (host_memory == "disk" or (host_memory == "auto" and base >= DISK_FROM_BYTES))

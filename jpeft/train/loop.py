@@ -19,6 +19,7 @@ import numpy as np
 from jpeft.dtypes import resolve_dtype
 from jpeft.errors import ConfigError, DataError
 from jpeft.models.loaded import Model
+from jpeft.models.model import as_host_bits
 from jpeft.parallel.mesh import is_primary, make_mesh
 from jpeft.parallel.place import check_batch, gather, place_batch
 from jpeft.parallel.state import shard_run
@@ -180,8 +181,7 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
     tx = build_optimizer(tc.optim, total, (method,))
     run = _place(model, adapters, tx, tc, out / "checkpoints", resume)
     state, step_fn, sharded = run.state, run.step_fn, run.mesh is not None
-    if sharded:
-        model = dataclasses.replace(model, params=run.base)
+    model = dataclasses.replace(model, params=run.base)  # what the steps, evals and checks take
     start = int(state["step"])
     log = _Log(out / "metrics.jsonl", start, sinks, write=is_primary())
     meter = _StepMeter(learning_rate_schedule(tc.optim, total), _progress(start, total, progress), out / "checkpoints")
@@ -258,7 +258,8 @@ def _place(model: Model, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: 
         if resume and (restored := restore_latest(checkpoints, state)) is not None:
             state = jax.tree_util.tree_map(jnp.asarray, restored)
         state, step_fn = offload.prepare(state, tc.offload_optimizer)
-        return _Placement(state, model.params, step_fn, lambda h: {k: jnp.asarray(v) for k, v in h.items()})
+        return _Placement(state, as_host_bits(model.params), step_fn,
+                          lambda h: {k: jnp.asarray(v) for k, v in h.items()})
     mesh = make_mesh(tc.mesh)
     check_batch(mesh, tc.batch_size)
     run = shard_run(mesh, model.params, adapters, lambda a: init_state(a, tx, tc.seed), train_step)

@@ -15,6 +15,7 @@ import pytest
 
 import jpeft
 from jpeft.methods.lora import LoraConfig, init_lora
+from jpeft.models.model import as_host_bits
 from jpeft.train.step import OptimConfig, build_optimizer, init_state, train_step
 
 from tiny import make_trainable_checkpoint
@@ -47,3 +48,37 @@ def test_bf16_step_holds_no_f32_copy_of_a_stack(bf16_model, remat):
     for L, a, b in shapes:
         for shape in (f"f32[{L},{a},{b}]", f"f32[{L},{b},{a}]"):
             assert shape not in hlo, (remat, shape)
+
+
+def _step(model, base):
+    method, adapters = init_lora(model.cfg, model.params, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                                 jax.random.PRNGKey(0))[:2]
+    tx = build_optimizer(OptimConfig(lr=1e-3), 4, (method,))
+    ids = (np.arange(64, dtype=np.int32) % 50).reshape(1, 2, 32)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}
+    kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat="full", dtype=jnp.bfloat16)
+    compiled = train_step.lower(init_state(adapters, tx, 0), base, batch, **kw).compile()
+    state, metrics = train_step(init_state(adapters, tx, 0), base, batch, **kw)
+    return compiled.memory_analysis().temp_size_in_bytes, state, metrics
+
+
+def test_host_bits_alias_the_stacks_and_the_step_copies_none(bf16_model):
+    """What the training loop hands the step on CPU (`as_host_bits`): each 16-bit stack's words in the same
+    memory, the same losses and updates as the float stacks, and none of the per-step copies of every stack
+    XLA:CPU makes when it has to bitcast a float stack inside the step (2 GiB a step for a 1B bf16 base). If a
+    later XLA stops making them, the last assertion fails and the workaround can go."""
+    model = bf16_model
+    bits = as_host_bits(model.params)
+    stacks = jax.tree_util.tree_leaves(model.params["layers"])
+    words = jax.tree_util.tree_leaves(bits["layers"])
+    assert len(stacks) == len(words) and all(w.dtype == jnp.uint16 for w in words)
+    assert all(w.unsafe_buffer_pointer() == s.unsafe_buffer_pointer() for s, w in zip(stacks, words, strict=True))
+    assert bits["embed_tokens"] is model.params["embed_tokens"]  # not a layer stack: untouched
+    temp_floats, state_f, m_f = _step(model, model.params)
+    temp_bits, state_b, m_b = _step(model, bits)
+    assert float(m_f["loss"]) == float(m_b["loss"])
+    for a, b in zip(jax.tree_util.tree_leaves(state_f["adapters"]), jax.tree_util.tree_leaves(state_b["adapters"]),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    stack_bytes = sum(s.nbytes for s in stacks)
+    assert temp_bits + stack_bytes <= temp_floats, (temp_bits, stack_bytes, temp_floats)

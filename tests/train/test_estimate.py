@@ -17,6 +17,7 @@ import jpeft
 from jpeft import cli_estimate, cli_train
 from jpeft.cli import main
 from jpeft.methods import catalog
+from jpeft.models.model import as_host_bits
 from jpeft.torch_bridge.bnb_checkpoint import QuantSpec
 from jpeft.train import estimate
 from jpeft.train.estimate import abstract_run, estimate_run, tree_bytes
@@ -33,15 +34,17 @@ def model_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("method,quantize,remat", [("lora", None, "projections"), ("qlora", "nf4", "full"),
-                                                   ("adalora", None, "full")])
-def test_every_part_equals_what_the_real_run_builds(model_dir, method, quantize, remat):
+@pytest.mark.parametrize("method,quantize,remat,dtype", [("lora", None, "projections", "float32"),
+                                                         ("qlora", "nf4", "full", "float32"),
+                                                         ("adalora", None, "full", "float32"),
+                                                         ("lora", None, "full", "bfloat16")])
+def test_every_part_equals_what_the_real_run_builds(model_dir, method, quantize, remat, dtype):
     spec = catalog.get_method(method)
     config = spec.config(**({"total_step": 4} if method == "adalora" else {}))  # the CLI fills it from --steps
-    tc = TrainConfig(steps=4, batch_size=2, max_len=32, remat=remat).validate()
+    tc = TrainConfig(steps=4, batch_size=2, max_len=32, remat=remat, dtype=dtype).validate()
     quant = QuantSpec() if quantize else None
     est = estimate_run(jpeft.load(model_dir, tokenizer=False).cfg, spec, config, tc, quant=quant)
-    model = jpeft.load(model_dir, tokenizer=False, quantize=quantize)
+    model = jpeft.load(model_dir, dtype, tokenizer=False, quantize=quantize)
     run = abstract_run(model.cfg, spec, config, tc, quant=quant)
     m, adapters = spec.init(model.cfg, model.params, config, jax.random.PRNGKey(0))
     state = init_state(adapters, run["tx"], 0)
@@ -49,8 +52,8 @@ def test_every_part_equals_what_the_real_run_builds(model_dir, method, quantize,
     assert est.parts["adapters"] == tree_bytes(adapters)
     assert est.parts["optimizer"] == tree_bytes(state["opt_state"])
     batch = {k: jnp.zeros((1, 2, 32), jnp.int32) for k in estimate.BATCH_KEYS}
-    real = train_step.lower(state, model.params, batch, cfg=model.cfg, methods=(m,), tx=run["tx"], remat=remat,
-                            dtype=jnp.float32).compile().memory_analysis()
+    real = train_step.lower(state, as_host_bits(model.params), batch, cfg=model.cfg, methods=(m,), tx=run["tx"],
+                            remat=remat, dtype=jnp.dtype(dtype)).compile().memory_analysis()
     assert est.parts["step"] == real.temp_size_in_bytes > 0
     assert est.total == sum(est.parts.values()) and "total" in est.table()
 
