@@ -23,13 +23,14 @@ F32 = jnp.float32
 _LOW = (jnp.bfloat16, jnp.float16)
 
 
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[tuple[int, ...], tuple[int, ...]], out) -> jax.Array:
+def dot_f32acc(a: jax.Array, b: jax.Array, contract: tuple[tuple[int, ...], tuple[int, ...]], out) -> jax.Array:
+    """`a`, `b` contracted over `contract` (no batch dims), accumulated in fp32, cast once to `out`."""
     return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=F32).astype(out)
 
 
 @jax.custom_vjp
 def _matmul_f32acc(x: jax.Array, w: jax.Array) -> jax.Array:
-    return _dot(x, w, ((x.ndim - 1,), (0,)), x.dtype)
+    return dot_f32acc(x, w, ((x.ndim - 1,), (0,)), x.dtype)
 
 
 def _fwd(x, w):
@@ -39,9 +40,9 @@ def _fwd(x, w):
 def _bwd(res, dy):
     x, w = res
     dy = dy.astype(x.dtype)
-    dx = _dot(dy, w, ((dy.ndim - 1,), (1,)), x.dtype)  # dy Wᵀ, W read in its stored layout
+    dx = dot_f32acc(dy, w, ((dy.ndim - 1,), (1,)), x.dtype)  # dy Wᵀ, W read in its stored layout
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    dw = _dot(x2, dy2, ((0,), (0,)), w.dtype)  # xᵀ dy (dead code, removed by XLA, when W is frozen)
+    dw = dot_f32acc(x2, dy2, ((0,), (0,)), w.dtype)  # xᵀ dy (dead code, removed by XLA, when W is frozen)
     return dx, dw
 
 

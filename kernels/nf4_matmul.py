@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 
 from jpeft.errors import ConfigError
 from jpeft.kernels.dispatch import OpCall, choose
+from jpeft.kernels.matmul import dot_f32acc
 from jpeft.kernels.proving import normal, tokens_for
 from jpeft.kernels.tiling import (
     TILE_FEATURES,
@@ -65,14 +66,13 @@ def _zero_cotangent(leaf: jax.Array) -> jax.Array:
 
 
 def _forward(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype) -> jax.Array:
-    # 16-bit compute: fp32 accumulation written out (`jpeft.kernels.matmul`), so XLA:CPU keeps the bf16 operands
-    # on its bf16 units instead of converting both to fp32; fp32 compute: the plain matmul, as before
+    # 16-bit compute: fp32 accumulation (`jpeft.kernels.matmul`), so XLA:CPU keeps the bf16 operands on its bf16
+    # units instead of converting both to fp32; fp32 compute: the plain matmul, as before
     w = dequantize_4bit(qw, compute_dtype)  # [out, in]
     xc = x.astype(compute_dtype)
     if jnp.dtype(compute_dtype) == _F32:
         return jnp.matmul(xc, w.T)
-    return jax.lax.dot_general(xc, w, (((xc.ndim - 1,), (1,)), ((), ())),
-                               preferred_element_type=_F32).astype(compute_dtype)
+    return dot_f32acc(xc, w, ((xc.ndim - 1,), (1,)), compute_dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -91,8 +91,7 @@ def _qmatmul_bwd(compute_dtype, res, g):
     if jnp.dtype(compute_dtype) == _F32:
         gx = jnp.matmul(gc, w).astype(x.dtype)
     else:
-        gx = jax.lax.dot_general(gc, w, (((gc.ndim - 1,), (0,)), ((), ())), preferred_element_type=_F32)
-        gx = gx.astype(compute_dtype).astype(x.dtype)
+        gx = dot_f32acc(gc, w, ((gc.ndim - 1,), (0,)), compute_dtype).astype(x.dtype)
     return gx, jax.tree_util.tree_map(_zero_cotangent, qw)
 
 

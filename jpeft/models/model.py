@@ -83,6 +83,9 @@ def embed(params: dict, cfg: ModelConfig, input_ids: jax.Array, dtype: Any) -> j
     return h.astype(dtype)
 
 
+STACKS = ("layers", "dense_layers", "moe_layers")  # the `[L, ...]` layer stacks the scan slices
+
+
 class Bits16:
     """A frozen 16-bit float stack carried as uint16 through the layer scan (see `_stacks_as_bits`)."""
 
@@ -122,9 +125,6 @@ def _stacks_as_bits(params: dict, frozen: set[int]) -> dict:
         return x
 
     return {k: jax.tree_util.tree_map(wrap, v) if k in STACKS else v for k, v in params.items()}
-
-
-STACKS = ("layers", "dense_layers", "moe_layers")  # the `[L, ...]` layer stacks the scan slices
 
 
 def _host_bits(x: Any) -> Any:
