@@ -26,9 +26,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from jpeft.errors import ConfigError
+from jpeft.kernels.saved import name_words
 
 F32 = jnp.float32
 NEG = float(jnp.finfo(F32).min)
@@ -132,7 +132,7 @@ def _attention_fwd(q, k, v, allowed, sinks, scale, softcap, causal_blocks):
     oh, lse, (qh, kh, vh) = _forward(q, k, v, allowed, sinks, scale, softcap, causal_blocks)
     # Named for rematerialisation policies: saving these two (plus q, k, v) lets a checkpointed layer's
     # backward skip re-running this forward (jpeft.models.model.SAVED_ACTIVATIONS).
-    oh, lse = checkpoint_name(oh, "attn_heads_out"), tuple(checkpoint_name(x, "attn_lse") for x in lse)
+    oh, lse = name_words(oh, "attn_heads_out"), tuple(name_words(x, "attn_lse") for x in lse)
     return _merge(oh, q.shape), (qh, kh, vh, oh, lse, allowed, sinks)
 
 

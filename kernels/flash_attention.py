@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
@@ -42,6 +41,7 @@ from jpeft.kernels.attention import attention, dense_mask, flash_attention_refer
 from jpeft.kernels.attention_blockwise import blockwise_attention
 from jpeft.kernels.dispatch import OpCall, choose
 from jpeft.kernels.proving import TIME_TOKENS, normal, tokens_for
+from jpeft.kernels.saved import name_words
 from jpeft.kernels.tiling import block_size, compiler_params, pad_to, pallas_candidate, pow2_tile, round_up
 
 F32 = jnp.float32
@@ -259,7 +259,7 @@ def _flash_fwd(q, k, v, qseg, kseg, kok, window, cfg):
     mean_v = jnp.repeat(jnp.mean(v.astype(F32), axis=1), h // k.shape[2], axis=1)  # [B, H, hd]
     o = jnp.where(_empty_rows(lse, t), mean_v[:, None].astype(o.dtype), o[:, :t, :, :hd]).reshape(b, t, h * hd)
     # Named like jpeft.kernels.attention's residuals, so a remat policy that saves those saves these.
-    o, lse = checkpoint_name(o, "attn_heads_out"), checkpoint_name(lse, "attn_lse")
+    o, lse = name_words(o, "attn_heads_out"), name_words(lse, "attn_lse")
     return o, (q, k, v, o, lse, qseg, kseg, kok, window)
 
 

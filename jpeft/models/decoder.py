@@ -21,13 +21,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from jpeft.errors import ConfigError
 from jpeft.kernels import rms_norm as fused_norm
 from jpeft.kernels.attention import attention
 from jpeft.kernels.flash_attention import flash_attention
 from jpeft.kernels.rope import rope_qk, rope_tables
+from jpeft.kernels.saved import save_name
 from jpeft.kernels.swiglu import glu
 from jpeft.models.config import ModelConfig
 from jpeft.models.mla import mla_expand, mla_project
@@ -177,7 +177,7 @@ def _qkv(x: jax.Array, ap: dict, layer: LayerContext, mask: MaskInfo) -> tuple[j
         q = rms_norm(q, ap["q_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         k = rms_norm(k, ap["k_norm"], cfg.rms_norm_eps, cfg.norm_offset)
     q, k = rope(q, k, mask.positions, cfg, layer.site.layer)
-    return checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
+    return save_name(q, "q"), save_name(k, "k"), save_name(v, "v")
 
 
 def _attention(x: jax.Array, ap: dict, layer: LayerContext, mask: MaskInfo) -> tuple[jax.Array, Any]:
@@ -202,7 +202,7 @@ def _attention(x: jax.Array, ap: dict, layer: LayerContext, mask: MaskInfo) -> t
         new_cache, k, v = (ck, cv), ck.astype(q.dtype), cv.astype(q.dtype)
     if mla:
         k, v = mla_expand(k, v, ap, linear, cfg)
-        q, k, v = checkpoint_name(q, "q"), checkpoint_name(k, "k"), checkpoint_name(v, "v")
+        q, k, v = save_name(q, "q"), save_name(k, "k"), save_name(v, "v")
     prefixes = [pre for m in layer.methods if (tree := site_tree(layer.adapters, m, ("prefix",))) is not None
                 and (pre := m.kv_prefix(tree, b, layer.site)) is not None]
     if mask.flash is not None and not prefixes and not cfg.attn_sinks:
@@ -228,7 +228,7 @@ def _mlp(x: jax.Array, mp: dict, layer: LayerContext, block: str = "mlp") -> jax
         g, u = jnp.split(_linear((block, "gate_up_proj"), x, mp["gate_up_proj"], layer), 2, axis=-1)
     else:
         g, u = _linears([(block, "gate_proj"), (block, "up_proj")], x, [mp["gate_proj"], mp["up_proj"]], layer)
-    g, u = checkpoint_name(g, "mlp_gate"), checkpoint_name(u, "mlp_up")
+    g, u = save_name(g, "mlp_gate"), save_name(u, "mlp_up")
     return _linear((block, "down_proj"), glu(g, u, layer.cfg.activation), mp["down_proj"], layer)
 
 
@@ -278,12 +278,12 @@ def decoder_layer(h: jax.Array, lp: dict, layer: LayerContext, mask: MaskInfo) -
     h `[B, T, D]` -> (h, new cache slices or None, router stats `[3, E]` or None)."""
     cfg = layer.cfg
     eps, off = cfg.rms_norm_eps, cfg.norm_offset
-    h = checkpoint_name(h, "layer_input")  # what `remat="offload"` moves to host memory
+    h = save_name(h, "layer_input")  # what `remat="offload"` moves to host memory
     x = h if cfg.post_norm else rms_norm(h, lp["input_layernorm"], eps, off)
     a, new_cache = _attention(x, lp["self_attn"], layer, mask)
     if cfg.sandwich_norm or cfg.post_norm:
         a = rms_norm(a, lp["post_attention_layernorm"], eps, off)
-    h = checkpoint_name(_residual(h, _block_out(("self_attn",), a, layer), cfg), "resid_mid")
+    h = save_name(_residual(h, _block_out(("self_attn",), a, layer), cfg), "resid_mid")
     if layer.token_mask is None:
         layer = layer._replace(token_mask=jnp.ones(h.shape[:2], jnp.int32))
     if cfg.post_norm:

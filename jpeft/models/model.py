@@ -29,8 +29,10 @@ F32 = jnp.float32
 # What the backward of a layer reads, named in `decoder.py` and `kernels/attention.py`: q and k after RoPE,
 # v, the attention output and its log-sum-exp, the residual stream after attention and the MLP gate/up
 # projections. Saving exactly these means neither a projection nor the attention forward is recomputed in
-# backward; norms, SwiGLU and the LoRA rank-r products are recomputed from them.
-SAVED_ACTIVATIONS = ("q", "k", "v", "attn_heads_out", "attn_lse", "resid_mid", "mlp_gate", "mlp_up")
+# backward; norms, SwiGLU and the LoRA rank-r products are recomputed from them. `layer_input` (the layer's
+# input, which the layer scan keeps for the backward under every policy) is named too, so that it is kept as
+# what `jpeft.kernels.saved.save_name` names: the uint16 words of a bf16/f16 stream (see that module).
+SAVED_ACTIVATIONS = ("layer_input", "q", "k", "v", "attn_heads_out", "attn_lse", "resid_mid", "mlp_gate", "mlp_up")
 
 
 HOST_MEMORY = "pinned_host"
@@ -66,7 +68,8 @@ def _remat(fn, remat: str):
             offload_src="device", offload_dst=HOST_MEMORY)
         return jax.checkpoint(fn, policy=policy, prevent_cse=False)
     policies = {
-        "full": jax.checkpoint_policies.nothing_saveable,
+        # the layer input is kept for the backward either way; naming it keeps it as 16-bit words (see above)
+        "full": jax.checkpoint_policies.save_only_these_names("layer_input"),
         "projections": jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS),
         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         "dots_saveable": jax.checkpoint_policies.dots_saveable,

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from jpeft.kernels.ragged_dot import ragged_dot
+from jpeft.kernels.saved import save_name
 from jpeft.kernels.swiglu import glu
 from jpeft.models.config import ModelConfig
 from jpeft.models.records import LayerContext
@@ -82,7 +82,7 @@ def moe_mlp(x: jax.Array, mp: dict, layer: LayerContext) -> tuple[jax.Array, jax
     h = expert_matmul(site + ("gate_up_proj",), xs, ex["gate_up_proj"], group_sizes, layer)
     if cfg.expert_bias:
         h = h + ex["gate_up_proj_bias"].astype(h.dtype)[row_expert]
-    h = expert_glu(checkpoint_name(h, "mlp_gate"), cfg)
+    h = expert_glu(save_name(h, "mlp_gate"), cfg)
     y = expert_matmul(site + ("down_proj",), h, ex["down_proj"], group_sizes, layer)
     if cfg.expert_bias:
         y = y + ex["down_proj_bias"].astype(y.dtype)[row_expert]
