@@ -86,6 +86,19 @@ def dot_flops(ins: dict, instrs: dict) -> tuple[float, str]:
     return 2.0 * out * k, f"{dt}{_dims(lhs['shape'])}·{_dims(rhs['shape'])} c{contract}"
 
 
+def dot_kind(ins: dict, instrs: dict) -> str:
+    """attention (batched), LoRA rank-r (an operand dim <= 64 that is not a head dim) or projection/lm_head."""
+    lhs, rhs = (instrs.get(a) for a in ins["args"][:2])
+    if lhs is None or rhs is None:
+        return "dots: other"
+    ld, rd = _dims(lhs["shape"]), _dims(rhs["shape"])
+    if "lhs_batch_dims={" in ins["rest"] and not re.search(r"lhs_batch_dims=\{\}", ins["rest"]):
+        return "dots: attention"
+    if min(ld + rd) <= 64:
+        return "dots: LoRA rank-r"
+    return "dots: projections + lm_head"
+
+
 def classify(ins: dict, instrs: dict, comps: dict) -> tuple[str, float, str]:
     """(kind, FLOPs, label) of one top-level instruction."""
     op, rest = ins["op"], ins["rest"]
@@ -101,7 +114,7 @@ def classify(ins: dict, instrs: dict, comps: dict) -> tuple[str, float, str]:
                 fl += f
                 label.append(lab)
             backend = custom.group(1).strip("_").replace("_fusion", "") if custom else "xla"
-            return f"dot ({backend})", fl, " + ".join(label)
+            return dot_kind(dots[0], instrs), fl, f"{backend} " + " + ".join(label)
         ops = collections.Counter(b["op"] for b in body)
         if ops and set(ops) <= {"parameter", "copy", "transpose", "bitcast", "reshape", "broadcast"} \
                 and (ops.get("copy") or ops.get("transpose")):
@@ -114,7 +127,7 @@ def classify(ins: dict, instrs: dict, comps: dict) -> tuple[str, float, str]:
         return "elementwise fusions", 0.0, ""
     if op in ("dot", "convolution"):
         f, lab = dot_flops(ins, instrs)
-        return "dot (xla)", f, lab
+        return dot_kind(ins, instrs), f, "xla " + lab
     if op in ("copy", "transpose"):
         return "copy/transpose", 0.0, ""
     if op in ("dynamic-slice", "dynamic-update-slice", "slice", "concatenate", "pad"):
@@ -233,7 +246,9 @@ def profile(dtype: str, steps: int, top: int) -> dict:
     for sec, n, kind, op, where in sorted(others, reverse=True)[:top]:
         print(f"    {sec:6.3f} s  x{n:<4d} {kind:22s} {op:28s} {where}")
     return {"dtype": dtype, "wall": wall, "walls": walls, "op_total": total, "kinds": dict(kinds),
-            "dots": {k: {"s": v[0], "flop": v[1], "calls": v[2]} for k, v in dots.items()}}
+            "dots": {k: {"s": v[0], "flop": v[1], "calls": v[2]} for k, v in dots.items()},
+            "other_ops": [{"s": sec, "calls": n, "kind": kind, "op": op, "from": where}
+                          for sec, n, kind, op, where in sorted(others, reverse=True)]}
 
 
 def main() -> None:
