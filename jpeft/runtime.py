@@ -9,12 +9,16 @@ are live at the peak); memory is not handed back to the OS between steps.
 
 XLA:CPU's dot libraries (issue 26): jpeft sets no `XLA_FLAGS` of its own; whatever the user exports is what
 XLA reads when the backend starts. With jaxlib 0.10.2, dots already run on YNNPACK by default (`__ynn_fusion`
-in the optimized HLO). `--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot
---xla_cpu_experimental_ynn_fusion_type=-individual_dot` moves fp32 dots to oneDNN (bf16 dots are then
-converted to fp32 first, so not for bf16 runs); on the shared 2-core machine no difference from YNNPACK could
-be measured, so it is not chosen (`python bench/lora_cpu.py --xla-flags "..."` A/Bs it). What does matter
-is the form of a bf16 dot, and that is in the model code: `jpeft.kernels.matmul` accumulates bf16 dots in
-fp32, the form YNNPACK runs on the CPU's bf16 units instead of converting the operands to fp32.
+in the optimized HLO), the fastest of what this XLA offers for the train step on the benchmark machine:
+Eigen (`--xla_cpu_experimental_ynn_fusion_type=-individual_dot`) made the SmolLM2 fp32 step 5.7 s instead of
+4.0 s, and the oneDNN dot path (`--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot`)
+fails to compile it ("partition compile failed"). What does matter is in the model code: `jpeft.kernels.matmul`
+accumulates bf16 dots in fp32, the form YNNPACK runs on the CPU's bf16 units instead of converting the operands
+to fp32, and `jpeft.kernels.saved` keeps bf16 saved activations as uint16 words, which XLA:CPU updates in place
+(`python bench/profile_step.py` shows where a step's time goes).
+
+`release_host_memory()` gives the heap's free memory back (glibc `malloc_trim`): `jpeft.load` calls it after a
+load and the training loop after the step's compilation, whose working memory would otherwise stay mapped.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def _graph() -> dict:
 
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (  # lowest first
-    ("base", ("jpeft.errors", "jpeft.dtypes", "jpeft.cache")),
+    ("base", ("jpeft.errors", "jpeft.dtypes", "jpeft.cache", "jpeft.runtime")),
     ("quant", ("jpeft.quant",)),
     ("kernels", ("jpeft.kernels",)),
     ("sites", ("jpeft.sites",)),  # the site protocol: what models and methods share

@@ -23,6 +23,7 @@ from jpeft.models.model import as_host_bits
 from jpeft.parallel.mesh import is_primary, make_mesh
 from jpeft.parallel.place import check_batch, gather, place_batch
 from jpeft.parallel.state import shard_run
+from jpeft.runtime import release_host_memory
 from jpeft.sites import Method
 from jpeft.torch_bridge.outputs import ADAPTER_LIMIT
 from jpeft.train import offload
@@ -197,6 +198,11 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
         host = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in sched.batch_at(step).items() if k in keys}
         placed = run.to_device(host)
         state, m = step_fn(state, model.params, placed, **kw)
+        if step == start:
+            # The first call compiled the step (synchronously, before dispatching it): the compiler's working
+            # memory is free again but, after `configure_host_memory()`, glibc keeps it. Hand it back to the OS
+            # (~0.3 GiB for a 1B step on CPU, bench/RESULTS.md, issue 20). The step's own buffers stay reused.
+            release_host_memory()
         if pending is not None:  # the previous step's numbers, read while this step runs
             log.write(meter.record(*pending))
         pending = (step, m)
