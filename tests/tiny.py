@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 
@@ -301,3 +303,9 @@ def label_examples(n: int, seed: int = 0) -> list[dict]:
         word = rng.choice(FRUITS if fruit else THINGS)
         out.append({"prompt": f"is {word} a fruit? answer:", "completion": "yes" if fruit else "no"})
     return out
+
+
+def fp32_stack_updates(hlo: str, layers: int) -> list[str]:
+    """The fp32 `[layers, ...]` dynamic-update-slices of a converted operand: the out-of-place form."""
+    flat = hlo.replace(" ", "")
+    return re.findall(rf"=f32\[{layers},[\d,]*\]\{{[\d,]*\}}dynamic-update-slice\(%convert[^)]*\)", flat)

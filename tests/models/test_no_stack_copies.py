@@ -8,6 +8,8 @@ measured with bench/real_size.py). The compiled (optimized) HLO must hold no f32
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,7 @@ from jpeft.methods.lora import LoraConfig, init_lora
 from jpeft.models.model import as_host_bits
 from jpeft.train.step import OptimConfig, build_optimizer, init_state, train_step
 
-from tiny import make_trainable_checkpoint
+from tiny import fp32_stack_updates, make_trainable_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,14 @@ def bf16_model(tmp_path_factory):
     return jpeft.load(d, "bfloat16", tokenizer=False)
 
 
+def _lora(model, lr: float) -> tuple:
+    """(method, fresh train state, optimizer) of a rank-4 all-linear LoRA on `model`."""
+    method, adapters = init_lora(model.cfg, model.params, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                                 jax.random.PRNGKey(0))[:2]
+    tx = build_optimizer(OptimConfig(lr=lr), 4, (method,))
+    return method, init_state(adapters, tx, 0), tx
+
+
 def _stack_shapes(params: dict) -> list[tuple[int, ...]]:
     return [x.shape for x in jax.tree_util.tree_leaves(params["layers"]) if x.ndim == 3]
 
@@ -35,12 +45,10 @@ def _stack_shapes(params: dict) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("remat", ["full", "projections"])
 def test_bf16_step_holds_no_f32_copy_of_a_stack(bf16_model, remat):
     model = bf16_model
-    method, adapters = init_lora(model.cfg, model.params, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
-                                 jax.random.PRNGKey(0))[:2]
-    tx = build_optimizer(OptimConfig(lr=1e-4), 4, (method,))
+    method, state, tx = _lora(model, 1e-4)
     ids = np.ones((1, 2, 32), np.int32)
     batch = {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}
-    compiled = train_step.lower(init_state(adapters, tx, 0), model.params, batch, cfg=model.cfg, methods=(method,),
+    compiled = train_step.lower(state, model.params, batch, cfg=model.cfg, methods=(method,),
                                 tx=tx, remat=remat, dtype=jnp.bfloat16).compile()
     hlo = compiled.as_text().replace(" ", "")
     shapes = _stack_shapes(model.params)
@@ -51,14 +59,12 @@ def test_bf16_step_holds_no_f32_copy_of_a_stack(bf16_model, remat):
 
 
 def _step(model, base):
-    method, adapters = init_lora(model.cfg, model.params, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
-                                 jax.random.PRNGKey(0))[:2]
-    tx = build_optimizer(OptimConfig(lr=1e-3), 4, (method,))
+    method, state, tx = _lora(model, 1e-3)
     ids = (np.arange(64, dtype=np.int32) % 50).reshape(1, 2, 32)
     batch = {"input_ids": ids, "labels": ids, "attention_mask": np.ones_like(ids)}
     kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat="full", dtype=jnp.bfloat16)
-    compiled = train_step.lower(init_state(adapters, tx, 0), base, batch, **kw).compile()
-    state, metrics = train_step(init_state(adapters, tx, 0), base, batch, **kw)
+    compiled = train_step.lower(state, base, batch, **kw).compile()
+    state, metrics = train_step(state, base, batch, **kw)
     return compiled.memory_analysis().temp_size_in_bytes, state, metrics
 
 
@@ -82,3 +88,18 @@ def test_host_bits_alias_the_stacks_and_the_step_copies_none(bf16_model):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     stack_bytes = sum(s.nbytes for s in stacks)
     assert temp_bits + stack_bytes <= temp_floats, (temp_bits, stack_bytes, temp_floats)
+
+
+@pytest.mark.parametrize("remat", ["full", "projections"])
+def test_bf16_train_step_updates_saved_stacks_in_place(bf16_model, remat):
+    """The saved activations' `[L, ...]` stacks are uint16 words updated in place, never an fp32 rewrite of a
+    whole stack per layer (`jpeft.kernels.saved`; tests/models/test_saved_words.py for the mechanism)."""
+    model = bf16_model
+    method, state, tx = _lora(model, 1e-4)
+    ids = (np.arange(64, dtype=np.int32) % 50).reshape(1, 2, 32)
+    batch = {"input_ids": ids, "labels": ids}  # one segment per row: the static causal path jpeft train takes
+    hlo = train_step.lower(state, as_host_bits(model.params), batch, cfg=model.cfg, methods=(method,), tx=tx,
+                           remat=remat, dtype=jnp.bfloat16).compile().as_text().replace(" ", "")
+    layers = model.cfg.num_layers
+    assert re.search(rf"u16\[{layers},2,32,", hlo), "no saved activation is kept as uint16 words"
+    assert fp32_stack_updates(hlo, layers) == []

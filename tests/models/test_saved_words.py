@@ -18,19 +18,9 @@ import numpy as np
 import pytest
 from jax.ad_checkpoint import checkpoint_name
 
-import jpeft
 from jpeft.kernels.saved import name_words, save_name
-from jpeft.methods.lora import LoraConfig, init_lora
-from jpeft.models.model import as_host_bits
-from jpeft.train.step import OptimConfig, build_optimizer, init_state, train_step
 
-from tiny import make_trainable_checkpoint
-
-
-def _fp32_stack_updates(hlo: str, layers: int) -> list[str]:
-    """The fp32 `[layers, ...]` dynamic-update-slices of a converted operand: the out-of-place form."""
-    flat = hlo.replace(" ", "")
-    return re.findall(rf"=f32\[{layers},[\d,]*\]\{{[\d,]*\}}dynamic-update-slice\(%convert[^)]*\)", flat)
+from tiny import fp32_stack_updates
 
 
 def _scan_loss(namer, dtype, argnums=(0, 1)):
@@ -68,7 +58,7 @@ def test_save_name_is_what_the_policy_saves():
     h = jnp.zeros((16, 32), jnp.bfloat16)
     hlo = _scan_loss(save_name, jnp.bfloat16, 1).lower(ws, h).compile().as_text()
     assert re.search(r"u16\[6,16,32\]", hlo), "the named activation is not saved as uint16 words"
-    assert _fp32_stack_updates(hlo, 6) == []
+    assert fp32_stack_updates(hlo, 6) == []
     plain = _scan_loss(checkpoint_name, jnp.bfloat16, 1).lower(ws, h).compile().as_text()
     dots = [len(re.findall(r"\bdot\(", t)) for t in (hlo, plain)]
     assert dots[0] == dots[1], dots  # saving words recomputes no more dots than saving the floats
@@ -80,25 +70,3 @@ def test_name_words_round_trips_the_bits():
     assert y.dtype == x.dtype
     np.testing.assert_array_equal(np.asarray(jax.lax.bitcast_convert_type(x, jnp.uint16)),
                                   np.asarray(jax.lax.bitcast_convert_type(y, jnp.uint16)))
-
-
-@pytest.fixture(scope="module")
-def bf16_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("saved")
-    make_trainable_checkpoint(d, "llama", "gqa_untied")
-    return jpeft.load(d, "bfloat16", tokenizer=False)
-
-
-@pytest.mark.parametrize("remat", ["full", "projections"])
-def test_bf16_train_step_updates_saved_stacks_in_place(bf16_model, remat):
-    model = bf16_model
-    method, adapters = init_lora(model.cfg, model.params, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
-                                 jax.random.PRNGKey(0))[:2]
-    tx = build_optimizer(OptimConfig(lr=1e-4), 4, (method,))
-    ids = (np.arange(64, dtype=np.int32) % 50).reshape(1, 2, 32)
-    batch = {"input_ids": ids, "labels": ids}  # one segment per row: the static causal path jpeft train takes
-    hlo = train_step.lower(init_state(adapters, tx, 0), as_host_bits(model.params), batch, cfg=model.cfg,
-                           methods=(method,), tx=tx, remat=remat, dtype=jnp.bfloat16).compile().as_text()
-    layers = model.cfg.num_layers
-    assert re.search(rf"u16\[{layers},1,2,32,", hlo.replace(" ", "")) or re.search(rf"u16\[{layers},2,32,", hlo)
-    assert _fp32_stack_updates(hlo, layers) == []
