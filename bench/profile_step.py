@@ -21,6 +21,7 @@ import argparse
 import collections
 import gzip
 import json
+import math
 import os
 import re
 import statistics
@@ -76,18 +77,13 @@ def dot_flops(ins: dict, instrs: dict) -> tuple[float, str]:
     m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins["rest"])
     contract = [int(d) for d in m.group(1).split(",") if d] if m else []
     ld = _dims(lhs["shape"])
-    k = 1
-    for d in contract:
-        k *= ld[d]
-    out = 1
-    for d in _dims(ins["shape"]):
-        out *= d
     dt = lhs["shape"].split("[")[0]
-    return 2.0 * out * k, f"{dt}{_dims(lhs['shape'])}·{_dims(rhs['shape'])} c{contract}"
+    flops = 2.0 * math.prod(_dims(ins["shape"])) * math.prod(ld[d] for d in contract)
+    return flops, f"{dt}{ld}·{_dims(rhs['shape'])} c{contract}"
 
 
 def dot_kind(ins: dict, instrs: dict) -> str:
-    """attention (batched), LoRA rank-r (an operand dim <= 64 that is not a head dim) or projection/lm_head."""
+    """attention (a dot with batch dims), LoRA rank-r (else an operand dim <= 64) or projection/lm_head."""
     lhs, rhs = (instrs.get(a) for a in ins["args"][:2])
     if lhs is None or rhs is None:
         return "dots: other"

@@ -24,15 +24,15 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-WORD = {jnp.dtype(jnp.bfloat16): jnp.uint16, jnp.dtype(jnp.float16): jnp.uint16}
+HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # named as uint16 words
 
 
 def name_words(x: jax.Array, name: str) -> jax.Array:
     """`checkpoint_name(x, name)`, with a bf16/f16 `x` named as its uint16 words; same shape, dtype, value."""
-    word = WORD.get(jnp.dtype(x.dtype))
-    if word is None:
+    if jnp.dtype(x.dtype) not in HALF:
         return checkpoint_name(x, name)
-    return jax.lax.bitcast_convert_type(checkpoint_name(jax.lax.bitcast_convert_type(x, word), name), x.dtype)
+    words = checkpoint_name(jax.lax.bitcast_convert_type(x, jnp.uint16), name)
+    return jax.lax.bitcast_convert_type(words, x.dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -52,6 +52,4 @@ def save_name(x: jax.Array, name: str) -> jax.Array:
 
     x: any shape; returns the same array (same dtype and bits), differentiable with the identity derivative.
     """
-    if jnp.dtype(x.dtype) not in WORD:
-        return checkpoint_name(x, name)
-    return _saved16(x, name)
+    return _saved16(x, name) if jnp.dtype(x.dtype) in HALF else checkpoint_name(x, name)
