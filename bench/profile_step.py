@@ -13,6 +13,7 @@ are left out: their time is the time of the ops inside them. Ops of one step can
 cores, so the summed op time can exceed the wall time; both are printed.
 
     python bench/profile_step.py [--dtype float32 bfloat16] [--steps 2] [--top 25] [--json OUT]
+    python bench/profile_step.py --model DIR --quantize nf4 --dtype bfloat16 --batch-size 1 --max-len 128 --remat full
 """
 
 from __future__ import annotations
@@ -135,8 +136,10 @@ def classify(ins: dict, instrs: dict, comps: dict) -> tuple[str, float, str]:
     return f"other ({op})", 0.0, ""
 
 
-def build(dtype: str):
-    """The step function, its arguments and the batches, as `jpeft train` runs them."""
+def build(dtype: str, model_dir: str | None = None, quantize: str | None = None, batch_size: int = 4,
+          max_len: int = 256, remat: str = "projections"):
+    """The step function, its arguments and the batches, as `jpeft train` runs them (defaults: issue 26's run;
+    `model_dir`/`quantize`/... for a real-size run such as `bench/real_size.py`'s QLoRA)."""
     import jax
     import numpy as np
 
@@ -157,16 +160,16 @@ def build(dtype: str):
     text = datasets(work)["text"]
     from jpeft.train.data import load_jsonl
 
-    model = jpeft.load(default_model_path(), dtype, tokenizer=True)
-    rows = make_rows(model, load_jsonl(text), TrainConfig(batch_size=4, max_len=256))
-    sched = BatchSchedule(rows, 4, 0)
+    model = jpeft.load(model_dir or default_model_path(), dtype, tokenizer=True, quantize=quantize)
+    rows = make_rows(model, load_jsonl(text), TrainConfig(batch_size=batch_size, max_len=max_len))
+    sched = BatchSchedule(rows, batch_size, 0)
     keys = step_keys(rows)
     method, ad = init_lora(model.cfg, model.params, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
                            jax.random.PRNGKey(0))
     tx = build_optimizer(OptimConfig(lr=2e-4), 100, (method,))
     state = init_state(ad, tx, 0)
-    kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat="projections", dtype=jpeft.api.resolve_dtype(dtype),
-              max_targets=run_target_bound(rows["labels"], 4))
+    kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=remat, dtype=jpeft.api.resolve_dtype(dtype),
+              max_targets=run_target_bound(rows["labels"], batch_size))
     base = as_host_bits(model.params)
 
     def batch(i: int) -> dict:
@@ -176,10 +179,10 @@ def build(dtype: str):
     return train_step, state, base, batch, kw
 
 
-def profile(dtype: str, steps: int, top: int) -> dict:
+def profile(dtype: str, steps: int, top: int, **run) -> dict:
     import jax
 
-    step, state, base, batch, kw = build(dtype)
+    step, state, base, batch, kw = build(dtype, **run)
     compiled = step.lower(state, base, batch(0), **kw).compile()
     instrs, comps = parse_hlo(compiled.as_text())
     for i in range(2):  # warm-up (compilation, first-touch of the buffers)
@@ -253,8 +256,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--json")
+    ap.add_argument("--model", help="a HF folder (default: the bundled SmolLM2-135M-Instruct)")
+    ap.add_argument("--quantize", choices=["nf4", "fp4"], help="4-bit base (double quant), as `jpeft train`")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--remat", default="projections")
     a = ap.parse_args()
-    out = [profile(d, a.steps, a.top) for d in a.dtype]
+    run = dict(model_dir=a.model, quantize=a.quantize, batch_size=a.batch_size, max_len=a.max_len, remat=a.remat)
+    out = [profile(d, a.steps, a.top, **run) for d in a.dtype]
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
 

@@ -24,6 +24,9 @@ scale repeated per tile in the wrapper so a tile never straddles a partial block
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from functools import partial
 
 import jax
@@ -54,8 +57,10 @@ _NT = (((1,), (1,)), ((), ()))  # dot_general: a @ bᵀ
 
 # -------------------------------------------------------------------------------------------- reference
 # Mirrors bnb's `MatMul4Bit`: the weight is frozen (no gradient, ever) and the backward computes
-# `grad_x = grad_y @ dequant(W)`. The full-precision W is never kept as a residual: only x and the packed
-# arrays (already resident) are saved, so activation memory stays that of a plain matmul.
+# `grad_x = grad_y @ dequant(W)`. The full-precision W is never kept across layers: only x and the packed
+# arrays (already resident) are saved, so activation memory stays that of a plain matmul (inside jpeft's
+# checkpointed layers the decoded planes are residuals that the checkpoint recomputes per layer, see
+# `planes_recomputed_by_checkpoint`).
 
 
 def _zero_cotangent(leaf: jax.Array) -> jax.Array:
@@ -65,37 +70,111 @@ def _zero_cotangent(leaf: jax.Array) -> jax.Array:
     return np.zeros(leaf.shape, dtype=jax.dtypes.float0)
 
 
+def _split_layout(qw: QuantizedWeight) -> bool:
+    """True when each row of W `[O, I]` holds whole blocks (`I % blocksize == 0`), so that the high and the low
+    nibbles of a row's bytes are the row's even and odd columns, each plane scaled block by block."""
+    return len(qw.shape) == 2 and qw.shape[1] % qw.blocksize == 0
+
+
+def _planes(qw: QuantizedWeight, compute_dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """W's even and odd columns, `W[:, 0::2]` and `W[:, 1::2]` (`[O, I/2]` each, in `compute_dtype`).
+
+    Each is one elementwise pass over the packed bytes (`[O, I/bs, bs/2]`: a nibble, its table value, times the
+    block's scale, one rounding), so neither needs the interleave of the two nibbles that `dequantize_4bit`
+    does: on XLA:CPU that interleave made the decode ~3x slower per weight. Same values as `dequantize_4bit`.
+    """
+    o, i = qw.shape
+    bs = qw.blocksize
+    codes = qw.packed.reshape(o, i // bs, bs // 2)
+    scales = block_scales(qw).reshape(o, i // bs, 1)
+    table = jnp.asarray(FOUR_BIT_DECODE[qw.quant_type])
+
+    def plane(nibbles: jax.Array) -> jax.Array:
+        return (table[nibbles.astype(jnp.int32)] * scales).astype(compute_dtype).reshape(o, i // 2)
+
+    return plane(codes >> 4), plane(codes & 0xF)
+
+
+def _dot(a: jax.Array, b: jax.Array, b_dim: int) -> jax.Array:
+    """`a [..., K]` contracted with `b`'s dim `b_dim` (`b` 2-D), accumulated in fp32 (fp32 result)."""
+    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b_dim,)), ((), ())), preferred_element_type=_F32)
+
+
+def _planes_matmul(x: jax.Array, hi: jax.Array, lo: jax.Array, compute_dtype: jnp.dtype) -> jax.Array:
+    """`x W^T = x[..., 0::2] W[:, 0::2]^T + x[..., 1::2] W[:, 1::2]^T`, fp32 accumulation, one rounding."""
+    xc = x.astype(compute_dtype)
+    return (_dot(xc[..., 0::2], hi, 1) + _dot(xc[..., 1::2], lo, 1)).astype(compute_dtype)
+
+
+def _planes_grad(g: jax.Array, hi: jax.Array, lo: jax.Array, x: jax.Array, compute_dtype: jnp.dtype) -> jax.Array:
+    """`dx = g W`: its even and odd columns from the two planes, interleaved back, in x's dtype."""
+    gc = g.astype(compute_dtype)
+    even, odd = _dot(gc, hi, 0).astype(compute_dtype), _dot(gc, lo, 0).astype(compute_dtype)
+    return jnp.stack([even, odd], axis=-1).reshape(x.shape).astype(x.dtype)
+
+
 def _forward(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype) -> jax.Array:
     # 16-bit compute: fp32 accumulation (`jpeft.kernels.matmul`), so XLA:CPU keeps the bf16 operands on its bf16
     # units instead of converting both to fp32; fp32 compute: the plain matmul, as before
-    w = dequantize_4bit(qw, compute_dtype)  # [out, in]
+    if _split_layout(qw):
+        return _planes_matmul(x, *_planes(qw, compute_dtype), compute_dtype)
     xc = x.astype(compute_dtype)
+    w = dequantize_4bit(qw, compute_dtype)  # [out, in]
     if jnp.dtype(compute_dtype) == _F32:
         return jnp.matmul(xc, w.T)
     return dot_f32acc(xc, w, ((xc.ndim - 1,), (1,)), compute_dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _qmatmul(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype) -> jax.Array:
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qmatmul(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype, keep_planes: bool) -> jax.Array:
     return _forward(x, qw, compute_dtype)
 
 
-def _qmatmul_fwd(x, qw, compute_dtype):
+def _qmatmul_fwd(x, qw, compute_dtype, keep_planes):
+    if keep_planes and _split_layout(qw):  # under a checkpoint: see `planes_recomputed_by_checkpoint`
+        hi, lo = _planes(qw, compute_dtype)
+        return _planes_matmul(x, hi, lo, compute_dtype), (x, (hi, lo))
     return _forward(x, qw, compute_dtype), (x, qw)
 
 
-def _qmatmul_bwd(compute_dtype, res, g):
-    x, qw = res
-    w = dequantize_4bit(qw, compute_dtype)  # recomputed, not saved
-    gc = g.astype(compute_dtype)
-    if jnp.dtype(compute_dtype) == _F32:
-        gx = jnp.matmul(gc, w).astype(x.dtype)
+def _qmatmul_bwd(compute_dtype, keep_planes, res, g):
+    x, w = res
+    if isinstance(w, tuple):  # the planes the (re)computed forward made
+        return _planes_grad(g, *w, x, compute_dtype), None  # None: the frozen weight gets a symbolic zero
+    qw = w
+    if _split_layout(qw):  # decoded again, not saved
+        gx = _planes_grad(g, *_planes(qw, compute_dtype), x, compute_dtype)
     else:
-        gx = dot_f32acc(gc, w, ((gc.ndim - 1,), (0,)), compute_dtype).astype(x.dtype)
+        w = dequantize_4bit(qw, compute_dtype)  # recomputed, not saved
+        gc = g.astype(compute_dtype)
+        if jnp.dtype(compute_dtype) == _F32:
+            gx = jnp.matmul(gc, w).astype(x.dtype)
+        else:
+            gx = dot_f32acc(gc, w, ((gc.ndim - 1,), (0,)), compute_dtype).astype(x.dtype)
     return gx, jax.tree_util.tree_map(_zero_cotangent, qw)
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+_KEEP_PLANES: contextvars.ContextVar[bool] = contextvars.ContextVar("jpeft_nf4_keep_planes", default=False)
+
+
+@contextlib.contextmanager
+def planes_recomputed_by_checkpoint() -> Iterator[None]:
+    """Trace `qmatmul` inside a `jax.checkpoint` whose policy saves none of its residuals (jpeft's remat wrapper).
+
+    There the backward of a layer first recomputes the layer's forward, which decodes every 4-bit weight the
+    layer uses, and then computes `dx = g W`, which would decode it again. Inside this context `qmatmul`
+    hands its decoded planes to its own backward as residuals, so the recomputed forward's decode serves both
+    and each weight is decoded twice per step (forward, backward) instead of three times. The checkpoint
+    recomputes those residuals per layer, so they never outlive the layer. Outside it (no checkpoint) the
+    residuals stay `x` and the packed weight, as in bitsandbytes' `MatMul4Bit`.
+    """
+    token = _KEEP_PLANES.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_PLANES.reset(token)
 
 
 def qmatmul(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype | str | None = None) -> jax.Array:
@@ -110,7 +189,7 @@ def qmatmul(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype | str | 
             f"qmatmul: x [..., {x.shape[-1]}] does not contract with W {list(qw.shape)} [out, in]."
         )
     cd = jnp.dtype(x.dtype if compute_dtype is None else compute_dtype)
-    return _qmatmul(x, qw, cd)
+    return _qmatmul(x, qw, cd, _KEEP_PLANES.get())
 
 
 def nf4_matmul_reference(x: jax.Array, qw: QuantizedWeight, compute_dtype: jnp.dtype | str | None = None) -> jax.Array:

@@ -8,6 +8,7 @@ take the mode as a static argument and enter it inside the trace.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError
+from jpeft.kernels.nf4_matmul import planes_recomputed_by_checkpoint
 from jpeft.models.config import ModelConfig
 from jpeft.models.decoder import REMAT_POLICIES, decoder_layer, rms_norm
 from jpeft.models.mla import cache_widths
@@ -54,6 +56,20 @@ def check_remat(remat: str) -> str:
     return remat
 
 
+def _decode_once(fn):
+    """`fn` traced so that a 4-bit weight recomputed for the backward is decoded once for both of its uses.
+
+    Every policy below saves only named activations or dot outputs, never the decoded 4-bit planes, so the
+    checkpoint recomputes them per layer (`jpeft.kernels.nf4_matmul.planes_recomputed_by_checkpoint`).
+    """
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with planes_recomputed_by_checkpoint():
+            return fn(*args, **kwargs)
+
+    return traced
+
+
 def _remat(fn, remat: str):
     """The layer body under `jax.checkpoint` with the named policy (see REMAT_POLICIES).
 
@@ -62,6 +78,7 @@ def _remat(fn, remat: str):
     """
     if check_remat(remat) == "none":
         return fn
+    fn = _decode_once(fn)
     if remat == "offload":
         policy = jax.checkpoint_policies.save_and_offload_only_these_names(
             names_which_can_be_saved=(), names_which_can_be_offloaded=("layer_input",),

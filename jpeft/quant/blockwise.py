@@ -195,9 +195,22 @@ def double_quantize(
 
 
 def _undo_double_quant(codes: jax.Array, nested_absmax: jax.Array, offset: jax.Array) -> jax.Array:
-    """absmax' = fp32(fp32(dyn[code] * nested_absmax[i // 256]) + offset). Returns f32 ``[nblocks]``."""
-    vals = _blocks(jnp.asarray(DYNAMIC_MAP)[codes.astype(jnp.int32)], NESTED_BLOCKSIZE)
-    return ((vals * nested_absmax[:, None]).reshape(-1) + offset)[: codes.shape[0]]
+    """absmax' = fp32(fp32(dyn[code] * nested_absmax[i // 256]) + offset), rounded twice as bnb's kernels round it.
+
+    Two details keep this exact and cheap inside a jitted step:
+    - XLA:CPU's code generator contracts a multiply feeding an add into one FMA (a single rounding), which
+      moved the last bit of ~4% of the scales away from bnb's. A product with a second use is not contracted,
+      so the product also feeds the NaN test of a select that returns the sum either way (a NaN product
+      gives a NaN sum too).
+    - The scales are read back by a gather from a `[nested, 256]` table of every (nested block, code) pair:
+      XLA does not copy a gather into its consumers, so they are computed once per block and read by the
+      4-bit decode as one buffer, instead of being recomputed for each of the block's weights.
+    Returns f32 ``[nblocks]``.
+    """
+    product = nested_absmax.astype(jnp.float32)[:, None] * jnp.asarray(DYNAMIC_MAP)[None, :]  # [nested, 256]
+    table = jnp.where(jnp.isnan(product), product, product + offset)
+    index = (jnp.arange(codes.shape[0], dtype=jnp.int32) // NESTED_BLOCKSIZE) * 256 + codes.astype(jnp.int32)
+    return table.reshape(-1)[index]
 
 
 @partial(jax.jit, static_argnames=("quant_type", "blocksize"))
