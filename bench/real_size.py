@@ -187,8 +187,11 @@ def jpeft_load_seconds(out_dir: Path) -> float:
 def printed_step_seconds(side: str, out: str, run_dir: Path | None) -> list[float]:
     """Each step's own time as the side reports it (jpeft: metrics.jsonl tokens/s; peer: its step lines)."""
     if side == "jpeft":
+        # `elapsed_s`: seconds since the run's first step began, when that step's numbers were read (its
+        # `tokens_per_s` is the run's mean so far, compilation included: not one step's time)
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        return [128 / r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+        ends = [r["elapsed_s"] for r in rows if "elapsed_s" in r]
+        return [b - a for a, b in zip([0.0, *ends], ends)]
     return [float(x) for x in re.findall(r"^step \d+ loss \S+ ([\d.]+)s", out, re.M)]
 
 

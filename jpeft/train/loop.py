@@ -276,7 +276,8 @@ def _place(model: Model, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: 
 
 
 class _StepMeter:
-    """Turns a step's device metrics into a metrics.jsonl record: loss check, tokens/s, progress bar.
+    """Turns a step's device metrics into a metrics.jsonl record: loss check, tokens/s (the mean since the
+    first step began, compilation included), `elapsed_s` (seconds since then), progress bar.
 
     The loop hands it step k's metrics only after step k+1 has been dispatched, so reading them (a
     device sync) overlaps with the next step instead of stalling the pipeline.
@@ -305,11 +306,12 @@ class _StepMeter:
             warnings.warn(f"the gradient norm has been exactly 0 for {COLLAPSE_STEPS} steps in a row (steps "
                           f"{step + 2 - COLLAPSE_STEPS}-{step + 1}): {why}", CollapseWarning, stacklevel=2)
         self.tokens += float(m["tokens"])
-        tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        elapsed = time.perf_counter() - self.t0
+        tps = self.tokens / max(elapsed, 1e-9)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
         record = {"step": step + 1, "loss": loss, "lr": float(self.lr(step)), "grad_norm": grad_norm,
-                  "tokens_per_s": tps}
+                  "tokens_per_s": tps, "elapsed_s": elapsed}
         if "router_aux_loss" in m:  # MoE models: the load-balancing loss (in the loss only if the config says so)
             record["router_aux_loss"] = float(m["router_aux_loss"])
         return record

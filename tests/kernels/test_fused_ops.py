@@ -111,6 +111,9 @@ def test_linear_cross_entropy_check_grads_bf16_and_chunk_size():
     want = linear_cross_entropy_reference(hb, w.astype(jnp.bfloat16), labels)
     assert got.dtype == jnp.float32 and rel(got, want) < 1e-2
     assert default_chunk_size(4096, 49152) * 49152 <= 1 << 23 and default_chunk_size(3, 10) == 8
+    # large vocabularies keep at least 128 rows per chunk (fewer rows than that need fewer)
+    assert default_chunk_size(4096, 128256) == 128 and default_chunk_size(100, 262144) == 128
+    assert default_chunk_size(40, 262144) == 64
 
 
 # -------------------------------------------------------------------------------------------- attention

@@ -133,6 +133,11 @@ def test_cli_train_eval_generate_export(ckpt, data, tmp_path, capsys):
         assert (out / f).exists(), f
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, 9))
+    # elapsed_s grows step by step, and tokens/s is the run's mean so far: (tokens up to step k) / elapsed_s
+    elapsed = [r["elapsed_s"] for r in recs if "loss" in r]
+    assert all(b > a > 0 for a, b in zip(elapsed, elapsed[1:]))
+    tokens = [r["tokens_per_s"] * r["elapsed_s"] for r in recs if "loss" in r]
+    assert all(b > a for a, b in zip(tokens, tokens[1:]))
     assert {"eval_loss", "macro_f1", "precision", "recall"} <= set(recs[-1])
     assert recs[-1]["eval_loss"] < recs[0]["loss"]
     capsys.readouterr()
