@@ -14,7 +14,9 @@ The checkpoints are written here (random bf16 weights, sharded safetensors, the 
 4096, MLP 14336, 32/8 heads, vocab 128,256, untied (15 GiB). Nothing is downloaded.
 
 Per run, in the same invocation: load time (each side's own report), per-step time as the difference of a
-`--long` and a `--short` step run divided by the step difference (load, compile and start-up cancel), and peak
+`--long` and a `--short` step run divided by the step difference (load, compile and start-up cancel), beside it
+the median of each side's own per-step records after the first (jpeft: differences of metrics.jsonl's
+`elapsed_s`; the peer: its step lines; of the `--long` run), and peak
 memory sampled every 0.2 s over the process tree from /proc: anonymous RSS (RssAnon: memory-mapped files
 excluded on both sides, e.g. the checkpoint shards the peer trains from and jpeft's memory-mapped base, see
 `jpeft.torch_bridge.host_arena`) and total RSS. Results go to stdout and `--json`.
@@ -222,7 +224,8 @@ def one(size: str, run: str, args, model: Path, data: Path) -> dict:
                   flush=True)
         step_s = (statistics.median(printed[1:]) if args.one_run else
                   (walls[args.long] - walls[args.short]) / (args.long - args.short))
-        res[side] = {"step_s": step_s, "load_s": min(p[2] for p in peaks),
+        res[side] = {"step_s": step_s, "step_records_s": statistics.median(printed[1:]) if len(printed) > 1 else None,
+                     "load_s": min(p[2] for p in peaks),
                      "peak_anon_mib": max(p[0] for p in peaks), "peak_rss_mib": max(p[1] for p in peaks)}
         if side == "jpeft":  # the estimate vs the measured footprint: anon + resident memory-mapped base
             res[side].update(estimate_mib=est, footprint_mib=max(p[3] for p in peaks))
@@ -262,13 +265,15 @@ def main() -> None:
             if size == "8b" and run == "lora-bf16":
                 continue  # 15 GiB of bf16 weights plus training state does not fit a 24 GB machine for the peer
             results.append(one(size, run, args, model, data))
-    print("\n| shape | run | load s (jpeft / peer) | s/step (jpeft / peer) | peak anon MiB (jpeft / peer) | "
-          "peak RSS MiB (jpeft / peer) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| shape | run | load s (jpeft / peer) | s/step (jpeft / peer) | s/step, median of each side's own step "
+          "records after the first (jpeft / peer) | peak anon MiB (jpeft / peer) | peak RSS MiB (jpeft / peer) |")
+    print("|---|---|---|---|---|---|---|")
     for r in (r for r in results if "ratios" in r):
         j, p, q = r["jpeft"], r["peer"], r["ratios"]
+        a, b = j.get("step_records_s"), p.get("step_records_s")
+        rec = f"{a:.2f} / {b:.2f} ({a / b:.2f}x)" if a and b else "–"
         print(f"| {r['size']} | {r['run']} | {j['load_s']:.1f} / {p['load_s']:.1f} ({q['load_time']:.2f}x) | "
-              f"{j['step_s']:.1f} / {p['step_s']:.1f} ({q['step_time']:.2f}x) | {j['peak_anon_mib']:.0f} / "
+              f"{j['step_s']:.1f} / {p['step_s']:.1f} ({q['step_time']:.2f}x) | {rec} | {j['peak_anon_mib']:.0f} / "
               f"{p['peak_anon_mib']:.0f} ({q['peak_anon']:.2f}x) | {j['peak_rss_mib']:.0f} / {p['peak_rss_mib']:.0f} "
               f"({q['peak_rss']:.2f}x) |")
     print("\n| shape | run | jpeft estimate MiB | measured peak footprint MiB (anon + mapped base) | ratio |")
