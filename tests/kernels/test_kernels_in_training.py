@@ -53,5 +53,9 @@ def test_kernels_on_and_off_train_the_same(tmp_path, family, variant, method):
         assert ran_on["nf4_matmul"] == "pallas-interpret+reference"
     assert abs(loss_on[0] - loss_off[0]) <= 1e-5 * abs(loss_off[0])
     assert ad_on.keys() == ad_off.keys() and len(ad_off) > 0
-    for key, ref in ad_off.items():  # Adam after 3 steps: relative Frobenius distance per tensor
-        assert np.linalg.norm(ad_on[key] - ref) <= 1e-3 * np.linalg.norm(ref), key
+    # Adam after 3 steps: relative Frobenius distance per tensor. A lora_A has no gradient at step 1 (B = 0) and a
+    # tiny one after, which Adam normalizes, so fp32 summation-order differences between the kernels and the
+    # references reach ~1e-3 there (gemma2/qlora: largest 0.9e-3 with the 4-bit reference of c17a559, 1.3e-3 with
+    # the column-plane one); a wrong kernel moves these by orders of magnitude more, and step 1 is checked above
+    for key, ref in ad_off.items():
+        assert np.linalg.norm(ad_on[key] - ref) <= 2e-3 * np.linalg.norm(ref), key
