@@ -138,10 +138,9 @@ def _qmatmul_fwd(x, qw, compute_dtype, keep_planes):
 
 
 def _qmatmul_bwd(compute_dtype, keep_planes, res, g):
-    x, w = res
-    if isinstance(w, tuple):  # the planes the (re)computed forward made
-        return _planes_grad(g, *w, x, compute_dtype), None  # None: the frozen weight gets a symbolic zero
-    qw = w
+    x, qw = res
+    if isinstance(qw, tuple):  # the planes the (re)computed forward made, not the packed weight
+        return _planes_grad(g, *qw, x, compute_dtype), None  # None: the frozen weight gets a symbolic zero
     if _split_layout(qw):  # decoded again, not saved
         gx = _planes_grad(g, *_planes(qw, compute_dtype), x, compute_dtype)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from functools import partial
 
@@ -165,10 +166,8 @@ def test_checkpointed_layers_decode_each_4bit_weight_once_per_pass():
             qw, w2 = p
 
             def body(h):
-                if keep:
-                    with planes_recomputed_by_checkpoint():
-                        return h + jax.nn.silu(qmatmul(h, qw, jnp.bfloat16)) @ w2
-                return h + jax.nn.silu(qmatmul(h, qw, jnp.bfloat16)) @ w2
+                with planes_recomputed_by_checkpoint() if keep else contextlib.nullcontext():
+                    return h + jax.nn.silu(qmatmul(h, qw, jnp.bfloat16)) @ w2
 
             policy = jax.checkpoint_policies.nothing_saveable
             return jax.checkpoint(body, policy=policy, prevent_cse=False)(h), None
