@@ -139,7 +139,7 @@ def one_export_kill(root: Path, export_seconds: float, rng: random.Random, k: in
 
 
 @pytest.mark.parametrize("repeats", [1, pytest.param(20, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("command", ["train", "train --method full", "export"])
+@pytest.mark.parametrize("command", ["train", pytest.param("train --method full", marks=pytest.mark.slow), "export"])
 def test_kill9_then_rerun_reaches_the_uninterrupted_result(setup, command, repeats):
     root, train_seconds, export_seconds = setup
     rng = random.Random(repeats)
