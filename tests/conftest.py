@@ -54,7 +54,6 @@ def pytest_configure(config):
       it on the HLO, the compile options and the backend), so no result depends on it. A fresh folder per
       run, removed at its end; a cache the user exported is used as is.
     """
-    config.addinivalue_line("markers", "default_codegen: runs under XLA's default code generation (conftest)")
     if hasattr(config, "workerinput"):
         return
     mode = _codegen_mode(config)

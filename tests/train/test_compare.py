@@ -73,7 +73,7 @@ def test_no_budget_is_refused_by_the_parser(setup, tmp_path, capsys):
     assert "one of the arguments --steps --epochs is required" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # eight trainings and four evaluations in subprocesses: ~1.5 min alone
+@pytest.mark.slow  # six trainings in subprocesses, then the rerun and the refusal: ~1.5 min alone
 def test_compare_runs_chooses_reports_and_resumes(setup, tmp_path):
     root, out = setup, tmp_path / "cmp"
     cmd = [sys.executable, "-m", "jpeft.cli", *compare_argv(root, out)]
