@@ -58,19 +58,20 @@ def _form(contract_b: int) -> Callable:
                                                     preferred_element_type=jnp.float32))
 
 
-def _real_rows(m: int, k: int, n: int, nn: Callable, nt: Callable) -> dict[str, float]:
+def _real_rows(m: int, k: int, n: int, nn: Callable, nt: Callable) -> dict[str, dict[str, float]]:
+    """Seconds per product, by pass (forward, dx) and form; torch's row first in each pass."""
     rng = np.random.default_rng(0)
     x, w, g = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (m, n)))  # w: [in, out]
     jx, jg, jw, jwt = (jnp.asarray(a, "bfloat16") for a in (x, g, w, w.T.copy()))
     tx, tg, twt = (torch.from_numpy(a).bfloat16() for a in (x, g, w.T.copy()))  # torch keeps W as [out, in]
     with torch.no_grad():
         return {
-            "forward: torch F.linear (NT)": seconds(lambda: torch.nn.functional.linear(tx, twt)),
-            "forward: jax x @ W[in,out] (NN)": seconds(lambda: nn(jx, jw).block_until_ready()),
-            "forward: jax x @ W[out,in]^T (NT)": seconds(lambda: nt(jx, jwt).block_until_ready()),
-            "dx: torch g @ W[out,in] (NN)": seconds(lambda: tg @ twt),
-            "dx: jax g @ W[out,in] (NN)": seconds(lambda: nn(jg, jwt).block_until_ready()),
-            "dx: jax g @ W[in,out]^T (NT)": seconds(lambda: nt(jg, jw).block_until_ready()),
+            "forward": {"torch F.linear (NT)": seconds(lambda: torch.nn.functional.linear(tx, twt)),
+                        "jax x @ W[in,out] (NN)": seconds(lambda: nn(jx, jw).block_until_ready()),
+                        "jax x @ W[out,in]^T (NT)": seconds(lambda: nt(jx, jwt).block_until_ready())},
+            "dx": {"torch g @ W[out,in] (NN)": seconds(lambda: tg @ twt),
+                   "jax g @ W[out,in] (NN)": seconds(lambda: nn(jg, jwt).block_until_ready()),
+                   "jax g @ W[in,out]^T (NT)": seconds(lambda: nt(jg, jw).block_until_ready())},
         }
 
 
@@ -78,12 +79,12 @@ def real_size() -> None:
     """bf16 products at the 1B shapes in both operand layouts (module docstring)."""
     nn, nt = _form(0), _form(1)
     for m, k, n in REAL:
-        rows = _real_rows(m, k, n, nn, nt)
         print(f"bf16 x [{m}x{k}], W {k}->{n}:", flush=True)
-        for name, t in rows.items():
-            base = rows[next(r for r in rows if r.split(":")[0] == name.split(":")[0])]  # torch's row of the pass
-            print(f"  {name:36s} {t * 1e3:6.2f} ms {2 * m * k * n / t / 1e9:6.0f} GFLOP/s  time/torch "
-                  f"{t / base:.2f}", flush=True)
+        for pass_, rows in _real_rows(m, k, n, nn, nt).items():
+            torch_s = next(iter(rows.values()))
+            for name, t in rows.items():
+                print(f"  {pass_ + ': ' + name:36s} {t * 1e3:6.2f} ms {2 * m * k * n / t / 1e9:6.0f} GFLOP/s  "
+                      f"time/torch {t / torch_s:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -222,9 +222,9 @@ def one(size: str, run: str, args, model: Path, data: Path) -> dict:
             print(f"  {size} {run} {side} steps={steps}: wall {r['wall']:.1f}s load {load:.1f}s peak anon "
                   f"{r['anon_mib']:.0f} MiB rss {r['rss_mib']:.0f} MiB; steps {[round(x, 1) for x in printed]} s",
                   flush=True)
-        step_s = (statistics.median(printed[1:]) if args.one_run else
-                  (walls[args.long] - walls[args.short]) / (args.long - args.short))
-        res[side] = {"step_s": step_s, "step_records_s": statistics.median(printed[1:]) if len(printed) > 1 else None,
+        records = statistics.median(printed[1:]) if len(printed) > 1 else None
+        step_s = records if args.one_run else (walls[args.long] - walls[args.short]) / (args.long - args.short)
+        res[side] = {"step_s": step_s, "step_records_s": records,
                      "load_s": min(p[2] for p in peaks),
                      "peak_anon_mib": max(p[0] for p in peaks), "peak_rss_mib": max(p[1] for p in peaks)}
         if side == "jpeft":  # the estimate vs the measured footprint: anon + resident memory-mapped base

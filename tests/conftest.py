@@ -67,13 +67,7 @@ def pytest_configure(config):
         config._jpeft_xla_cache = tempfile.mkdtemp(prefix="jpeft-tests-xla-cache-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = config._jpeft_xla_cache
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-        if "jax" in sys.modules:  # read from the environment when jax is imported: a plugin imported it already
-            import jax
-
-            jax.config.update("jax_compilation_cache_dir", config._jpeft_xla_cache)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")  # (jax reads these on import)
 
 
 def pytest_collection_modifyitems(config, items):
