@@ -51,13 +51,20 @@ def _check(activation: str) -> None:
 
 def glu_reference(gate: jax.Array, up: jax.Array, activation: str) -> jax.Array:
     """Plain-autodiff `act(gate) · up` in the inputs' dtype, as transformers' MLP computes it (the model's
-    path when the kernel is not used). gate, up `[...]`."""
+    path when the kernel is not used). gate, up `[...]`.
+
+    The activation is evaluated in fp32 and rounded once to the inputs' dtype, then multiplied by `up` in that
+    dtype: torch's silu/gelu kernels compute bf16/f16 inputs in fp32 the same way. (Written on the 16-bit
+    values, XLA would round after each of the activation's ops: further from torch, and on XLA:CPU a convert
+    pair per op, 1.8 ns per element against ~0.5 in SmolLM2's bf16 step, bench/RESULTS.md.)
+    """
     _check(activation)
+    g = gate.astype(F32)
     if activation == "silu":
-        a = jax.nn.silu(gate)
+        a = jax.nn.silu(g)
     else:
-        a = jax.nn.gelu(gate, approximate=activation == "gelu_tanh")
-    return a * up
+        a = jax.nn.gelu(g, approximate=activation == "gelu_tanh")
+    return a.astype(gate.dtype) * up
 
 
 def _activation(g: jax.Array, activation: str, derivative: bool) -> tuple[jax.Array, jax.Array | None]:

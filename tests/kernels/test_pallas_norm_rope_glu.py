@@ -18,6 +18,7 @@ import torch
 from jax.test_util import check_grads
 
 from jpeft.kernels import rms_norm as rms_mod
+from jpeft.kernels import rope as rope_mod
 from jpeft.kernels.dispatch import kernel_mode, kernels_report, reset_report
 from jpeft.kernels.lowering import lower_for_cuda
 from jpeft.kernels.rms_norm import rms_norm, rms_norm_reference
@@ -164,6 +165,28 @@ def test_rope_tables_and_reference_match_transformers():
         assert rel(got, want) < 1e-5
 
 
+def test_rope_reference_in_bf16_is_torchs_bits_forward_and_backward():
+    """16-bit q/k take the reference's rotate-back backward (jpeft.kernels.rope._rope_16bit): its values and
+    gradients are torch's bf16 `apply_rotary_pos_emb` and autograd bit for bit, and plain jax autodiff's too."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k, cos, sin, _ = rand_rope(11, 2, 33, 6, 2, 64, BF16)
+    rng = np.random.default_rng(4)
+    dq, dk = (jnp.asarray(rng.standard_normal(x.shape), BF16) for x in (q, k))
+    as_torch = lambda x: torch.tensor(np.asarray(x.astype(jnp.float32))).bfloat16()  # noqa: E731
+    tq, tk = as_torch(q).requires_grad_(), as_torch(k).requires_grad_()
+    full = lambda t: torch.cat([as_torch(t)] * 2, dim=-1)  # noqa: E731  (torch casts the tables to q's dtype)
+    tq2, tk2 = apply_rotary_pos_emb(tq, tk, full(cos), full(sin), unsqueeze_dim=2)
+    torch.autograd.backward((tq2, tk2), (as_torch(dq), as_torch(dk)))
+    got = values_and_grads(lambda q, k: rope_reference(q, k, cos, sin), (q, k), (dq, dk))
+    plain = values_and_grads(lambda q, k: tuple(rope_mod._rotate_half_rope(x, cos, sin) for x in (q, k)), (q, k),
+                             (dq, dk))
+    want = ((tq2, tk2), (tq.grad, tk.grad))
+    for g, p, w in zip(jax.tree.leaves(got), jax.tree.leaves(plain), jax.tree.leaves(want)):
+        g = np.asarray(g.astype(jnp.float32))
+        assert np.array_equal(g, w.detach().float().numpy()) and np.array_equal(g, np.asarray(p.astype(jnp.float32)))
+
+
 # --------------------------------------------------------------------------------------------------- GLU
 
 
@@ -201,6 +224,22 @@ def test_glu_reference_matches_torch():
         (ty * torch.tensor(dy)).sum().backward()
         y, (dg, du) = values_and_grads(lambda g, u: glu_reference(g, u, name), (g, u), (dy,))  # noqa: B023
         assert rel(y, ty.detach()) < 1e-5 and rel(dg, tg.grad) < 1e-5 and rel(du, tu.grad) < 1e-5
+
+
+def test_glu_reference_in_bf16_rounds_the_activation_once_as_torch_does():
+    """bf16 gate/up: torch's silu/gelu evaluate in fp32 and round once, then `* up` rounds; so does the reference
+    (silu's values bit for bit; gelu's erf/tanh come from different libraries, so a few last bits differ)."""
+    rng = np.random.default_rng(5)
+    g, u = (torch.tensor(rng.standard_normal((64, 257)).astype(np.float32) * 3).bfloat16() for _ in range(2))
+    jg, ju = (jnp.asarray(t.float().numpy(), BF16) for t in (g, u))
+    acts = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+            "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+    for name, act in acts.items():
+        want = (act(g) * u).float().numpy()
+        got = np.asarray(jax.jit(lambda a, b: glu_reference(a, b, name))(jg, ju).astype(jnp.float32))  # noqa: B023
+        differ = float(np.mean(got != want))
+        assert differ == 0.0 if name == "silu" else differ < 0.1, (name, differ)
+        assert rel(got, want) < 4e-3
 
 
 # --------------------------------------------------------------------------------------- VJPs and dispatch

@@ -87,7 +87,9 @@ def test_host_bits_alias_the_stacks_and_the_step_copies_none(bf16_model):
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     stack_bytes = sum(s.nbytes for s in stacks)
-    assert temp_bits + stack_bytes <= temp_floats, (temp_bits, stack_bytes, temp_floats)
+    # the float stacks' step holds a copy of every stack; the words' step does not (the two compilations' other
+    # temporaries differ by a few KiB of fusion choices, so the margin is half the stacks, not all of them)
+    assert temp_bits + stack_bytes // 2 <= temp_floats, (temp_bits, stack_bytes, temp_floats)
 
 
 @pytest.mark.parametrize("remat", ["full", "projections"])
