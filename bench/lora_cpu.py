@@ -78,6 +78,7 @@ import json, resource, sys, time
 import jax, jax.numpy as jnp, numpy as np
 import jpeft
 from jpeft.methods.lora import LoraConfig, init_lora
+from jpeft.models.model import as_host_bits
 from jpeft.runtime import configure_host_memory
 from jpeft.train.batches import step_keys
 from jpeft.train.step import OptimConfig, build_optimizer, init_state, run_target_bound, train_step
@@ -91,11 +92,12 @@ state = init_state(ad, tx, 0)
 kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat="projections", dtype=jpeft.api.resolve_dtype(dtype),
           max_targets=run_target_bound(rows["labels"].reshape(-1, rows["labels"].shape[-1]), 4))
 keys = step_keys({k: rows[k] for k in rows.files})  # as the CLI: single-segment rows drop segment masking
+base = as_host_bits(model.params)  # as the CLI's loop hands the step its bf16 layer stacks (uint16 words)
 times, losses = [], []
 for i in range(steps):
     batch = {k: jnp.asarray(rows[k][i][None]) for k in keys}
     t = time.perf_counter()
-    state, m = train_step(state, model.params, batch, **kw)
+    state, m = train_step(state, base, batch, **kw)
     losses.append(float(m["loss"]))
     times.append(time.perf_counter() - t)
 print(json.dumps({"step_times": times, "losses": losses}))

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.errors import ConfigError
+from jpeft.kernels.matmul import cpu_16bit, rows_last
 from jpeft.kernels.saved import name_words
 
 F32 = jnp.float32
@@ -139,14 +140,11 @@ def _attention_fwd(q, k, v, allowed, sinks, scale, softcap, causal_blocks):
 def _rows_contracted(p: jax.Array, x: jax.Array) -> jax.Array:
     """`Σ_m p[n, m, s] x[n, m, d]` `[n, s, d]` fp32: dv and dk, which contract the query rows.
 
-    XLA:CPU's YNNPACK takes no left operand contracted on its middle axis, so that dot falls back to Eigen in
-    fp32 (after converting both operands). For 16-bit operands on CPU `p` is transposed to `[n, s, m]`
-    explicitly, behind an optimization barrier (XLA would fold the transpose back into the dot), and the dot
-    runs on YNNPACK in bf16 (SmolLM2's bf16 step: ~1.0 -> ~0.7 ms per block product). fp32 and other backends
-    keep the one dot."""
-    if jnp.dtype(p.dtype).itemsize == 2 and jax.default_backend() == "cpu":
-        pt = jax.lax.optimization_barrier(jnp.swapaxes(p, 1, 2))
-        return jnp.einsum("nsm,nmd->nsd", pt, x, preferred_element_type=F32)
+    As one dot, XLA:CPU runs it on its fp32 Eigen fallback (YNNPACK takes no left operand contracted on its
+    middle axis). For 16-bit operands on CPU `p` is first copied to `[n, s, m]` in a form XLA keeps
+    (`jpeft.kernels.matmul.rows_last`), and the dot runs on YNNPACK in bf16."""
+    if cpu_16bit(p):
+        return jnp.einsum("nsm,nmd->nsd", rows_last(p), x, preferred_element_type=F32)
     return jnp.einsum("nms,nmd->nsd", p, x, preferred_element_type=F32)
 
 

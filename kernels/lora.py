@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jpeft.kernels.matmul import cpu_16bit, rows_last
+
 
 def lora_delta_reference(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
     """Plain-autodiff version: `scale · (x @ A) @ B` in x's dtype. x `[..., I]`, A `[I, r]`, B `[r, O]`."""
@@ -37,13 +39,11 @@ def _dot(lhs, rhs, contract, out):
 def _small_t_dot(small: jax.Array, big: jax.Array, out) -> jax.Array:
     """`smallᵀ big` `[r, M]` for small `[N, r]`, big `[N, M]` (the token axis N contracted on both).
 
-    Written as a dot that contracts both operands' leading axis, XLA:CPU runs it on its Eigen fallback, in fp32
-    (a converted copy of `big` first, for bf16): YNNPACK takes no transposed left operand. For 16-bit operands on
-    CPU, `small` is transposed explicitly (rank-r rows: tiny) behind an optimization barrier, so that XLA cannot
-    fold the transpose back into the dot, and the product runs on YNNPACK in bf16: 2-3× faster at SmolLM2's and
-    Llama-3.2-1B's shapes. fp32 (where the two are even) and other backends keep the single dot."""
-    if jnp.dtype(big.dtype).itemsize == 2 and jax.default_backend() == "cpu":
-        return _dot(jax.lax.optimization_barrier(small.T), big, ((1,), (0,)), out)
+    As one dot that contracts both operands' leading axis, XLA:CPU runs it on its fp32 Eigen fallback (an fp32
+    copy of `big` first, for bf16). For 16-bit operands on CPU `small` is transposed first by a copy XLA keeps
+    (`jpeft.kernels.matmul.rows_last`, rank-r rows: tiny) and the product runs on YNNPACK in bf16."""
+    if cpu_16bit(big):
+        return _dot(rows_last(small), big, ((1,), (0,)), out)
     return _dot(small, big, ((0,), (0,)), out)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 F32 = jnp.float32
 _LOW = (jnp.bfloat16, jnp.float16)
@@ -26,6 +27,30 @@ _LOW = (jnp.bfloat16, jnp.float16)
 def dot_f32acc(a: jax.Array, b: jax.Array, contract: tuple[tuple[int, ...], tuple[int, ...]], out) -> jax.Array:
     """`a`, `b` contracted over `contract` (no batch dims), accumulated in fp32, cast once to `out`."""
     return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=F32).astype(out)
+
+
+def rows_last(x: jax.Array) -> jax.Array:
+    """x `[..., N, M]` -> `[..., M, N]` as a real copy that XLA:CPU keeps, for a bf16 dot that would otherwise
+    contract the leading (row) axis of its left operand.
+
+    YNNPACK takes no such left operand, so XLA:CPU runs that dot on its Eigen fallback after converting both
+    operands to fp32. Transposing the small operand first does not help when written as a transpose: XLA folds
+    it back into the dot (or sinks it through elementwise producers), and behind an optimization barrier the
+    dot is normalized to fp32 all the same. A gather with the constant transposing permutation is neither
+    folded nor normalized, and the dot then reads bf16 in its stored layout: LoRA's dA/dB at SmolLM2's shapes
+    0.44-0.47 ms -> 0.18 ms, attention's dk/dv block products 0.27-0.67 -> 0.17-0.42 ms (bench/RESULTS.md,
+    issue 26). Callers use it for 16-bit operands on CPU only (`cpu_16bit`)."""
+    *lead, n, m = x.shape
+    batch = int(np.prod(lead, dtype=np.int64))
+    idx = (np.arange(batch)[:, None, None] * (n * m) + np.arange(m)[None, :, None]
+           + np.arange(n)[None, None, :] * m)
+    flat = jnp.take(x.reshape(-1), jnp.asarray(idx.reshape(-1), jnp.int32), unique_indices=True)
+    return flat.reshape(*lead, m, n)
+
+
+def cpu_16bit(x: jax.Array) -> bool:
+    """Whether `x` is a bf16/fp16 array traced for XLA:CPU (where `rows_last` pays)."""
+    return x.dtype in _LOW and jax.default_backend() == "cpu"
 
 
 @jax.custom_vjp
