@@ -16,9 +16,10 @@ Shapes: x `[..., I]`, w `[I, O]` -> `[..., O]` in x's dtype (w is cast to x's dt
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 F32 = jnp.float32
 _LOW = (jnp.bfloat16, jnp.float16)
@@ -41,10 +42,11 @@ def rows_last(x: jax.Array) -> jax.Array:
     0.44-0.47 ms -> 0.18 ms, attention's dk/dv block products 0.27-0.67 -> 0.17-0.42 ms (bench/RESULTS.md,
     issue 26). Callers use it for 16-bit operands on CPU only (`cpu_16bit`)."""
     *lead, n, m = x.shape
-    batch = int(np.prod(lead, dtype=np.int64))
-    idx = (np.arange(batch)[:, None, None] * (n * m) + np.arange(m)[None, :, None]
-           + np.arange(n)[None, None, :] * m)
-    flat = jnp.take(x.reshape(-1), jnp.asarray(idx.reshape(-1), jnp.int32), unique_indices=True)
+    batch = math.prod(lead)
+    shape = (batch, m, n)  # the source index of every output element, from iotas (fused, never a constant)
+    iota = lambda d: jax.lax.broadcasted_iota(jnp.int32, shape, d)  # noqa: E731
+    idx = iota(0) * (n * m) + iota(1) + iota(2) * m
+    flat = x.reshape(-1).at[idx.reshape(-1)].get(mode="promise_in_bounds", unique_indices=True)
     return flat.reshape(*lead, m, n)
 
 

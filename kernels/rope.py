@@ -86,7 +86,8 @@ def rope_reference(q: jax.Array, k: jax.Array, cos: jax.Array, sin: jax.Array) -
     fp32 q/k: plain autodiff. 16-bit q/k: the backward is the same formula with −sin, which gives autodiff's
     bits (each product rounded, the half-swap exact; `tests/kernels/test_pallas_norm_rope_glu.py` checks it)
     without the zero-padded halves and the convert pair per op that autodiff's transpose of the concatenate
-    costs on XLA:CPU (3.4 ms against 0.6 ms for SmolLM2's bf16 q and k of 4 × 256 tokens).
+    costs on XLA:CPU (3.4 ms against 0.6 ms for SmolLM2's bf16 q and k of 4 × 256 tokens). cos and sin get
+    zero gradients on that path (they come from integer positions; `rope_qk` stops them in any case).
     """
     if jnp.dtype(q.dtype).itemsize == 2 and q.dtype == k.dtype:
         return _rope_16bit(q, k, cos, sin)
