@@ -15,7 +15,7 @@ Eigen (`--xla_cpu_experimental_ynn_fusion_type=-individual_dot`) made the SmolLM
 fails to compile it ("partition compile failed"). What does matter is in the model code: `jpeft.kernels.matmul`
 accumulates bf16 dots in fp32, the form YNNPACK runs on the CPU's bf16 units instead of converting the operands
 to fp32, `jpeft.kernels.saved` keeps bf16 saved activations as uint16 words, which XLA:CPU updates in place,
-and `jpeft.kernels.matmul.rows_last` hands YNNPACK the bf16 products that contract token rows (LoRA's dA/dB,
+and `jpeft.kernels.matmul.rows_contracted` hands YNNPACK the bf16 products that contract token rows (LoRA's dA/dB,
 attention's dk/dv), which it would otherwise leave to Eigen in fp32 (`python bench/profile_step.py` shows where a
 step's time goes).
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.errors import ConfigError
-from jpeft.kernels.matmul import cpu_16bit, rows_last
+from jpeft.kernels.matmul import rows_contracted
 from jpeft.kernels.saved import name_words
 
 F32 = jnp.float32
@@ -137,28 +137,11 @@ def _attention_fwd(q, k, v, allowed, sinks, scale, softcap, causal_blocks):
     return _merge(oh, q.shape), (qh, kh, vh, oh, lse, allowed, sinks)
 
 
-# Largest score block `[B·K, Tb·G, Sb]` that rows_last copies. bf16 dk-shaped products, this CPU: 0.3M elements
-# 0.96 -> 0.56 ms, 1M 4.1 -> 1.3, 4M 11.0 -> 3.2, but 12M 39 -> 44 ms (the gather's cost grows past the gain).
-ROWS_LAST_MAX = 1 << 22
-
-
-def _rows_contracted(p: jax.Array, x: jax.Array) -> jax.Array:
-    """`Σ_m p[n, m, s] x[n, m, d]` `[n, s, d]` fp32: dv and dk, which contract the query rows.
-
-    As one dot, XLA:CPU runs it on its fp32 Eigen fallback (YNNPACK takes no left operand contracted on its
-    middle axis). For 16-bit operands on CPU `p` is first copied to `[n, s, m]` in a form XLA keeps
-    (`jpeft.kernels.matmul.rows_last`), and the dot runs on YNNPACK in bf16. The copy is a gather, whose cost
-    grows with p's size while its gain does not: blocks above `ROWS_LAST_MAX` elements keep the one dot."""
-    if cpu_16bit(p) and p.size <= ROWS_LAST_MAX:
-        return jnp.einsum("nsm,nmd->nsd", rows_last(p), x, preferred_element_type=F32)
-    return jnp.einsum("nms,nmd->nsd", p, x, preferred_element_type=F32)
-
-
 def _block_grads(qb, kb, vb, ob, dob, mx, logden, allowed_b, kvh, scale, softcap):
     """dq `[B·K, Tb·G, hd]`, dk, dv `[B·K, Sb, hd]` (fp32) of one query block."""
     s, mask, dcap = _scores(qb, kb, allowed_b, kvh, scale, softcap)
     p = jnp.exp((s - mx) - logden)  # [B·K, Tb·G, Sb] fp32
-    dv = _rows_contracted(p.astype(vb.dtype), dob)
+    dv = rows_contracted(p.astype(vb.dtype), dob)  # the query rows contracted (jpeft.kernels.matmul)
     dp = jnp.einsum("nmd,nsd->nms", dob, vb, preferred_element_type=F32)
     delta = jnp.sum(dob.astype(F32) * ob.astype(F32), axis=-1, keepdims=True)  # rowsum(dp * p)
     ds = jnp.where(mask, p * (dp - delta), 0.0)
@@ -166,7 +149,7 @@ def _block_grads(qb, kb, vb, ob, dob, mx, logden, allowed_b, kvh, scale, softcap
         ds = ds * dcap
     ds = (ds * scale).astype(qb.dtype)
     dq = jnp.einsum("nms,nsd->nmd", ds, kb, preferred_element_type=F32)
-    dk = _rows_contracted(ds, qb)
+    dk = rows_contracted(ds, qb)
     return dq, dk, dv
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jpeft.kernels.matmul import cpu_16bit, rows_last
+from jpeft.kernels.matmul import rows_contracted
 
 
 def lora_delta_reference(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
@@ -36,17 +36,6 @@ def _dot(lhs, rhs, contract, out):
     return jax.lax.dot_general(lhs, rhs, (contract, ((), ())), preferred_element_type=jnp.float32).astype(out)
 
 
-def _small_t_dot(small: jax.Array, big: jax.Array, out) -> jax.Array:
-    """`smallᵀ big` `[r, M]` for small `[N, r]`, big `[N, M]` (the token axis N contracted on both).
-
-    As one dot that contracts both operands' leading axis, XLA:CPU runs it on its fp32 Eigen fallback (an fp32
-    copy of `big` first, for bf16). For 16-bit operands on CPU `small` is transposed first by a copy XLA keeps
-    (`jpeft.kernels.matmul.rows_last`, rank-r rows: tiny) and the product runs on YNNPACK in bf16."""
-    if cpu_16bit(big):
-        return _dot(rows_last(small), big, ((1,), (0,)), out)
-    return _dot(small, big, ((0,), (0,)), out)
-
-
 def _fwd(x, a, b, scale):
     dt = x.dtype
     xa = _dot(x, a.astype(dt), ((x.ndim - 1,), (0,)), dt)  # [..., r]: the only activation saved besides x
@@ -63,8 +52,8 @@ def _bwd(res, dy):
     s = jnp.asarray(scale, dt)
     g = dyb * s  # cotangent of x A
     dx = _dot(g, a.astype(dt), ((1,), (1,)), dt)  # [N, I]
-    da = _small_t_dot(g, x2, dt).T  # xᵀ g [I, r]
-    db = _small_t_dot(xa2, dy2, dt) * s  # (x A)ᵀ dy [r, O]
+    da = rows_contracted(g, x2).astype(dt).T  # xᵀ g [I, r] (the token axis contracted, jpeft.kernels.matmul)
+    db = rows_contracted(xa2, dy2).astype(dt) * s  # (x A)ᵀ dy [r, O]
     dscale = jnp.sum(xa2.astype(jnp.float32) * dyb.astype(jnp.float32))
     return (dx.reshape(x.shape), da.astype(a.dtype), db.astype(b.dtype),
             dscale.astype(jnp.result_type(scale)).reshape(jnp.shape(scale)))

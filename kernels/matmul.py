@@ -30,29 +30,38 @@ def dot_f32acc(a: jax.Array, b: jax.Array, contract: tuple[tuple[int, ...], tupl
     return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=F32).astype(out)
 
 
-def rows_last(x: jax.Array) -> jax.Array:
-    """x `[..., N, M]` -> `[..., M, N]` as a real copy that XLA:CPU keeps, for a bf16 dot that would otherwise
-    contract the leading (row) axis of its left operand.
+# Largest left operand rows_contracted copies. bf16 dk-shaped products `[n, m, s]·[n, m, 64]` on the benchmark CPU:
+# 0.3M elements 0.96 -> 0.56 ms, 1M 4.1 -> 1.3, 4M 11.0 -> 3.2, but 12M 39 -> 44 ms (the gather outgrows the gain).
+ROWS_LAST_MAX = 1 << 22
 
-    YNNPACK takes no such left operand, so XLA:CPU runs that dot on its Eigen fallback after converting both
-    operands to fp32. Transposing the small operand first does not help when written as a transpose: XLA folds
-    it back into the dot (or sinks it through elementwise producers), and behind an optimization barrier the
-    dot is normalized to fp32 all the same. A gather with the constant transposing permutation is neither
-    folded nor normalized, and the dot then reads bf16 in its stored layout: LoRA's dA/dB at SmolLM2's shapes
-    0.44-0.47 ms -> 0.18 ms, attention's dk/dv block products 0.27-0.67 -> 0.17-0.42 ms (bench/RESULTS.md,
-    issue 26). Callers use it for 16-bit operands on CPU only (`cpu_16bit`)."""
-    *lead, n, m = x.shape
-    batch = math.prod(lead)
-    shape = (batch, m, n)  # the source index of every output element, from iotas (fused, never a constant)
+
+def _rows_last(x: jax.Array) -> jax.Array:
+    """x `[..., N, P]` -> `[..., P, N]` as a gather with the transposing permutation (indices from iotas, fused):
+    a copy XLA:CPU neither folds back into the consuming dot nor normalizes to fp32."""
+    *lead, n, p = x.shape
+    shape = (math.prod(lead), p, n)  # the source index of every output element
     iota = lambda d: jax.lax.broadcasted_iota(jnp.int32, shape, d)  # noqa: E731
-    idx = iota(0) * (n * m) + iota(1) + iota(2) * m
-    flat = x.reshape(-1).at[idx.reshape(-1)].get(mode="promise_in_bounds", unique_indices=True)
-    return flat.reshape(*lead, m, n)
+    idx = iota(0) * (n * p) + iota(1) + iota(2) * p
+    return x.reshape(-1).at[idx.reshape(-1)].get(mode="promise_in_bounds", unique_indices=True).reshape(*lead, p, n)
 
 
-def cpu_16bit(x: jax.Array) -> bool:
-    """Whether `x` is a bf16/fp16 array traced for XLA:CPU (where `rows_last` pays)."""
-    return x.dtype in _LOW and jax.default_backend() == "cpu"
+def rows_contracted(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`Σ_n a[..., n, p] b[..., n, q]` `[..., P, Q]` in fp32: a product over the rows (token or query axis) of both
+    operands, leading axes batched. LoRA's dA/dB and attention's dk/dv have this form.
+
+    As one dot it contracts the left operand's row axis, which YNNPACK does not take, so XLA:CPU runs it on its
+    Eigen fallback in fp32 after converting both operands. A transpose of `a` in front does not help: XLA folds it
+    back into the dot (or sinks it through elementwise producers), and behind an optimization barrier the dot is
+    normalized to fp32 all the same. For 16-bit operands on CPU `a` is copied `[..., P, N]` by a gather, which
+    stays, and the dot reads bf16 on YNNPACK: LoRA's dA/dB at SmolLM2's shapes 0.44-0.47 -> 0.18 ms, attention's
+    dk/dv blocks 0.27-0.67 -> 0.17-0.42 ms, the SmolLM2 bf16 step 2.19 -> 1.74 s with both (bench/RESULTS.md,
+    issue 26). Up to `ROWS_LAST_MAX` elements of `a`; fp32 (no gain measured) and other backends keep the one dot.
+    """
+    batch = tuple(range(a.ndim - 2))
+    if a.dtype in _LOW and jax.default_backend() == "cpu" and a.size <= ROWS_LAST_MAX:
+        return jax.lax.dot_general(_rows_last(a), b, (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch)),
+                                   preferred_element_type=F32)
+    return jax.lax.dot_general(a, b, (((a.ndim - 2,), (b.ndim - 2,)), (batch, batch)), preferred_element_type=F32)
 
 
 @jax.custom_vjp

@@ -309,3 +309,15 @@ def fp32_stack_updates(hlo: str, layers: int) -> list[str]:
     """The fp32 `[layers, ...]` dynamic-update-slices of a converted operand: the out-of-place form."""
     flat = hlo.replace(" ", "")
     return re.findall(rf"=f32\[{layers},[\d,]*\]\{{[\d,]*\}}dynamic-update-slice\(%convert[^)]*\)", flat)
+
+
+def dots_and_operand_types(hlo: str) -> list[tuple[str, list[str]]]:
+    """Each dot of an HLO module's text with the element types of the operands it reads (each operand's own
+    definition in the module: a fused computation's parameter, or a converted copy in the caller)."""
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    out = []
+    for ln in hlo.splitlines():
+        m = re.search(r"= \S+ dot\(([^)]*)\)", ln)
+        if m:
+            out.append((ln, [types.get(name, "?") for name in re.findall(r"%([\w.\-]+)", m.group(1))]))
+    return out

@@ -2,15 +2,13 @@
 dk/dv (`jpeft.kernels.attention`), issue 26.
 
 Written as one dot, XLA:CPU runs them on its fp32 Eigen fallback (YNNPACK takes no left operand contracted on a
-non-trailing axis) after converting both operands to fp32. On CPU the 16-bit forms first copy the small operand
-transposed (`jpeft.kernels.matmul.rows_last`, a gather XLA neither folds into the dot nor normalizes to fp32).
+non-trailing axis) after converting both operands to fp32. On CPU `jpeft.kernels.matmul.rows_contracted` first
+copies the 16-bit left operand transposed (a gather XLA neither folds into the dot nor normalizes to fp32).
 Checked here: the copy is the transpose, the gradients agree with the fp32 computation to bf16 accuracy, and in
 XLA:CPU's optimized HLO of each backward every dot reads bf16 operands (both checks fail with the one-dot form).
 """
 
 from __future__ import annotations
-
-import re
 
 import jax
 import jax.numpy as jnp
@@ -18,22 +16,11 @@ import numpy as np
 
 from jpeft.kernels.attention import attention
 from jpeft.kernels.lora import lora_delta
-from jpeft.kernels.matmul import rows_last
+from jpeft.kernels.matmul import _rows_last
+
+from tiny import dots_and_operand_types
 
 CPU = jax.devices("cpu")[0]
-
-
-def _dot_operand_types(hlo: str) -> list[list[str]]:
-    """The element types each dot of an optimized HLO module reads (its fused computation's parameters when the
-    dot sits in a fusion, else its own operands)."""
-    out = []
-    for ln in hlo.splitlines():
-        if not re.search(r"= \S+ dot\(", ln):
-            continue
-        comp = hlo[:hlo.index(ln)].rsplit("\n%", 1)[-1]
-        params = re.findall(r"= (\w+)\[[\d,]*\]\S* parameter\(", comp)
-        out.append(params if ln.lstrip().startswith("ROOT") and params else re.findall(r"dot\((\w+)\[", ln))
-    return out
 
 
 def _rel(a, b) -> float:
@@ -41,10 +28,10 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def test_rows_last_is_the_transpose_of_the_last_two_axes():
+def test_the_rows_copy_is_the_transpose_of_the_last_two_axes():
     x = jnp.arange(2 * 3 * 5 * 7, dtype=jnp.float32).reshape(2, 3, 5, 7).astype(jnp.bfloat16)
     for y in (x, x[0, 0]):
-        np.testing.assert_array_equal(np.asarray(jax.jit(rows_last)(y)), np.asarray(jnp.swapaxes(y, -1, -2)))
+        np.testing.assert_array_equal(np.asarray(jax.jit(_rows_last)(y)), np.asarray(jnp.swapaxes(y, -1, -2)))
 
 
 def test_lora_weight_grads_in_bf16_read_bf16_and_match_fp32():
@@ -63,7 +50,7 @@ def test_lora_weight_grads_in_bf16_read_bf16_and_match_fp32():
     assert da16.dtype == db16.dtype == jnp.bfloat16
     for got, want in ((dx16, dx32), (da16, da32), (db16, db32)):
         assert _rel(got.astype(jnp.float32), want) < 1e-2
-    types = _dot_operand_types(hlo)
+    types = [t for _, t in dots_and_operand_types(hlo)]
     assert len(types) >= 3 and all(t and set(t) == {"bf16"} for t in types), types
 
 
@@ -84,5 +71,5 @@ def test_attention_grads_in_bf16_read_bf16_and_match_fp32():
     (dq32, dk32, dv32), _ = grads(jnp.float32)
     for got, want in ((dq16, dq32), (dk16, dk32), (dv16, dv32)):
         assert got.dtype == jnp.bfloat16 and _rel(got.astype(jnp.float32), want) < 2e-2
-    types = _dot_operand_types(hlo)
+    types = [t for _, t in dots_and_operand_types(hlo)]
     assert len(types) >= 5 and all(t and set(t) == {"bf16"} for t in types), types

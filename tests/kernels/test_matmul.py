@@ -8,8 +8,6 @@ for frozen weights it is dead code.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +15,8 @@ import pytest
 import torch
 
 from jpeft.kernels.matmul import matmul
+
+from tiny import dots_and_operand_types
 
 
 def _bf16_ulps(a, b) -> float:
@@ -57,10 +57,8 @@ def test_bf16_dots_keep_bf16_operands_in_optimized_hlo():
         return jnp.sum(matmul(x, w).astype(jnp.float32) ** 2)
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
-    dots = [ln for ln in hlo.splitlines() if re.search(r"= \S+ dot\(", ln)]
+    dots = dots_and_operand_types(hlo)
     assert len(dots) == 3, dots  # forward, dx, dw
     # forward [64,128] and dx [64,96]; the parameters of the dot's own computation are what it reads
-    for ln in [d for d in dots if " f32[96,128]" not in d]:
-        comp = hlo[:hlo.index(ln)].rsplit("\n%", 1)[-1]
-        operands = re.findall(r"= (\w+)\[[\d,]*\]\S* parameter\(", comp)
-        assert operands == ["bf16", "bf16"], comp
+    for ln, operands in [d for d in dots if " f32[96,128]" not in d[0]]:
+        assert operands == ["bf16", "bf16"], ln
