@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 
 import jax
 import jax.extend
@@ -119,6 +121,28 @@ def test_resume_continues_exactly(ckpt, data, tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     steps = [json.loads(x)["step"] for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_step_compiles_once_per_run_fresh_or_resumed(ckpt, data, tmp_path, caplog):
+    """The first state is committed to the device, as every later one (the step's output) is: jit keys its cache
+    on committedness, so an uncommitted first state compiled the step a second time at step 2 and kept both
+    executables (bench/RESULTS.md, issue 20). It shows where some argument is committed: a bf16 base on CPU is
+    (its layer stacks reach the step as committed uint16 words, `as_host_bits`). A resumed run restores into the
+    same placement."""
+    model = jpeft.load(ckpt[0], "bfloat16")
+    method, ad = _lora(model)
+    train_ex = load_jsonl(data / "train.jsonl")
+    tc = TrainConfig(steps=3, batch_size=2, max_len=32, save_every=2, optim=OptimConfig(lr=5e-3))
+
+    def compilations(tc, resume=False):
+        train_step.clear_cache()
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+            train(model, method, ad, train_ex, [], tc, tmp_path / "out", resume=resume, progress=False)
+        return sum(r.getMessage().startswith("Compiling jit(train_step)") for r in caplog.records)
+
+    assert compilations(tc) == 1
+    assert compilations(dataclasses.replace(tc, steps=5), resume=True) == 1
 
 
 def test_cli_train_eval_generate_export(ckpt, data, tmp_path, capsys):
