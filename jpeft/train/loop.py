@@ -262,6 +262,14 @@ class _Placement:
     mesh: Any = None
 
 
+def _default_device() -> Any:
+    """The device jit runs an all-uncommitted call on: `jax.default_device`'s, else this process's first one."""
+    d = jax.config.jax_default_device
+    if d is None or isinstance(d, str):
+        return jax.local_devices(backend=d)[0]
+    return d
+
+
 def _place(model: Model, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: Path, resume: bool) -> _Placement:
     """A fresh (or with `resume`, the restored) state and the step: as before on one device, or placed by the
     partition rules on `tc.mesh` (a checkpoint from any mesh restores straight into this one's shardings)."""
@@ -271,8 +279,9 @@ def _place(model: Model, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: 
             state = jax.tree_util.tree_map(jnp.asarray, restored)
         # Committed to the device, as the step's outputs are: jit keys its cache on whether each argument is
         # committed, so an uncommitted first state compiled the step a second time at step 2 (a second executable
-        # kept for the rest of the run: +5 s and +216 MiB anonymous for a 1B bf16 LoRA step on CPU).
-        state = jax.device_put(state, jax.devices()[0])
+        # kept for the rest of the run: +5 s, and the 1B bf16 LoRA steps on CPU at 1225-1249 MiB anonymous instead of
+        # 873-886, bench/RESULTS.md, issue 20).
+        state = jax.device_put(state, _default_device())
         state, step_fn = offload.prepare(state, tc.offload_optimizer)
         return _Placement(state, as_host_bits(model.params), step_fn,
                           lambda h: {k: jnp.asarray(v) for k, v in h.items()})
