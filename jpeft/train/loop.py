@@ -262,8 +262,12 @@ class _Placement:
     mesh: Any = None
 
 
-def _default_device() -> Any:
-    """The device jit runs an all-uncommitted call on: `jax.default_device`'s, else this process's first one."""
+def _step_device(base: Any) -> Any:
+    """The device the step runs on: that of a committed base leaf (jit places every uncommitted argument there),
+    else the one jit runs an all-uncommitted call on: `jax.default_device`'s, else this process's first one."""
+    for leaf in jax.tree_util.tree_leaves(base):
+        if isinstance(leaf, jax.Array) and leaf.committed and len(leaf.devices()) == 1:
+            return next(iter(leaf.devices()))
     d = jax.config.jax_default_device
     if d is None or isinstance(d, str):
         return jax.local_devices(backend=d)[0]
@@ -281,9 +285,10 @@ def _place(model: Model, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: 
         # committed, so an uncommitted first state compiled the step a second time at step 2 (a second executable
         # kept for the rest of the run: +5 s, and the 1B bf16 LoRA steps on CPU at 1225-1249 MiB anonymous instead of
         # 873-886, bench/RESULTS.md, issue 20).
-        state = jax.device_put(state, _default_device())
+        base = as_host_bits(model.params)
+        state = jax.device_put(state, _step_device(base))
         state, step_fn = offload.prepare(state, tc.offload_optimizer)
-        return _Placement(state, as_host_bits(model.params), step_fn,
+        return _Placement(state, base, step_fn,
                           lambda h: {k: jnp.asarray(v) for k, v in h.items()})
     mesh = make_mesh(tc.mesh)
     check_batch(mesh, tc.batch_size)
