@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jpeft.kernels.matmul import rows_contracted
+from jpeft.kernels.matmul import dot_f32acc, rows_contracted
 
 
 def lora_delta_reference(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
@@ -31,15 +31,10 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> ja
     return lora_delta_reference(x, a, b, scale)
 
 
-def _dot(lhs, rhs, contract, out):
-    """dot_general accumulating in fp32, cast to `out` (bf16: the fast XLA:CPU form, `jpeft.kernels.matmul`)."""
-    return jax.lax.dot_general(lhs, rhs, (contract, ((), ())), preferred_element_type=jnp.float32).astype(out)
-
-
 def _fwd(x, a, b, scale):
     dt = x.dtype
-    xa = _dot(x, a.astype(dt), ((x.ndim - 1,), (0,)), dt)  # [..., r]: the only activation saved besides x
-    y = _dot(xa, b.astype(dt), ((xa.ndim - 1,), (0,)), dt) * jnp.asarray(scale, dt)
+    xa = dot_f32acc(x, a.astype(dt), ((x.ndim - 1,), (0,)), dt)  # [..., r]: the only activation saved besides x
+    y = dot_f32acc(xa, b.astype(dt), ((xa.ndim - 1,), (0,)), dt) * jnp.asarray(scale, dt)
     return y, (x, xa, a, b, scale)
 
 
@@ -48,10 +43,10 @@ def _bwd(res, dy):
     dt = x.dtype
     n_in, n_out = x.shape[-1], dy.shape[-1]
     x2, xa2, dy2 = x.reshape(-1, n_in), xa.reshape(-1, xa.shape[-1]), dy.reshape(-1, n_out).astype(dt)
-    dyb = _dot(dy2, b.astype(dt), ((1,), (1,)), dt)  # dy Bᵀ [N, r] (unscaled)
+    dyb = dot_f32acc(dy2, b.astype(dt), ((1,), (1,)), dt)  # dy Bᵀ [N, r] (unscaled)
     s = jnp.asarray(scale, dt)
     g = dyb * s  # cotangent of x A
-    dx = _dot(g, a.astype(dt), ((1,), (1,)), dt)  # [N, I]
+    dx = dot_f32acc(g, a.astype(dt), ((1,), (1,)), dt)  # [N, I]
     da = rows_contracted(g, x2).astype(dt).T  # xᵀ g [I, r] (the token axis contracted, jpeft.kernels.matmul)
     db = rows_contracted(xa2, dy2).astype(dt) * s  # (x A)ᵀ dy [r, O]
     dscale = jnp.sum(xa2.astype(jnp.float32) * dyb.astype(jnp.float32))
