@@ -78,9 +78,9 @@ import json, resource, sys, time
 import jax, jax.numpy as jnp, numpy as np
 import jpeft
 from jpeft.methods.lora import LoraConfig, init_lora
-from jpeft.models.model import as_host_bits
 from jpeft.runtime import configure_host_memory
 from jpeft.train.batches import step_keys
+from jpeft.train.loop import place_for_step
 from jpeft.train.step import OptimConfig, build_optimizer, init_state, run_target_bound, train_step
 configure_host_memory()  # as the CLI does
 model_dir, rows, dtype, steps = sys.argv[1], np.load(sys.argv[2]), sys.argv[3], int(sys.argv[4])
@@ -92,7 +92,7 @@ state = init_state(ad, tx, 0)
 kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat="projections", dtype=jpeft.api.resolve_dtype(dtype),
           max_targets=run_target_bound(rows["labels"].reshape(-1, rows["labels"].shape[-1]), 4))
 keys = step_keys({k: rows[k] for k in rows.files})  # as the CLI: single-segment rows drop segment masking
-base = as_host_bits(model.params)  # as the CLI's loop hands the step its bf16 layer stacks (uint16 words)
+state, base = place_for_step(state, model.params)  # as the CLI's loop: bf16 stacks as uint16 words
 times, losses = [], []
 for i in range(steps):
     batch = {k: jnp.asarray(rows[k][i][None]) for k in keys}

@@ -146,10 +146,9 @@ def build(dtype: str, model_dir: str | None = None, quantize: str | None = None,
     import jpeft
     from jpeft.assets import default_model_path
     from jpeft.methods.lora import LoraConfig, init_lora
-    from jpeft.models.model import as_host_bits
     from jpeft.runtime import configure_host_memory
     from jpeft.train.batches import BatchSchedule, step_keys
-    from jpeft.train.loop import TrainConfig, make_rows
+    from jpeft.train.loop import TrainConfig, make_rows, place_for_step
     from jpeft.train.step import OptimConfig, build_optimizer, init_state, run_target_bound, train_step
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -170,7 +169,7 @@ def build(dtype: str, model_dir: str | None = None, quantize: str | None = None,
     state = init_state(ad, tx, 0)
     kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=remat, dtype=jpeft.api.resolve_dtype(dtype),
               max_targets=run_target_bound(rows["labels"], batch_size))
-    base = as_host_bits(model.params)
+    state, base = place_for_step(state, model.params)  # as the training loop hands them over
 
     def batch(i: int) -> dict:
         b = sched.batch_at(i)

@@ -93,6 +93,17 @@ def check_finite_state(state: dict, step: int, where: Path, loss_after: Callable
                             "are untouched). Lower --lr, check the data, or use float32")
 
 
+def _checked_save(state: dict, step: int, folder: Path, loss_after: Callable[[dict], Any] | None,
+                  sharded: bool) -> None:
+    """`check_finite_state`, then `save_checkpoint`. First the steps' freed temporaries, which stay in the C heap
+    (`configure_host_memory` keeps them for the next step), go back to the OS: the check's forward compilation and
+    the checkpoint writer would otherwise take new memory on top of them (1B bf16 LoRA: 1283 -> 1039 MiB
+    anonymous at the end of a run, bench/RESULTS.md, issue 20)."""
+    release_host_memory()
+    check_finite_state(state, step, folder, loss_after)
+    save_checkpoint(folder, state, sharded=sharded)
+
+
 @dataclasses.dataclass
 class TrainResult:
     adapters: dict
@@ -214,19 +225,11 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
                 rec.update(_eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, step + 1))
             log.write(rec)
             if save_now:
-                release_host_memory()  # see below
-                check_finite_state(state, step + 1, out / "checkpoints", loss_after(placed))
-                save_checkpoint(out / "checkpoints", state, sharded=sharded)
+                _checked_save(state, step + 1, out / "checkpoints", loss_after(placed), sharded)
     if pending is not None:
         log.write(meter.record(*pending))
     meter.bar.close()
-    # The steps' temporaries, freed, stay in the C heap (`configure_host_memory` keeps them for the next step);
-    # the check's forward compilation and the checkpoint writer would take new memory on top of them. Handing
-    # them back first keeps the end of a run below the steps' peak (1B bf16 LoRA: 1283 -> 1039 MiB anonymous at
-    # the end, bench/RESULTS.md, issue 20).
-    release_host_memory()
-    check_finite_state(state, total, out / "checkpoints", loss_after(placed) if total > start else None)
-    save_checkpoint(out / "checkpoints", state, sharded=sharded)
+    _checked_save(state, total, out / "checkpoints", loss_after(placed) if total > start else None, sharded)
     final = _eval_record(model, method, state, eval_examples, tc, eval_rows, on_eval, total) if eval_examples else {}
     if final:
         log.write({"step": total, **final})
@@ -262,16 +265,20 @@ class _Placement:
     mesh: Any = None
 
 
-def _step_device(base: Any) -> Any:
-    """The device the step runs on: that of a committed base leaf (jit places every uncommitted argument there),
-    else the one jit runs an all-uncommitted call on: `jax.default_device`'s, else this process's first one."""
-    for leaf in jax.tree_util.tree_leaves(base):
-        if isinstance(leaf, jax.Array) and leaf.committed and len(leaf.devices()) == 1:
-            return next(iter(leaf.devices()))
-    d = jax.config.jax_default_device
-    if d is None or isinstance(d, str):
-        return jax.local_devices(backend=d)[0]
-    return d
+def place_for_step(state: dict, params: dict) -> tuple[dict, dict]:
+    """`(state, base)` as the single-device loop hands them to `train_step`: the base with its 16-bit layer stacks
+    as uint16 words (`as_host_bits`), and the state committed to the base's device.
+
+    Committed, as the step's outputs are: jit keys its cache on whether each argument is committed, and the bf16
+    stacks are, so an uncommitted first state compiled the step a second time at step 2 and kept both executables
+    (+5 s, and the 1B bf16 LoRA steps on CPU at 1225-1249 MiB anonymous instead of 873-886; bench/RESULTS.md,
+    issue 20). Uncommitted base leaves live on the device jit runs an all-uncommitted call on.
+    """
+    base = as_host_bits(params)
+    arrays = [x for x in jax.tree_util.tree_leaves(base) if isinstance(x, jax.Array)]
+    first = next((x for x in arrays if x.committed), arrays[0] if arrays else None)
+    device = next(iter(first.devices())) if first is not None else jax.local_devices()[0]
+    return jax.device_put(state, device), base
 
 
 def _place(model: Model, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: Path, resume: bool) -> _Placement:
@@ -281,12 +288,7 @@ def _place(model: Model, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: 
         state = init_state(adapters, tx, tc.seed)
         if resume and (restored := restore_latest(checkpoints, state)) is not None:
             state = jax.tree_util.tree_map(jnp.asarray, restored)
-        # Committed to the device, as the step's outputs are: jit keys its cache on whether each argument is
-        # committed, so an uncommitted first state compiled the step a second time at step 2 (a second executable
-        # kept for the rest of the run: +5 s, and the 1B bf16 LoRA steps on CPU at 1225-1249 MiB anonymous instead of
-        # 873-886, bench/RESULTS.md, issue 20).
-        base = as_host_bits(model.params)
-        state = jax.device_put(state, _step_device(base))
+        state, base = place_for_step(state, model.params)
         state, step_fn = offload.prepare(state, tc.offload_optimizer)
         return _Placement(state, base, step_fn,
                           lambda h: {k: jnp.asarray(v) for k, v in h.items()})
