@@ -75,12 +75,13 @@ def dot_flops(ins: dict, instrs: dict) -> tuple[float, str]:
     lhs, rhs = (instrs.get(a) for a in ins["args"][:2])
     if lhs is None or rhs is None:
         return 0.0, "?"
-    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins["rest"])
-    contract = [int(d) for d in m.group(1).split(",") if d] if m else []
+    contract, rcontract = ([int(d) for d in m.group(1).split(",") if d] if m else []
+                           for m in (re.search(rf"{side}_contracting_dims=\{{([\d,]*)\}}", ins["rest"])
+                                     for side in ("lhs", "rhs")))
     ld = _dims(lhs["shape"])
     dt = lhs["shape"].split("[")[0]
     flops = 2.0 * math.prod(_dims(ins["shape"])) * math.prod(ld[d] for d in contract)
-    return flops, f"{dt}{ld}·{_dims(rhs['shape'])} c{contract}"
+    return flops, f"{dt}{ld}·{_dims(rhs['shape'])} c{contract}{rcontract}"
 
 
 def dot_kind(ins: dict, instrs: dict) -> str:

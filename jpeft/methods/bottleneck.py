@@ -197,7 +197,7 @@ def save_bottleneck(folder: str | Path, cfg: ModelConfig, method: Bottleneck, ad
     tensors = {}
     for block in method.blocks:
         for fname, tname, linear in _parts(method):
-            p = blocks[block][tname]
+            p = jax.device_get(blocks[block][tname])  # to host once, cut into layers there (see lora._lora_tensors)
             for i in range(cfg.num_layers):
                 key = _prefix(i, block, name) + fname
                 w = np.asarray(p["kernel"][i]).T if linear else np.asarray(p["weight"][i])

@@ -343,8 +343,10 @@ def _lora_tensors(cfg: ModelConfig, method: LoRA, tree: dict, initial: dict | No
     """HF-named fp32 tensors with true ranks, and {module name: (r, alpha)}; PiSSA as a rank-2r LoRA."""
     tensors, ranks = {}, {}
     for info in method.sites:
-        t = tree["layers"][info.block][info.proj]
-        t0 = None if initial is None else initial["layers"][info.block][info.proj]
+        # to host once per stack: indexing the device arrays layer by layer would compile and run a slice per
+        # layer and leaf, ~100 MiB of compiler memory at the end of a 1B run (issue 20)
+        t = jax.device_get(tree["layers"][info.block][info.proj])
+        t0 = None if initial is None else jax.device_get(initial["layers"][info.block][info.proj])
         for i, (r, alpha) in enumerate(zip(info.ranks, info.alphas)):
             if r == 0:
                 continue

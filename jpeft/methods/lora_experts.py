@@ -132,7 +132,7 @@ def to_tensors(method: Any, tree: dict, ranks: dict) -> dict[str, np.ndarray]:
     `ranks` (the caller writes `target_parameters` and the rank/alpha patterns from it)."""
     out = {}
     for info in method.expert_sites:
-        t = tree["layers"]["mlp"]["experts"][info.proj]
+        t = jax.device_get(tree["layers"]["mlp"]["experts"][info.proj])  # to host once (see lora._lora_tensors)
         for i, (r, alpha) in enumerate(zip(info.ranks, info.alphas)):
             if r == 0:
                 continue

@@ -200,7 +200,7 @@ def save_vera(folder: str | Path, cfg: ModelConfig, method: VeRA, adapters: dict
     tensors = {hf.peft_shared_key(k): np.asarray(tree[k]) for k in SHARED}
     names = []
     for s in method.sites:
-        t = tree["layers"][s.block][s.proj]
+        t = jax.device_get(tree["layers"][s.block][s.proj])  # to host once (see lora._lora_tensors)
         for i in (i for i, on in enumerate(s.active) if on):
             names.append(hf.linear_module(i, s.block, s.proj, cfg))
             tensors[hf.peft_key(names[-1], "vera_lambda_d")] = np.asarray(t["vera_lambda_d"][i])

@@ -99,7 +99,9 @@ def save_checkpoint(folder: Path, state: Any, keep: int = 2, *, sharded: bool = 
         _sync(f"jpeft-ckpt-clear-{step}")
     with signals_deferred():  # orbax commits in background threads: let them finish before Ctrl-C acts
         ckpt = _checkpointer()
-        ckpt.save(path, state if sharded else jax.device_get(state))
+        # the arrays themselves: orbax writes each from its own buffer; a `jax.device_get` copy first doubled the
+        # save's transient memory (1B LoRA state: +252 vs +123 MiB anonymous, bench/RESULTS.md, issue 20)
+        ckpt.save(path, state)
         ckpt.wait_until_finished()
     if primary:
         for _, old in list_checkpoints(folder)[:-keep]:

@@ -101,6 +101,7 @@ def _checked_save(state: dict, step: int, folder: Path, loss_after: Callable[[di
     anonymous at the end of a run, bench/RESULTS.md, issue 20)."""
     release_host_memory()
     check_finite_state(state, step, folder, loss_after)
+    release_host_memory()  # and the check's
     save_checkpoint(folder, state, sharded=sharded)
 
 
@@ -199,21 +200,34 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
     meter = _StepMeter(learning_rate_schedule(tc.optim, total), _progress(start, total, progress), out / "checkpoints")
     kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=tc.remat, dtype=resolve_dtype(tc.dtype),
               max_targets=run_target_bound(rows["labels"], tc.batch_size), kernels=model.kernels)  # one compilation
+    check_kw = {k: kw[k] for k in ("cfg", "methods", "dtype", "max_targets", "kernels")}
+    first_nll = None  # the check's forward, compiled before the first step (see below)
+
     def loss_after(placed: dict) -> Callable[[dict], Any]:  # the loss of the first micro-batch of a step's batch
-        return lambda ad: _first_micro_nll(ad, model.params, placed, cfg=kw["cfg"], methods=kw["methods"],
-                                           dtype=kw["dtype"], max_targets=kw["max_targets"], kernels=model.kernels)
+        return lambda ad: (first_nll or functools.partial(_first_micro_nll, **check_kw))(ad, model.params, placed)
 
     keys = step_keys(rows)  # single-segment rows: no segment masking (static, one compilation)
     pending, placed = None, None
     for step in range(start, total):
         host = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in sched.batch_at(step).items() if k in keys}
         placed = run.to_device(host)
+        if step == start:
+            # The finite check before each save runs one forward (`loss_after`). Compiled at the end of the run,
+            # the compiler's working memory came on top of everything the run holds then (1B bf16 LoRA: +217
+            # MiB, the run's peak; bench/RESULTS.md, issue 20); now it comes before the step's own compilation,
+            # and its working memory is handed back before that. Every batch has these shapes.
+            first_nll = _first_micro_nll.lower(state["adapters"], model.params, placed, **check_kw).compile()
+            release_host_memory()
+            if hasattr(step_fn, "lower"):
+                # The step too is compiled ahead of its first call (which then finds it in jit's cache): the
+                # compiler's working memory is free again but, after `configure_host_memory()`, glibc keeps it.
+                # Handed back to the OS before the step runs, it is not under the step's own buffers (1B bf16
+                # LoRA: ~0.4 GiB, bench/RESULTS.md, issue 20).
+                step_fn.lower(state, model.params, placed, **kw).compile()
+                release_host_memory()
         state, m = step_fn(state, model.params, placed, **kw)
         if step == start:
-            # The first call compiled the step (synchronously, before dispatching it): the compiler's working
-            # memory is free again but, after `configure_host_memory()`, glibc keeps it. Hand it back to the OS
-            # (~0.3 GiB for a 1B step on CPU, bench/RESULTS.md, issue 20). The step's own buffers stay reused.
-            release_host_memory()
+            release_host_memory()  # what is left of a compilation in the first call (a step without `lower`)
         if pending is not None:  # the previous step's numbers, read while this step runs
             log.write(meter.record(*pending))
         pending = (step, m)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import warnings
 
 import jax
@@ -185,6 +186,20 @@ def test_export_loads_in_peft_with_equal_logits(trained, tmp_path, family, varia
     MEASURED[("export", family, kind)] = err
     assert err <= 1e-5
     assert rel_err(ours, _jpeft_logits(cfg, params, None, {})) > 1e-3  # the adapter really changed the model
+
+
+def test_export_compiles_no_program(trained, tmp_path, caplog):
+    """The adapter stacks go to the host once each and are cut into layers there: indexing the device arrays layer
+    by layer compiled and ran a slice program per shape, ~100 MiB of compiler memory at the end of a 1B run
+    (bench/RESULTS.md, issue 20). The file's tensors are the layers' own, as the peft test above checks."""
+    _, _, cfg, _, method, ad = trained("llama", "gqa_untied", "dora")
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        out = save_peft_adapter(tmp_path / "adapter", cfg, method, ad)
+    assert [r.getMessage()[:60] for r in caplog.records if r.getMessage().startswith("Compiling")] == []
+    st = SafetensorsFile(out / "adapter_model.safetensors")
+    a = np.asarray(ad["lora"]["layers"]["self_attn"]["q_proj"]["lora_A"])
+    assert np.array_equal(st.get("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"), a[1].T)
 
 
 MERGE_CASES = [("llama", "gqa_untied", "dora"), ("qwen2", "bias_tied", "patterns"), ("gemma", "gqa_headdim", "rslora"),

@@ -145,6 +145,24 @@ def test_the_step_compiles_once_per_run_fresh_or_resumed(ckpt, data, tmp_path, c
     assert compilations(dataclasses.replace(tc, steps=5), resume=True) == 1
 
 
+def test_every_program_of_a_run_compiles_before_its_first_step(ckpt, data, tmp_path, caplog):
+    """The finite check before each save runs one forward. It is compiled ahead of the step, before the first step
+    runs, and reused by every save: compiled at the first save, the compiler's working memory came on top of all the
+    run then held (1B bf16 LoRA: +217 MiB anonymous, the run's peak; bench/RESULTS.md, issue 20)."""
+    model = jpeft.load(ckpt[0], "bfloat16")
+    method, ad = _lora(model)
+    tc = TrainConfig(steps=3, batch_size=2, max_len=32, save_every=1, optim=OptimConfig(lr=5e-3))
+    train_step.clear_cache()
+    loop_mod._first_micro_nll.clear_cache()
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        train(model, method, ad, load_jsonl(data / "train.jsonl"), [], tc, tmp_path / "out", progress=False)
+    names = [m.split("(")[1].split(")")[0] for r in caplog.records
+             if (m := r.getMessage()).startswith(("Compiling jit(train_step)", "Compiling jit(_first_micro_nll)"))]
+    assert names == ["_first_micro_nll", "train_step"]
+    assert [p.name for p in sorted((tmp_path / "out/checkpoints").iterdir())] == ["step_2", "step_3"]
+
+
 def test_cli_train_eval_generate_export(ckpt, data, tmp_path, capsys):
     folder, hf, tok = ckpt
     out = tmp_path / "run"
