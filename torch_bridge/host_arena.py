@@ -26,6 +26,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,42 @@ def _ram_filesystem(folder: Path) -> bool:
         if len(m) > 2 and (path == m[1] or path.startswith(m[1].rstrip("/") + "/")) and len(m[1]) >= len(best):
             best, fstype = m[1], m[2]
     return fstype in ("tmpfs", "ramfs")
+
+
+_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_BLOCK = 32  # trailing columns per block of a transposing copy (measured best of 32-512 on 1B Llama shapes)
+_pool: ThreadPoolExecutor | None = None
+
+
+def _copy_columns(dst: np.ndarray, src: np.ndarray, lo: int, hi: int) -> None:
+    for j in range(lo, hi, _BLOCK):
+        dst[..., j:min(j + _BLOCK, hi)] = src[..., j:min(j + _BLOCK, hi)]
+
+
+def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """`dst[...] = src` (same shape; `src` cast to `dst`'s dtype first if it differs).
+
+    A strided `src` (the transposed view of a checkpoint tensor, `[out, in]` -> `[in, out]`) is copied in blocks
+    of `_BLOCK` trailing columns, as unsigned words of the same size, split over up to 2 threads. numpy's own
+    assignment of a transposed bfloat16 view ran at 0.33 GB/s, most of a 1B bf16 load's time; this runs at ~3.5
+    GB/s (bench/RESULTS.md, issue 20). The words are the values' bits, so the copy is exact for every dtype.
+    """
+    global _pool
+    if src.dtype != dst.dtype:
+        src = src.astype(dst.dtype)
+    if src.flags.c_contiguous or src.ndim == 0 or dst.dtype.itemsize not in _WORDS:
+        dst[...] = src
+        return
+    word = _WORDS[dst.dtype.itemsize]
+    d, s = dst.view(word), src.view(word)
+    n = s.shape[-1]
+    if n < 4 * _BLOCK or d.nbytes < (1 << 20):
+        _copy_columns(d, s, 0, n)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(2, thread_name_prefix="jpeft-copy")
+    half = (n // 2 + _BLOCK - 1) // _BLOCK * _BLOCK
+    list(_pool.map(lambda lh: _copy_columns(d, s, *lh), ((0, half), (half, n))))
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -130,7 +167,7 @@ class HostArena:
         """`a.T` (a `[V, D]` -> `[D, V]`) in `dtype`, written in column blocks (no full-size temporary)."""
         buf = self.empty(a.shape[::-1], dtype)
         for r in range(0, a.shape[0], rows):
-            buf[:, r:r + rows] = a[r:r + rows].T
+            copy_into(buf[:, r:r + rows], a[r:r + rows].T)
         return self.adopt(buf)
 
     def stack(self, n: int, layer: Callable[[int], Any]) -> Any:
@@ -143,5 +180,5 @@ class HostArena:
             if bufs is None:
                 treedef, bufs = td, [self.empty((n,) + x.shape, x.dtype) for x in leaves]
             for buf, x in zip(bufs, leaves, strict=True):
-                buf[i] = x
+                copy_into(buf[i:i + 1], x[None])  # (a view even where a layer's leaf is a scalar)
         return jax.tree_util.tree_unflatten(treedef, [self.adopt(b) for b in bufs])
