@@ -29,7 +29,7 @@ from jpeft.errors import JpeftError
 from jpeft.generate import SamplingConfig, generate
 from jpeft.loading import load
 from jpeft.models.describe import features
-from jpeft.runtime import configure_host_memory
+from jpeft.runtime import configure_host_memory, transformers_without_torch
 from jpeft.train.data import render_chat
 from jpeft.train.estimate import tree_bytes
 from jpeft.train.settings import TrainSettings
@@ -123,6 +123,8 @@ def cmd_info(args) -> int:
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The `jpeft` parser; `train` and `demo` get the flags of the `--method` found in `argv` only."""
+    if argv is None:  # the `jpeft` command itself, not a call from Python: no torch model will ever run here
+        transformers_without_torch()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="jpeft", description="Parameter-efficient fine-tuning in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +163,8 @@ def _stopped(command: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "info": cmd_info, "estimate": cmd_estimate, "doctor": cmd_doctor,
                 **TRAIN_COMMANDS, **COMPARE_COMMANDS}
+    if argv is None:  # the `jpeft` command itself, not a call from Python: no torch model will ever run here
+        transformers_without_torch()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     configure_host_memory()  # reuse freed buffers instead of page-faulting them in every step

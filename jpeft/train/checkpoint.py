@@ -99,8 +99,8 @@ def save_checkpoint(folder: Path, state: Any, keep: int = 2, *, sharded: bool = 
         _sync(f"jpeft-ckpt-clear-{step}")
     with signals_deferred():  # orbax commits in background threads: let them finish before Ctrl-C acts
         ckpt = _checkpointer()
-        # the arrays themselves: orbax writes each from its own buffer; a `jax.device_get` copy first doubled the
-        # save's transient memory (1B LoRA state: +252 vs +123 MiB anonymous, bench/RESULTS.md, issue 20)
+        # the arrays themselves: handed numpy arrays (`jax.device_get`, no copy on CPU), orbax's numpy path took
+        # twice the transient memory (1B LoRA state: +252 vs +123 MiB anonymous, bench/RESULTS.md, issue 20)
         ckpt.save(path, state)
         ckpt.wait_until_finished()
     if primary:
@@ -124,13 +124,18 @@ class CheckpointFallbackWarning(UserWarning):
     """The newest checkpoint could not be restored; the run resumed from an older, intact one."""
 
 
+_LATE_READS = ("_read_array_index_and_device_put",)  # orbax's per-array read coroutines (jax.Array restores)
+
+
 def _drop_closed_loop_callbacks() -> None:
     """Install (once per process) an unraisable-exception hook that drops the noise of a failed restore.
 
     When one read of a damaged checkpoint fails, orbax's event loop closes while tensorstore still completes the
     other reads; each completion calls `loop.call_soon_threadsafe` on the closed loop, and Python prints its
-    `RuntimeError('Event loop is closed')` as a traceback, at any later moment. Exactly that error is dropped;
-    every other unraisable exception goes to the hook that was installed before."""
+    `RuntimeError('Event loop is closed')` as a traceback, at any later moment. The other reads of arrays saved as
+    `jax.Array`s fail in their own coroutines (`_LATE_READS`), whose exceptions nobody retrieves once the restore
+    has failed, and Python prints those too. Exactly these are dropped (the failed restore itself is reported by
+    `restore_latest`); every other unraisable exception goes to the hook that was installed before."""
     previous = sys.unraisablehook
     if getattr(previous, "jpeft_drops_closed_loop", False):
         return
@@ -138,6 +143,8 @@ def _drop_closed_loop_callbacks() -> None:
     def hook(unraisable: Any) -> None:
         exc = unraisable.exc_value
         if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        if getattr(unraisable.object, "__qualname__", "").endswith(_LATE_READS):
             return
         previous(unraisable)
 

@@ -1,11 +1,15 @@
-"""`jpeft.runtime.configure_host_memory`: large blocks stop going to mmap (glibc's own statistics say so)."""
+"""`jpeft.runtime`: `configure_host_memory` (large blocks stop going to mmap: glibc's own statistics say so) and
+`transformers_without_torch` (the `jpeft` command imports no torch)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
+
+from tiny import make_trainable_checkpoint
 
 PROBE = r"""
 import ctypes, sys
@@ -42,3 +46,43 @@ def test_other_platforms_are_a_no_op(monkeypatch):
 
     monkeypatch.setattr(runtime.sys, "platform", "darwin")
     assert runtime.configure_host_memory() is False  # nothing to configure outside glibc/Linux
+
+
+CLI_PROBE = r"""
+import json, sys
+from jpeft.cli import main
+sys.argv = ["jpeft", *sys.argv[1:]]   # as the console script runs it: main() reads sys.argv
+rc = main()
+import transformers.utils.import_utils as iu
+print(json.dumps({"rc": rc, "torch_imported": "torch" in sys.modules, "torch_seen": iu.is_torch_available()}))
+"""
+
+
+def test_the_jpeft_command_never_imports_torch(tmp_path):
+    """The `jpeft` command has transformers see no torch (`transformers_without_torch`): with torch installed, as
+    here, transformers' config module imported it (~120 MiB anonymous, issue 20). A whole `jpeft train` runs
+    without it, with transformers' advisory warning about the missing torch silenced; the adapter it writes is
+    checked against peft elsewhere."""
+    folder = tmp_path / "model"
+    make_trainable_checkpoint(folder)  # with its tokenizer
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f" a{i}"}) + "\n" for i in range(8)))
+    args = ["train", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "2",
+            "--batch-size", "2", "--max-len", "16", "--eval-fraction", "0", "--no-progress"]
+    p = subprocess.run([sys.executable, "-c", CLI_PROBE, *args], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == {"rc": 0, "torch_imported": False, "torch_seen": False}, \
+        p.stderr[-2000:]
+    assert "PyTorch was not found" not in p.stderr
+    assert (tmp_path / "run/adapter/adapter_model.safetensors").exists()
+
+
+def test_without_torch_changes_nothing_once_transformers_is_imported():
+    """From Python (transformers already imported, e.g. beside a torch model) it leaves transformers as it is."""
+    import transformers.utils.import_utils as iu
+
+    from jpeft.runtime import transformers_without_torch
+
+    before = iu.is_torch_available()
+    assert transformers_without_torch() is False
+    assert iu.is_torch_available() is before
