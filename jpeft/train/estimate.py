@@ -3,7 +3,8 @@
 
 From config.json alone:
 - the base: the tree the loader builds, as `jax.ShapeDtypeStruct`s (`hf_load.abstract_params`; 4-bit codes and
-  block statistics for QLoRA), and where it will live (`host_arena`: a memory-mapped file or memory);
+  block statistics for QLoRA), and where it will live (`host_arena`: a memory-mapped file or memory); of an
+  untied input embedding in a memory-mapped file, only the rows a run of `--steps` steps can read;
 - the adapters and the optimizer state: the method's own init and the optax chain under `jax.eval_shape` (exact);
 - the step's temporaries (activations saved for the backward at this batch, length and remat policy, gradients,
   each layer's dequantized 4-bit weights, the loss's logit chunks): XLA's buffer assignment of the train step
@@ -103,6 +104,23 @@ def check_fits(est: MemoryEstimate, limit: int | None, where: str) -> None:
 
 
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions", "attention_mask")  # what the loop's rows hold
+PAGE = 4096
+
+
+def _untouched_embedding_bytes(table: Any, tc: TrainConfig) -> int:
+    """Bytes of a memory-mapped, untied input embedding table `[V, D]` that a run of `tc.steps` steps cannot page in.
+
+    Only the rows of the tokens the run looks up become resident, at most one per token it sees: a 4-step run at
+    batch 1 x 128 tokens reads at most 512 of Llama-3's 128,256 rows (8 KiB each), not the whole 1 GiB table
+    (bench/RESULTS.md, issue 20). Without a step count (epochs over data the estimate does not read) every row is
+    counted. The lm_head and a tied table are read whole every step and are always counted in full.
+    """
+    rows, width = table.shape[0], int(np.prod(table.shape[1:], dtype=np.int64)) * jnp.dtype(table.dtype).itemsize
+    if not tc.steps:
+        return 0
+    touched = min(rows, tc.steps * tc.grad_accum * tc.batch_size * tc.max_len)
+    resident = touched * (-(-width // PAGE) + 1) * PAGE  # each row's pages, one more where it straddles a page
+    return max(0, rows * width - resident)
 
 
 def abstract_run(cfg: ModelConfig, spec: Any, config: Any, tc: TrainConfig, *, quant: Any = None) -> dict:
@@ -133,6 +151,8 @@ def estimate_run(cfg: ModelConfig, spec: Any, config: Any, tc: TrainConfig, *, q
     base = tree_bytes(run["base"])
     backend = jax.default_backend()
     on_disk = backend == "cpu" and (host_memory == "disk" or (host_memory == "auto" and base >= DISK_FROM_BYTES))
+    if on_disk and not cfg.tie_word_embeddings and "lm_head" in run["base"]:
+        base -= _untouched_embedding_bytes(run["base"]["embed_tokens"], tc)
     parts = {"base": base, "adapters": tree_bytes(run["adapters"]), "optimizer": tree_bytes(run["state"]["opt_state"]),
              "step": temp, "batch": tree_bytes(run["batch"]), "runtime": runtime_bytes(backend)}
     return MemoryEstimate(parts, on_disk, backend)

@@ -90,3 +90,26 @@ def test_info_loads_4bit_and_its_bytes_are_the_estimates_base(model_dir, capsys)
     assert "uint8" in info["dtype"] and info["bytes"] == est["parts"]["base"] > 0 and info["load_seconds"] > 0
     assert main(["info", "--model", str(model_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["bytes"] > info["bytes"]  # fp32 base is larger than its 4-bit form
+
+
+def test_a_memory_mapped_untied_embedding_counts_only_the_rows_a_run_can_read(model_dir, tmp_path):
+    """On CPU the base lives in a memory-mapped file; an untied input embedding is only read at the rows of the
+    tokens the run looks up, so a run of known length pages in at most one row per token (an 8B run of 4 steps:
+    512 of 128,256 rows; the estimate was 1.16x the measured footprint, bench/RESULTS.md, issue 20). A table in
+    anonymous memory, a run of unknown length, a run long enough to read every row and a tied table (read whole by
+    the lm_head every step) count the whole table."""
+    spec = catalog.get_method("lora")
+
+    def base(folder, host_memory, **tc):
+        cfg = jpeft.load(folder, tokenizer=False).cfg
+        return estimate_run(cfg, spec, spec.config(), TrainConfig(batch_size=1, max_len=8, **tc).validate(),
+                            host_memory=host_memory).parts["base"]
+
+    whole = base(model_dir, "memory", steps=1)
+    table = tree_bytes(jpeft.load(model_dir, tokenizer=False).params["embed_tokens"])
+    assert whole - table < base(model_dir, "disk", steps=1) < whole
+    assert base(model_dir, "disk", steps=10_000) == base(model_dir, "disk", epochs=1.0) == whole
+    tied = tmp_path / "tied"
+    make_trainable_checkpoint(tied, "qwen2", "bias_tied")
+    assert jpeft.load(tied, tokenizer=False).cfg.tie_word_embeddings
+    assert base(tied, "disk", steps=1) == base(tied, "memory", steps=1)
