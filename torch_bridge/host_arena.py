@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,6 @@ def _ram_filesystem(folder: Path) -> bool:
 
 _WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _BLOCK = 32  # trailing columns per block of a transposing copy (measured best of 32-512 on 1B Llama shapes)
-_pool: ThreadPoolExecutor | None = None
 
 
 def _copy_columns(dst: np.ndarray, src: np.ndarray, lo: int, hi: int) -> None:
@@ -72,7 +71,6 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     assignment of a transposed bfloat16 view ran at 0.33 GB/s, most of a 1B bf16 load's time; this runs at ~3.5
     GB/s (bench/RESULTS.md, issue 20). The words are the values' bits, so the copy is exact for every dtype.
     """
-    global _pool
     if src.dtype != dst.dtype:
         src = src.astype(dst.dtype)
     if src.flags.c_contiguous or src.ndim == 0 or dst.dtype.itemsize not in _WORDS:
@@ -84,10 +82,11 @@ def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
     if n < 4 * _BLOCK or d.nbytes < (1 << 20):
         _copy_columns(d, s, 0, n)
         return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(2, thread_name_prefix="jpeft-copy")
     half = (n // 2 + _BLOCK - 1) // _BLOCK * _BLOCK
-    list(_pool.map(lambda lh: _copy_columns(d, s, *lh), ((0, half), (half, n))))
+    helper = threading.Thread(target=_copy_columns, args=(d, s, half, n), name="jpeft-copy")
+    helper.start()  # a thread of its own per copy: idle pool threads kept for the process slowed XLA's later
+    _copy_columns(d, s, 0, half)  # compilations (4.3 -> 6.0 s for the SmolLM2 step, every other process)
+    helper.join()
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:

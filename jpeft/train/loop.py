@@ -216,7 +216,6 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
             # the compiler's working memory came on top of everything the run holds then (1B bf16 LoRA: +217
             # MiB, the run's peak; bench/RESULTS.md, issue 20); now it comes before the step's own compilation,
             # and its working memory is handed back before that. Every batch has these shapes.
-            release_host_memory()  # what the adapters' and the state's initialisation freed, before compiling
             first_nll = _first_micro_nll.lower(state["adapters"], model.params, placed, **check_kw).compile()
             release_host_memory()
             if hasattr(step_fn, "lower"):
