@@ -123,8 +123,6 @@ def cmd_info(args) -> int:
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The `jpeft` parser; `train` and `demo` get the flags of the `--method` found in `argv` only."""
-    if argv is None:  # the `jpeft` command itself, not a call from Python: no torch model will ever run here
-        transformers_without_torch()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="jpeft", description="Parameter-efficient fine-tuning in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
