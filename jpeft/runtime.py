@@ -31,7 +31,6 @@ directly and still work.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import importlib.util
@@ -94,10 +93,8 @@ def transformers_without_torch() -> bool:
     importlib.util.find_spec = find_spec
     os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     try:
-        import transformers.utils.import_utils as iu
+        import transformers.utils.import_utils as iu  # runs transformers' package init, which asks first
 
-        with contextlib.suppress(Exception):
-            import transformers  # noqa: F401  (its package init asks too)
         return not iu.is_torch_available()
     finally:
         importlib.util.find_spec = real

@@ -28,7 +28,7 @@ from jpeft.errors import ConfigError
 from jpeft.models.config import ModelConfig
 from jpeft.models.model import as_host_bits
 from jpeft.torch_bridge.hf_load import abstract_params
-from jpeft.torch_bridge.host_arena import DISK_FROM_BYTES
+from jpeft.torch_bridge.host_arena import DISK_FROM_BYTES, PAGE
 from jpeft.train.settings import TrainConfig
 from jpeft.train.step import build_optimizer, init_state, train_step
 
@@ -104,7 +104,6 @@ def check_fits(est: MemoryEstimate, limit: int | None, where: str) -> None:
 
 
 BATCH_KEYS = ("input_ids", "labels", "segment_ids", "positions", "attention_mask")  # what the loop's rows hold
-PAGE = 4096
 
 
 def _untouched_embedding_bytes(table: Any, tc: TrainConfig) -> int:
@@ -115,9 +114,9 @@ def _untouched_embedding_bytes(table: Any, tc: TrainConfig) -> int:
     (bench/RESULTS.md, issue 20). Without a step count (epochs over data the estimate does not read) every row is
     counted. The lm_head and a tied table are read whole every step and are always counted in full.
     """
-    rows, width = table.shape[0], int(np.prod(table.shape[1:], dtype=np.int64)) * jnp.dtype(table.dtype).itemsize
     if not tc.steps:
         return 0
+    rows, width = table.shape[0], int(np.prod(table.shape[1:], dtype=np.int64)) * jnp.dtype(table.dtype).itemsize
     touched = min(rows, tc.steps * tc.grad_accum * tc.batch_size * tc.max_len)
     resident = touched * (-(-width // PAGE) + 1) * PAGE  # each row's pages, one more where it straddles a page
     return max(0, rows * width - resident)

@@ -105,6 +105,23 @@ def _checked_save(state: dict, step: int, folder: Path, loss_after: Callable[[di
     save_checkpoint(folder, state, sharded=sharded)
 
 
+def _compile_ahead(step_fn: Callable, state: dict, base: dict, batch: dict, kw: dict) -> Callable:
+    """The finite check's forward (returned: `(adapters, base, batch) -> NLL`, for every batch of these shapes),
+    then the step where it is a jit (its first call then finds it in jit's cache), each compilation followed by
+    handing the compiler's working memory back to the OS (`configure_host_memory` keeps it otherwise).
+
+    Compiled at the first save instead, the check's working memory came on top of everything the run then holds
+    (1B bf16 LoRA: +217 MiB, the run's peak); compiled by the step's first call, the step's working memory was still
+    held under the step's own buffers (~0.4 GiB). bench/RESULTS.md, issue 20."""
+    check = _first_micro_nll.lower(state["adapters"], base, batch, cfg=kw["cfg"], methods=kw["methods"],
+                                   dtype=kw["dtype"], max_targets=kw["max_targets"], kernels=kw["kernels"]).compile()
+    release_host_memory()
+    if hasattr(step_fn, "lower"):
+        step_fn.lower(state, base, batch, **kw).compile()
+        release_host_memory()
+    return check
+
+
 @dataclasses.dataclass
 class TrainResult:
     adapters: dict
@@ -200,11 +217,10 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
     meter = _StepMeter(learning_rate_schedule(tc.optim, total), _progress(start, total, progress), out / "checkpoints")
     kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat=tc.remat, dtype=resolve_dtype(tc.dtype),
               max_targets=run_target_bound(rows["labels"], tc.batch_size), kernels=model.kernels)  # one compilation
-    check_kw = {k: kw[k] for k in ("cfg", "methods", "dtype", "max_targets", "kernels")}
-    first_nll = None  # the check's forward, compiled before the first step (see below)
+    check = None  # the finite check's forward, compiled before the first step (`_compile_ahead`)
 
     def loss_after(placed: dict) -> Callable[[dict], Any]:  # the loss of the first micro-batch of a step's batch
-        return lambda ad: (first_nll or functools.partial(_first_micro_nll, **check_kw))(ad, model.params, placed)
+        return lambda ad: check(ad, model.params, placed)
 
     keys = step_keys(rows)  # single-segment rows: no segment masking (static, one compilation)
     pending, placed = None, None
@@ -212,19 +228,7 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
         host = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in sched.batch_at(step).items() if k in keys}
         placed = run.to_device(host)
         if step == start:
-            # The finite check before each save runs one forward (`loss_after`). Compiled at the end of the run,
-            # the compiler's working memory came on top of everything the run holds then (1B bf16 LoRA: +217
-            # MiB, the run's peak; bench/RESULTS.md, issue 20); now it comes before the step's own compilation,
-            # and its working memory is handed back before that. Every batch has these shapes.
-            first_nll = _first_micro_nll.lower(state["adapters"], model.params, placed, **check_kw).compile()
-            release_host_memory()
-            if hasattr(step_fn, "lower"):
-                # The step too is compiled ahead of its first call (which then finds it in jit's cache): the
-                # compiler's working memory is free again but, after `configure_host_memory()`, glibc keeps it.
-                # Handed back to the OS before the step runs, it is not under the step's own buffers (1B bf16
-                # LoRA: ~0.4 GiB, bench/RESULTS.md, issue 20).
-                step_fn.lower(state, model.params, placed, **kw).compile()
-                release_host_memory()
+            check = _compile_ahead(step_fn, state, model.params, placed, kw)
         state, m = step_fn(state, model.params, placed, **kw)
         if step == start:
             release_host_memory()  # what is left of a compilation in the first call (a step without `lower`)
