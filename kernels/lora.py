@@ -27,8 +27,14 @@ def lora_delta_reference(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Ar
 
 @jax.custom_vjp
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
-    """`scale · (x @ A) @ B` (x's dtype), differentiable in all four inputs. x `[..., I]` -> `[..., O]`."""
-    return lora_delta_reference(x, a, b, scale)
+    """`scale · (x @ A) @ B` (x's dtype), differentiable in all four inputs. x `[..., I]` -> `[..., O]`.
+
+    Undifferentiated calls (evaluation, generation, a forward whose backward recomputes it) run `_fwd`'s
+    products too: bf16 operands with fp32 accumulation, which XLA:CPU runs on its bf16 dot path. The plain
+    `jnp.matmul` of `lora_delta_reference` gets both products converted to fp32 there (34-160 GFLOP/s against
+    100-330 at a 1B model's rank-16 shapes, bench/RESULTS.md, issue 20); the values are the same, exact
+    products summed in fp32 and rounded once."""
+    return _fwd(x, a, b, scale)[0]
 
 
 def _fwd(x, a, b, scale):

@@ -31,6 +31,7 @@ from jpeft.train.batches import BatchSchedule, pack_examples, pad_examples, step
 from jpeft.train.checkpoint import restore_latest, save_checkpoint
 from jpeft.train.data import tokenize_examples
 from jpeft.train.evaluate import classification_eval, label_set, mean_loss
+from jpeft.train.layerwise import layerwise_step
 from jpeft.train.report import open_sinks
 from jpeft.train.run_folder import TrainingError, claim_run_folder
 from jpeft.train.settings import TrainConfig
@@ -118,6 +119,9 @@ def _compile_ahead(step_fn: Callable, state: dict, base: dict, batch: dict, kw: 
     release_host_memory()
     if hasattr(step_fn, "lower"):
         step_fn.lower(state, base, batch, **kw).compile()
+        release_host_memory()
+    elif hasattr(step_fn, "compile_ahead"):  # jpeft.train.layerwise.LayerwiseStep
+        step_fn.compile_ahead(state, base, batch, **kw)
         release_host_memory()
     return check
 
@@ -209,7 +213,7 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
     sched = BatchSchedule(rows, tc.batch_size * tc.grad_accum, tc.seed, drop_last=tc.drop_last)
     total = tc.steps or max(1, math.ceil((tc.epochs or 1.0) * sched.steps_per_epoch))
     tx = build_optimizer(tc.optim, total, (method,))
-    run = _place(model, adapters, tx, tc, out / "checkpoints", resume)
+    run = _place(model, method, adapters, tx, tc, out / "checkpoints", resume)
     state, step_fn, sharded = run.state, run.step_fn, run.mesh is not None
     model = dataclasses.replace(model, params=run.base)  # what the steps, evals and checks take
     start = int(state["step"])
@@ -299,17 +303,23 @@ def place_for_step(state: dict, params: dict) -> tuple[dict, dict]:
     return jax.device_put(state, device), base
 
 
-def _place(model: Model, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: Path, resume: bool) -> _Placement:
-    """A fresh (or with `resume`, the restored) state and the step: as before on one device, or placed by the
-    partition rules on `tc.mesh` (a checkpoint from any mesh restores straight into this one's shardings)."""
+def _place(model: Model, method: Method, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: Path,
+           resume: bool) -> _Placement:
+    """A fresh (or with `resume`, the restored) state and the step: on one device the scan's `train_step` or the
+    layer-by-layer step (`tc.executor`, `jpeft.train.layerwise`), or placed by the partition rules on `tc.mesh` (a
+    checkpoint from any mesh restores straight into this one's shardings)."""
     if tc.mesh is None:
         state = init_state(adapters, tx, tc.seed)
         if resume and (restored := restore_latest(checkpoints, state)) is not None:
             state = jax.tree_util.tree_map(jnp.asarray, restored)
         state, base = place_for_step(state, model.params)
         state, step_fn = offload.prepare(state, tc.offload_optimizer)
-        return _Placement(state, base, step_fn,
+        layers = layerwise_step(base, model.cfg, (method,), tc.remat, tc.executor,
+                                offload_optimizer=tc.offload_optimizer)
+        return _Placement(state, base, layers or step_fn,
                           lambda h: {k: jnp.asarray(v) for k, v in h.items()})
+    if tc.executor == "layers":
+        raise ConfigError("--executor layers runs on one device; drop --mesh or use --executor auto")
     mesh = make_mesh(tc.mesh)
     check_batch(mesh, tc.batch_size)
     run = shard_run(mesh, model.params, adapters, lambda a: init_state(a, tx, tc.seed), train_step)

@@ -20,6 +20,8 @@ from jpeft.models.model import check_remat
 from jpeft.parallel.mesh import parse_mesh
 from jpeft.train.report import REPORT_TO, check_report_to
 
+EXECUTORS = ("auto", "scan", "layers")  # jpeft.train.layerwise
+
 SCHEDULES = ("cosine", "linear", "constant")
 RUN_DTYPES = ("float32", "bfloat16")
 KERNELS_HELP = ("fused-op implementations: auto = Pallas kernels on GPU, pure-JAX references elsewhere; on = "
@@ -55,6 +57,10 @@ class TrainSettings:
     kernels: str = hp("auto", KERNELS_HELP, choices=KERNEL_MODES)
     offload_optimizer: bool = hp(False, "keep optimizer state in pinned host memory between steps (where the "
                                         "backend has it)")
+    executor: str = hp("auto", "how a train step runs the layers: scan (one XLA loop over the stacked layers); "
+                       "layers (one compiled layer called per layer, reading each layer's weights in place: CPU, "
+                       "16-bit base, --remat full); auto = layers where it applies, else scan",
+                       choices=EXECUTORS)
     report_to: str = hp("none", "also log metrics to TensorBoard event files in OUT/tensorboard (needs tensorboardX)",
                         choices=REPORT_TO)
     no_progress: bool = hp(False, None)
@@ -78,7 +84,7 @@ class TrainSettings:
                            drop_last=not self.keep_last_batch, seed=self.seed,
                            eval_every=self.eval_every, save_every=self.save_every, remat=self.remat, dtype=self.dtype,
                            optim=self.optim_config(), offload_optimizer=self.offload_optimizer, mesh=self.mesh,
-                           report_to=(self.report_to,)).validate()
+                           report_to=(self.report_to,), executor=self.executor).validate()
 
 
 _S = TrainSettings  # the defaults below are read from its fields
@@ -127,6 +133,7 @@ class TrainConfig:
     offload_optimizer: bool = _S.offload_optimizer  # optimizer state in pinned host memory (jpeft.train.offload)
     report_to: tuple[str, ...] = (_S.report_to,)  # metric sinks besides metrics.jsonl (jpeft.train.report)
     mesh: str | None = _S.mesh  # "data=D,fsdp=F,tensor=T,expert=E": train sharded over all devices (jpeft.parallel)
+    executor: str = _S.executor  # auto / scan / layers: how the step runs the layers (jpeft.train.layerwise)
 
     def validate(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
@@ -140,6 +147,8 @@ class TrainConfig:
             raise ConfigError(f"epochs={self.epochs} must be > 0")
         check_remat(self.remat)
         check_report_to(self.report_to)
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"executor={self.executor!r}; use one of {', '.join(EXECUTORS)} (--executor)")
         if self.mesh is not None:
             parse_mesh(self.mesh)
             if self.offload_optimizer:

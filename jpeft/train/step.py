@@ -69,6 +69,13 @@ def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, meth
                                       attention_mask=batch.get("attention_mask"), positions=batch.get("positions"),
                                       segment_ids=batch.get("segment_ids"), rng=rng, train=train, remat=remat,
                                       dtype=dtype)
+    return nll_from_hidden(h, adapters, base, batch, cfg=cfg, methods=methods, max_targets=max_targets) + (aux,)
+
+
+def nll_from_hidden(h: jax.Array, adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig,
+                    methods: Sequence[Method], max_targets: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """`batch_nll` after the decoder: summed NLL of the final-norm hidden states h `[B, T, D]` against
+    `batch["labels"]` `[B, T]` by the fused lm_head + loss, and the target count."""
     labels = batch["labels"]
     if max_targets is not None:
         flat = labels.reshape(-1)
@@ -81,7 +88,7 @@ def batch_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, meth
         h = h / jnp.asarray(cfg.logits_divisor, h.dtype)
     nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), softcap=cfg.final_softcap,
                                w_vd=vd)
-    return jnp.sum(nll), jnp.sum(labels >= 0).astype(F32), aux
+    return jnp.sum(nll), jnp.sum(labels >= 0).astype(F32)
 
 
 def run_target_bound(labels: Any, rows_per_batch: int, minimum: int = 64) -> int | None:
@@ -137,14 +144,22 @@ def train_step(state: dict, base: dict, batch: dict, *, cfg: ModelConfig, method
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state["adapters"])
         init = (zeros, jnp.zeros((), F32), jnp.zeros((), F32))
         (grads, nll_sum, router_sum), _ = jax.lax.scan(micro, init, (batch, jnp.arange(accum)))
-        updates, opt_state = tx.update(grads, state["opt_state"], state["adapters"])
-        adapters = optax.apply_updates(state["adapters"], updates)
-        seen = jnp.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size
-        metrics = {"loss": nll_sum / total_tokens, "grad_norm": optax.tree.norm(grads), "targets": total_tokens,
-                   "tokens": jnp.asarray(seen, F32)}
-        if cfg.has_experts and cfg.router_aux:
-            metrics["router_aux_loss"] = router_sum / accum
-        return {"step": state["step"] + 1, "adapters": adapters, "opt_state": opt_state, "rng": rng}, metrics
+        return apply_gradients(state, rng, grads, nll_sum, batch, cfg=cfg, tx=tx, router_sum=router_sum)
+
+
+def apply_gradients(state: dict, rng: jax.Array, grads: dict, nll_sum: jax.Array, batch: dict, *, cfg: ModelConfig,
+                    tx: optax.GradientTransformation, router_sum: jax.Array | None = None) -> tuple[dict, dict]:
+    """The end of a train step: the optax update of `state["adapters"]` by `grads` (of the loss over the whole
+    `[accum, B, T]` `batch`), the next state (with `rng`, the key the step split off) and the step's metrics."""
+    total_tokens = jnp.maximum(jnp.sum(batch["labels"] >= 0).astype(F32), 1.0)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["adapters"])
+    adapters = optax.apply_updates(state["adapters"], updates)
+    seen = jnp.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size
+    metrics = {"loss": nll_sum / total_tokens, "grad_norm": optax.tree.norm(grads), "targets": total_tokens,
+               "tokens": jnp.asarray(seen, F32)}
+    if cfg.has_experts and cfg.router_aux:
+        metrics["router_aux_loss"] = router_sum / batch["input_ids"].shape[0]
+    return {"step": state["step"] + 1, "adapters": adapters, "opt_state": opt_state, "rng": rng}, metrics
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "methods", "dtype", "max_targets", "kernels"))

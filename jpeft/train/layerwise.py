@@ -1,0 +1,298 @@
+"""The train step run one decoder layer at a time from Python: the CPU executor for a 16-bit frozen base.
+
+`train_step` scans the layers over the `[L, ...]` stacks of the base. On XLA:CPU each iteration of that scan
+copies its layer's weights out of the stacks before its dots (a dynamic slice is never read in place), in the
+forward and again in the backward's recomputation: 2 x 2.3 GiB of copies per step for a 1B bf16 base, ~0.3 s of
+its 1.5 s (bench/RESULTS.md, issue 20). `LayerwiseStep` computes the same step with no copy of a weight:
+
+- each layer's weights are zero-copy views of the stacks' host memory, one array per layer and leaf;
+- one jitted layer forward, called once per layer, keeps only each layer's input (what `remat="full"` keeps);
+- the fused lm_head + loss gives the gradient of the final hidden states;
+- one jitted layer backward per layer recomputes that layer from its input (`jax.vjp`) and returns the
+  gradients of its input and of its slice of the (prepared) adapters;
+- the embedding stage's VJP carries those slices back through each method's `prepare`, accumulating over the
+  micro-batches, and one jitted update applies the optimizer (`jpeft.train.step.apply_gradients`).
+
+It is the same computation as `train_step(..., remat="full")`: the same layer function (`decoder_layer`), the
+same dropout keys, the same loss, the same update. XLA fuses the two programs differently, so the numbers agree
+to rounding, not bit for bit (tests/train/test_layerwise.py compares losses, gradients and updates).
+
+It applies where the scan's copies exist and nothing needs the whole stack at once: the CPU backend, one device,
+bf16/f16 layer stacks carried as host words (`jpeft.models.model.as_host_bits`), `remat="full"`, no MoE layers,
+and methods whose only model hooks are per layer (`linear`, `block_out`, `kv_prefix`, `prepare`, `loss`): LoRA and
+its variants, AdaLoRA, SoRA, IA3, VeRA, bottleneck adapters, prefix tuning. `layerwise_blocker` names what rules a
+run out; `jpeft train --executor auto` (the default) then runs the scan.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.errors import ConfigError
+from jpeft.kernels.dispatch import kernel_mode
+from jpeft.models.config import ModelConfig
+from jpeft.models.decoder import decoder_layer, rms_norm
+from jpeft.models.model import STACKS, Bits16, _embed_inputs, _mask_info, with_overrides
+from jpeft.models.records import LayerContext
+from jpeft.sites import Method, SiteContext
+from jpeft.train.settings import EXECUTORS
+from jpeft.train.step import apply_gradients, method_loss, nll_from_hidden
+
+F32 = jnp.float32
+# Method hooks that act on the whole model rather than on one layer: a method overriding any of them runs the scan.
+WHOLE_MODEL_HOOKS = ("embed", "virtual_tokens", "position_offset", "layer_params")
+
+
+def _is_bits(x: Any) -> bool:
+    return isinstance(x, Bits16)
+
+
+def layerwise_blocker(cfg: ModelConfig, methods: Sequence[Method], base: dict, remat: str, *,
+                      mesh: Any = None, offload_optimizer: bool = False) -> str | None:
+    """Why `LayerwiseStep` cannot run this training (a sentence), or None when it can.
+
+    base: the params as the single-device loop hands them to the step (`jpeft.train.loop.place_for_step`)."""
+    if jax.default_backend() != "cpu":
+        return f"it runs on the CPU backend only (this is {jax.default_backend()})"
+    if mesh is not None:
+        return "it runs on one device (this run has --mesh)"
+    if offload_optimizer:
+        return "it keeps the optimizer state in device memory (this run has --offload-optimizer)"
+    if remat != "full":
+        return f"it recomputes each layer from its input, which is --remat full (this run has --remat {remat})"
+    if cfg.has_experts or any(k in base for k in STACKS if k != "layers"):
+        return "it runs dense decoder layers only (this model has MoE layers)"
+    for m in methods:
+        for hook in WHOLE_MODEL_HOOKS:
+            if getattr(type(m), hook, None) is not getattr(Method, hook):
+                return f"method {m.name!r} changes the model outside its layers ({hook})"
+    leaves = jax.tree_util.tree_leaves(base.get("layers"), is_leaf=_is_bits)
+    if not leaves or not all(_is_bits(x) and isinstance(x.bits, jax.Array) for x in leaves):
+        return ("it reads a 16-bit frozen base in place (bf16/f16 layer stacks in host memory); this base is "
+                "another dtype or 4-bit")
+    return None
+
+
+def layer_views(layers: dict) -> list[dict] | None:
+    """Layer l of every `Bits16` stack in `layers`, as `[...]` float arrays over the stacks' own host memory, for
+    each l; None when an array would be a copy (a buffer jax cannot alias)."""
+    leaves, treedef = jax.tree_util.tree_flatten(layers, is_leaf=_is_bits)
+    n = leaves[0].bits.shape[0]
+    per_leaf = []
+    for x in leaves:
+        device = next(iter(x.bits.devices()))
+        host = np.asarray(x.bits)
+        views = []
+        for i in range(n):
+            v = host[i].view(x.dtype)
+            arr = jax.device_put(v, device)
+            if arr.unsafe_buffer_pointer() != v.ctypes.data:
+                return None
+            views.append(arr)
+        per_leaf.append(views)
+    return [jax.tree_util.tree_unflatten(treedef, [views[i] for views in per_leaf]) for i in range(n)]
+
+
+_MODEL = ("cfg", "methods", "kernels")
+
+
+def _micro(batch: dict, i: jax.Array) -> dict:
+    return jax.tree_util.tree_map(lambda x: x[i], batch)
+
+
+def _overridden(small: dict, adapters: dict, methods: tuple) -> dict:
+    """The non-layer base params with each method's `override_params` applied (modules_to_save's trained copies
+    of the embeddings or the lm_head); a ConfigError for an override of the layer stacks."""
+    out = with_overrides(small, adapters, methods)
+    if any(k in out for k in STACKS):
+        raise ConfigError("a method overrides the base's layer stacks, which --executor layers reads in place; use "
+                          "--executor scan")
+    return out
+
+
+def _embedded(adapters: dict, small: dict, mb: dict, cfg: ModelConfig, methods: tuple, dtype: Any):
+    """The layer-0 input `[B, T, D]` and each layer's slice of the prepared adapters (`{method: tree}` per layer)."""
+    params = _overridden(small, adapters, methods)
+    h, prepared, _, _ = _embed_inputs(params, cfg, mb["input_ids"], adapters, methods, None, True, dtype)
+    layer_ad = {k: v["layers"] for k, v in prepared.items() if isinstance(v, dict) and "layers" in v}
+    return h, [jax.tree_util.tree_map(lambda x, i=i: x[i], layer_ad) for i in range(cfg.num_layers)]
+
+
+@functools.partial(jax.jit, static_argnames=_MODEL + ("dtype",))
+def _embed_stage(adapters, small, batch, i, rng, *, cfg, methods, kernels, dtype):
+    """Micro-batch `i` of `batch` `[accum, B, T]`: (layer-0 input, per-layer adapter slices, the micro-batch, its
+    dropout key: `fold_in(split(rng)[1], i)`, as `train_step` draws it)."""
+    with kernel_mode(kernels):
+        mb = _micro(batch, i)
+        h, per_layer = _embedded(adapters, small, mb, cfg, methods, dtype)
+        return h, per_layer, mb, jax.random.fold_in(jax.random.split(rng)[1], i)
+
+
+@functools.partial(jax.jit, static_argnames=_MODEL + ("dtype",), donate_argnums=(0,))
+def _embed_backward(grads, adapters, small, mb, ct_h, ct_layers, ct_head, *, cfg, methods, kernels, dtype):
+    """`grads` (None at the first micro-batch) plus the adapters' gradient from the layer-0 input's and the layer
+    slices' cotangents (and the head's own adapter gradient `ct_head`, or None)."""
+    with kernel_mode(kernels):
+        _, pull = jax.vjp(lambda ad: _embedded(ad, small, mb, cfg, methods, dtype), adapters)
+        (g,) = pull((ct_h, ct_layers))
+        for more in (grads, ct_head):
+            if more is not None:
+                g = jax.tree_util.tree_map(jnp.add, g, more)
+        return g
+
+
+def _layer(h, lp, ad, idx, rng, mb, cfg: ModelConfig, methods: tuple) -> jax.Array:
+    """Decoder layer `idx` on h `[B, T, D]`, as the layer scan's body runs it in training."""
+    b, t = mb["input_ids"].shape
+    am = mb.get("attention_mask")
+    mask = _mask_info(b, t, am, mb.get("positions"), mb.get("segment_ids"), None, 0, flash_ok=True)[0]
+    ctx = LayerContext(cfg=cfg, methods=methods, adapters=ad,
+                       site=SiteContext(train=True, rng=jax.random.fold_in(rng, idx), layer=idx),
+                       token_mask=jnp.ones((b, t), jnp.int32) if am is None else am,
+                       window=jnp.asarray(cfg.layer_windows, jnp.int32)[idx], cache_kv=None)
+    return decoder_layer(h, lp, ctx, mask)[0]
+
+
+@functools.partial(jax.jit, static_argnames=_MODEL)
+def _layer_forward(h, lp, ad, idx, rng, mb, *, cfg, methods, kernels):
+    with kernel_mode(kernels):
+        return _layer(h, lp, ad, idx, rng, mb, cfg, methods)
+
+
+@functools.partial(jax.jit, static_argnames=_MODEL)
+def _layer_backward(h, lp, ad, idx, rng, mb, ct, *, cfg, methods, kernels):
+    """(cotangent of the layer's input, of its adapter slice): the layer recomputed from h, then its VJP."""
+    with kernel_mode(kernels):
+        _, pull = jax.vjp(lambda x, a: _layer(x, lp, a, idx, rng, mb, cfg, methods), h, ad)
+        return pull(ct)
+
+
+@functools.partial(jax.jit, static_argnames=_MODEL + ("max_targets", "head_grads"))
+def _head(h, adapters, small, mb, batch, nll_sum, *, cfg, methods, kernels, max_targets, head_grads):
+    """(`nll_sum` plus the summed NLL of the micro-batch, the gradient of its share of the step's loss w.r.t.
+    the last layer's output h `[B, T, D]`, and with `head_grads` w.r.t. the adapters, else None): final norm,
+    fused lm_head + loss, divided by the whole batch's target count."""
+    with kernel_mode(kernels):
+        total = jnp.maximum(jnp.sum(batch["labels"] >= 0).astype(F32), 1.0)
+
+        def loss(x, ad):
+            params = _overridden(small, ad, methods)
+            x = rms_norm(x, params["norm"], cfg.rms_norm_eps, cfg.norm_offset)
+            s, _ = nll_from_hidden(x, ad, params, mb, cfg=cfg, methods=methods, max_targets=max_targets)
+            return s / total, s
+
+        if head_grads:
+            (_, s), (ct, ct_ad) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(h, adapters)
+            return nll_sum + s, ct, ct_ad
+        (_, s), ct = jax.value_and_grad(loss, has_aux=True)(h, adapters)
+        return nll_sum + s, ct, None
+
+
+@functools.partial(jax.jit, static_argnames=_MODEL + ("tx",), donate_argnums=(0,))
+def _update(state, grads, nll_sum, batch, *, cfg, methods, tx, kernels):
+    """Each method's loss term (`train_step` adds 1/accum of it per micro-batch), then `apply_gradients`."""
+    with kernel_mode(kernels):
+        g = jax.grad(lambda ad: method_loss(ad, methods))(state["adapters"])
+        grads = jax.tree_util.tree_map(jnp.add, grads, g)
+        return apply_gradients(state, jax.random.split(state["rng"])[0], grads, nll_sum, batch, cfg=cfg, tx=tx)
+
+
+def _head_grads(adapters: dict, methods: tuple) -> bool:
+    """Whether the lm_head + loss reads trained params (modules_to_save copies), so that its gradient w.r.t. the
+    adapters is needed (a tree of zeros otherwise, not formed)."""
+    return any(isinstance(adapters.get(m.name), dict) and bool(adapters[m.name].get("modules_to_save"))
+               for m in methods)
+
+
+class LayerwiseStep:
+    """A drop-in for `train_step(state, base, batch, **kw)` (module docstring) for one base: `base`, as the
+    single-device loop hands it to the step. Build it with `layerwise_step`."""
+
+    def __init__(self, base: dict, views: list[dict]):
+        self.base, self.views = base, views
+        self.small = {k: v for k, v in base.items() if k not in STACKS}
+        device = next(iter(jax.tree_util.tree_leaves(views[0])[0].devices()))
+        self.index = [jax.device_put(jnp.int32(i), device) for i in range(len(views))]
+        self.device = device
+
+    def _zero(self) -> jax.Array:
+        """A committed fp32 0, as every later NLL sum is (jit keys its cache on placement)."""
+        return jax.device_put(np.float32(0), self.device)
+
+    def _pieces(self, state, base, batch, kw):
+        if base is not self.base:
+            raise ConfigError("LayerwiseStep was built for another base; build one per base (layerwise_step)")
+        model = dict(cfg=kw["cfg"], methods=tuple(kw["methods"]), kernels=kw.get("kernels", "auto"))
+        head = dict(max_targets=kw.get("max_targets"), head_grads=_head_grads(state["adapters"], model["methods"]))
+        return model, kw.get("dtype", F32), head, kw["tx"]
+
+    def __call__(self, state: dict, base: dict, batch: dict, **kw: Any) -> tuple[dict, dict]:
+        """One optimizer step over `batch` `[accum, B, T]` arrays: `(new state, metrics)` as `train_step`.
+        `state` is donated."""
+        model, dtype, head, tx = self._pieces(state, base, batch, kw)
+        adapters, views, idx = state["adapters"], self.views, self.index
+        grads, nll_sum = None, self._zero()
+        for i in range(batch["input_ids"].shape[0]):
+            h, per_layer, mb, rng = _embed_stage(adapters, self.small, batch, jnp.int32(i), state["rng"], **model,
+                                                 dtype=dtype)
+            inputs = []
+            for layer, lp in enumerate(views):
+                inputs.append(h)
+                h = _layer_forward(h, lp, per_layer[layer], idx[layer], rng, mb, **model)
+            nll_sum, ct, ct_head = _head(h, adapters, self.small, mb, batch, nll_sum, **model, **head)
+            cts = [None] * len(views)
+            for layer in reversed(range(len(views))):
+                ct, cts[layer] = _layer_backward(inputs[layer], views[layer], per_layer[layer], idx[layer], rng, mb,
+                                                 ct, **model)
+                inputs[layer] = None
+            grads = _embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model, dtype=dtype)
+        return _update(state, grads, nll_sum, batch, **model, tx=tx)
+
+    def compile_ahead(self, state: dict, base: dict, batch: dict, **kw: Any) -> None:
+        """Compile every program of a step on these shapes, so that the step's calls find them in jit's cache: the
+        first micro-batch's pieces are run once on layer 0 (results dropped, `state` untouched; jit keys its cache
+        on each argument's placement, which real calls give exactly), the update is compiled only."""
+        model, dtype, head, tx = self._pieces(state, base, batch, kw)
+        adapters, lp, idx = state["adapters"], self.views[0], self.index[0]
+        grads, nll = None, self._zero()
+        h, per_layer, mb, rng = _embed_stage(adapters, self.small, batch, jnp.int32(0), state["rng"], **model,
+                                             dtype=dtype)
+        out = _layer_forward(h, lp, per_layer[0], idx, rng, mb, **model)
+        nll, ct, ct_head = _head(out, adapters, self.small, mb, batch, nll, **model, **head)
+        ct, ct_ad = _layer_backward(h, lp, per_layer[0], idx, rng, mb, ct, **model)
+        cts = [ct_ad] * len(self.views)
+        grads = _embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model, dtype=dtype)
+        if batch["input_ids"].shape[0] > 1:  # the later micro-batches add to the gradient so far
+            grads = _embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model, dtype=dtype)
+        _update.lower(state, grads, nll, batch, **model, tx=tx).compile()
+        jax.block_until_ready(grads)
+
+
+def layerwise_step(base: dict, cfg: ModelConfig, methods: Sequence[Method], remat: str, executor: str = "auto", *,
+                   mesh: Any = None, offload_optimizer: bool = False) -> LayerwiseStep | None:
+    """The layer-by-layer step for this run, or None for the scan (`train_step`).
+
+    executor: "auto" (the layer-by-layer step wherever it applies, `layerwise_blocker`), "scan" (never), or
+    "layers" (always; a ConfigError naming the reason where it does not apply)."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor={executor!r}; use one of {', '.join(EXECUTORS)} (--executor)")
+    if executor == "scan":
+        return None
+    why = layerwise_blocker(cfg, methods, base, remat, mesh=mesh, offload_optimizer=offload_optimizer)
+    views = layer_views(base["layers"]) if why is None else None
+    if why is None and views is None:
+        why = "it reads the base's layers in place, and this base's memory cannot be aliased"
+    if why is not None:
+        if executor == "layers":
+            raise ConfigError(f"--executor layers cannot run this training: {why}; use --executor auto or scan")
+        return None
+    return LayerwiseStep(base, views)
+
+
+__all__ = ["EXECUTORS", "LayerwiseStep", "layer_views", "layerwise_blocker", "layerwise_step"]

@@ -1,0 +1,142 @@
+"""The layer-by-layer train step (`jpeft.train.layerwise`) against the scan's `train_step`, and when it runs.
+
+The two compute the same step with the same layer function; XLA fuses the two programs differently, so bf16
+numbers agree to rounding. Each case below trains two steps both ways from the same state and compares the
+metrics and the updated adapters."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft.errors import ConfigError
+from jpeft.methods.lora import LoraConfig, init_lora
+from jpeft.methods.prompt import PromptTuningConfig, init_prompt
+from jpeft.train import layerwise as lw
+from jpeft.train.data import load_jsonl
+from jpeft.train.loop import TrainConfig, place_for_step, train
+from jpeft.train.step import OptimConfig, build_optimizer, init_state, train_step
+
+from tiny import label_examples, make_trainable_checkpoint
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("layerwise")
+    make_trainable_checkpoint(d, "llama", "gqa_untied")
+    return d
+
+
+@pytest.fixture(scope="module")
+def bf16_model(folder):
+    return jpeft.load(folder, "bfloat16", tokenizer=False)
+
+
+def _setup(model, accum: int = 1, **lora):
+    method, adapters = init_lora(model.cfg, model.params, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                     **lora), jax.random.PRNGKey(0))[:2]
+    # B starts at zero; a random B makes every gradient (and so every comparison below) non-trivial
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.random.normal(jax.random.PRNGKey(len(p)), x.shape, x.dtype) * 0.05
+        if "lora_B" in jax.tree_util.keystr(p) else x, adapters)
+    tx = build_optimizer(OptimConfig(lr=1e-3), 10, (method,))
+    state, base = place_for_step(init_state(adapters, tx, 3), model.params)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, model.cfg.vocab_size, (2, accum, 2, 24)).astype(np.int32)
+    labels = np.where(rng.random(ids.shape) < 0.2, -100, ids).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[..., 1, 20:] = 0  # a padded row
+    batches = [{"input_ids": jnp.asarray(ids[i]), "labels": jnp.asarray(labels[i]),
+                "attention_mask": jnp.asarray(mask[i])} for i in range(2)]
+    kw = dict(cfg=model.cfg, methods=(method,), tx=tx, remat="full", dtype=jnp.bfloat16)
+    return state, base, batches, kw
+
+
+@pytest.mark.parametrize("case", [{}, {"accum": 2, "lora_dropout": 0.2}, {"modules_to_save": ["lm_head"]},
+                                  {"use_dora": True}])
+def test_layerwise_step_matches_the_scan(bf16_model, case):
+    state, base, batches, kw = _setup(bf16_model, **case)
+    step = lw.layerwise_step(base, kw["cfg"], kw["methods"], "full", "layers")
+    assert isinstance(step, lw.LayerwiseStep)
+    scan_state = jax.tree_util.tree_map(jnp.copy, state)
+    for b in batches:
+        scan_state, m_scan = train_step(scan_state, base, b, **kw)
+        state, m_layers = step(state, base, b, **kw)
+        for k in ("loss", "grad_norm", "targets", "tokens"):
+            np.testing.assert_allclose(float(m_layers[k]), float(m_scan[k]), rtol=2e-3, err_msg=k)
+    assert int(state["step"]) == int(scan_state["step"]) == 2
+    np.testing.assert_array_equal(np.asarray(state["rng"]), np.asarray(scan_state["rng"]))
+    before = init_state(_setup(bf16_model, **case)[0]["adapters"], kw["tx"], 3)["adapters"]
+    for a, b, a0 in zip(jax.tree_util.tree_leaves(state["adapters"]), jax.tree_util.tree_leaves(scan_state["adapters"]),
+                        jax.tree_util.tree_leaves(before), strict=True):
+        moved = np.abs(np.asarray(b) - np.asarray(a0))
+        # the same update, to the rounding of bf16 activations: within a tenth of how far the scan moved it
+        assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 0.1 * np.max(moved) + 1e-7
+
+
+def test_who_runs_layer_by_layer(bf16_model, folder):
+    state, base, _, kw = _setup(bf16_model)
+    cfg, methods = kw["cfg"], kw["methods"]
+    assert lw.layerwise_blocker(cfg, methods, base, "full") is None
+    assert lw.layerwise_step(base, cfg, methods, "full", "scan") is None
+    assert "--remat full" in lw.layerwise_blocker(cfg, methods, base, "projections")
+    assert lw.layerwise_step(base, cfg, methods, "projections", "auto") is None
+    assert "--mesh" in lw.layerwise_blocker(cfg, methods, base, "full", mesh=object())
+    assert "--offload-optimizer" in lw.layerwise_blocker(cfg, methods, base, "full", offload_optimizer=True)
+    fp32 = jpeft.load(folder, "float32", tokenizer=False)
+    fp32_base = place_for_step(state, fp32.params)[1]
+    assert "16-bit" in lw.layerwise_blocker(cfg, methods, fp32_base, "full")
+    prompt, _ = init_prompt(cfg, bf16_model.params, PromptTuningConfig(num_virtual_tokens=4), jax.random.PRNGKey(0))
+    assert "outside its layers" in lw.layerwise_blocker(cfg, (prompt,), base, "full")
+    with pytest.raises(ConfigError, match="--executor layers cannot run this training: .*--remat full"):
+        lw.layerwise_step(base, cfg, methods, "projections", "layers")
+    with pytest.raises(ConfigError, match="--executor"):
+        lw.layerwise_step(base, cfg, methods, "full", "fast")
+    with pytest.raises(ConfigError, match="--executor"):
+        TrainConfig(executor="fast").validate()
+
+
+def test_the_loop_runs_it_and_compiles_every_program_before_its_first_step(folder, tmp_path, caplog):
+    """`jpeft train --remat full` on a bf16 base runs layer by layer (--executor auto) with the scan's numbers; every
+    program of its step is compiled once, ahead of the first step (`LayerwiseStep.compile_ahead`), and the finite
+    check and checkpoints work as with the scan."""
+    model = jpeft.load(folder, "bfloat16")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in label_examples(24, 0)))
+    method, ad = init_lora(model.cfg, model.params, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                           jax.random.PRNGKey(0))[:2]
+    runs = {}
+    for executor in ("auto", "scan"):
+        tc = TrainConfig(steps=3, batch_size=2, grad_accum=2, max_len=32, save_every=1, remat="full",
+                         dtype="bfloat16", optim=OptimConfig(lr=5e-3), executor=executor)
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+            res = train(model, method, ad, load_jsonl(data), [], tc, tmp_path / executor, progress=False)
+        runs[executor] = res
+        names = [m.split("(")[1].split(")")[0] for r in caplog.records
+                 if (m := r.getMessage()).startswith("Compiling jit(") and "(_" in m or "(train_step)" in m]
+        if executor == "auto":
+            pieces = ["_embed_stage", "_layer_forward", "_head", "_layer_backward", "_embed_backward", "_update"]
+            assert "train_step" not in names
+            # once each; the gradient's accumulation into an existing sum is a second program (grad_accum=2)
+            assert [names.count(p) for p in pieces] == [1, 1, 1, 1, 2, 1], names
+            assert [p.name for p in sorted((tmp_path / "auto/checkpoints").iterdir())] == ["step_2", "step_3"]
+    losses = {k: [h["loss"] for h in r.history if "loss" in h] for k, r in runs.items()}
+    assert len(losses["auto"]) == 3
+    np.testing.assert_allclose(losses["auto"], losses["scan"], rtol=5e-3)
+
+
+def test_executor_layers_refuses_a_mesh(folder, tmp_path):
+    model = jpeft.load(folder, "bfloat16")
+    method, ad = init_lora(model.cfg, model.params, LoraConfig(r=4, target_modules="all-linear"),
+                           jax.random.PRNGKey(0))[:2]
+    tc = TrainConfig(steps=1, batch_size=1, max_len=32, remat="full", mesh="data=1", executor="layers")
+    with pytest.raises(ConfigError, match="--executor layers runs on one device"):
+        train(model, method, ad, label_examples(4, 0), [], tc, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out/checkpoints").exists()
