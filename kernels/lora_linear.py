@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 
 from jpeft.errors import ConfigError
 from jpeft.kernels.dispatch import OpCall, choose
-from jpeft.kernels.lora import lora_delta, lora_delta_reference
+from jpeft.kernels.lora import lora_delta, lora_delta_group, lora_delta_reference
 from jpeft.kernels.matmul import matmul
 from jpeft.kernels.proving import normal, tokens_for
 from jpeft.kernels.tiling import (
@@ -249,7 +249,16 @@ def _op_call(x, ws, as_, bs, scales, biases) -> OpCall:
     rows = max(1, x.size // max(x.shape[-1], 1))
 
     def reference(x, ws, as_, bs, scales, biases):
-        return tuple(_unfused(x, w, a, b, s, bias) for w, a, b, s, bias in zip(ws, as_, bs, scales, biases))
+        if len(ws) == 1:
+            return (_unfused(x, ws[0], as_[0], bs[0], scales[0], biases[0]),)
+        deltas = lora_delta_group(x, tuple(as_), tuple(bs), tuple(scales))  # the x-side rank-r work shared
+        out = []
+        for w, bias, d in zip(ws, biases, deltas):
+            y = matmul(x, w)
+            if bias is not None:
+                y = y + bias.astype(y.dtype)
+            out.append(y + d.astype(y.dtype))
+        return tuple(out)
 
     def kernel(x, ws, as_, bs, scales, biases, *, interpret):
         return _group(x, ws, as_, bs, scales, biases, interpret)

@@ -117,11 +117,10 @@ def _overridden(small: dict, adapters: dict, methods: tuple) -> dict:
 
 
 def _embedded(adapters: dict, small: dict, mb: dict, cfg: ModelConfig, methods: tuple, dtype: Any):
-    """The layer-0 input `[B, T, D]` and each layer's slice of the prepared adapters (`{method: tree}` per layer)."""
+    """The layer-0 input `[B, T, D]` and the prepared adapters' layer stacks (`{method: tree of [L, ...]}`)."""
     params = _overridden(small, adapters, methods)
     h, prepared, _, _ = _embed_inputs(params, cfg, mb["input_ids"], adapters, methods, None, True, dtype)
-    layer_ad = {k: v["layers"] for k, v in prepared.items() if isinstance(v, dict) and "layers" in v}
-    return h, [jax.tree_util.tree_map(lambda x, i=i: x[i], layer_ad) for i in range(cfg.num_layers)]
+    return h, {k: v["layers"] for k, v in prepared.items() if isinstance(v, dict) and "layers" in v}
 
 
 @functools.partial(jax.jit, static_argnames=_MODEL + ("dtype",))
@@ -130,7 +129,8 @@ def _embed_stage(adapters, small, batch, i, rng, *, cfg, methods, kernels, dtype
     dropout key: `fold_in(split(rng)[1], i)`, as `train_step` draws it)."""
     with kernel_mode(kernels):
         mb = _micro(batch, i)
-        h, per_layer = _embedded(adapters, small, mb, cfg, methods, dtype)
+        h, layer_ad = _embedded(adapters, small, mb, cfg, methods, dtype)
+        per_layer = [jax.tree_util.tree_map(lambda x, i=i: x[i], layer_ad) for i in range(cfg.num_layers)]
         return h, per_layer, mb, jax.random.fold_in(jax.random.split(rng)[1], i)
 
 
@@ -139,8 +139,10 @@ def _embed_backward(grads, adapters, small, mb, ct_h, ct_layers, ct_head, *, cfg
     """`grads` (None at the first micro-batch) plus the adapters' gradient from the layer-0 input's and the layer
     slices' cotangents (and the head's own adapter gradient `ct_head`, or None)."""
     with kernel_mode(kernels):
+        # the layers' slices stacked as one concatenation (the VJP of n slices would sum n padded copies)
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ct_layers)
         _, pull = jax.vjp(lambda ad: _embedded(ad, small, mb, cfg, methods, dtype), adapters)
-        (g,) = pull((ct_h, ct_layers))
+        (g,) = pull((ct_h, stacked))
         for more in (grads, ct_head):
             if more is not None:
                 g = jax.tree_util.tree_map(jnp.add, g, more)

@@ -15,7 +15,7 @@ from jax.test_util import check_grads
 
 from jpeft.kernels.attention import attention, attention_reference
 from jpeft.kernels.cross_entropy import default_chunk_size, linear_cross_entropy, linear_cross_entropy_reference
-from jpeft.kernels.lora import lora_delta, lora_delta_reference
+from jpeft.kernels.lora import lora_delta, lora_delta_group, lora_delta_reference
 
 jax.config.update("jax_enable_x64", False)
 
@@ -59,6 +59,39 @@ def test_lora_delta_check_grads_and_bf16():
     ga = jax.grad(lambda a: jnp.sum(lora_delta(xb, a, b, 0.5).astype(jnp.float32)))(a)
     gr = jax.grad(lambda a: jnp.sum(lora_delta_reference(xb, a, b, 0.5).astype(jnp.float32)))(a)
     assert ga.dtype == jnp.float32 and rel(ga, gr) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lora_delta_group_matches_torch_autograd(dtype):
+    """Three branches on one x (q/k/v: ranks 4, 2, 4; outputs 12, 6, 6) against torch autograd of the sum of the
+    three products: values, and the gradients of x, every A, B and scale."""
+    rng = np.random.default_rng(7)
+    shape, ranks, outs = (2, 5, 16), (4, 2, 4), (12, 6, 6)
+    x = rng.standard_normal(shape, np.float32)
+    as_ = [rng.standard_normal((16, r), np.float32) * 0.3 for r in ranks]
+    bs = [rng.standard_normal((r, o), np.float32) * 0.3 for r, o in zip(ranks, outs)]
+    ss = [np.float32(v) for v in (2.0, 0.5, 1.25)]
+    dys = [rng.standard_normal((*shape[:-1], o), np.float32) for o in outs]
+
+    def loss(x, as_, bs, ss):
+        ys = lora_delta_group(x.astype(dtype), tuple(as_), tuple(bs), tuple(ss))
+        return sum(jnp.sum(y.astype(jnp.float32) * dy) for y, dy in zip(ys, dys))
+
+    ys = lora_delta_group(jnp.asarray(x, dtype), tuple(map(jnp.asarray, as_)), tuple(map(jnp.asarray, bs)),
+                          tuple(map(jnp.asarray, ss)))
+    assert [y.dtype for y in ys] == [dtype] * 3 and [y.shape[-1] for y in ys] == list(outs)
+    g = jax.grad(loss, argnums=(0, 1, 2, 3))(jnp.asarray(x), as_, bs, ss)
+    tx = t(np.asarray(jnp.asarray(x, dtype).astype(jnp.float32)), True)
+    ta, tb, ts = [t(a, True) for a in as_], [t(b, True) for b in bs], [t(s, True) for s in ss]
+    tys = [(tx @ a) @ b * s for a, b, s in zip(ta, tb, ts)]
+    sum((ty * t(dy)).sum() for ty, dy in zip(tys, dys)).backward()
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    for y, ty in zip(ys, tys):
+        assert rel(y.astype(jnp.float32), ty.detach()) < tol
+    assert rel(g[0], tx.grad) < tol
+    theirs = [*(a.grad for a in ta), *(b.grad for b in tb), *(s.grad for s in ts)]
+    for ours, ref in zip([*g[1], *g[2], *g[3]], theirs, strict=True):
+        assert rel(ours, ref) < tol
 
 
 # --------------------------------------------------------------------------------------- cross-entropy
