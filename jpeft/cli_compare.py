@@ -26,7 +26,7 @@ from jpeft.train.sources import DATA_HELP, load_examples
 # Run settings every run of a comparison shares (passed to each `jpeft train`); the budget, learning rate and seed
 # are the comparison's own flags.
 SHARED = ("batch_size", "grad_accum", "max_len", "no_pack", "warmup_steps", "schedule", "weight_decay",
-          "max_grad_norm", "remat", "dtype", "kernels", "offload_optimizer")
+          "max_grad_norm", "remat", "dtype", "kernels", "offload_optimizer", "executor")
 METHODS_HELP = ("comma-separated entries METHOD[:flag=value[:flag=value...]], e.g. full,lora:r=2,lora:r=8,qlora:r=8,"
                 "adalora,sora; flags are the method's own (`jpeft train --method M --help`, lora_alpha or lora-alpha), "
                 "a bare :flag sets a switch, lr=1e-3 fixes the entry's learning rate, lr=[3e-4,1e-3] gives its grid; "

@@ -51,6 +51,7 @@ from jpeft.train.batches import train_eval_split
 from jpeft.train.data import load_jsonl
 from jpeft.train.evaluate import classification_eval, label_forms, label_set, warn_label_spelling
 from jpeft.train.fingerprint import DIGEST_CACHE, DigestCache, check_resume, run_fingerprint
+from jpeft.train.layerwise import check_executor
 from jpeft.train.loop import TrainConfig, evaluate, make_rows, run_loop
 from jpeft.train.metrics import format_table
 from jpeft.train.report import format_summary, run_summary
@@ -192,6 +193,7 @@ def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bo
     spec = catalog.get_method(args.method)
     config = config_from_args(spec.config, args, spec.demo if args.command == "demo" else None)
     tc = config_from_args(TrainSettings, args).train_config()
+    check_executor(tc.executor, model.cfg, (spec.method,), model.params, tc.remat)
     check_not_input(out, _inputs(args, model), "--out")  # before hashing anything
     if label_set(eval_ex):
         warn_label_spelling(label_forms(train_ex), label_forms(eval_ex), "--eval-data")
@@ -207,7 +209,8 @@ def run_training(args, model: Model, train_ex, eval_ex, out: Path, *, resume: bo
 
 
 def _run_training(args, model, data, out, resume, spec, config, tc, fingerprint) -> dict:
-    """`run.json` written at the start and once more at the end (with `kernels` and `summary`), by process 0."""
+    """`run.json` written at the start and once more at the end (with `kernels`, `executor`: how the steps ran the
+    layers, "scan" or "layers", and `summary`), by process 0."""
     t0 = time.perf_counter()
     built = spec.build(model, config, jax.random.PRNGKey(args.seed))
     run = _run_record(args, model, spec, config, built, fingerprint, label_forms(data[0]) if label_set(data[0]) else {})
@@ -225,7 +228,7 @@ def _run_training(args, model, data, out, resume, spec, config, tc, fingerprint)
         spec.save(out / spec.output, model.cfg, built.method, res.adapters, **built.export_kwargs)
     summary = run_summary(res.history, res.eval, out / spec.output, run["trainable_parameters"],
                           time.perf_counter() - t0, model.load_seconds)
-    run.update(kernels=kernels, summary=summary)
+    run.update(kernels=kernels, executor=res.executor, summary=summary)
     write_json_atomic(out / "run.json", run)
     print(format_summary(summary))
     return res.eval

@@ -32,7 +32,7 @@ from jpeft.torch_bridge.safetensors_io import atomic_write
 
 # args that only steer how a run executes or reports, not what it computes
 OPERATIONAL = frozenset({"command", "resume", "allow_changes", "out", "no_progress", "eval_every", "save_every",
-                         "kernels", "remat", "offload_optimizer", "json", "allow_torch_bin", "report_to",
+                         "kernels", "remat", "offload_optimizer", "executor", "json", "allow_torch_bin", "report_to",
                          "coordinator_address", "num_processes", "process_id", "mesh", "host_memory",
                          "memory_check"})
 # args that may change on --resume with --allow-changes (the run's length)

@@ -69,14 +69,35 @@ def layerwise_blocker(cfg: ModelConfig, methods: Sequence[Method], base: dict, r
     if cfg.has_experts or any(k in base for k in STACKS if k != "layers"):
         return "it runs dense decoder layers only (this model has MoE layers)"
     for m in methods:
+        cls = m if isinstance(m, type) else type(m)
         for hook in WHOLE_MODEL_HOOKS:
-            if getattr(type(m), hook, None) is not getattr(Method, hook):
-                return f"method {m.name!r} changes the model outside its layers ({hook})"
+            if getattr(cls, hook, None) is not getattr(Method, hook):
+                return f"method {getattr(m, 'name', cls.__name__)!r} changes the model outside its layers ({hook})"
     leaves = jax.tree_util.tree_leaves(base.get("layers"), is_leaf=_is_bits)
-    if not leaves or not all(_is_bits(x) and isinstance(x.bits, jax.Array) for x in leaves):
+    if not leaves or not all(_host16(x) for x in leaves):
         return ("it reads a 16-bit frozen base in place (bf16/f16 layer stacks in host memory); this base is "
                 "another dtype or 4-bit")
     return None
+
+
+def _host16(x: Any) -> bool:
+    """A layer-stack leaf the step can read in place: `Bits16` words, or a bf16/f16 stack on one CPU device (what
+    `as_host_bits` turns into words when the run places the base)."""
+    if _is_bits(x):
+        return isinstance(x.bits, jax.Array)
+    return (isinstance(x, jax.Array) and x.dtype in (jnp.bfloat16, jnp.float16) and x.ndim >= 2
+            and len(x.devices()) == 1 and next(iter(x.devices())).platform == "cpu")
+
+
+def check_executor(executor: str, cfg: ModelConfig, methods: Sequence[Any], params: dict, remat: str) -> None:
+    """Before a run starts: a ConfigError naming the reason when `executor` is "layers" and the step cannot run
+    layer by layer on this model and method (`methods`: instances or their classes); nothing otherwise."""
+    if executor == "layers" and (why := layerwise_blocker(cfg, methods, params, remat)) is not None:
+        raise ConfigError(_refusal(why))
+
+
+def _refusal(why: str) -> str:
+    return f"--executor layers cannot run this training: {why}; use --executor auto or scan"
 
 
 def layer_views(layers: dict) -> list[dict] | None:
@@ -292,9 +313,9 @@ def layerwise_step(base: dict, cfg: ModelConfig, methods: Sequence[Method], rema
         why = "it reads the base's layers in place, and this base's memory cannot be aliased"
     if why is not None:
         if executor == "layers":
-            raise ConfigError(f"--executor layers cannot run this training: {why}; use --executor auto or scan")
+            raise ConfigError(_refusal(why))
         return None
     return LayerwiseStep(base, views)
 
 
-__all__ = ["EXECUTORS", "LayerwiseStep", "layer_views", "layerwise_blocker", "layerwise_step"]
+__all__ = ["EXECUTORS", "LayerwiseStep", "check_executor", "layer_views", "layerwise_blocker", "layerwise_step"]

@@ -31,7 +31,7 @@ from jpeft.train.batches import BatchSchedule, pack_examples, pad_examples, step
 from jpeft.train.checkpoint import restore_latest, save_checkpoint
 from jpeft.train.data import tokenize_examples
 from jpeft.train.evaluate import classification_eval, label_set, mean_loss
-from jpeft.train.layerwise import layerwise_step
+from jpeft.train.layerwise import LayerwiseStep, layerwise_step
 from jpeft.train.report import open_sinks
 from jpeft.train.run_folder import TrainingError, claim_run_folder
 from jpeft.train.settings import TrainConfig
@@ -133,6 +133,7 @@ class TrainResult:
     history: list[dict]
     eval: dict
     opt_state: Any = None  # the final optimizer state (AdaLoRA's rank masks live there)
+    executor: str = "scan"  # how the steps ran the layers: "scan" (train_step) or "layers" (jpeft.train.layerwise)
 
 
 def make_rows(model: Model, examples: Sequence[dict], tc: TrainConfig, what: str = "examples") -> dict[str, np.ndarray]:
@@ -262,7 +263,8 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
         state = {**state, "adapters": gather(state["adapters"], run.mesh), "opt_state": gather(state["opt_state"],
                                                                                                run.mesh)}
     return TrainResult(adapters=state["adapters"], steps=total, history=log.history, eval=final,
-                       opt_state=state["opt_state"])
+                       opt_state=state["opt_state"],
+                       executor="layers" if isinstance(step_fn, LayerwiseStep) else "scan")
 
 
 def _check_enough_rows(rows: dict[str, np.ndarray], tc: TrainConfig) -> None:
@@ -318,8 +320,6 @@ def _place(model: Model, method: Method, adapters: dict, tx: Any, tc: TrainConfi
                                 offload_optimizer=tc.offload_optimizer)
         return _Placement(state, base, layers or step_fn,
                           lambda h: {k: jnp.asarray(v) for k, v in h.items()})
-    if tc.executor == "layers":
-        raise ConfigError("--executor layers runs on one device; drop --mesh or use --executor auto")
     mesh = make_mesh(tc.mesh)
     check_batch(mesh, tc.batch_size)
     run = shard_run(mesh, model.params, adapters, lambda a: init_state(a, tx, tc.seed), train_step)

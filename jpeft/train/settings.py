@@ -149,6 +149,12 @@ class TrainConfig:
         check_report_to(self.report_to)
         if self.executor not in EXECUTORS:
             raise ConfigError(f"executor={self.executor!r}; use one of {', '.join(EXECUTORS)} (--executor)")
+        if self.executor == "layers" and (self.remat != "full" or self.mesh or self.offload_optimizer):
+            raise ConfigError("--executor layers runs one device's step with --remat full and the optimizer state in "
+                              f"device memory (this run: --remat {self.remat}"
+                              + (", --mesh" if self.mesh else "") + (", --offload-optimizer" if self.offload_optimizer
+                                                                     else "")
+                              + "); use --executor auto, or change those flags")
         if self.mesh is not None:
             parse_mesh(self.mesh)
             if self.offload_optimizer:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jpeft
+from jpeft.cli import main
 from jpeft.errors import ConfigError
 from jpeft.methods.lora import LoraConfig, init_lora
 from jpeft.methods.prompt import PromptTuningConfig, init_prompt
@@ -127,16 +128,23 @@ def test_the_loop_runs_it_and_compiles_every_program_before_its_first_step(folde
             # once each; the gradient's accumulation into an existing sum is a second program (grad_accum=2)
             assert [names.count(p) for p in pieces] == [1, 1, 1, 1, 2, 1], names
             assert [p.name for p in sorted((tmp_path / "auto/checkpoints").iterdir())] == ["step_2", "step_3"]
+    assert runs["auto"].executor == "layers" and runs["scan"].executor == "scan"
     losses = {k: [h["loss"] for h in r.history if "loss" in h] for k, r in runs.items()}
     assert len(losses["auto"]) == 3
     np.testing.assert_allclose(losses["auto"], losses["scan"], rtol=5e-3)
 
 
-def test_executor_layers_refuses_a_mesh(folder, tmp_path):
-    model = jpeft.load(folder, "bfloat16")
-    method, ad = init_lora(model.cfg, model.params, LoraConfig(r=4, target_modules="all-linear"),
-                           jax.random.PRNGKey(0))[:2]
-    tc = TrainConfig(steps=1, batch_size=1, max_len=32, remat="full", mesh="data=1", executor="layers")
-    with pytest.raises(ConfigError, match="--executor layers runs on one device"):
-        train(model, method, ad, label_examples(4, 0), [], tc, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out/checkpoints").exists()
+@pytest.mark.parametrize("flags,named", [(["--remat", "projections"], "--remat projections"),
+                                         (["--remat", "full", "--offload-optimizer"], "--offload-optimizer"),
+                                         (["--remat", "full", "--dtype", "float32"], "16-bit")])
+def test_cli_executor_layers_names_what_rules_it_out(folder, tmp_path, capsys, flags, named):
+    """`jpeft train --executor layers` where it cannot run: one error naming the flag, and no run folder (the
+    settings' checks run before anything is written; the model's, after loading, before the run folder)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in label_examples(8, 0)))
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(folder), "--data", str(data), "--out", str(out), "--steps", "1",
+               "--batch-size", "1", "--max-len", "32", "--no-progress", "--executor", "layers", *flags])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--executor layers" in err and named in err, err
+    assert not out.exists() or not any(out.iterdir())
