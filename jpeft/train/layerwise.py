@@ -7,8 +7,9 @@ its 1.5 s (bench/RESULTS.md, issue 20). `LayerwiseStep` computes the same step w
 
 - each layer's weights are zero-copy views of the stacks' host memory, one array per layer and leaf;
 - one jitted layer forward, called once per layer, keeps only each layer's input (what `remat="full"` keeps);
-- the fused lm_head + loss gives the gradient of the final hidden states;
-- one jitted layer backward per layer recomputes that layer from its input (`jax.vjp`) and returns the
+- the last layer, the final norm and the fused lm_head + loss run as one differentiated program (that layer is
+  not recomputed), giving the gradient of the last layer's input;
+- one jitted layer backward per earlier layer recomputes that layer from its input (`jax.vjp`) and returns the
   gradients of its input and of its slice of the (prepared) adapters;
 - the embedding stage's VJP carries those slices back through each method's `prepare`, accumulating over the
   micro-batches, and one jitted update applies the optimizer (`jpeft.train.step.apply_gradients`).
@@ -197,24 +198,26 @@ def _layer_backward(h, lp, ad, idx, rng, mb, ct, *, cfg, methods, kernels):
 
 
 @functools.partial(jax.jit, static_argnames=_MODEL + ("max_targets", "head_grads"))
-def _head(h, adapters, small, mb, batch, nll_sum, *, cfg, methods, kernels, max_targets, head_grads):
-    """(`nll_sum` plus the summed NLL of the micro-batch, the gradient of its share of the step's loss w.r.t.
-    the last layer's output h `[B, T, D]`, and with `head_grads` w.r.t. the adapters, else None): final norm,
-    fused lm_head + loss, divided by the whole batch's target count."""
+def _last(h, lp, ad, idx, rng, adapters, small, mb, batch, nll_sum, *, cfg, methods, kernels, max_targets,
+          head_grads):
+    """The last layer, the final norm and the fused lm_head + loss as one program, differentiated once: the last
+    layer's forward is not run twice. It holds that layer's activations while the loss runs, as every layer's
+    backward holds its recomputed ones. Returns (`nll_sum` plus the micro-batch's summed NLL, the gradient of its
+    share of the step's loss (divided by the whole batch's target count) w.r.t. the layer's input h `[B, T, D]`,
+    w.r.t. its adapter slice, and with `head_grads` w.r.t. the adapters the head reads, else None)."""
     with kernel_mode(kernels):
         total = jnp.maximum(jnp.sum(batch["labels"] >= 0).astype(F32), 1.0)
 
-        def loss(x, ad):
-            params = _overridden(small, ad, methods)
-            x = rms_norm(x, params["norm"], cfg.rms_norm_eps, cfg.norm_offset)
-            s, _ = nll_from_hidden(x, ad, params, mb, cfg=cfg, methods=methods, max_targets=max_targets)
+        def loss(x, a, full):
+            y = _layer(x, lp, a, idx, rng, mb, cfg, methods)
+            params = _overridden(small, full, methods)
+            y = rms_norm(y, params["norm"], cfg.rms_norm_eps, cfg.norm_offset)
+            s, _ = nll_from_hidden(y, full, params, mb, cfg=cfg, methods=methods, max_targets=max_targets)
             return s / total, s
 
-        if head_grads:
-            (_, s), (ct, ct_ad) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(h, adapters)
-            return nll_sum + s, ct, ct_ad
-        (_, s), ct = jax.value_and_grad(loss, has_aux=True)(h, adapters)
-        return nll_sum + s, ct, None
+        (_, s), g = jax.value_and_grad(loss, argnums=(0, 1, 2) if head_grads else (0, 1), has_aux=True)(
+            h, ad, adapters)
+        return nll_sum + s, g[0], g[1], g[2] if head_grads else None
 
 
 @functools.partial(jax.jit, static_argnames=_MODEL + ("tx",), donate_argnums=(0,))
@@ -264,13 +267,14 @@ class LayerwiseStep:
         for i in range(batch["input_ids"].shape[0]):
             h, per_layer, mb, rng = _embed_stage(adapters, self.small, batch, jnp.int32(i), state["rng"], **model,
                                                  dtype=dtype)
-            inputs = []
-            for layer, lp in enumerate(views):
+            inputs, last = [], len(views) - 1
+            for layer in range(last):
                 inputs.append(h)
-                h = _layer_forward(h, lp, per_layer[layer], idx[layer], rng, mb, **model)
-            nll_sum, ct, ct_head = _head(h, adapters, self.small, mb, batch, nll_sum, **model, **head)
+                h = _layer_forward(h, views[layer], per_layer[layer], idx[layer], rng, mb, **model)
             cts = [None] * len(views)
-            for layer in reversed(range(len(views))):
+            nll_sum, ct, cts[last], ct_head = _last(h, views[last], per_layer[last], idx[last], rng, adapters,
+                                                    self.small, mb, batch, nll_sum, **model, **head)
+            for layer in reversed(range(last)):
                 ct, cts[layer] = _layer_backward(inputs[layer], views[layer], per_layer[layer], idx[layer], rng, mb,
                                                  ct, **model)
                 inputs[layer] = None
@@ -286,9 +290,12 @@ class LayerwiseStep:
         grads, nll = None, self._zero()
         h, per_layer, mb, rng = _embed_stage(adapters, self.small, batch, jnp.int32(0), state["rng"], **model,
                                              dtype=dtype)
-        out = _layer_forward(h, lp, per_layer[0], idx, rng, mb, **model)
-        nll, ct, ct_head = _head(out, adapters, self.small, mb, batch, nll, **model, **head)
-        ct, ct_ad = _layer_backward(h, lp, per_layer[0], idx, rng, mb, ct, **model)
+        if len(self.views) > 1:
+            h = _layer_forward(h, lp, per_layer[0], idx, rng, mb, **model)
+        nll, ct, ct_ad, ct_head = _last(h, lp, per_layer[0], idx, rng, adapters, self.small, mb, batch, nll, **model,
+                                        **head)
+        if len(self.views) > 1:
+            ct, ct_ad = _layer_backward(h, lp, per_layer[0], idx, rng, mb, ct, **model)
         cts = [ct_ad] * len(self.views)
         grads = _embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model, dtype=dtype)
         if batch["input_ids"].shape[0] > 1:  # the later micro-batches add to the gradient so far
