@@ -12,11 +12,13 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jpeft
 from jpeft.cli import main
 from jpeft.errors import ConfigError
+from jpeft.methods import catalog
 from jpeft.methods.lora import LoraConfig, init_lora
 from jpeft.methods.prompt import PromptTuningConfig, init_prompt
 from jpeft.train import layerwise as lw
@@ -85,6 +87,35 @@ def test_layerwise_step_matches_the_scan(bf16_model, case):
         # a bf16 cancellation that makes its gradients the most rounding-sensitive: a fifth (measured: up to 0.11).
         bound = 0.2 if case.get("use_dora") else 0.1
         assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= bound * moved + 1e-7, path
+
+
+@pytest.mark.parametrize("name", ["adalora", "sora", "ia3", "vera", "adapter"])
+def test_every_per_layer_method_matches_the_scan(bf16_model, name):
+    """Each method the step runs layer by layer (its hooks act per layer), from its default config, with two
+    micro-batches: the same loss and the same gradient (read as the update of plain SGD at lr 1, so that the
+    comparison is of gradients, not of Adam's sign-like first step; the method's own loss term included)."""
+    model = bf16_model
+    spec = catalog.get_method(name)
+    config = spec.config(total_step=10) if name == "adalora" else spec.config()
+    built = spec.build(model, config, jax.random.PRNGKey(1))
+    adapters = jax.tree_util.tree_map(  # no zero-initialized leaf: every gradient non-trivial
+        lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape, x.dtype)
+        if jnp.issubdtype(x.dtype, jnp.floating) else x, built.adapters)
+    tx = optax.sgd(1.0)
+    state, base = place_for_step(init_state(adapters, tx, 5), built.base)
+    assert lw.layerwise_blocker(model.cfg, (built.method,), base, "full") is None
+    batch = _setup(model, accum=2)[2][0]
+    kw = dict(cfg=model.cfg, methods=(built.method,), tx=tx, remat="full", dtype=jnp.bfloat16)
+    step = lw.layerwise_step(base, model.cfg, (built.method,), "full", "layers")
+    before = [np.asarray(x) for x in jax.tree_util.tree_leaves(state["adapters"])]
+    scan_state, m_scan = train_step(jax.tree_util.tree_map(jnp.copy, state), base, batch, **kw)
+    new, m_layers = step(state, base, batch, **kw)
+    for k in ("loss", "grad_norm"):
+        np.testing.assert_allclose(float(m_layers[k]), float(m_scan[k]), rtol=5e-3, err_msg=k)
+    for a, b, a0 in zip(jax.tree_util.tree_leaves(new["adapters"]), jax.tree_util.tree_leaves(scan_state["adapters"]),
+                        before, strict=True):
+        g_layers, g_scan = a0 - np.asarray(a), a0 - np.asarray(b)
+        assert np.linalg.norm(g_layers - g_scan) <= 0.03 * np.linalg.norm(g_scan) + 1e-8
 
 
 def test_who_runs_layer_by_layer(bf16_model, folder):
