@@ -22,8 +22,8 @@ It applies where the scan's copies exist and nothing needs the whole stack at on
 bf16/f16 layer stacks carried as host words (`jpeft.models.model.as_host_bits`), `remat="full"`, no MoE layers,
 and methods whose only model hooks are per layer (`linear`, `block_out`, `prepare`, `loss`, `override_params` of
 non-layer modules): LoRA and its variants, AdaLoRA, SoRA, IA3, VeRA, bottleneck adapters (prefix tuning shifts
-positions, prompt tuning prepends tokens, full fine-tuning trains layer weights: those scan). `layerwise_blocker` names what rules a
-run out; `jpeft train --executor auto` (the default) then runs the scan.
+positions, prompt tuning prepends tokens, full fine-tuning trains layer weights: those scan).
+`layerwise_blocker` names what rules a run out; `jpeft train --executor auto` (the default) then runs the scan.
 """
 
 from __future__ import annotations
