@@ -8,8 +8,9 @@ each with its optimizer update, after compiling; it prints each one's per-step t
 step left out) and the first two losses of each:
 
     python bench/layerwise_probe.py --model DIR [--steps 7]    # DIR: bench/real_size.py's 1B checkpoint
+    python bench/layerwise_probe.py --batch-size 4 --max-len 256   # the bundled SmolLM2-135M
 
-Batch 1 x 128 tokens, LoRA r=16 / alpha=32 on all linear layers, as `bench/real_size.py`
+Batch 1 x 128 tokens by default, LoRA r=16 / alpha=32 on all linear layers, as `bench/real_size.py`
 (`bench/profile_step.py`'s `build`).
 """
 
@@ -27,15 +28,18 @@ import jax.numpy as jnp
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", help="a HF folder (default: the bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--max-len", type=int, default=128)
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     from profile_step import build
 
     from jpeft.train.layerwise import layerwise_step
 
-    step, state, base, batch, kw = build("bfloat16", model_dir=a.model, batch_size=1, max_len=128, remat="full")
+    step, state, base, batch, kw = build("bfloat16", model_dir=a.model, batch_size=a.batch_size, max_len=a.max_len,
+                                         remat="full")
     steps = {"scan": step, "layers": layerwise_step(base, kw["cfg"], kw["methods"], "full", "layers")}
     states = {"scan": state, "layers": jax.tree_util.tree_map(jnp.copy, state)}
     step.lower(state, base, batch(0), **kw).compile()

@@ -102,6 +102,17 @@ def _refusal(why: str) -> str:
     return f"--executor layers cannot run this training: {why}; use --executor auto or scan"
 
 
+# `--executor auto` runs layer by layer from this many bytes of 16-bit weights per layer. The 1B shape (122 MiB a
+# layer): 0.90x the scan's step time; SmolLM2-135M (6.6 MiB a layer, 30 layers, 4 x 256 tokens): 1.01x, where the
+# copies it saves cost about what its per-layer dispatch does (`python bench/layerwise_probe.py`).
+AUTO_MIN_LAYER_BYTES = 16 << 20
+
+
+def _layer_bytes(base: dict) -> float:
+    leaves = jax.tree_util.tree_leaves(base["layers"], is_leaf=_is_bits)
+    return sum(x.bits.nbytes for x in leaves) / leaves[0].bits.shape[0]
+
+
 def layer_views(layers: dict) -> list[dict] | None:
     """Layer l of every `Bits16` stack in `layers`, as `[...]` float arrays over the stacks' own host memory, for
     each l; None when an array would be a copy (a buffer jax cannot alias)."""
@@ -309,13 +320,16 @@ def layerwise_step(base: dict, cfg: ModelConfig, methods: Sequence[Method], rema
                    mesh: Any = None, offload_optimizer: bool = False) -> LayerwiseStep | None:
     """The layer-by-layer step for this run, or None for the scan (`train_step`).
 
-    executor: "auto" (the layer-by-layer step wherever it applies, `layerwise_blocker`), "scan" (never), or
-    "layers" (always; a ConfigError naming the reason where it does not apply)."""
+    executor: "auto" (the layer-by-layer step wherever it applies, `layerwise_blocker`, and a layer holds at least
+    `AUTO_MIN_LAYER_BYTES` of weights), "scan" (never), or "layers" (always; a ConfigError naming the reason where
+    it does not apply)."""
     if executor not in EXECUTORS:
         raise ConfigError(f"executor={executor!r}; use one of {', '.join(EXECUTORS)} (--executor)")
     if executor == "scan":
         return None
     why = layerwise_blocker(cfg, methods, base, remat, mesh=mesh, offload_optimizer=offload_optimizer)
+    if why is None and executor == "auto" and _layer_bytes(base) < AUTO_MIN_LAYER_BYTES:
+        return None
     views = layer_views(base["layers"]) if why is None else None
     if why is None and views is None:
         why = "it reads the base's layers in place, and this base's memory cannot be aliased"

@@ -59,7 +59,8 @@ class TrainSettings:
                                         "backend has it)")
     executor: str = hp("auto", "how a train step runs the layers: scan (one XLA loop over the stacked layers); "
                        "layers (one compiled layer called per layer, reading each layer's weights in place: CPU, "
-                       "16-bit base, --remat full); auto = layers where it applies, else scan",
+                       "16-bit base, --remat full); auto = layers where it applies and a layer's weights are 16 MiB or "
+                       "more, else scan",
                        choices=EXECUTORS)
     report_to: str = hp("none", "also log metrics to TensorBoard event files in OUT/tensorboard (needs tensorboardX)",
                         choices=REPORT_TO)

@@ -123,6 +123,10 @@ def test_who_runs_layer_by_layer(bf16_model, folder):
     cfg, methods = kw["cfg"], kw["methods"]
     assert lw.layerwise_blocker(cfg, methods, base, "full") is None
     assert lw.layerwise_step(base, cfg, methods, "full", "scan") is None
+    # auto: layer by layer only where a layer's weights are large enough for the scan's copies to matter
+    assert lw._layer_bytes(base) < lw.AUTO_MIN_LAYER_BYTES
+    assert lw.layerwise_step(base, cfg, methods, "full", "auto") is None
+    assert isinstance(lw.layerwise_step(base, cfg, methods, "full", "layers"), lw.LayerwiseStep)
     assert "--remat full" in lw.layerwise_blocker(cfg, methods, base, "projections")
     assert lw.layerwise_step(base, cfg, methods, "projections", "auto") is None
     assert "--mesh" in lw.layerwise_blocker(cfg, methods, base, "full", mesh=object())
@@ -141,7 +145,7 @@ def test_who_runs_layer_by_layer(bf16_model, folder):
 
 
 def test_the_loop_runs_it_and_compiles_every_program_before_its_first_step(folder, tmp_path, caplog):
-    """`jpeft train --remat full` on a bf16 base runs layer by layer (--executor auto) with the scan's numbers; every
+    """`jpeft train --remat full --executor layers` on a bf16 base runs layer by layer with the scan's numbers; every
     program of its step is compiled once, ahead of the first step (`LayerwiseStep.compile_ahead`), and the finite
     check and checkpoints work as with the scan."""
     model = jpeft.load(folder, "bfloat16")
@@ -150,7 +154,7 @@ def test_the_loop_runs_it_and_compiles_every_program_before_its_first_step(folde
     method, ad = init_lora(model.cfg, model.params, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
                            jax.random.PRNGKey(0))[:2]
     runs = {}
-    for executor in ("auto", "scan"):
+    for executor in ("layers", "scan"):
         tc = TrainConfig(steps=3, batch_size=2, grad_accum=2, max_len=32, save_every=1, remat="full",
                          dtype="bfloat16", optim=OptimConfig(lr=5e-3), executor=executor)
         caplog.clear()
@@ -159,16 +163,16 @@ def test_the_loop_runs_it_and_compiles_every_program_before_its_first_step(folde
         runs[executor] = res
         names = [m.split("(")[1].split(")")[0] for r in caplog.records
                  if (m := r.getMessage()).startswith("Compiling jit(") and "(_" in m or "(train_step)" in m]
-        if executor == "auto":
+        if executor == "layers":
             pieces = ["_embed_stage", "_layer_forward", "_last", "_layer_backward", "_embed_backward", "_update"]
             assert "train_step" not in names
             # once each; the gradient's accumulation into an existing sum is a second program (grad_accum=2)
             assert [names.count(p) for p in pieces] == [1, 1, 1, 1, 2, 1], names
-            assert [p.name for p in sorted((tmp_path / "auto/checkpoints").iterdir())] == ["step_2", "step_3"]
-    assert runs["auto"].executor == "layers" and runs["scan"].executor == "scan"
+            assert [p.name for p in sorted((tmp_path / "layers/checkpoints").iterdir())] == ["step_2", "step_3"]
+    assert runs["layers"].executor == "layers" and runs["scan"].executor == "scan"
     losses = {k: [h["loss"] for h in r.history if "loss" in h] for k, r in runs.items()}
-    assert len(losses["auto"]) == 3
-    np.testing.assert_allclose(losses["auto"], losses["scan"], rtol=5e-3)
+    assert len(losses["layers"]) == 3
+    np.testing.assert_allclose(losses["layers"], losses["scan"], rtol=5e-3)
 
 
 @pytest.mark.parametrize("flags,named", [(["--remat", "projections"], "--remat projections"),
