@@ -122,6 +122,8 @@ def layer_views(layers: dict) -> list[dict] | None:
     for x in leaves:
         device = next(iter(x.bits.devices()))
         host = np.asarray(x.bits)
+        if host.ctypes.data != x.bits.unsafe_buffer_pointer():  # numpy made a copy: views of it would be copies too
+            return None
         views = []
         for i in range(n):
             v = host[i].view(x.dtype)
