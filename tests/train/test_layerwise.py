@@ -123,6 +123,14 @@ def test_who_runs_layer_by_layer(bf16_model, folder):
     cfg, methods = kw["cfg"], kw["methods"]
     assert lw.layerwise_blocker(cfg, methods, base, "full") is None
     assert lw.layerwise_step(base, cfg, methods, "full", "scan") is None
+    # each layer's weights are views of the stacks' own memory, not copies
+    views = lw.layer_views(base["layers"])
+    stacks = jax.tree_util.tree_leaves(base["layers"], is_leaf=lambda x: isinstance(x, lw.Bits16))
+    for layer, view in enumerate(views):
+        for stack, w in zip(stacks, jax.tree_util.tree_leaves(view), strict=True):
+            assert w.dtype == stack.dtype and w.shape == stack.bits.shape[1:]
+            per_layer = stack.bits.nbytes // stack.bits.shape[0]
+            assert w.unsafe_buffer_pointer() == stack.bits.unsafe_buffer_pointer() + layer * per_layer
     # auto: layer by layer only where a layer's weights are large enough for the scan's copies to matter
     assert lw._layer_bytes(base) < lw.AUTO_MIN_LAYER_BYTES
     assert lw.layerwise_step(base, cfg, methods, "full", "auto") is None
