@@ -113,9 +113,15 @@ def _layer_bytes(base: dict) -> float:
     return sum(x.bits.nbytes for x in leaves) / leaves[0].bits.shape[0]
 
 
+# A layer's slice of a stack that jax cannot alias (its offset in the stack is not aligned as jax needs: e.g. a
+# norm or q/k-norm weight whose width in bytes is no multiple of 64) is copied when it is at most this large.
+COPY_MAX_BYTES = 1 << 20
+
+
 def layer_views(layers: dict) -> list[dict] | None:
     """Layer l of every `Bits16` stack in `layers`, as `[...]` float arrays over the stacks' own host memory, for
-    each l; None when an array would be a copy (a buffer jax cannot alias)."""
+    each l (a slice of at most `COPY_MAX_BYTES` that jax cannot alias is a copy); None when a larger slice would be
+    a copy."""
     leaves, treedef = jax.tree_util.tree_flatten(layers, is_leaf=_is_bits)
     n = leaves[0].bits.shape[0]
     per_leaf = []
@@ -128,7 +134,7 @@ def layer_views(layers: dict) -> list[dict] | None:
         for i in range(n):
             v = host[i].view(x.dtype)
             arr = jax.device_put(v, device)
-            if arr.unsafe_buffer_pointer() != v.ctypes.data:
+            if arr.unsafe_buffer_pointer() != v.ctypes.data and v.nbytes > COPY_MAX_BYTES:
                 return None
             views.append(arr)
         per_leaf.append(views)
