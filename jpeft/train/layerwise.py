@@ -172,7 +172,7 @@ def _embed_stage(adapters, small, batch, i, rng, *, cfg, methods, kernels, dtype
     with kernel_mode(kernels):
         mb = _micro(batch, i)
         h, layer_ad = _embedded(adapters, small, mb, cfg, methods, dtype)
-        per_layer = [jax.tree_util.tree_map(lambda x, i=i: x[i], layer_ad) for i in range(cfg.num_layers)]
+        per_layer = [jax.tree_util.tree_map(lambda x, n=n: x[n], layer_ad) for n in range(cfg.num_layers)]
         return h, per_layer, mb, jax.random.fold_in(jax.random.split(rng)[1], i)
 
 
