@@ -25,48 +25,21 @@ def lora_delta_reference(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Ar
     return jnp.matmul(jnp.matmul(x, a), b) * jnp.asarray(scale, x.dtype)
 
 
-@jax.custom_vjp
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
     """`scale · (x @ A) @ B` (x's dtype), differentiable in all four inputs. x `[..., I]` -> `[..., O]`.
 
-    Undifferentiated calls (evaluation, generation, a forward whose backward recomputes it) run `_fwd`'s
-    products too: bf16 operands with fp32 accumulation, which XLA:CPU runs on its bf16 dot path. The plain
-    `jnp.matmul` of `lora_delta_reference` gets both products converted to fp32 there (34-160 GFLOP/s against
-    100-330 at a 1B model's rank-16 shapes, bench/RESULTS.md, issue 20); the values are the same, exact
-    products summed in fp32 and rounded once."""
-    return _fwd(x, a, b, scale)[0]
-
-
-def _fwd(x, a, b, scale):
-    dt = x.dtype
-    xa = dot_f32acc(x, a.astype(dt), ((x.ndim - 1,), (0,)), dt)  # [..., r]: the only activation saved besides x
-    y = dot_f32acc(xa, b.astype(dt), ((xa.ndim - 1,), (0,)), dt) * jnp.asarray(scale, dt)
-    return y, (x, xa, a, b, scale)
-
-
-def _bwd(res, dy):
-    x, xa, a, b, scale = res
-    dt = x.dtype
-    n_in, n_out = x.shape[-1], dy.shape[-1]
-    x2, xa2, dy2 = x.reshape(-1, n_in), xa.reshape(-1, xa.shape[-1]), dy.reshape(-1, n_out).astype(dt)
-    dyb = dot_f32acc(dy2, b.astype(dt), ((1,), (1,)), dt)  # dy Bᵀ [N, r] (unscaled)
-    s = jnp.asarray(scale, dt)
-    g = dyb * s  # cotangent of x A
-    dx = dot_f32acc(g, a.astype(dt), ((1,), (1,)), dt)  # [N, I]
-    da = rows_contracted(g, x2).astype(dt).T  # xᵀ g [I, r] (the token axis contracted, jpeft.kernels.matmul)
-    db = rows_contracted(xa2, dy2).astype(dt) * s  # (x A)ᵀ dy [r, O]
-    dscale = jnp.sum(xa2.astype(jnp.float32) * dyb.astype(jnp.float32))
-    return (dx.reshape(x.shape), da.astype(a.dtype), db.astype(b.dtype),
-            dscale.astype(jnp.result_type(scale)).reshape(jnp.shape(scale)))
-
-
-lora_delta.defvjp(_fwd, _bwd)
+    The group of one of `lora_delta_group` (its custom VJP, below). Undifferentiated calls (evaluation,
+    generation, a forward whose backward recomputes it) run the same products: bf16 operands with fp32
+    accumulation, which XLA:CPU runs on its bf16 dot path. The plain `jnp.matmul` of `lora_delta_reference` gets
+    both products converted to fp32 there (34-160 GFLOP/s against 100-330 at a 1B model's rank-16 shapes,
+    bench/RESULTS.md, issue 20); the values are the same, exact products summed in fp32 and rounded once."""
+    return lora_delta_group(x, (a,), (b,), (scale,))[0]
 
 
 @jax.custom_vjp
 def lora_delta_group(x: jax.Array, as_: tuple, bs: tuple, scales: tuple) -> tuple:
-    """`(scale_k · (x @ A_k) @ B_k for each k)` for LoRA branches that read the same x (q/k/v, gate/up), each
-    value as `lora_delta`'s. The x-side work is shared: one `x @ [A_1 | ... | A_k]` in the forward, and in the
+    """`(scale_k · (x @ A_k) @ B_k for each k)` for LoRA branches that read the same x (q/k/v, gate/up; one
+    branch: `lora_delta`). The x-side work is shared: one `x @ [A_1 | ... | A_k]` in the forward, and in the
     backward one `dx = [g_1 | ... | g_k] @ [A_1 | ... | A_k]ᵀ` and one `xᵀ [g_1 | ... | g_k]` for every dA, instead
     of one small dot each (on XLA:CPU a rank-r dot costs ~0.1-0.3 ms however few its FLOPs: bench/RESULTS.md,
     issue 20). x `[..., I]`, A_k `[I, r_k]`, B_k `[r_k, O_k]`, scale_k `[]` -> tuple of `[..., O_k]` (x's dtype)."""

@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 
 from jpeft.errors import ConfigError
 from jpeft.kernels.dispatch import OpCall, choose
-from jpeft.kernels.lora import lora_delta, lora_delta_group, lora_delta_reference
+from jpeft.kernels.lora import lora_delta_group, lora_delta_reference
 from jpeft.kernels.matmul import matmul
 from jpeft.kernels.proving import normal, tokens_for
 from jpeft.kernels.tiling import (
@@ -145,17 +145,6 @@ def lora_linear_reference(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array
     return y + lora_delta_reference(x, a, b, scale)
 
 
-def _unfused(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array,
-             bias: jax.Array | None) -> jax.Array:
-    """What runs where the kernel does not: `x @ W (+ bias)`, then the LoRA branch with its rank-r custom VJP
-    (`jpeft.kernels.lora.lora_delta`), exactly as a LoRA site computes it unfused (`dense`, then
-    `LoRA.linear`). Shapes as `lora_linear_reference`."""
-    y = matmul(x, w)  # bf16: fp32 accumulation, the fast CPU form (jpeft.kernels.matmul)
-    if bias is not None:
-        y = y + bias.astype(y.dtype)
-    return y + lora_delta(x, a, b, scale).astype(y.dtype)
-
-
 # ---------------------------------------------------------------------------------------- custom VJP
 
 
@@ -231,7 +220,7 @@ def lora_linear_group(x: jax.Array, ws: Sequence[jax.Array], as_: Sequence[jax.A
     Returns a tuple of `[..., O_k]` in x's dtype. Differentiable in x, A, B, s and bias; W is frozen (its
     cotangent is a symbolic zero). The one place the op picks its implementation
     (`jpeft.kernels.dispatch.choose("lora_linear")`): the Pallas kernel, or per projection `x @ W (+ bias)`
-    plus the rank-r custom-VJP branch (`jpeft.kernels.lora.lora_delta`).
+    plus the rank-r custom-VJP branches, their x-side work shared (`jpeft.kernels.lora.lora_delta_group`).
     """
     biases = [None] * len(ws) if biases is None else list(biases)
     if not len(ws) == len(as_) == len(bs) == len(scales) == len(biases) or not ws:
@@ -249,9 +238,9 @@ def _op_call(x, ws, as_, bs, scales, biases) -> OpCall:
     rows = max(1, x.size // max(x.shape[-1], 1))
 
     def reference(x, ws, as_, bs, scales, biases):
-        if len(ws) == 1:
-            return (_unfused(x, ws[0], as_[0], bs[0], scales[0], biases[0]),)
-        deltas = lora_delta_group(x, tuple(as_), tuple(bs), tuple(scales))  # the x-side rank-r work shared
+        # per projection `x @ W (+ bias)` and its LoRA branch, as a LoRA site computes it unfused (`dense`, then
+        # `LoRA.linear`), with the x-side rank-r work of the group shared (`lora_delta_group`)
+        deltas = lora_delta_group(x, tuple(as_), tuple(bs), tuple(scales))
         out = []
         for w, bias, d in zip(ws, biases, deltas):
             y = matmul(x, w)
