@@ -147,15 +147,19 @@ def _stacks_as_bits(params: dict, frozen: set[int]) -> dict:
     return {k: jax.tree_util.tree_map(wrap, v) if k in STACKS else v for k, v in params.items()}
 
 
+def host16_stack(x: Any) -> bool:
+    """Whether `x` is what `as_host_bits` carries as words: a bf16/f16 array of 2 or more axes on one CPU device."""
+    return (isinstance(x, jax.Array) and x.dtype in (jnp.bfloat16, jnp.float16) and x.ndim >= 2
+            and len(x.devices()) == 1 and next(iter(x.devices())).platform == "cpu")
+
+
 def _host_bits(x: Any) -> Any:
     """One leaf of `as_host_bits`."""
-    if getattr(x, "dtype", None) not in (jnp.bfloat16, jnp.float16) or x.ndim < 2:
-        return x
     if isinstance(x, jax.ShapeDtypeStruct):  # what the loop will pass on the default backend
-        if jax.default_backend() != "cpu":
+        if x.dtype not in (jnp.bfloat16, jnp.float16) or x.ndim < 2 or jax.default_backend() != "cpu":
             return x
         return Bits16(jax.ShapeDtypeStruct(x.shape, jnp.uint16), x.dtype)
-    if not isinstance(x, jax.Array) or len(x.devices()) != 1 or next(iter(x.devices())).platform != "cpu":
+    if not host16_stack(x):
         return x
     bits = jax.device_put(np.asarray(x).view(np.uint16), next(iter(x.devices())))
     if bits.unsafe_buffer_pointer() != x.unsafe_buffer_pointer():  # a copy, not a view: keep the floats
