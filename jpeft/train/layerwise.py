@@ -40,10 +40,10 @@ from jpeft.errors import ConfigError
 from jpeft.kernels.dispatch import kernel_mode
 from jpeft.models.config import ModelConfig
 from jpeft.models.decoder import decoder_layer, rms_norm
-from jpeft.models.model import STACKS, Bits16, _embed_inputs, _mask_info, with_overrides
+from jpeft.models.model import STACKS, Bits16, _embed_inputs, _mask_info, host16_stack, with_overrides
 from jpeft.models.records import LayerContext
 from jpeft.sites import Method, SiteContext
-from jpeft.train.settings import EXECUTORS
+from jpeft.train.settings import EXECUTORS, executor_refusal, layerwise_settings_blocker
 from jpeft.train.step import apply_gradients, method_loss, nll_from_hidden
 
 F32 = jnp.float32
@@ -62,12 +62,8 @@ def layerwise_blocker(cfg: ModelConfig, methods: Sequence[Method], base: dict, r
     base: the params as the single-device loop hands them to the step (`jpeft.train.loop.place_for_step`)."""
     if jax.default_backend() != "cpu":
         return f"it runs on the CPU backend only (this is {jax.default_backend()})"
-    if mesh is not None:
-        return "it runs on one device (this run has --mesh)"
-    if offload_optimizer:
-        return "it keeps the optimizer state in device memory (this run has --offload-optimizer)"
-    if remat != "full":
-        return f"it recomputes each layer from its input, which is --remat full (this run has --remat {remat})"
+    if (why := layerwise_settings_blocker(remat, mesh, offload_optimizer)) is not None:
+        return why
     if cfg.has_experts or any(k in base for k in STACKS if k != "layers"):
         return "it runs dense decoder layers only (this model has MoE layers)"
     for m in methods:
@@ -83,23 +79,16 @@ def layerwise_blocker(cfg: ModelConfig, methods: Sequence[Method], base: dict, r
 
 
 def _host16(x: Any) -> bool:
-    """A layer-stack leaf the step can read in place: `Bits16` words, or a bf16/f16 stack on one CPU device (what
-    `as_host_bits` turns into words when the run places the base)."""
-    if _is_bits(x):
-        return isinstance(x.bits, jax.Array)
-    return (isinstance(x, jax.Array) and x.dtype in (jnp.bfloat16, jnp.float16) and x.ndim >= 2
-            and len(x.devices()) == 1 and next(iter(x.devices())).platform == "cpu")
+    """A layer-stack leaf the step can read in place: `Bits16` words, or a stack `as_host_bits` turns into words
+    when the run places the base."""
+    return isinstance(x.bits, jax.Array) if _is_bits(x) else host16_stack(x)
 
 
 def check_executor(executor: str, cfg: ModelConfig, methods: Sequence[Any], params: dict, remat: str) -> None:
     """Before a run starts: a ConfigError naming the reason when `executor` is "layers" and the step cannot run
     layer by layer on this model and method (`methods`: instances or their classes); nothing otherwise."""
     if executor == "layers" and (why := layerwise_blocker(cfg, methods, params, remat)) is not None:
-        raise ConfigError(_refusal(why))
-
-
-def _refusal(why: str) -> str:
-    return f"--executor layers cannot run this training: {why}; use --executor auto or scan"
+        raise ConfigError(executor_refusal(why))
 
 
 # `--executor auto` runs layer by layer from this many bytes of 16-bit weights per layer. The 1B shape (122 MiB a
@@ -343,7 +332,7 @@ def layerwise_step(base: dict, cfg: ModelConfig, methods: Sequence[Method], rema
         why = "it reads the base's layers in place, and this base's memory cannot be aliased"
     if why is not None:
         if executor == "layers":
-            raise ConfigError(_refusal(why))
+            raise ConfigError(executor_refusal(why))
         return None
     return LayerwiseStep(base, views)
 

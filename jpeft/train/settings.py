@@ -22,6 +22,22 @@ from jpeft.train.report import REPORT_TO, check_report_to
 
 EXECUTORS = ("auto", "scan", "layers")  # jpeft.train.layerwise
 
+
+def layerwise_settings_blocker(remat: str, mesh: object, offload_optimizer: bool) -> str | None:
+    """Why these run settings rule out the layer-by-layer step (`jpeft.train.layerwise`; a sentence), or None."""
+    if mesh:
+        return "it runs on one device (this run has --mesh)"
+    if offload_optimizer:
+        return "it keeps the optimizer state in device memory (this run has --offload-optimizer)"
+    if remat != "full":
+        return f"it recomputes each layer from its input, which is --remat full (this run has --remat {remat})"
+    return None
+
+
+def executor_refusal(why: str) -> str:
+    """The error of `--executor layers` where the layer-by-layer step cannot run, for `why`."""
+    return f"--executor layers cannot run this training: {why}; use --executor auto or scan"
+
 SCHEDULES = ("cosine", "linear", "constant")
 RUN_DTYPES = ("float32", "bfloat16")
 KERNELS_HELP = ("fused-op implementations: auto = Pallas kernels on GPU, pure-JAX references elsewhere; on = "
@@ -150,12 +166,9 @@ class TrainConfig:
         check_report_to(self.report_to)
         if self.executor not in EXECUTORS:
             raise ConfigError(f"executor={self.executor!r}; use one of {', '.join(EXECUTORS)} (--executor)")
-        if self.executor == "layers" and (self.remat != "full" or self.mesh or self.offload_optimizer):
-            raise ConfigError("--executor layers runs one device's step with --remat full and the optimizer state in "
-                              f"device memory (this run: --remat {self.remat}"
-                              + (", --mesh" if self.mesh else "") + (", --offload-optimizer" if self.offload_optimizer
-                                                                     else "")
-                              + "); use --executor auto, or change those flags")
+        if self.executor == "layers" and (
+                why := layerwise_settings_blocker(self.remat, self.mesh, self.offload_optimizer)) is not None:
+            raise ConfigError(executor_refusal(why))
         if self.mesh is not None:
             parse_mesh(self.mesh)
             if self.offload_optimizer:
