@@ -7,7 +7,9 @@ tokens of text, loss on every token) from the same plain HF folder, each the way
 through `jpeft train` (its defaults; `--remat full`, `--quantize nf4` for QLoRA: NF4 + double quant, bf16
 compute), the peer through transformers' `from_pretrained` (bf16; `BitsAndBytesConfig(load_in_4bit=True,
 bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16)` for QLoRA),
-`gradient_checkpointing_enable()`, peft's `get_peft_model` and `torch.optim.AdamW`, eager, default threads.
+`gradient_checkpointing_enable()`, peft's `get_peft_model`, `model.train()` (as transformers' Trainer does; in
+the eval mode `from_pretrained` returns, the layers skip checkpointing) and `torch.optim.AdamW`, eager, default
+threads.
 
 The checkpoints are written here (random bf16 weights, sharded safetensors, the bundled SmolLM2 tokenizer):
 1b = 16 layers, hidden 2048, MLP 8192, 32/8 heads, vocab 128,256, tied (2.3 GiB); 8b = 32 layers, hidden
@@ -105,6 +107,7 @@ m = tf.AutoModelForCausalLM.from_pretrained(d, **kw)
 m.gradient_checkpointing_enable()
 m.enable_input_require_grads()
 m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+m.train()  # as transformers' Trainer does: from_pretrained returns eval mode, where checkpointing is off
 opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)
 tok = tf.AutoTokenizer.from_pretrained(d)
 rows = [json.loads(x)["text"] for x in open(data)]

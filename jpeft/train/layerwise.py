@@ -42,6 +42,7 @@ from jpeft.models.config import ModelConfig
 from jpeft.models.decoder import decoder_layer, rms_norm
 from jpeft.models.model import STACKS, Bits16, _embed_inputs, _mask_info, host16_stack, with_overrides
 from jpeft.models.records import LayerContext
+from jpeft.runtime import release_host_memory
 from jpeft.sites import Method, SiteContext
 from jpeft.train.settings import EXECUTORS, executor_refusal, layerwise_settings_blocker
 from jpeft.train.step import apply_gradients, method_loss, nll_from_hidden
@@ -245,6 +246,13 @@ def _head_grads(adapters: dict, methods: tuple) -> bool:
                for m in methods)
 
 
+def _settled(x: Any) -> Any:
+    """`x` once computed, after the heap's free memory went back to the OS (`LayerwiseStep.compile_ahead`)."""
+    jax.block_until_ready(x)
+    release_host_memory()
+    return x
+
+
 class LayerwiseStep:
     """A drop-in for `train_step(state, base, batch, **kw)` (module docstring) for one base: `base`, as the
     single-device loop hands it to the step. Build it with `layerwise_step`."""
@@ -293,24 +301,34 @@ class LayerwiseStep:
     def compile_ahead(self, state: dict, base: dict, batch: dict, **kw: Any) -> None:
         """Compile every program of a step on these shapes, so that the step's calls find them in jit's cache: the
         first micro-batch's pieces are run once on layer 0 (results dropped, `state` untouched; jit keys its cache
-        on each argument's placement, which real calls give exactly), the update is compiled only."""
+        on each argument's placement, which real calls give exactly), the update is compiled only.
+
+        The heap's free memory goes back to the OS after each program (`release_host_memory`): XLA compiles on
+        worker threads whose malloc arenas do not serve the next compilation, so without it each program's
+        working memory stayed mapped under the next one's (1B bf16 LoRA, `jpeft train`: a 945 MiB anonymous peak
+        while compiling `_last`, bench/RESULTS.md, issue 20)."""
         model, dtype, head, tx = self._pieces(state, base, batch, kw)
         adapters, lp, idx = state["adapters"], self.views[0], self.index[0]
         grads, nll = None, self._zero()
         h, per_layer, mb, rng = _embed_stage(adapters, self.small, batch, jnp.int32(0), state["rng"], **model,
                                              dtype=dtype)
+        per_layer = per_layer[:1]  # layer 0's slices are all the dry run reads (the rest: 15/16 of the adapters)
+        _settled(h)
         if len(self.views) > 1:
-            h = _layer_forward(h, lp, per_layer[0], idx, rng, mb, **model)
+            h = _settled(_layer_forward(h, lp, per_layer[0], idx, rng, mb, **model))
         nll, ct, ct_ad, ct_head = _last(h, lp, per_layer[0], idx, rng, adapters, self.small, mb, batch, nll, **model,
                                         **head)
+        _settled(ct)
         if len(self.views) > 1:
-            ct, ct_ad = _layer_backward(h, lp, per_layer[0], idx, rng, mb, ct, **model)
+            ct, ct_ad = _settled(_layer_backward(h, lp, per_layer[0], idx, rng, mb, ct, **model))
         cts = [ct_ad] * len(self.views)
-        grads = _embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model, dtype=dtype)
+        grads = _settled(_embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model, dtype=dtype))
         if batch["input_ids"].shape[0] > 1:  # the later micro-batches add to the gradient so far
-            grads = _embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model, dtype=dtype)
+            grads = _settled(_embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model,
+                                             dtype=dtype))
         _update.lower(state, grads, nll, batch, **model, tx=tx).compile()
-        jax.block_until_ready(grads)
+        del h, per_layer, ct, ct_ad, cts, grads
+        release_host_memory()
 
 
 def layerwise_step(base: dict, cfg: ModelConfig, methods: Sequence[Method], remat: str, executor: str = "auto", *,
