@@ -29,7 +29,7 @@ from jpeft.errors import JpeftError
 from jpeft.generate import SamplingConfig, generate
 from jpeft.loading import load
 from jpeft.models.describe import features
-from jpeft.runtime import configure_host_memory, transformers_without_torch
+from jpeft.runtime import configure_host_memory, own_process, transformers_without_torch
 from jpeft.train.data import render_chat
 from jpeft.train.estimate import tree_bytes
 from jpeft.train.settings import TrainSettings
@@ -162,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "info": cmd_info, "estimate": cmd_estimate, "doctor": cmd_doctor,
                 **TRAIN_COMMANDS, **COMPARE_COMMANDS}
     if argv is None:  # the `jpeft` command itself, not a call from Python: no torch model will ever run here
+        own_process()
         transformers_without_torch()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)

@@ -218,7 +218,8 @@ def _run_training(args, model, data, out, resume, spec, config, tc, fingerprint)
         write_json_atomic(out / "run.json", run)
     reset_report()
     res = run_loop(dataclasses.replace(model, params=built.base), built.method, built.adapters, *data, tc, out,
-                   resume=resume, progress=not args.no_progress)
+                   resume=resume, progress=not args.no_progress,
+                   hand_over=not built.export_kwargs)  # emptied then; PiSSA's export reads its initial adapters
     if not is_primary():  # process 0 writes run.json and the adapter
         return res.eval
     kernels = kernels_report(model.kernels)  # op -> what ran: "pallas", "pallas-interpret" or "reference"

@@ -4,8 +4,12 @@
 kernel on `free`. XLA:CPU allocates each step's activation buffers afresh (hundreds of MB for a 135M
 model), so every step page-faults all of them in again and the kernel zeroes every page: on the 2-core
 benchmark machine that is ~14% of a LoRA step (bench/RESULTS.md, issue 9). Raising glibc's mmap and trim
-thresholds keeps freed memory in the heap for the next step. Peak memory is unchanged (the same buffers
-are live at the peak); memory is not handed back to the OS between steps.
+thresholds keeps freed memory in the heap for the next step. Memory is not handed back to the OS between
+steps. It also caps glibc's malloc arenas at `ARENAS`: by default each thread that allocates may get its own
+arena (up to 8 per core), and memory freed in one arena does not serve another, so the steps' buffers,
+allocated from XLA's worker threads, kept one high-water mark per arena (1B bf16 LoRA, `jpeft train`: the step
+phase swung between 750 and 867 MiB of anonymous memory; with two arenas it stays at 766, the step 1.5% slower;
+with one, 804 MiB and 3% slower; bench/RESULTS.md, issue 20).
 
 XLA:CPU's dot libraries (issue 26): jpeft sets no `XLA_FLAGS` of its own; whatever the user exports is what
 XLA reads when the backend starts. With jaxlib 0.10.2, dots already run on YNNPACK by default (`__ynn_fusion`
@@ -22,6 +26,12 @@ step's time goes).
 `release_host_memory()` gives the heap's free memory back (glibc `malloc_trim`): `jpeft.load` calls it after a
 load and the training loop after the step's compilation, whose working memory would otherwise stay mapped.
 
+`drop_setup_programs()`: every XLA:CPU executable holds host memory for the rest of the process (~1.5 MiB for
+a scalar op), and a run's setup compiles dozens that never run again: the load's staging, the adapters' eager
+init (each `jax.random`/`jnp` op of it is one program), the state's placement. The `jpeft` command drops them
+before it compiles the step (`jax.clear_caches()`; ~40 MiB in the 1B LoRA run). Only in a process the command
+owns (`own_process()`): in a Python session it would make every jitted function of the user compile again.
+
 `transformers_without_torch()`: transformers imports torch whenever it is installed (its config module does),
 though jpeft only takes configs and tokenizers from it. The `jpeft` command has transformers see no torch, which
 saves the import (~120 MiB of anonymous memory and ~0.6 s on the benchmark machine, issue 20) in a process that
@@ -37,7 +47,9 @@ import importlib.util
 import os
 import sys
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_OWNED = False  # the `jpeft` command owns this process (`own_process`)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+ARENAS = 2  # malloc arenas: the main thread's and one for XLA's worker threads
 _LIMIT = 2**31 - 1  # mallopt takes an int
 
 
@@ -55,7 +67,8 @@ def configure_host_memory() -> bool:
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, _LIMIT))
+    return (bool(mallopt(_M_MMAP_THRESHOLD, _LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, _LIMIT))
+            and bool(mallopt(_M_ARENA_MAX, ARENAS)))
 
 
 def release_host_memory() -> bool:
@@ -73,6 +86,22 @@ def release_host_memory() -> bool:
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return bool(trim(0))
+
+
+def own_process() -> None:
+    """Mark this process as the `jpeft` command's own (its console script; never a Python session)."""
+    global _OWNED
+    _OWNED = True
+
+
+def drop_setup_programs() -> bool:
+    """`jax.clear_caches()` where the `jpeft` command owns the process (module docstring); True if done."""
+    if not _OWNED:
+        return False
+    import jax
+
+    jax.clear_caches()
+    return True
 
 
 def transformers_without_torch() -> bool:

@@ -246,16 +246,23 @@ def _head_grads(adapters: dict, methods: tuple) -> bool:
                for m in methods)
 
 
-def _settled(x: Any) -> Any:
-    """`x` once computed, after the heap's free memory went back to the OS (`LayerwiseStep.compile_ahead`)."""
-    jax.block_until_ready(x)
+def _compiled(fn: Any, *args: Any, **static: Any) -> None:
+    """`fn` (a jit) compiled for these arguments into jit's cache, then the compiler's free memory handed back to the
+    OS (`LayerwiseStep.compile_ahead`)."""
+    fn.lower(*args, **static).compile()
     release_host_memory()
-    return x
 
 
 class LayerwiseStep:
     """A drop-in for `train_step(state, base, batch, **kw)` (module docstring) for one base: `base`, as the
-    single-device loop hands it to the step. Build it with `layerwise_step`."""
+    single-device loop hands it to the step. Build it with `layerwise_step`.
+
+    Each call waits for its update and hands the heap's free memory back to the OS (`release_host_memory`). The
+    step's ~40 programs allocate their buffers from XLA's worker threads; kept in the heap (what
+    `configure_host_memory` asks for), freed blocks did not serve the next step's larger ones, and the high-water
+    mark crept up by the size of the loss's logits: 1B bf16 LoRA (`jpeft train`), steps peaking at 733-850 MiB of
+    anonymous memory, 620-708 with the trim, for 1.39 instead of 1.36 s a step (the pages are faulted in again each
+    step; bench/RESULTS.md, issue 20)."""
 
     def __init__(self, base: dict, views: list[dict]):
         self.base, self.views = base, views
@@ -263,6 +270,7 @@ class LayerwiseStep:
         device = next(iter(jax.tree_util.tree_leaves(views[0])[0].devices()))
         self.index = [jax.device_put(jnp.int32(i), device) for i in range(len(views))]
         self.device = device
+        self.check_rng: jax.Array | None = None  # set by `compile_ahead`
 
     def _zero(self) -> jax.Array:
         """A committed fp32 0, as every later NLL sum is (jit keys its cache on placement)."""
@@ -296,39 +304,62 @@ class LayerwiseStep:
                                                  ct, **model)
                 inputs[layer] = None
             grads = _embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model, dtype=dtype)
-        return _update(state, grads, nll_sum, batch, **model, tx=tx)
+        out = _update(state, grads, nll_sum, batch, **model, tx=tx)
+        del grads, cts, inputs
+        jax.block_until_ready(out)
+        release_host_memory()  # the step's freed temporaries (one reason is in the class docstring)
+        return out
 
     def compile_ahead(self, state: dict, base: dict, batch: dict, **kw: Any) -> None:
-        """Compile every program of a step on these shapes, so that the step's calls find them in jit's cache: the
-        first micro-batch's pieces are run once on layer 0 (results dropped, `state` untouched; jit keys its cache
-        on each argument's placement, which real calls give exactly), the update is compiled only.
+        """Compile every program of a step on these shapes, so that the step's calls find them in jit's cache (jit
+        keys it on each argument's placement: the stand-ins for the intermediate values are zeros placed where the
+        real ones are, committed to the step's device). Nothing runs; `state` is untouched.
 
-        The heap's free memory goes back to the OS after each program (`release_host_memory`): XLA compiles on
-        worker threads whose malloc arenas do not serve the next compilation, so without it each program's
-        working memory stayed mapped under the next one's (1B bf16 LoRA, `jpeft train`: a 945 MiB anonymous peak
-        while compiling `_last`, bench/RESULTS.md, issue 20)."""
+        The largest compilations go first, each followed by handing the heap's free memory back to the OS
+        (`release_host_memory`), so that each compiles on the least memory held: XLA:CPU needs ~0.25 GiB of working
+        memory for the 1B layer's backward or the last layer with the loss, and each compiled program then keeps
+        30-45 MiB (1B bf16 LoRA, `jpeft train`: the run's anonymous peak was 945 MiB while compiling `_last`, after
+        the other programs and a dry run's results; bench/RESULTS.md, issue 20)."""
         model, dtype, head, tx = self._pieces(state, base, batch, kw)
         adapters, lp, idx = state["adapters"], self.views[0], self.index[0]
-        grads, nll = None, self._zero()
-        h, per_layer, mb, rng = _embed_stage(adapters, self.small, batch, jnp.int32(0), state["rng"], **model,
-                                             dtype=dtype)
-        per_layer = per_layer[:1]  # layer 0's slices are all the dry run reads (the rest: 15/16 of the adapters)
-        _settled(h)
+        embed = functools.partial(_embed_stage, **model, dtype=dtype)
+        h, per_layer, mb, rng = self._zeros(jax.eval_shape(embed, adapters, self.small, batch, jnp.int32(0),
+                                                           state["rng"]))
+        ad, nll = per_layer[0], self._zero()
         if len(self.views) > 1:
-            h = _settled(_layer_forward(h, lp, per_layer[0], idx, rng, mb, **model))
-        nll, ct, ct_ad, ct_head = _last(h, lp, per_layer[0], idx, rng, adapters, self.small, mb, batch, nll, **model,
-                                        **head)
-        _settled(ct)
+            _compiled(_layer_backward, h, lp, ad, idx, rng, mb, h, **model)
+        _compiled(_last, h, lp, ad, idx, rng, adapters, self.small, mb, batch, nll, **model, **head)
         if len(self.views) > 1:
-            ct, ct_ad = _settled(_layer_backward(h, lp, per_layer[0], idx, rng, mb, ct, **model))
-        cts = [ct_ad] * len(self.views)
-        grads = _settled(_embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model, dtype=dtype))
+            _compiled(_layer_forward, h, lp, ad, idx, rng, mb, **model)
+        _compiled(_embed_stage, adapters, self.small, batch, jnp.int32(0), state["rng"], **model, dtype=dtype)
+        ct_head = self._zeros(jax.eval_shape(lambda a: a, adapters)) if head["head_grads"] else None
+        cts = [ad] * len(self.views)
+        grads = self._zeros(jax.eval_shape(
+            functools.partial(_embed_backward, **model, dtype=dtype), None, adapters, self.small, mb, h, cts, ct_head))
+        _compiled(_embed_backward, None, adapters, self.small, mb, h, cts, ct_head, **model, dtype=dtype)
         if batch["input_ids"].shape[0] > 1:  # the later micro-batches add to the gradient so far
-            grads = _settled(_embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model,
-                                             dtype=dtype))
-        _update.lower(state, grads, nll, batch, **model, tx=tx).compile()
-        del h, per_layer, ct, ct_ad, cts, grads
-        release_host_memory()
+            _compiled(_embed_backward, grads, adapters, self.small, mb, h, cts, ct_head, **model, dtype=dtype)
+        _compiled(_update, state, grads, nll, batch, **model, tx=tx)
+        self.check_rng = jnp.copy(state["rng"])  # placed as the state's, which the steps donate
+
+    def _zeros(self, tree: Any) -> Any:
+        """Zeros of `tree`'s shapes and dtypes (ShapeDtypeStructs), committed to the step's device."""
+        return jax.tree_util.tree_map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), self.device), tree)
+
+    def first_micro_nll(self, adapters: dict, base: dict, batch: dict, **kw: Any) -> jax.Array:
+        """Summed NLL of the first micro-batch of `batch` `[accum, B, T]` with `adapters`, run by the step's own
+        compiled programs (after `compile_ahead`): the training loop's check before each checkpoint. It is the step's
+        training-mode loss, dropout drawn from a fixed key; a separate forward program would be one more executable
+        held for the run, and its loss temporaries come on top of the state at every save (1B bf16: 119 MiB)."""
+        model, dtype, head, _ = self._pieces({"adapters": adapters}, base, batch, kw)
+        h, per_layer, mb, rng = _embed_stage(adapters, self.small, batch, jnp.int32(0), self.check_rng, **model,
+                                             dtype=dtype)
+        last = len(self.views) - 1
+        for layer in range(last):
+            h = _layer_forward(h, self.views[layer], per_layer[layer], self.index[layer], rng, mb, **model)
+        nll, *_ = _last(h, self.views[last], per_layer[last], self.index[last], rng, adapters, self.small, mb, batch,
+                        self._zero(), **model, **head)
+        return nll
 
 
 def layerwise_step(base: dict, cfg: ModelConfig, methods: Sequence[Method], remat: str, executor: str = "auto", *,

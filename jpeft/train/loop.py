@@ -23,7 +23,7 @@ from jpeft.models.model import as_host_bits
 from jpeft.parallel.mesh import is_primary, make_mesh
 from jpeft.parallel.place import check_batch, gather, place_batch
 from jpeft.parallel.state import shard_run
-from jpeft.runtime import release_host_memory
+from jpeft.runtime import drop_setup_programs, release_host_memory
 from jpeft.sites import Method
 from jpeft.torch_bridge.outputs import ADAPTER_LIMIT
 from jpeft.train import offload
@@ -113,15 +113,18 @@ def _compile_ahead(step_fn: Callable, state: dict, base: dict, batch: dict, kw: 
 
     Compiled at the first save instead, the check's working memory came on top of everything the run then holds
     (1B bf16 LoRA: +217 MiB, the run's peak); compiled by the step's first call, the step's working memory was still
-    held under the step's own buffers (~0.4 GiB). bench/RESULTS.md, issue 20."""
+    held under the step's own buffers (~0.4 GiB). bench/RESULTS.md, issue 20.
+
+    The layer-by-layer step compiles its own programs (`LayerwiseStep.compile_ahead`) and its
+    `first_micro_nll` is the check: no forward program of its own."""
+    if isinstance(step_fn, LayerwiseStep):  # its own programs give the check's loss: nothing more to compile
+        step_fn.compile_ahead(state, base, batch, **kw)
+        return functools.partial(step_fn.first_micro_nll, **kw)
     check = _first_micro_nll.lower(state["adapters"], base, batch, cfg=kw["cfg"], methods=kw["methods"],
                                    dtype=kw["dtype"], max_targets=kw["max_targets"], kernels=kw["kernels"]).compile()
     release_host_memory()
     if hasattr(step_fn, "lower"):
         step_fn.lower(state, base, batch, **kw).compile()
-        release_host_memory()
-    elif hasattr(step_fn, "compile_ahead"):  # jpeft.train.layerwise.LayerwiseStep
-        step_fn.compile_ahead(state, base, batch, **kw)
         release_host_memory()
     return check
 
@@ -205,8 +208,13 @@ def train(model: Model, method: Method, adapters: dict, train_examples: Sequence
 
 def run_loop(model: Model, method: Method, adapters: dict, train_examples: Sequence[dict],
              eval_examples: Sequence[dict], tc: TrainConfig, out: Path, *, resume: bool, progress: bool = True,
-             on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """`train` in a run folder the caller has already claimed (`claim_run_folder`) and holds: no checks here."""
+             on_eval: Callable[[int, dict], None] | None = None, hand_over: bool = False) -> TrainResult:
+    """`train` in a run folder the caller has already claimed (`claim_run_folder`) and holds: no checks here.
+
+    `hand_over`: the caller gives its `adapters` to the run, which empties that dict (the steps donate its arrays):
+    on one device the state then holds them instead of a copy (`jpeft train`: 45 MiB for the 1B LoRA)."""
+    if hand_over:
+        adapters = {k: adapters.pop(k) for k in list(adapters)}
     sinks = open_sinks(tc.report_to, out) if is_primary() else []  # a missing tensorboardX fails here, before work
     rows = make_rows(model, train_examples, tc, "training examples")
     eval_rows = make_rows(model, eval_examples, tc, "eval examples") if eval_examples else None
@@ -214,7 +222,8 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
     sched = BatchSchedule(rows, tc.batch_size * tc.grad_accum, tc.seed, drop_last=tc.drop_last)
     total = tc.steps or max(1, math.ceil((tc.epochs or 1.0) * sched.steps_per_epoch))
     tx = build_optimizer(tc.optim, total, (method,))
-    run = _place(model, method, adapters, tx, tc, out / "checkpoints", resume)
+    run = _place(model, method, adapters, tx, tc, out / "checkpoints", resume, hand_over)
+    del adapters
     state, step_fn, sharded = run.state, run.step_fn, run.mesh is not None
     model = dataclasses.replace(model, params=run.base)  # what the steps, evals and checks take
     start = int(state["step"])
@@ -233,6 +242,7 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
         host = {k: v.reshape(tc.grad_accum, tc.batch_size, -1) for k, v in sched.batch_at(step).items() if k in keys}
         placed = run.to_device(host)
         if step == start:
+            drop_setup_programs()  # the load's, the init's and the placement's programs (the `jpeft` command only)
             check = _compile_ahead(step_fn, state, model.params, placed, kw)
         state, m = step_fn(state, model.params, placed, **kw)
         if step == start:
@@ -249,6 +259,9 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
             log.write(rec)
             if save_now:
                 _checked_save(state, step + 1, out / "checkpoints", loss_after(placed), sharded)
+        elif isinstance(step_fn, LayerwiseStep):  # it returns done (its class docstring): recorded now, on time
+            log.write(meter.record(*pending))
+            pending = None
     if pending is not None:
         log.write(meter.record(*pending))
     meter.bar.close()
@@ -306,12 +319,12 @@ def place_for_step(state: dict, params: dict) -> tuple[dict, dict]:
 
 
 def _place(model: Model, method: Method, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: Path,
-           resume: bool) -> _Placement:
+           resume: bool, hand_over: bool = False) -> _Placement:
     """A fresh (or with `resume`, the restored) state and the step: on one device the scan's `train_step` or the
     layer-by-layer step (`tc.executor`, `jpeft.train.layerwise`), or placed by the partition rules on `tc.mesh` (a
     checkpoint from any mesh restores straight into this one's shardings)."""
     if tc.mesh is None:
-        state = init_state(adapters, tx, tc.seed)
+        state = init_state(adapters, tx, tc.seed, copy=not hand_over)
         if resume and (restored := restore_latest(checkpoints, state)) is not None:
             state = jax.tree_util.tree_map(jnp.asarray, restored)
         state, base = place_for_step(state, model.params)
@@ -338,7 +351,9 @@ class _StepMeter:
     """
 
     def __init__(self, lr: Callable[[int], Any], bar: Any, checkpoints: Path):
-        self.lr, self.bar, self.checkpoints = lr, bar, checkpoints
+        # one compiled program: evaluated op by op, an optax schedule compiles each of its ~7 scalar ops on its own,
+        # and every XLA:CPU executable holds ~1.5 MiB of host memory for the rest of the process
+        self.lr, self.bar, self.checkpoints = jax.jit(lr), bar, checkpoints
         self.t0, self.tokens = time.perf_counter(), 0.0
         self.zero_grad_steps, self.learned = 0, False
 

@@ -179,10 +179,14 @@ def master_copy(x: jax.Array) -> jax.Array:
     return jnp.copy(x)
 
 
-def init_state(adapters: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+def init_state(adapters: dict, tx: optax.GradientTransformation, seed: int, *, copy: bool = True) -> dict:
     """A fresh train state. The adapters are copied (`master_copy`: 16-bit leaves, e.g. the weights full fine-tuning
     trains from a bf16 base, become fp32 masters): `train_step` donates the state's buffers, and the adapters may be
-    the base's own arrays, which are never written."""
-    adapters = jax.tree_util.tree_map(master_copy, adapters)
+    the base's own arrays, which are never written. `copy=False`: the caller hands its adapter arrays over (the
+    steps will donate them; only 16-bit leaves still get fp32 masters), so that the run holds one copy, not two."""
+    def own(x: jax.Array) -> jax.Array:
+        return master_copy(x) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4 else x
+
+    adapters = jax.tree_util.tree_map(master_copy if copy else own, adapters)
     return {"step": jnp.int32(0), "adapters": adapters, "opt_state": tx.init(adapters),
             "rng": jax.random.PRNGKey(seed)}
