@@ -131,6 +131,11 @@ def layer_views(layers: dict) -> list[dict] | None:
     return [jax.tree_util.tree_unflatten(treedef, [views[i] for views in per_leaf]) for i in range(n)]
 
 
+# The layer's backward and the last layer with the loss compile with XLA:CPU's older loop emitters: its MLIR fusion
+# emitters took ~0.25 GiB of working memory to compile either program for the 1B shape and kept 30-45 MiB per
+# program, against 40-46 and 15-19 MiB here, for ~1% more step time (bench/RESULTS.md, issue 20). The per-layer
+# forward keeps the default: it compiles in ~90 MiB and keeps nothing.
+_LEAN = {"xla_cpu_use_fusion_emitters": False}
 _MODEL = ("cfg", "methods", "kernels")
 
 
@@ -199,7 +204,7 @@ def _layer_forward(h, lp, ad, idx, rng, mb, *, cfg, methods, kernels):
         return _layer(h, lp, ad, idx, rng, mb, cfg, methods)
 
 
-@functools.partial(jax.jit, static_argnames=_MODEL)
+@functools.partial(jax.jit, static_argnames=_MODEL, compiler_options=_LEAN)
 def _layer_backward(h, lp, ad, idx, rng, mb, ct, *, cfg, methods, kernels):
     """(cotangent of the layer's input, of its adapter slice): the layer recomputed from h, then its VJP."""
     with kernel_mode(kernels):
@@ -207,7 +212,7 @@ def _layer_backward(h, lp, ad, idx, rng, mb, ct, *, cfg, methods, kernels):
         return pull(ct)
 
 
-@functools.partial(jax.jit, static_argnames=_MODEL + ("max_targets", "head_grads"))
+@functools.partial(jax.jit, static_argnames=_MODEL + ("max_targets", "head_grads"), compiler_options=_LEAN)
 def _last(h, lp, ad, idx, rng, adapters, small, mb, batch, nll_sum, *, cfg, methods, kernels, max_targets,
           head_grads):
     """The last layer, the final norm and the fused lm_head + loss as one program, differentiated once: the last

@@ -259,3 +259,40 @@ def test_cli_executor_layers_names_what_rules_it_out(folder, tmp_path, capsys, f
     err = capsys.readouterr().err
     assert rc != 0 and "--executor layers" in err and named in err, err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_its_finite_check_is_the_first_micro_batch_loss(bf16_model):
+    """The loop's check before each checkpoint runs on the step's own programs (`first_micro_nll`, after
+    `compile_ahead`, which compiles without running anything): the summed NLL of the first micro-batch, as the
+    scan-built evaluation forward (`_first_micro_nll`) computes it (no dropout here), and NaN adapters give NaN."""
+    from jpeft.train.loop import _first_micro_nll
+
+    state, base, batches, kw = _setup(bf16_model, accum=2)
+    step = lw.layerwise_step(base, kw["cfg"], kw["methods"], "full", "layers")
+    before = jax.tree_util.tree_map(np.asarray, state)
+    step.compile_ahead(state, base, batches[0], **kw)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.asarray, state))
+    got = float(step.first_micro_nll(state["adapters"], base, batches[0], **kw))
+    want = float(_first_micro_nll(state["adapters"], base, batches[0], cfg=kw["cfg"], methods=kw["methods"],
+                                  dtype=kw["dtype"], max_targets=None, kernels="auto"))
+    assert np.isfinite(want) and want > 1.0
+    np.testing.assert_allclose(got, want, rtol=2e-3)
+    bad = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), state["adapters"])
+    assert np.isnan(float(step.first_micro_nll(bad, base, batches[0], **kw)))
+
+
+def test_a_state_made_without_a_copy_takes_the_callers_arrays(bf16_model):
+    """`init_state(copy=False)` (what `jpeft train` asks for, `run_loop(hand_over=True)`): the state holds the
+    caller's fp32 adapter arrays themselves, one copy for the run, while 16-bit leaves still get fp32 masters; the
+    default copies every leaf (the steps donate the state's buffers)."""
+    _, adapters = init_lora(bf16_model.cfg, bf16_model.params, LoraConfig(r=4, target_modules="all-linear"),
+                            jax.random.PRNGKey(0))[:2]
+    adapters = {**adapters, "extra": jnp.ones((3,), jnp.bfloat16)}
+    tx = optax.adam(1e-3)
+    ptr = lambda x: x.unsafe_buffer_pointer()  # noqa: E731
+    flat = lambda t: jax.tree_util.tree_leaves(t["lora"])  # noqa: E731
+    shared = init_state(adapters, tx, 0, copy=False)["adapters"]
+    assert [ptr(a) for a in flat(shared)] == [ptr(a) for a in flat(adapters)]
+    assert shared["extra"].dtype == jnp.float32
+    copied = init_state(adapters, tx, 0)["adapters"]
+    assert not {ptr(a) for a in flat(copied)} & {ptr(a) for a in flat(adapters)}

@@ -86,3 +86,23 @@ def test_without_torch_changes_nothing_once_transformers_is_imported():
     before = iu.is_torch_available()
     assert transformers_without_torch() is False
     assert iu.is_torch_available() is before
+
+
+def test_setup_programs_are_dropped_only_in_the_commands_own_process(monkeypatch):
+    """`drop_setup_programs` clears jax's compilation caches where the `jpeft` command owns the process
+    (`own_process`, which its console script calls), and nowhere else: in a Python session the user's jitted
+    functions keep what they compiled."""
+    import jax
+    import jax.numpy as jnp
+
+    from jpeft import runtime
+
+    f = jax.jit(lambda x: x * 3 + 1)
+    f(jnp.ones(3)).block_until_ready()
+    monkeypatch.setattr(runtime, "_OWNED", False)
+    assert runtime.drop_setup_programs() is False
+    assert f._cache_size() == 1
+    runtime.own_process()
+    assert runtime._OWNED is True
+    assert runtime.drop_setup_programs() is True
+    assert f._cache_size() == 0
