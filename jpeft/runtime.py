@@ -4,12 +4,10 @@
 kernel on `free`. XLA:CPU allocates each step's activation buffers afresh (hundreds of MB for a 135M
 model), so every step page-faults all of them in again and the kernel zeroes every page: on the 2-core
 benchmark machine that is ~14% of a LoRA step (bench/RESULTS.md, issue 9). Raising glibc's mmap and trim
-thresholds keeps freed memory in the heap for the next step. Memory is not handed back to the OS between
-steps. It also caps glibc's malloc arenas at `ARENAS`: by default each thread that allocates may get its own
-arena (up to 8 per core), and memory freed in one arena does not serve another, so the steps' buffers,
-allocated from XLA's worker threads, kept one high-water mark per arena (1B bf16 LoRA, `jpeft train`: the step
-phase swung between 750 and 867 MiB of anonymous memory; with two arenas it stays at 766, the step 1.5% slower;
-with one, 804 MiB and 3% slower; bench/RESULTS.md, issue 20).
+thresholds keeps freed memory in the heap for the next step. Peak memory is unchanged (the same buffers
+are live at the peak); memory is not handed back to the OS between steps. (Capping glibc's malloc arenas as
+well, at 2, was tried for the layer-by-layer step and dropped: it made the SmolLM2 scan step's ~0.4 GiB of
+temporaries come on top of the retained ones every other step, 763 -> 1196 MiB peak; bench/RESULTS.md.)
 
 XLA:CPU's dot libraries (issue 26): jpeft sets no `XLA_FLAGS` of its own; whatever the user exports is what
 XLA reads when the backend starts. With jaxlib 0.10.2, dots already run on YNNPACK by default (`__ynn_fusion`
@@ -48,8 +46,7 @@ import os
 import sys
 
 _OWNED = False  # the `jpeft` command owns this process (`own_process`)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-ARENAS = 2  # malloc arenas: the main thread's and one for XLA's worker threads
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _LIMIT = 2**31 - 1  # mallopt takes an int
 
 
@@ -67,8 +64,7 @@ def configure_host_memory() -> bool:
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return (bool(mallopt(_M_MMAP_THRESHOLD, _LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, _LIMIT))
-            and bool(mallopt(_M_ARENA_MAX, ARENAS)))
+    return bool(mallopt(_M_MMAP_THRESHOLD, _LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, _LIMIT))
 
 
 def release_host_memory() -> bool:
