@@ -10,7 +10,8 @@ its 1.5 s (bench/RESULTS.md, issue 20). `LayerwiseStep` computes the same step w
 - the last layer, the final norm and the fused lm_head + loss run as one differentiated program (that layer is
   not recomputed), giving the gradient of the last layer's input;
 - one jitted layer backward per earlier layer recomputes that layer from its input (`jax.vjp`) and returns the
-  gradients of its input and of its slice of the (prepared) adapters;
+  gradients of its input and of its slice of the (prepared) adapters; each layer program takes the whole
+  adapters and cuts its own slice (`_layer_slice`), so the step holds no per-layer copy of them;
 - the embedding stage's VJP carries those slices back through each method's `prepare`, accumulating over the
   micro-batches, and one jitted update applies the optimizer (`jpeft.train.step.apply_gradients`).
 
@@ -160,15 +161,23 @@ def _embedded(adapters: dict, small: dict, mb: dict, cfg: ModelConfig, methods: 
     return h, {k: v["layers"] for k, v in prepared.items() if isinstance(v, dict) and "layers" in v}
 
 
+def _layer_slice(adapters: dict, small: dict, mb: dict, idx: jax.Array, cfg: ModelConfig, methods: tuple,
+                 dtype: Any) -> dict:
+    """Layer `idx`'s prepared adapter slices, computed inside the program that reads them: each method's `prepare`
+    (`_embedded`; XLA drops its unused embedding lookup) and a dynamic slice. The step holds no per-layer copy of the
+    adapters (1B LoRA: 43.5 MiB for the whole step, bench/RESULTS.md, issue 20)."""
+    _, layer_ad = _embedded(adapters, small, mb, cfg, methods, dtype)
+    return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, idx, keepdims=False), layer_ad)
+
+
 @functools.partial(jax.jit, static_argnames=_MODEL + ("dtype",))
 def _embed_stage(adapters, small, batch, i, rng, *, cfg, methods, kernels, dtype):
-    """Micro-batch `i` of `batch` `[accum, B, T]`: (layer-0 input, per-layer adapter slices, the micro-batch, its
-    dropout key: `fold_in(split(rng)[1], i)`, as `train_step` draws it)."""
+    """Micro-batch `i` of `batch` `[accum, B, T]`: (layer-0 input, the micro-batch, its dropout key:
+    `fold_in(split(rng)[1], i)`, as `train_step` draws it)."""
     with kernel_mode(kernels):
         mb = _micro(batch, i)
-        h, layer_ad = _embedded(adapters, small, mb, cfg, methods, dtype)
-        per_layer = [jax.tree_util.tree_map(lambda x, n=n: x[n], layer_ad) for n in range(cfg.num_layers)]
-        return h, per_layer, mb, jax.random.fold_in(jax.random.split(rng)[1], i)
+        h, _ = _embedded(adapters, small, mb, cfg, methods, dtype)
+        return h, mb, jax.random.fold_in(jax.random.split(rng)[1], i)
 
 
 @functools.partial(jax.jit, static_argnames=_MODEL + ("dtype",), donate_argnums=(0,))
@@ -198,22 +207,23 @@ def _layer(h, lp, ad, idx, rng, mb, cfg: ModelConfig, methods: tuple) -> jax.Arr
     return decoder_layer(h, lp, ctx, mask)[0]
 
 
-@functools.partial(jax.jit, static_argnames=_MODEL)
-def _layer_forward(h, lp, ad, idx, rng, mb, *, cfg, methods, kernels):
+@functools.partial(jax.jit, static_argnames=_MODEL + ("dtype",))
+def _layer_forward(h, lp, adapters, small, idx, rng, mb, *, cfg, methods, kernels, dtype):
     with kernel_mode(kernels):
-        return _layer(h, lp, ad, idx, rng, mb, cfg, methods)
+        return _layer(h, lp, _layer_slice(adapters, small, mb, idx, cfg, methods, dtype), idx, rng, mb, cfg, methods)
 
 
-@functools.partial(jax.jit, static_argnames=_MODEL, compiler_options=_LEAN)
-def _layer_backward(h, lp, ad, idx, rng, mb, ct, *, cfg, methods, kernels):
+@functools.partial(jax.jit, static_argnames=_MODEL + ("dtype",), compiler_options=_LEAN)
+def _layer_backward(h, lp, adapters, small, idx, rng, mb, ct, *, cfg, methods, kernels, dtype):
     """(cotangent of the layer's input, of its adapter slice): the layer recomputed from h, then its VJP."""
     with kernel_mode(kernels):
+        ad = _layer_slice(adapters, small, mb, idx, cfg, methods, dtype)
         _, pull = jax.vjp(lambda x, a: _layer(x, lp, a, idx, rng, mb, cfg, methods), h, ad)
         return pull(ct)
 
 
-@functools.partial(jax.jit, static_argnames=_MODEL + ("max_targets", "head_grads"), compiler_options=_LEAN)
-def _last(h, lp, ad, idx, rng, adapters, small, mb, batch, nll_sum, *, cfg, methods, kernels, max_targets,
+@functools.partial(jax.jit, static_argnames=_MODEL + ("dtype", "max_targets", "head_grads"), compiler_options=_LEAN)
+def _last(h, lp, idx, rng, adapters, small, mb, batch, nll_sum, *, cfg, methods, kernels, dtype, max_targets,
           head_grads):
     """The last layer, the final norm and the fused lm_head + loss as one program, differentiated once: the last
     layer's forward is not run twice. It holds that layer's activations while the loss runs, as every layer's
@@ -222,6 +232,7 @@ def _last(h, lp, ad, idx, rng, adapters, small, mb, batch, nll_sum, *, cfg, meth
     w.r.t. its adapter slice, and with `head_grads` w.r.t. the adapters the head reads, else None)."""
     with kernel_mode(kernels):
         total = jnp.maximum(jnp.sum(batch["labels"] >= 0).astype(F32), 1.0)
+        ad = _layer_slice(adapters, small, mb, idx, cfg, methods, dtype)
 
         def loss(x, a, full):
             y = _layer(x, lp, a, idx, rng, mb, cfg, methods)
@@ -295,18 +306,17 @@ class LayerwiseStep:
         adapters, views, idx = state["adapters"], self.views, self.index
         grads, nll_sum = None, self._zero()
         for i in range(batch["input_ids"].shape[0]):
-            h, per_layer, mb, rng = _embed_stage(adapters, self.small, batch, jnp.int32(i), state["rng"], **model,
-                                                 dtype=dtype)
+            h, mb, rng = _embed_stage(adapters, self.small, batch, jnp.int32(i), state["rng"], **model, dtype=dtype)
             inputs, last = [], len(views) - 1
             for layer in range(last):
                 inputs.append(h)
-                h = _layer_forward(h, views[layer], per_layer[layer], idx[layer], rng, mb, **model)
+                h = _layer_forward(h, views[layer], adapters, self.small, idx[layer], rng, mb, **model, dtype=dtype)
             cts = [None] * len(views)
-            nll_sum, ct, cts[last], ct_head = _last(h, views[last], per_layer[last], idx[last], rng, adapters,
-                                                    self.small, mb, batch, nll_sum, **model, **head)
+            nll_sum, ct, cts[last], ct_head = _last(h, views[last], idx[last], rng, adapters, self.small, mb, batch,
+                                                    nll_sum, **model, dtype=dtype, **head)
             for layer in reversed(range(last)):
-                ct, cts[layer] = _layer_backward(inputs[layer], views[layer], per_layer[layer], idx[layer], rng, mb,
-                                                 ct, **model)
+                ct, cts[layer] = _layer_backward(inputs[layer], views[layer], adapters, self.small, idx[layer], rng,
+                                                 mb, ct, **model, dtype=dtype)
                 inputs[layer] = None
             grads = _embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model, dtype=dtype)
         out = _update(state, grads, nll_sum, batch, **model, tx=tx)
@@ -321,23 +331,23 @@ class LayerwiseStep:
         real ones are, committed to the step's device). Nothing runs; `state` is untouched.
 
         The largest compilations go first, each followed by handing the heap's free memory back to the OS
-        (`release_host_memory`), so that each compiles on the least memory held: XLA:CPU needs ~0.25 GiB of working
-        memory for the 1B layer's backward or the last layer with the loss, and each compiled program then keeps
-        30-45 MiB (1B bf16 LoRA, `jpeft train`: the run's anonymous peak was 945 MiB while compiling `_last`, after
-        the other programs and a dry run's results; bench/RESULTS.md, issue 20)."""
+        (`release_host_memory`), so that each compiles on the least memory held (1B bf16 LoRA, `jpeft train`: the
+        run's anonymous peak was 945 MiB while compiling `_last` after the other programs and a dry run's results;
+        674 MiB this way, before `_LEAN`; bench/RESULTS.md, issue 20)."""
         model, dtype, head, tx = self._pieces(state, base, batch, kw)
         adapters, lp, idx = state["adapters"], self.views[0], self.index[0]
         embed = functools.partial(_embed_stage, **model, dtype=dtype)
-        h, per_layer, mb, rng = self._zeros(jax.eval_shape(embed, adapters, self.small, batch, jnp.int32(0),
-                                                           state["rng"]))
-        ad, nll = per_layer[0], self._zero()
+        h, mb, rng = self._zeros(jax.eval_shape(embed, adapters, self.small, batch, jnp.int32(0), state["rng"]))
+        nll = self._zero()
         if len(self.views) > 1:
-            _compiled(_layer_backward, h, lp, ad, idx, rng, mb, h, **model)
-        _compiled(_last, h, lp, ad, idx, rng, adapters, self.small, mb, batch, nll, **model, **head)
+            _compiled(_layer_backward, h, lp, adapters, self.small, idx, rng, mb, h, **model, dtype=dtype)
+        _compiled(_last, h, lp, idx, rng, adapters, self.small, mb, batch, nll, **model, dtype=dtype, **head)
         if len(self.views) > 1:
-            _compiled(_layer_forward, h, lp, ad, idx, rng, mb, **model)
+            _compiled(_layer_forward, h, lp, adapters, self.small, idx, rng, mb, **model, dtype=dtype)
         _compiled(_embed_stage, adapters, self.small, batch, jnp.int32(0), state["rng"], **model, dtype=dtype)
         ct_head = self._zeros(jax.eval_shape(lambda a: a, adapters)) if head["head_grads"] else None
+        slice_of = functools.partial(_layer_slice, cfg=model["cfg"], methods=model["methods"], dtype=dtype)
+        ad = self._zeros(jax.eval_shape(slice_of, adapters, self.small, mb, idx))
         cts = [ad] * len(self.views)
         grads = self._zeros(jax.eval_shape(
             functools.partial(_embed_backward, **model, dtype=dtype), None, adapters, self.small, mb, h, cts, ct_head))
@@ -356,14 +366,16 @@ class LayerwiseStep:
         compiled programs (after `compile_ahead`): the training loop's check before each checkpoint. It is the step's
         training-mode loss, dropout drawn from a fixed key; a separate forward program would be one more executable
         held for the run, and its loss temporaries come on top of the state at every save (1B bf16: 119 MiB)."""
+        if self.check_rng is None:
+            raise ConfigError("LayerwiseStep.first_micro_nll needs the step's programs: call compile_ahead first")
         model, dtype, head, _ = self._pieces({"adapters": adapters}, base, batch, kw)
-        h, per_layer, mb, rng = _embed_stage(adapters, self.small, batch, jnp.int32(0), self.check_rng, **model,
-                                             dtype=dtype)
+        h, mb, rng = _embed_stage(adapters, self.small, batch, jnp.int32(0), self.check_rng, **model, dtype=dtype)
         last = len(self.views) - 1
         for layer in range(last):
-            h = _layer_forward(h, self.views[layer], per_layer[layer], self.index[layer], rng, mb, **model)
-        nll, *_ = _last(h, self.views[last], per_layer[last], self.index[last], rng, adapters, self.small, mb, batch,
-                        self._zero(), **model, **head)
+            h = _layer_forward(h, self.views[layer], adapters, self.small, self.index[layer], rng, mb, **model,
+                               dtype=dtype)
+        nll, *_ = _last(h, self.views[last], self.index[last], rng, adapters, self.small, mb, batch, self._zero(),
+                        **model, dtype=dtype, **head)
         return nll
 
 
