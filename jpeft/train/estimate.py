@@ -35,9 +35,10 @@ from jpeft.train.step import build_optimizer, init_state, train_step
 # Resident memory besides the arrays: Python, jax/jaxlib and transformers' tokenizers, the compiler's
 # freed-but-kept working memory and the compiled step, eval and check programs. Measured on the CPU backend with
 # bench/real_size.py (1B Llama shape, `jpeft train` LoRA bf16 and QLoRA: measured footprint minus the other parts,
-# 532 and 618 MiB on 2026-12-07, once the command stopped importing torch; 727 and 804 MiB before that, 900 before
-# the end-of-run fixes of issue 20). A Python process that has imported torch holds ~0.2 GiB more.
-RUNTIME_BYTES = {"cpu": 600 << 20}
+# 282 and 505 MiB on 2026-12-07 after the layer-by-layer step's memory work (bf16 runs layer by layer, QLoRA
+# scans); 532 and 618 MiB earlier that day, once the command stopped importing torch; 727 and 804 MiB before that,
+# 900 before the end-of-run fixes of issue 20). A Python process that has imported torch holds ~0.2 GiB more.
+RUNTIME_BYTES = {"cpu": 450 << 20}
 _DEFAULT_RUNTIME = 1 << 30
 
 
