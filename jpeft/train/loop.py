@@ -318,12 +318,23 @@ def place_for_step(state: dict, params: dict) -> tuple[dict, dict]:
     return jax.device_put(state, device), base
 
 
+def _buffer(x: Any) -> int | None:
+    """The address of a single-device array's buffer (None for anything else)."""
+    try:
+        return x.unsafe_buffer_pointer()
+    except Exception:  # noqa: BLE001 (not an array, or not on one device: never handed over as is)
+        return None
+
+
 def _place(model: Model, method: Method, adapters: dict, tx: Any, tc: TrainConfig, checkpoints: Path,
            resume: bool, hand_over: bool = False) -> _Placement:
     """A fresh (or with `resume`, the restored) state and the step: on one device the scan's `train_step` or the
     layer-by-layer step (`tc.executor`, `jpeft.train.layerwise`), or placed by the partition rules on `tc.mesh` (a
     checkpoint from any mesh restores straight into this one's shardings)."""
     if tc.mesh is None:
+        if hand_over:  # never the base's own buffers: full fine-tuning's adapters are the base's weights themselves
+            held = {_buffer(x) for x in jax.tree_util.tree_leaves(model.params)} - {None}
+            adapters = jax.tree_util.tree_map(lambda x: jnp.copy(x) if _buffer(x) in held else x, adapters)
         state = init_state(adapters, tx, tc.seed, copy=not hand_over)
         if resume and (restored := restore_latest(checkpoints, state)) is not None:
             state = jax.tree_util.tree_map(jnp.asarray, restored)

@@ -241,3 +241,25 @@ def test_cli_train_writes_a_checkpoint_that_exports_to_gguf(tiny_models, tmp_pat
     assert gguf.returncode == 0, gguf.stderr
     assert np.allclose(jpeft.logits(jpeft.load(tmp_path / "full.gguf", tokenizer=False), [[1, 2, 3]]),
                        jpeft.logits(jpeft.load(tmp_path / "run" / "model"), [[1, 2, 3]]), atol=1e-5)
+
+
+def test_a_run_handed_its_adapters_never_takes_the_bases_own_arrays(tiny_models, tmp_path):
+    """`run_loop(hand_over=True)`, what `jpeft train` does, with full fine-tuning of an fp32 base, whose adapters are
+    the base's own arrays: the state gets copies of those (the steps donate the state), so the base is intact after
+    training; the caller's adapter dict is emptied; the weights did train."""
+    from jpeft.train.loop import run_loop
+
+    model = jpeft.load(tiny_models["gqa_untied"], tokenizer=True)
+    method, adapters = init_full(model.cfg, model.params, FullConfig(exclude_modules="embed_tokens,lm_head"),
+                                 jax.random.PRNGKey(0))
+    shared = [x for x in jax.tree_util.tree_leaves(adapters) if x.dtype == jnp.float32]
+    assert shared and all(any(x is b for b in jax.tree_util.tree_leaves(model.params)) for x in shared)
+    before = [np.array(x) for x in jax.tree_util.tree_leaves(model.params)]
+    tc = TrainConfig(steps=2, batch_size=2, max_len=32, optim=OptimConfig(lr=1e-2))
+    res = run_loop(model, method, adapters, label_examples(16, 2), [], tc, tmp_path / "run", resume=False,
+                   progress=False, hand_over=True)
+    assert adapters == {}
+    for b, x in zip(before, jax.tree_util.tree_leaves(model.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), b)  # a deleted (donated) array would raise here
+    trained = jax.tree_util.tree_leaves(res.adapters)
+    assert any(not np.allclose(np.asarray(t), s) for t, s in zip(trained, [np.array(x) for x in shared]))
