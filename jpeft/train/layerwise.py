@@ -135,7 +135,8 @@ def layer_views(layers: dict) -> list[dict] | None:
 # The layer's backward and the last layer with the loss compile with XLA:CPU's older loop emitters: its MLIR fusion
 # emitters took ~0.25 GiB of working memory to compile either program for the 1B shape and kept 30-45 MiB per
 # program, against 40-46 and 15-19 MiB here, for ~1% more step time (bench/RESULTS.md, issue 20). The per-layer
-# forward keeps the default: it compiles in ~90 MiB and keeps nothing.
+# forward keeps the default: it compiles in ~90 MiB and keeps nothing. A jaxlib without that option gets XLA's
+# defaults (`LayerwiseStep.compile_ahead`).
 _LEAN = {"xla_cpu_use_fusion_emitters": False}
 _MODEL = ("cfg", "methods", "kernels")
 
@@ -213,7 +214,6 @@ def _layer_forward(h, lp, adapters, small, idx, rng, mb, *, cfg, methods, kernel
         return _layer(h, lp, _layer_slice(adapters, small, mb, idx, cfg, methods, dtype), idx, rng, mb, cfg, methods)
 
 
-@functools.partial(jax.jit, static_argnames=_MODEL + ("dtype",), compiler_options=_LEAN)
 def _layer_backward(h, lp, adapters, small, idx, rng, mb, ct, *, cfg, methods, kernels, dtype):
     """(cotangent of the layer's input, of its adapter slice): the layer recomputed from h, then its VJP."""
     with kernel_mode(kernels):
@@ -222,7 +222,6 @@ def _layer_backward(h, lp, adapters, small, idx, rng, mb, ct, *, cfg, methods, k
         return pull(ct)
 
 
-@functools.partial(jax.jit, static_argnames=_MODEL + ("dtype", "max_targets", "head_grads"), compiler_options=_LEAN)
 def _last(h, lp, idx, rng, adapters, small, mb, batch, nll_sum, *, cfg, methods, kernels, dtype, max_targets,
           head_grads):
     """The last layer, the final norm and the fused lm_head + loss as one program, differentiated once: the last
@@ -244,6 +243,14 @@ def _last(h, lp, idx, rng, adapters, small, mb, batch, nll_sum, *, cfg, methods,
         (_, s), g = jax.value_and_grad(loss, argnums=(0, 1, 2) if head_grads else (0, 1), has_aux=True)(
             h, ad, adapters)
         return nll_sum + s, g[0], g[1], g[2] if head_grads else None
+
+
+_BACKWARD_STATIC, _LAST_STATIC = _MODEL + ("dtype",), _MODEL + ("dtype", "max_targets", "head_grads")
+# (layer backward, last layer + loss): with `_LEAN`, and with XLA's defaults for a jaxlib without that option
+_LEAN_PROGRAMS = (jax.jit(_layer_backward, static_argnames=_BACKWARD_STATIC, compiler_options=_LEAN),
+                  jax.jit(_last, static_argnames=_LAST_STATIC, compiler_options=_LEAN))
+_DEFAULT_PROGRAMS = (jax.jit(_layer_backward, static_argnames=_BACKWARD_STATIC),
+                     jax.jit(_last, static_argnames=_LAST_STATIC))
 
 
 @functools.partial(jax.jit, static_argnames=_MODEL + ("tx",), donate_argnums=(0,))
@@ -287,6 +294,7 @@ class LayerwiseStep:
         self.index = [jax.device_put(jnp.int32(i), device) for i in range(len(views))]
         self.device = device
         self.check_rng: jax.Array | None = None  # set by `compile_ahead`
+        self.backward, self.last = _LEAN_PROGRAMS  # `compile_ahead` falls back to `_DEFAULT_PROGRAMS` where needed
 
     def _zero(self) -> jax.Array:
         """A committed fp32 0, as every later NLL sum is (jit keys its cache on placement)."""
@@ -312,11 +320,11 @@ class LayerwiseStep:
                 inputs.append(h)
                 h = _layer_forward(h, views[layer], adapters, self.small, idx[layer], rng, mb, **model, dtype=dtype)
             cts = [None] * len(views)
-            nll_sum, ct, cts[last], ct_head = _last(h, views[last], idx[last], rng, adapters, self.small, mb, batch,
-                                                    nll_sum, **model, dtype=dtype, **head)
+            nll_sum, ct, cts[last], ct_head = self.last(h, views[last], idx[last], rng, adapters, self.small, mb,
+                                                        batch, nll_sum, **model, dtype=dtype, **head)
             for layer in reversed(range(last)):
-                ct, cts[layer] = _layer_backward(inputs[layer], views[layer], adapters, self.small, idx[layer], rng,
-                                                 mb, ct, **model, dtype=dtype)
+                ct, cts[layer] = self.backward(inputs[layer], views[layer], adapters, self.small, idx[layer], rng,
+                                               mb, ct, **model, dtype=dtype)
                 inputs[layer] = None
             grads = _embed_backward(grads, adapters, self.small, mb, ct, cts, ct_head, **model, dtype=dtype)
         out = _update(state, grads, nll_sum, batch, **model, tx=tx)
@@ -339,9 +347,17 @@ class LayerwiseStep:
         embed = functools.partial(_embed_stage, **model, dtype=dtype)
         h, mb, rng = self._zeros(jax.eval_shape(embed, adapters, self.small, batch, jnp.int32(0), state["rng"]))
         nll = self._zero()
-        if len(self.views) > 1:
-            _compiled(_layer_backward, h, lp, adapters, self.small, idx, rng, mb, h, **model, dtype=dtype)
-        _compiled(_last, h, lp, idx, rng, adapters, self.small, mb, batch, nll, **model, dtype=dtype, **head)
+        try:
+            if len(self.views) > 1:
+                _compiled(self.backward, h, lp, adapters, self.small, idx, rng, mb, h, **model, dtype=dtype)
+            _compiled(self.last, h, lp, idx, rng, adapters, self.small, mb, batch, nll, **model, dtype=dtype, **head)
+        except jax.errors.JaxRuntimeError as e:  # a jaxlib without `_LEAN`'s option: XLA's default emitters
+            if "No such compile option" not in str(e) or (self.backward, self.last) == _DEFAULT_PROGRAMS:
+                raise
+            self.backward, self.last = _DEFAULT_PROGRAMS
+            if len(self.views) > 1:
+                _compiled(self.backward, h, lp, adapters, self.small, idx, rng, mb, h, **model, dtype=dtype)
+            _compiled(self.last, h, lp, idx, rng, adapters, self.small, mb, batch, nll, **model, dtype=dtype, **head)
         if len(self.views) > 1:
             _compiled(_layer_forward, h, lp, adapters, self.small, idx, rng, mb, **model, dtype=dtype)
         _compiled(_embed_stage, adapters, self.small, batch, jnp.int32(0), state["rng"], **model, dtype=dtype)
@@ -374,8 +390,8 @@ class LayerwiseStep:
         for layer in range(last):
             h = _layer_forward(h, self.views[layer], adapters, self.small, self.index[layer], rng, mb, **model,
                                dtype=dtype)
-        nll, *_ = _last(h, self.views[last], self.index[last], rng, adapters, self.small, mb, batch, self._zero(),
-                        **model, dtype=dtype, **head)
+        nll, *_ = self.last(h, self.views[last], self.index[last], rng, adapters, self.small, mb, batch,
+                            self._zero(), **model, dtype=dtype, **head)
         return nll
 
 

@@ -271,6 +271,7 @@ def test_its_finite_check_is_the_first_micro_batch_loss(bf16_model):
     step = lw.layerwise_step(base, kw["cfg"], kw["methods"], "full", "layers")
     before = jax.tree_util.tree_map(np.asarray, state)
     step.compile_ahead(state, base, batches[0], **kw)
+    assert (step.backward, step.last) == lw._LEAN_PROGRAMS  # this jaxlib knows the lean option
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.asarray, state))
     got = float(step.first_micro_nll(state["adapters"], base, batches[0], **kw))
     want = float(_first_micro_nll(state["adapters"], base, batches[0], cfg=kw["cfg"], methods=kw["methods"],
@@ -296,3 +297,20 @@ def test_a_state_made_without_a_copy_takes_the_callers_arrays(bf16_model):
     assert shared["extra"].dtype == jnp.float32
     copied = init_state(adapters, tx, 0)["adapters"]
     assert not {ptr(a) for a in flat(copied)} & {ptr(a) for a in flat(adapters)}
+
+
+def test_a_jaxlib_without_the_lean_compile_option_gets_xlas_defaults(bf16_model, monkeypatch):
+    """The layer backward and the last layer compile with `_LEAN`'s XLA option; where a jaxlib does not know it
+    ("No such compile option"), `compile_ahead` falls back to XLA's defaults and the step computes the same."""
+    state, base, batches, kw = _setup(bf16_model)
+    bogus = {"xla_cpu_no_such_option_in_any_jaxlib": False}
+    monkeypatch.setattr(lw, "_LEAN_PROGRAMS", (
+        jax.jit(lw._layer_backward, static_argnames=lw._BACKWARD_STATIC, compiler_options=bogus),
+        jax.jit(lw._last, static_argnames=lw._LAST_STATIC, compiler_options=bogus)))
+    step = lw.layerwise_step(base, kw["cfg"], kw["methods"], "full", "layers")
+    scan_state = jax.tree_util.tree_map(jnp.copy, state)
+    step.compile_ahead(state, base, batches[0], **kw)
+    assert (step.backward, step.last) == lw._DEFAULT_PROGRAMS
+    scan_state, m_scan = train_step(scan_state, base, batches[0], **kw)
+    state, m_layers = step(state, base, batches[0], **kw)
+    np.testing.assert_allclose(float(m_layers["loss"]), float(m_scan["loss"]), rtol=2e-3)
