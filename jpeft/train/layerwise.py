@@ -347,17 +347,17 @@ class LayerwiseStep:
         embed = functools.partial(_embed_stage, **model, dtype=dtype)
         h, mb, rng = self._zeros(jax.eval_shape(embed, adapters, self.small, batch, jnp.int32(0), state["rng"]))
         nll = self._zero()
-        try:
-            if len(self.views) > 1:
-                _compiled(self.backward, h, lp, adapters, self.small, idx, rng, mb, h, **model, dtype=dtype)
-            _compiled(self.last, h, lp, idx, rng, adapters, self.small, mb, batch, nll, **model, dtype=dtype, **head)
-        except jax.errors.JaxRuntimeError as e:  # a jaxlib without `_LEAN`'s option: XLA's default emitters
-            if "No such compile option" not in str(e) or (self.backward, self.last) == _DEFAULT_PROGRAMS:
-                raise
-            self.backward, self.last = _DEFAULT_PROGRAMS
-            if len(self.views) > 1:
-                _compiled(self.backward, h, lp, adapters, self.small, idx, rng, mb, h, **model, dtype=dtype)
-            _compiled(self.last, h, lp, idx, rng, adapters, self.small, mb, batch, nll, **model, dtype=dtype, **head)
+        for programs in (_LEAN_PROGRAMS, _DEFAULT_PROGRAMS):
+            self.backward, self.last = programs
+            try:
+                if len(self.views) > 1:
+                    _compiled(self.backward, h, lp, adapters, self.small, idx, rng, mb, h, **model, dtype=dtype)
+                _compiled(self.last, h, lp, idx, rng, adapters, self.small, mb, batch, nll, **model, dtype=dtype,
+                          **head)
+                break
+            except jax.errors.JaxRuntimeError as e:  # a jaxlib without `_LEAN`'s option: XLA's default emitters
+                if "No such compile option" not in str(e) or programs is _DEFAULT_PROGRAMS:
+                    raise
         if len(self.views) > 1:
             _compiled(_layer_forward, h, lp, adapters, self.small, idx, rng, mb, **model, dtype=dtype)
         _compiled(_embed_stage, adapters, self.small, batch, jnp.int32(0), state["rng"], **model, dtype=dtype)

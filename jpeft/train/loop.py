@@ -259,7 +259,8 @@ def run_loop(model: Model, method: Method, adapters: dict, train_examples: Seque
             log.write(rec)
             if save_now:
                 _checked_save(state, step + 1, out / "checkpoints", loss_after(placed), sharded)
-        elif isinstance(step_fn, LayerwiseStep):  # it returns done (its class docstring): recorded now, on time
+        # a step that returns done (the layer-by-layer one) is recorded now, with its own time, not the next step's
+        elif all(x.is_ready() for x in jax.tree_util.tree_leaves(m)):
             log.write(meter.record(*pending))
             pending = None
     if pending is not None:

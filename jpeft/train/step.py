@@ -171,12 +171,13 @@ def eval_nll(adapters: dict, base: dict, batch: dict, *, cfg: ModelConfig, metho
                          dtype=dtype, max_targets=max_targets)[:2]
 
 
-def master_copy(x: jax.Array) -> jax.Array:
-    """A new array of `x` for the train state: fp32 for 16-bit floats (the master weights AdamW updates; the forward
-    casts them to the compute dtype per use), else `x`'s dtype. Always a copy, never `x` itself."""
+def master_copy(x: jax.Array, copy: bool = True) -> jax.Array:
+    """`x` as the train state holds it: fp32 for 16-bit floats (the master weights AdamW updates; the forward casts
+    them to the compute dtype per use, always a new array), else `x`'s dtype: a copy, or with `copy=False` `x`
+    itself."""
     if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize < 4:
         return x.astype(F32)
-    return jnp.copy(x)
+    return jnp.copy(x) if copy else x
 
 
 def init_state(adapters: dict, tx: optax.GradientTransformation, seed: int, *, copy: bool = True) -> dict:
@@ -184,9 +185,6 @@ def init_state(adapters: dict, tx: optax.GradientTransformation, seed: int, *, c
     trains from a bf16 base, become fp32 masters): `train_step` donates the state's buffers, and the adapters may be
     the base's own arrays, which are never written. `copy=False`: the caller hands its adapter arrays over (the
     steps will donate them; only 16-bit leaves still get fp32 masters), so that the run holds one copy, not two."""
-    def own(x: jax.Array) -> jax.Array:
-        return master_copy(x) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4 else x
-
-    adapters = jax.tree_util.tree_map(master_copy if copy else own, adapters)
+    adapters = jax.tree_util.tree_map(lambda x: master_copy(x, copy), adapters)
     return {"step": jnp.int32(0), "adapters": adapters, "opt_state": tx.init(adapters),
             "rng": jax.random.PRNGKey(seed)}
